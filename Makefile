@@ -1,0 +1,51 @@
+# Set-up is idempotent: every target that needs the environment depends on $(STAMP).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+NVCC ?= nvcc
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench lint aot cuda-check gpu-check clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e '.[test]' --no-build-isolation
+	touch $(STAMP)
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/tapetransformer demo
+
+bench: $(STAMP)
+	mkdir -p benchmarks/results
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/bench-cpu.json $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# Ahead-of-time compile of every Triton kernel for sm_86 and sm_90 (no GPU needed).
+aot: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m tape_kernels._aot
+
+# Every .cu file must compile for sm_86 and sm_90 (no GPU needed).
+cuda-check: $(STAMP)
+	@set -e; n=0; for f in csrc/*.cu; do [ -e "$$f" ] || continue; n=$$((n+1)); \
+	  echo "nvcc $$f (sm_86, sm_90)"; \
+	  $(NVCC) -std=c++17 -O3 -c "$$f" -o /dev/null -Icsrc \
+	    -gencode arch=compute_86,code=sm_86 -gencode arch=compute_90,code=sm_90; \
+	done; echo "cuda-check: $$n .cu file(s) compiled"
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info tape_kernels/*.so .pytest_cache
