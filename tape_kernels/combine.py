@@ -1,0 +1,220 @@
+"""TapeHead combines: how a TapeHead merges its left and right block outputs, elementwise.
+
+    mode 0 (sigmoid XOR):   a = σ(hl), b = σ(hr), h = (a + b)/2 − a·b
+    mode 1 (pair softmax):  h = hl·softmax(hl, hr)_0 + hr·softmax(hl, hr)_1
+    mode 2 (sum):           h = hl + hr
+
+Pair softmax over two values is a sigmoid of their difference: with s = σ(hl − hr),
+h = s·hl + (1 − s)·hr. That form needs no max-subtraction (σ saturates instead of overflowing) and reads
+each input once, so forward and backward are single memory-bound passes in fp32 registers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tape_kernels._dispatch import interpreting, triton_available, use_triton
+from tape_kernels._validate import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+
+MODES = (0, 1, 2)
+_BLOCK = 1024
+_NUM_WARPS = 4
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast_out(x, dtype: tl.constexpr, RTNE_BF16: tl.constexpr):
+        """fp32 -> dtype. The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even);
+        RTNE_BF16 rounds the bits first so CPU tests see the GPU's rounding. Finite values only."""
+        if RTNE_BF16:
+            u = x.to(tl.uint32, bitcast=True)
+            u = u + 0x7FFF + ((u >> 16) & 1)
+            x = u.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _combine_fwd_kernel(HL, HR, OUT, n, MODE: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        hl = tl.load(HL + offs, mask=mask, other=0.0).to(tl.float32)
+        hr = tl.load(HR + offs, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 0:
+            a = tl.sigmoid(hl)
+            b = tl.sigmoid(hr)
+            h = (a + b) * 0.5 - a * b
+        elif MODE == 1:
+            # s·hl + (1−s)·hr rather than hr + δ·s: δ may overflow to ±inf where s is exactly 0 or 1.
+            s = tl.sigmoid(hl - hr)
+            h = s * hl + (1.0 - s) * hr
+        else:
+            h = hl + hr
+        tl.store(OUT + offs, cast_out(h, OUT.dtype.element_ty, RTNE_BF16), mask=mask)
+
+    @triton.jit
+    def _combine_bwd_kernel(
+        G, HL, HR, DHL, DHR, n, MODE: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr
+    ):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        hl = tl.load(HL + offs, mask=mask, other=0.0).to(tl.float32)
+        hr = tl.load(HR + offs, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 0:
+            # ∂h/∂a = 1/2 − b, ∂a/∂hl = a(1 − a); symmetric in (hl, hr).
+            a = tl.sigmoid(hl)
+            b = tl.sigmoid(hr)
+            dl = g * (0.5 - b) * a * (1.0 - a)
+            dr = g * (0.5 - a) * b * (1.0 - b)
+        else:
+            # h = hr + δ·σ(δ):  ∂h/∂δ = s + δ·s(1 − s);  ∂h/∂hl = ∂h/∂δ,  ∂h/∂hr = 1 − ∂h/∂δ.
+            delta = hl - hr
+            s = tl.sigmoid(delta)
+            t = s * (1.0 - s)
+            k = s + tl.where(t > 0.0, delta * t, 0.0)
+            dl = g * k
+            dr = g * (1.0 - k)
+        tl.store(DHL + offs, cast_out(dl, DHL.dtype.element_ty, RTNE_BF16), mask=mask)
+        tl.store(DHR + offs, cast_out(dr, DHR.dtype.element_ty, RTNE_BF16), mask=mask)
+
+
+def tapehead_combine_ref(hl: torch.Tensor, hr: torch.Tensor, mode: int) -> torch.Tensor:
+    """Eager reference, written as the original does it. hl, hr (...) same shape -> h (...)."""
+    if mode == 0:
+        a = torch.sigmoid(hl)
+        b = torch.sigmoid(hr)
+        return (a + b) / 2 - a * b
+    if mode == 1:
+        c = torch.stack((hl, hr), dim=0)
+        return (c * torch.softmax(c, dim=0)).sum(dim=0)
+    return hl + hr
+
+
+def _check_mode(mode: object) -> int:
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} (0 sigmoid-XOR, 1 pair softmax, 2 sum), got {mode!r}")
+    return mode
+
+
+def _check_inputs(hl: torch.Tensor, hr: torch.Tensor) -> None:
+    check_tensor("hl", hl, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("hr", hr, dtypes=FLOAT_DTYPES + (torch.float64,))
+    if hl.shape != hr.shape:
+        raise ValueError(f"hl and hr must have the same shape, got {tuple(hl.shape)} and {tuple(hr.shape)}")
+    check_same_device(hl=hl, hr=hr)
+    check_same_dtype(hl=hl, hr=hr)
+
+
+def _grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, _BLOCK),)
+
+
+def rtne_bf16(dtype: torch.dtype) -> bool:
+    """Whether kernels storing ``dtype`` must round bf16 by hand (only under the interpreter)."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def _combine_fwd(hl: torch.Tensor, hr: torch.Tensor, mode: int) -> torch.Tensor:
+    hl_c, hr_c = hl.contiguous(), hr.contiguous()
+    out = torch.empty_like(hl_c)
+    n = hl_c.numel()
+    if n:
+        _combine_fwd_kernel[_grid(n)](
+            hl_c, hr_c, out, n, MODE=mode, BLOCK=_BLOCK, RTNE_BF16=rtne_bf16(out.dtype), num_warps=_NUM_WARPS
+        )
+    return out
+
+
+class TapeHeadCombineFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hl: torch.Tensor, hr: torch.Tensor, mode: int) -> torch.Tensor:
+        hl_c, hr_c = hl.contiguous(), hr.contiguous()
+        if mode != 2:
+            ctx.save_for_backward(hl_c, hr_c)
+        ctx.mode = mode
+        return _combine_fwd(hl_c, hr_c, mode)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if ctx.mode == 2:
+            return g, g, None
+        hl, hr = ctx.saved_tensors
+        g = g.contiguous()
+        dhl = torch.empty_like(hl)
+        dhr = torch.empty_like(hr)
+        n = hl.numel()
+        if n:
+            _combine_bwd_kernel[_grid(n)](
+                g, hl, hr, dhl, dhr, n, MODE=ctx.mode, BLOCK=_BLOCK,
+                RTNE_BF16=rtne_bf16(hl.dtype), num_warps=_NUM_WARPS,
+            )
+        return dhl, dhr, None
+
+
+def tapehead_combine(hl: torch.Tensor, hr: torch.Tensor, mode: int, *, backend: str = "auto") -> torch.Tensor:
+    """Combine a TapeHead's left and right outputs. hl, hr (...) same shape/dtype -> h (...), same dtype.
+
+    fp32/fp16/bf16 run the kernel (fp32 math, output rounded once to the input dtype); fp64 and
+    CPU without the interpreter take the eager reference.
+    """
+    mode = _check_mode(mode)
+    _check_inputs(hl, hr)
+    if hl.dtype == torch.float64 or not use_triton(hl, hr, backend=backend):
+        return tapehead_combine_ref(hl, hr, mode)
+    return TapeHeadCombineFunction.apply(hl, hr, mode)
+
+
+class TapeHeadCombine(nn.Module):
+    """Drop-in module: ``TapeHeadCombine(mode)(hl, hr)``; mode 0 sigmoid-XOR, 1 pair softmax, 2 sum."""
+
+    def __init__(self, mode: int, backend: str = "auto") -> None:
+        super().__init__()
+        self.mode = _check_mode(mode)
+        self.backend = backend
+
+    def forward(self, hl: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        return tapehead_combine(hl, hr, self.mode, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}"
+
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_specs() -> list:
+    """Every (kernel, mode, dtype) the launchers can emit."""
+    from tape_kernels._aot import AotSpec
+
+    specs = []
+    for dt in _TRITON_DTYPE.values():
+        p = f"*{dt}"
+        for mode in MODES:
+            specs.append(
+                AotSpec(
+                    name=f"combine_fwd_mode{mode}_{dt}",
+                    kernel=_combine_fwd_kernel,
+                    signature={"HL": p, "HR": p, "OUT": p, "n": "i32", "MODE": "constexpr", "BLOCK": "constexpr",
+                               "RTNE_BF16": "constexpr"},
+                    constexprs={"MODE": mode, "BLOCK": _BLOCK, "RTNE_BF16": False},
+                    num_warps=_NUM_WARPS,
+                )
+            )
+        for mode in (0, 1):
+            specs.append(
+                AotSpec(
+                    name=f"combine_bwd_mode{mode}_{dt}",
+                    kernel=_combine_bwd_kernel,
+                    signature={
+                        "G": p, "HL": p, "HR": p, "DHL": p, "DHR": p, "n": "i32",
+                        "MODE": "constexpr", "BLOCK": "constexpr", "RTNE_BF16": "constexpr",
+                    },
+                    constexprs={"MODE": mode, "BLOCK": _BLOCK, "RTNE_BF16": False},
+                    num_warps=_NUM_WARPS,
+                )
+            )
+    return specs
