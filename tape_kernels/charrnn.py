@@ -1,0 +1,651 @@
+"""Fused Char-RNN (the TapeTransformer's "prophet"): whole-sequence forward, BPTT backward, decode step.
+
+Reference semantics (CharRNNModel, ``act`` = ReferenceActivation): per time step t, per layer l,
+with x = emb[:, t] for l = 0 and x = h[l−1] above,
+
+    c_L = act(i2h_L(x) + h2h_L(h[l])),   c_R = act(i2h_R(x) + h2h_R(h[l]))
+    a = act(c_L),  b = act(c_R),  h[l] ← ½(a + b − 2ab)
+
+Layer l at step t needs only layer l−1 at step t and layer l at t−1, so the sequence runs layer by
+layer: per layer one GEMM projects all S inputs for both cells at once, P = x·[W_iL; W_iR]ᵀ + biases
+(B, S, 2Hd), and a recurrent kernel advances the S steps; per step it needs only the (B, Hd) state
+times the stacked (2Hd, Hd) recurrent weight, both activations twice and the soft-XOR combine.
+
+Recurrent kernel layouts (all programs split the Hd hidden units, each program owns BLOCK_H units of
+both cells for every batch row):
+  * per-step launches (``GRID_SYNC=False``): one launch per step; runs in the Triton interpreter and
+    is the fallback when the grid does not fit on the GPU at once.
+  * persistent (``GRID_SYNC=True``, CUDA only): one launch per layer for all S steps; programs meet
+    at a grid-wide barrier (atomic counter, release/acquire) after each step, since every unit of
+    step t+1 reads every unit of step t. The grid is kept ≤ the number of SMs so all programs are
+    resident. Each program re-reads only its 2·BLOCK_H·Hd slice of the recurrent weight (L1/L2
+    resident: 32 KB at Hd = 512, BLOCK_H = 16, fp16) and the (B, Hd) state, so a step costs one
+    barrier plus ~B·Hd·2 bytes of L2 traffic per program instead of a kernel launch. (The
+    alternative, one program per batch row with no inter-program sync, streams the whole 1 MB
+    weight through one SM per step: ~10 µs/step, too slow for S = 128.)
+The state of step t lives in ``HS[:, t]`` (HS is (B, S+1, Hd), HS[:, 0] = h0); it is read with
+``.cg`` loads (L2, bypassing the non-coherent L1) because other SMs wrote it.
+
+Saved for backward: the per-layer pre-activations Z (B, S, 2Hd, fp32) and the layer outputs (which
+are the next layer's inputs anyway). Backward runs a reverse-time kernel of the same two layouts,
+producing dZ (B, S, 2Hd) and the carried dh; the weight gradients are then three GEMMs per layer.
+
+Decode step (generation): all layers advanced by one token for small B in one launch (persistent,
+a grid barrier between layers; the input projection is fused since there is only one token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tape_kernels._dispatch import triton_available, use_triton
+from tape_kernels._validate import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from tape_kernels.activation import reference_activation, reference_activation_ref
+
+_BLOCK_B = 16
+_STEP_CONFIG = (32, 64)  # (BLOCK_H, BLOCK_K) of the per-step-launch layout
+_PERSISTENT_CONFIGS = ((16, 64), (32, 64), (64, 32))  # smallest BLOCK_H whose grid fits on the SMs wins
+_NUM_WARPS = 4
+_PER_LAYER = 8  # flat weight order per layer: W_iL, b_iL, W_hL, b_hL, W_iR, b_iR, W_hR, b_hR
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from tape_kernels.activation import _act_fwd, _act_fwd_bwd
+
+    @triton.jit
+    def _grid_sync(COUNTER, target):
+        # Grid-wide barrier (cooperative-groups pattern): every thread's stores are ordered before
+        # the CTA barrier, one release-add publishes them at GPU scope, acquire-loads spin until all
+        # programs of this round arrived. Requires every program to be resident.
+        tl.debug_barrier()
+        tl.atomic_add(COUNTER, 1, sem="release", scope="gpu")
+        seen = tl.atomic_add(COUNTER, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(COUNTER, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _combine(zl, zr):
+        # h = ½(a + b − 2ab) with a = act(act(z_L)), b = act(act(z_R))
+        a = _act_fwd(_act_fwd(zl))
+        b = _act_fwd(_act_fwd(zr))
+        return 0.5 * (a + b) - a * b
+
+    @triton.jit
+    def _rnn_fwd_kernel(
+        P, WH, HS, Z, COUNTER, B, HD, t0, n_steps,
+        stride_pb, stride_pt, stride_hb, stride_ht, stride_zb, stride_zt,
+        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+        GRID_SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        # P (B, S, 2Hd) input projections incl. both biases; WH (2Hd, Hd) = [W_hL; W_hR] contiguous;
+        # HS (B, S+1, Hd) states (HS[:, t] = h_{t-1}); Z (B, S, 2Hd) fp32 pre-activations (saved).
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = offs_h < HD
+        for i in range(n_steps):
+            t = t0 + i
+            for b0 in range(0, B, BLOCK_B):
+                offs_b = b0 + tl.arange(0, BLOCK_B)
+                bmask = offs_b < B
+                acc_l = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                for k0 in range(0, HD, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    kmask = offs_k < HD
+                    h = tl.load(
+                        HS + offs_b[:, None] * stride_hb + t * stride_ht + offs_k[None, :],
+                        mask=bmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg",
+                    )
+                    wmask = kmask[:, None] & hmask[None, :]
+                    w_l = tl.load(WH + offs_h[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
+                    w_r = tl.load(WH + (offs_h + HD)[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
+                    acc_l = tl.dot(h, w_l, acc_l, input_precision=DOT_PRECISION)
+                    acc_r = tl.dot(h, w_r, acc_r, input_precision=DOT_PRECISION)
+                m2 = bmask[:, None] & hmask[None, :]
+                p_ptr = P + offs_b[:, None] * stride_pb + t * stride_pt + offs_h[None, :]
+                zl = acc_l + tl.load(p_ptr, mask=m2, other=0.0).to(tl.float32)
+                zr = acc_r + tl.load(p_ptr + HD, mask=m2, other=0.0).to(tl.float32)
+                z_ptr = Z + offs_b[:, None] * stride_zb + t * stride_zt + offs_h[None, :]
+                tl.store(z_ptr, zl, mask=m2)
+                tl.store(z_ptr + HD, zr, mask=m2)
+                h_new = _combine(zl, zr)
+                h_ptr = HS + offs_b[:, None] * stride_hb + (t + 1) * stride_ht + offs_h[None, :]
+                tl.store(h_ptr, h_new.to(HS.dtype.element_ty), mask=m2)
+            if GRID_SYNC:
+                _grid_sync(COUNTER, (i + 1) * nprog)
+
+    @triton.jit
+    def _rnn_bwd_kernel(
+        DOUT, DHLAST, Z, WH, DZ, COUNTER, B, S, HD, t0, n_steps,
+        stride_ob, stride_ot, stride_zb, stride_zt,
+        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+        GRID_SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        # Reverse time from t0 for n_steps. DOUT (B, S, Hd) fp32: dL/dh_t from above (output or next
+        # layer); DHLAST (B, Hd) fp32: dL/dh_{S-1} from the returned state; Z, DZ (B, S, 2Hd) fp32.
+        # dh_t = DOUT[:, t] + dZ_{t+1}·WH (WH = [W_hL; W_hR], (2Hd, Hd)); then through h = ½(a+b) − ab,
+        # a = act(c_L), c_L = act(z_L):  dz_L = dh·(½ − b)·act'(c_L)·act'(z_L), symmetrically for R.
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = offs_h < HD
+        for i in range(n_steps):
+            t = t0 - i
+            for b0 in range(0, B, BLOCK_B):
+                offs_b = b0 + tl.arange(0, BLOCK_B)
+                bmask = offs_b < B
+                m2 = bmask[:, None] & hmask[None, :]
+                g = tl.load(DOUT + offs_b[:, None] * stride_ob + t * stride_ot + offs_h[None, :], mask=m2, other=0.0)
+                if t + 1 < S:
+                    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    for k0 in range(0, 2 * HD, BLOCK_K):
+                        offs_k = k0 + tl.arange(0, BLOCK_K)
+                        kmask = offs_k < 2 * HD
+                        dz = tl.load(
+                            DZ + offs_b[:, None] * stride_zb + (t + 1) * stride_zt + offs_k[None, :],
+                            mask=bmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg",
+                        )
+                        w = tl.load(
+                            WH + offs_k[:, None] * HD + offs_h[None, :], mask=kmask[:, None] & hmask[None, :], other=0.0
+                        )
+                        acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+                    g += acc
+                else:
+                    g += tl.load(DHLAST + offs_b[:, None] * HD + offs_h[None, :], mask=m2, other=0.0)
+                z_ptr = Z + offs_b[:, None] * stride_zb + t * stride_zt + offs_h[None, :]
+                zl = tl.load(z_ptr, mask=m2, other=0.0)
+                zr = tl.load(z_ptr + HD, mask=m2, other=0.0)
+                cl, dcl = _act_fwd_bwd(zl)
+                cr, dcr = _act_fwd_bwd(zr)
+                a, da = _act_fwd_bwd(cl)
+                b, db = _act_fwd_bwd(cr)
+                dz_ptr = DZ + offs_b[:, None] * stride_zb + t * stride_zt + offs_h[None, :]
+                tl.store(dz_ptr, g * (0.5 - b) * da * dcl, mask=m2)
+                tl.store(dz_ptr + HD, g * (0.5 - a) * db * dcr, mask=m2)
+            if GRID_SYNC:
+                _grid_sync(COUNTER, (i + 1) * nprog)
+
+    @triton.jit
+    def _rnn_decode_kernel(
+        X, WI0, WIR, WH, BIAS, HIN, HOUT, COUNTER, B, D, HD, l0, n_layers,
+        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+        GRID_SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        # One token through layers l0 .. l0+n_layers−1. X (B, D); WI0 (2Hd, D); WIR (L−1, 2Hd, Hd)
+        # input weights of layers ≥ 1; WH (L, 2Hd, Hd); BIAS (L, 2Hd) fp32 (b_i + b_h);
+        # HIN, HOUT (L, B, Hd): states before / after. Layer l ≥ 1 reads HOUT[l−1].
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = offs_h < HD
+        two_hd_hd = 2 * HD * HD
+        for i in range(n_layers):
+            l = l0 + i
+            for b0 in range(0, B, BLOCK_B):
+                offs_b = b0 + tl.arange(0, BLOCK_B)
+                bmask = offs_b < B
+                acc_l = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                if l == 0:
+                    for k0 in range(0, D, BLOCK_K):
+                        offs_k = k0 + tl.arange(0, BLOCK_K)
+                        kmask = offs_k < D
+                        x = tl.load(X + offs_b[:, None] * D + offs_k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
+                        wmask = kmask[:, None] & hmask[None, :]
+                        w_l = tl.load(WI0 + offs_h[None, :] * D + offs_k[:, None], mask=wmask, other=0.0)
+                        w_r = tl.load(WI0 + (offs_h + HD)[None, :] * D + offs_k[:, None], mask=wmask, other=0.0)
+                        acc_l = tl.dot(x, w_l, acc_l, input_precision=DOT_PRECISION)
+                        acc_r = tl.dot(x, w_r, acc_r, input_precision=DOT_PRECISION)
+                else:
+                    wi = WIR + (l - 1) * two_hd_hd
+                    for k0 in range(0, HD, BLOCK_K):
+                        offs_k = k0 + tl.arange(0, BLOCK_K)
+                        kmask = offs_k < HD
+                        x = tl.load(
+                            HOUT + (l - 1) * B * HD + offs_b[:, None] * HD + offs_k[None, :],
+                            mask=bmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg",
+                        )
+                        wmask = kmask[:, None] & hmask[None, :]
+                        w_l = tl.load(wi + offs_h[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
+                        w_r = tl.load(wi + (offs_h + HD)[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
+                        acc_l = tl.dot(x, w_l, acc_l, input_precision=DOT_PRECISION)
+                        acc_r = tl.dot(x, w_r, acc_r, input_precision=DOT_PRECISION)
+                wh = WH + l * two_hd_hd
+                for k0 in range(0, HD, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    kmask = offs_k < HD
+                    h = tl.load(HIN + l * B * HD + offs_b[:, None] * HD + offs_k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
+                    wmask = kmask[:, None] & hmask[None, :]
+                    w_l = tl.load(wh + offs_h[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
+                    w_r = tl.load(wh + (offs_h + HD)[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
+                    acc_l = tl.dot(h, w_l, acc_l, input_precision=DOT_PRECISION)
+                    acc_r = tl.dot(h, w_r, acc_r, input_precision=DOT_PRECISION)
+                zl = acc_l + tl.load(BIAS + l * 2 * HD + offs_h, mask=hmask, other=0.0)[None, :]
+                zr = acc_r + tl.load(BIAS + l * 2 * HD + HD + offs_h, mask=hmask, other=0.0)[None, :]
+                h_new = _combine(zl, zr)
+                m2 = bmask[:, None] & hmask[None, :]
+                tl.store(HOUT + l * B * HD + offs_b[:, None] * HD + offs_h[None, :], h_new.to(HOUT.dtype.element_ty), mask=m2)
+            if GRID_SYNC:
+                _grid_sync(COUNTER, (i + 1) * nprog)
+
+
+# ----------------------------------------------------------------------------------------------
+# eager reference
+
+
+def _layer_weights(weights: Sequence[torch.Tensor], l: int) -> tuple[torch.Tensor, ...]:
+    return tuple(weights[_PER_LAYER * l : _PER_LAYER * (l + 1)])
+
+
+def charrnn_ref(
+    emb: torch.Tensor, weights: Sequence[torch.Tensor], h0: Sequence[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Eager CharRNNModel loop, written as the reference does it (the oracle and the CPU path).
+
+    emb (B, S, D); ``weights`` flat, per layer ``W_iL, b_iL, W_hL, b_hL, W_iR, b_iR, W_hR, b_hR``
+    (left = ``cells_left``); h0 None (zeros) or a list of (B, k, Hd) per layer, of which [:, −1] is
+    used. Returns out (B, S, Hd) (top layer's h at every step) and hs, a list of (B, 1, Hd).
+    """
+    num_layers = len(weights) // _PER_LAYER
+    bsz, seq = emb.shape[0], emb.shape[1]
+    hd = weights[2].shape[0]
+    if h0 is None:
+        h = [emb.new_zeros(bsz, hd) for _ in range(num_layers)]
+    else:
+        h = [c[:, -1] for c in h0]
+    outs = []
+    for t in range(seq):
+        x = emb[:, t]
+        for l in range(num_layers):
+            wil, bil, whl, bhl, wir, bir, whr, bhr = _layer_weights(weights, l)
+            cl = reference_activation_ref(nn.functional.linear(x, wil, bil) + nn.functional.linear(h[l], whl, bhl))
+            cr = reference_activation_ref(nn.functional.linear(x, wir, bir) + nn.functional.linear(h[l], whr, bhr))
+            a = reference_activation_ref(cl)
+            b = reference_activation_ref(cr)
+            h[l] = 0.5 * (a + b - 2 * a * b)
+            x = h[l]
+        outs.append(x)
+    return torch.stack(outs, dim=1), [hl.unsqueeze(1) for hl in h]
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _layout(hd: int, device: torch.device, persistent: bool | None) -> tuple[int, int, bool]:
+    """(BLOCK_H, BLOCK_K, grid_sync): persistent on CUDA when a config's grid fits on the SMs."""
+    if persistent is not False and device.type == "cuda":
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        for bh, bk in _PERSISTENT_CONFIGS:
+            if triton.cdiv(hd, bh) <= n_sm:
+                return bh, bk, True
+        if persistent:
+            raise ValueError(f"hidden_size {hd} is too large for one persistent launch on {n_sm} SMs")
+    elif persistent:
+        raise ValueError("the persistent (grid-synchronized) kernels need CUDA tensors")
+    return _STEP_CONFIG[0], _STEP_CONFIG[1], False
+
+
+def _recurrent_forward(p: torch.Tensor, wh: torch.Tensor, hs: torch.Tensor, z: torch.Tensor, persistent: bool | None) -> None:
+    bsz, seq, two_hd = p.shape
+    hd = two_hd // 2
+    bh, bk, sync = _layout(hd, p.device, persistent)
+    grid = (triton.cdiv(hd, bh),)
+    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(p.dtype), num_warps=_NUM_WARPS)
+    strides = (p.stride(0), p.stride(1), hs.stride(0), hs.stride(1), z.stride(0), z.stride(1))
+    counter = torch.zeros(1, dtype=torch.int32, device=p.device)
+    if sync:
+        _rnn_fwd_kernel[grid](p, wh, hs, z, counter, bsz, hd, 0, seq, *strides, GRID_SYNC=True, **common)
+        return
+    for t in range(seq):
+        _rnn_fwd_kernel[grid](p, wh, hs, z, counter, bsz, hd, t, 1, *strides, GRID_SYNC=False, **common)
+
+
+def _recurrent_backward(
+    dout: torch.Tensor, dhlast: torch.Tensor, z: torch.Tensor, wh: torch.Tensor, dz: torch.Tensor, persistent: bool | None
+) -> None:
+    bsz, seq, two_hd = z.shape
+    hd = two_hd // 2
+    bh, bk, sync = _layout(hd, z.device, persistent)
+    grid = (triton.cdiv(hd, bh),)
+    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(wh.dtype), num_warps=_NUM_WARPS)
+    strides = (dout.stride(0), dout.stride(1), z.stride(0), z.stride(1))
+    counter = torch.zeros(1, dtype=torch.int32, device=z.device)
+    if sync:
+        _rnn_bwd_kernel[grid](dout, dhlast, z, wh, dz, counter, bsz, seq, hd, seq - 1, seq, *strides, GRID_SYNC=True, **common)
+        return
+    for t in range(seq - 1, -1, -1):
+        _rnn_bwd_kernel[grid](dout, dhlast, z, wh, dz, counter, bsz, seq, hd, t, 1, *strides, GRID_SYNC=False, **common)
+
+
+def _stack_layer(weights: Sequence[torch.Tensor], l: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_i (2Hd, D_in), bias (2Hd,) = b_i + b_h, W_h (2Hd, Hd)), left cell first."""
+    wil, bil, whl, bhl, wir, bir, whr, bhr = _layer_weights(weights, l)
+    wi = torch.cat([wil, wir], dim=0)
+    bias = torch.cat([bil + bhl, bir + bhr], dim=0)
+    wh = torch.cat([whl, whr], dim=0).contiguous()
+    return wi, bias, wh
+
+
+class _CharRNNFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, emb: torch.Tensor, h0: torch.Tensor, persistent: bool | None, *weights: torch.Tensor):
+        # emb (B, S, D); h0 (L, B, Hd). Returns out (B, S, Hd) and the last states (L, B, Hd).
+        num_layers = len(weights) // _PER_LAYER
+        bsz, seq, _ = emb.shape
+        hd = h0.shape[-1]
+        x = emb
+        saved_hs, saved_z, saved_wi, saved_wh = [], [], [], []
+        for l in range(num_layers):
+            wi, bias, wh = _stack_layer(weights, l)
+            # One GEMM for both cells' input projections over all steps (both biases folded in).
+            p = torch.addmm(bias, x.reshape(bsz * seq, -1), wi.t()).view(bsz, seq, 2 * hd)
+            hs = torch.empty(bsz, seq + 1, hd, device=emb.device, dtype=emb.dtype)
+            hs[:, 0] = h0[l]
+            z = torch.empty(bsz, seq, 2 * hd, device=emb.device, dtype=torch.float32)
+            _recurrent_forward(p, wh, hs, z, persistent)
+            saved_hs.append(hs)
+            saved_z.append(z)
+            saved_wi.append(wi)
+            saved_wh.append(wh)
+            x = hs[:, 1:]
+        ctx.num_layers = num_layers
+        ctx.persistent = persistent
+        ctx.save_for_backward(emb, *saved_hs, *saved_z, *saved_wi, *saved_wh)
+        out = x.contiguous()
+        last = torch.stack([hs[:, seq] for hs in saved_hs], dim=0)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor | None, grad_last: torch.Tensor | None):
+        num_layers = ctx.num_layers
+        saved = ctx.saved_tensors
+        emb = saved[0]
+        hss = saved[1 : 1 + num_layers]
+        zs = saved[1 + num_layers : 1 + 2 * num_layers]
+        wis = saved[1 + 2 * num_layers : 1 + 3 * num_layers]
+        whs = saved[1 + 3 * num_layers : 1 + 4 * num_layers]
+        bsz, seq, _ = emb.shape
+        hd = hss[0].shape[-1]
+        dev = emb.device
+        dx = grad_out.float().contiguous() if grad_out is not None else torch.zeros(bsz, seq, hd, device=dev)
+        grads: list[torch.Tensor | None] = [None] * (_PER_LAYER * num_layers)
+        dh0 = torch.empty(num_layers, bsz, hd, device=dev, dtype=torch.float32)
+        for l in range(num_layers - 1, -1, -1):
+            z, wi, wh, hs = zs[l], wis[l], whs[l], hss[l]
+            dhlast = grad_last[l].float().contiguous() if grad_last is not None else torch.zeros(bsz, hd, device=dev)
+            dz = torch.empty_like(z)
+            _recurrent_backward(dx, dhlast, z, wh, dz, ctx.persistent)
+            dz2 = dz.view(bsz * seq, 2 * hd)
+            xin = emb if l == 0 else hss[l - 1][:, 1:]
+            # Weight gradients after the loop: batched GEMMs over all B·S rows, fp32 accumulation.
+            dwi = dz2.t() @ xin.reshape(bsz * seq, -1).float()
+            dwh = dz2.t() @ hs[:, :seq].reshape(bsz * seq, hd).float()
+            db = dz2.sum(dim=0)
+            dh0[l] = dz[:, 0] @ wh.float()
+            dx = (dz2 @ wi.float()).view(bsz, seq, -1)
+            pdt = wi.dtype
+            grads[_PER_LAYER * l : _PER_LAYER * (l + 1)] = [
+                dwi[:hd].to(pdt), db[:hd].to(pdt), dwh[:hd].to(pdt), db[:hd].to(pdt),
+                dwi[hd:].to(pdt), db[hd:].to(pdt), dwh[hd:].to(pdt), db[hd:].to(pdt),
+            ]  # fmt: skip
+        return dx.to(emb.dtype), dh0.to(emb.dtype), None, *grads
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+
+
+def _check_weights(weights: Sequence[torch.Tensor]) -> tuple[int, int, int]:
+    """Validate the flat weight list; returns (num_layers, D, Hd)."""
+    if not isinstance(weights, (list, tuple)) or len(weights) == 0 or len(weights) % _PER_LAYER:
+        raise ValueError(f"weights must be a non-empty list of {_PER_LAYER}·num_layers tensors")
+    num_layers = len(weights) // _PER_LAYER
+    w0 = check_tensor("weights[0]", weights[0], ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+    hd, d = w0.shape
+    for l in range(num_layers):
+        din = d if l == 0 else hd
+        want = [(hd, din), (hd,), (hd, hd), (hd,)] * 2
+        for j, shp in enumerate(want):
+            check_tensor(f"weights[{_PER_LAYER * l + j}] (layer {l})", weights[_PER_LAYER * l + j], shape=shp)
+    check_same_dtype(**{f"weights[{i}]": w for i, w in enumerate(weights)})
+    check_same_device(**{f"weights[{i}]": w for i, w in enumerate(weights)})
+    return num_layers, d, hd
+
+
+def _check_state(
+    hs: Sequence[torch.Tensor] | None, num_layers: int, bsz: int, hd: int, ref: torch.Tensor, name: str
+) -> None:
+    if hs is None:
+        return
+    if not isinstance(hs, (list, tuple)) or len(hs) != num_layers:
+        raise ValueError(f"{name} must be a list of {num_layers} tensors (one per layer), got {type(hs).__name__}")
+    for l, h in enumerate(hs):
+        check_tensor(f"{name}[{l}]", h, ndim=3, shape=(bsz, None, hd))
+        if h.shape[1] < 1:
+            raise ValueError(f"{name}[{l}] has an empty time dim: shape {tuple(h.shape)}")
+        check_same_dtype(**{"emb": ref, f"{name}[{l}]": h})
+        check_same_device(**{"emb": ref, f"{name}[{l}]": h})
+
+
+def _check_emb(emb: torch.Tensor, weights: Sequence[torch.Tensor]) -> tuple[int, int, int]:
+    num_layers, d, hd = _check_weights(weights)
+    check_tensor("emb", emb, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
+    if emb.shape[2] != d:
+        raise ValueError(f"emb has shape {tuple(emb.shape)}; its last dim must be embed_dim = {d}")
+    if emb.shape[0] < 1 or emb.shape[1] < 1:
+        raise ValueError(f"emb must have B ≥ 1 and S ≥ 1, got shape {tuple(emb.shape)}")
+    check_same_dtype(emb=emb, weights=weights[0])
+    check_same_device(emb=emb, weights=weights[0])
+    return num_layers, d, hd
+
+
+# ----------------------------------------------------------------------------------------------
+# functional API
+
+
+def charrnn(
+    emb: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    h0: Sequence[torch.Tensor] | None = None,
+    *,
+    backend: str = "auto",
+    persistent: bool | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Fused Char-RNN over a whole sequence.
+
+    emb (B, S, D); ``weights`` flat per layer ``W_iL, b_iL, W_hL, b_hL, W_iR, b_iR, W_hR, b_hR``;
+    h0 None (zeros) or a list of (B, k, Hd) per layer ([:, −1] is the state, the reference's cache
+    form). Returns out (B, S, Hd) and hs, a list of (B, 1, Hd) per layer. ``persistent``: None picks
+    the one-launch-per-layer kernel on CUDA when it fits, False forces per-step launches.
+    """
+    num_layers, _, hd = _check_emb(emb, weights)
+    _check_state(h0, num_layers, emb.shape[0], hd, emb, "h0")
+    if emb.dtype == torch.float64 or not use_triton(emb, weights[0], backend=backend):
+        if backend == "triton":
+            raise ValueError("backend='triton' supports fp16/bf16/fp32 only; float64 runs eager")
+        return charrnn_ref(emb, weights, h0)
+    bsz = emb.shape[0]
+    if h0 is None:
+        h0_t = emb.new_zeros(num_layers, bsz, hd)
+    else:
+        h0_t = torch.stack([h[:, -1] for h in h0], dim=0)
+    out, last = _CharRNNFn.apply(emb.contiguous(), h0_t, persistent, *weights)
+    return out, [last[l].unsqueeze(1) for l in range(num_layers)]
+
+
+@torch.no_grad()
+def _decode_launch(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], hin: torch.Tensor, persistent: bool | None
+) -> torch.Tensor:
+    num_layers = len(weights) // _PER_LAYER
+    bsz, d = x.shape
+    hd = hin.shape[-1]
+    stacked = [_stack_layer(weights, l) for l in range(num_layers)]
+    wi0 = stacked[0][0].contiguous()
+    if num_layers > 1:
+        wir = torch.stack([s[0] for s in stacked[1:]], dim=0).contiguous()
+    else:
+        wir = wi0  # unused: no layer ≥ 1
+    wh = torch.stack([s[2] for s in stacked], dim=0).contiguous()
+    bias = torch.stack([s[1] for s in stacked], dim=0).float().contiguous()
+    hout = torch.empty_like(hin)
+    bh, bk, sync = _layout(hd, x.device, persistent)
+    grid = (triton.cdiv(hd, bh),)
+    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(x.dtype), num_warps=_NUM_WARPS)
+    counter = torch.zeros(1, dtype=torch.int32, device=x.device)
+    if sync:
+        _rnn_decode_kernel[grid](x, wi0, wir, wh, bias, hin, hout, counter, bsz, d, hd, 0, num_layers, GRID_SYNC=True, **common)
+    else:
+        for l in range(num_layers):
+            _rnn_decode_kernel[grid](x, wi0, wir, wh, bias, hin, hout, counter, bsz, d, hd, l, 1, GRID_SYNC=False, **common)
+    return hout
+
+
+def charrnn_step(
+    x_t: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    hs: Sequence[torch.Tensor] | None = None,
+    *,
+    backend: str = "auto",
+    persistent: bool | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Advance every layer by one token (generation). x_t (B, D) or (B, 1, D); hs as ``charrnn``'s h0.
+
+    Returns (out (B, 1, Hd), hs list of (B, 1, Hd)), equal to ``charrnn(x_t.view(B, 1, D), weights, hs)``.
+    Runs the single-launch decode kernel when no gradient is needed, else the differentiable path.
+    """
+    if isinstance(x_t, torch.Tensor) and x_t.dim() == 2:
+        x_t = x_t.unsqueeze(1)
+    num_layers, _, hd = _check_emb(x_t, weights)
+    if x_t.shape[1] != 1:
+        raise ValueError(f"x_t must be (B, D) or (B, 1, D), got shape {tuple(x_t.shape)}")
+    _check_state(hs, num_layers, x_t.shape[0], hd, x_t, "hs")
+    needs_grad = torch.is_grad_enabled() and (x_t.requires_grad or any(w.requires_grad for w in weights))
+    needs_grad = needs_grad or (hs is not None and torch.is_grad_enabled() and any(h.requires_grad for h in hs))
+    if needs_grad or x_t.dtype == torch.float64 or not use_triton(x_t, weights[0], backend=backend):
+        return charrnn(x_t, weights, hs, backend=backend, persistent=persistent)
+    bsz = x_t.shape[0]
+    if hs is None:
+        hin = x_t.new_zeros(num_layers, bsz, hd)
+    else:
+        hin = torch.stack([h[:, -1] for h in hs], dim=0).contiguous()
+    hout = _decode_launch(x_t[:, 0].contiguous(), weights, hin, persistent)
+    new = [hout[l].unsqueeze(1) for l in range(num_layers)]
+    return new[-1], new
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+
+
+class CharRNNCell(nn.Module):
+    """The reference CharRNNCell: cell(x, h) = act(i2h(x) + h2h(h)). x (..., in), h (..., Hd)."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.i2h = nn.Linear(input_size, hidden_size)
+        self.h2h = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return reference_activation(self.i2h(x) + self.h2h(h))
+
+
+class CharRNN(nn.Module):
+    """Drop-in fused CharRNNModel (the prophet). Parameter names equal the reference's
+    (``cells_right.{l}.i2h.weight``, ... ``cells_left.{l}.h2h.bias``, cells_right registered first),
+    so ``prophet.*`` of a reference checkpoint loads with ``strict=True``.
+
+    forward(emb (B, S, D), h0=None | list of (B, k, Hd)) -> (out (B, S, Hd), hs list of (B, 1, Hd)).
+    """
+
+    def __init__(self, embed_dim: int, hidden_size: int, num_layers: int = 2, backend: str = "auto") -> None:
+        super().__init__()
+        if embed_dim < 1 or hidden_size < 1 or num_layers < 1:
+            raise ValueError(f"embed_dim, hidden_size, num_layers must be ≥ 1, got {embed_dim}, {hidden_size}, {num_layers}")
+        self.embed_dim = embed_dim
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.backend = backend
+        sizes = [embed_dim] + [hidden_size] * (num_layers - 1)
+        self.cells_right = nn.ModuleList(CharRNNCell(s, hidden_size) for s in sizes)
+        self.cells_left = nn.ModuleList(CharRNNCell(s, hidden_size) for s in sizes)
+
+    def flat_weights(self) -> list[torch.Tensor]:
+        """Per layer: W_iL, b_iL, W_hL, b_hL, W_iR, b_iR, W_hR, b_hR (the order ``charrnn`` takes)."""
+        out: list[torch.Tensor] = []
+        for cl, cr in zip(self.cells_left, self.cells_right):
+            out += [cl.i2h.weight, cl.i2h.bias, cl.h2h.weight, cl.h2h.bias]
+            out += [cr.i2h.weight, cr.i2h.bias, cr.h2h.weight, cr.h2h.bias]
+        return out
+
+    def forward(
+        self, emb: torch.Tensor, h0: Sequence[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return charrnn(emb, self.flat_weights(), h0, backend=self.backend)
+
+    def step(
+        self, x_t: torch.Tensor, hs: Sequence[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One token through all layers: x_t (B, D) or (B, 1, D) -> (out (B, 1, Hd), hs)."""
+        return charrnn_step(x_t, self.flat_weights(), hs, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, hidden_size={self.hidden_size}, num_layers={self.num_layers}"
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time compile specs
+
+
+def aot_specs() -> list:
+    """Every kernel × (layout, block config) × dtype (× tf32 for fp32) that the launchers can pick."""
+    from tape_kernels._aot import AotSpec
+
+    configs = [(_STEP_CONFIG, False)] + [(c, True) for c in _PERSISTENT_CONFIGS]
+    specs = []
+    for ty in ("fp32", "fp16", "bf16"):
+        p = f"*{ty}"
+        precisions = ("ieee", "tf32") if ty == "fp32" else ("ieee",)
+        for (bh, bk), sync in configs:
+            for prec in precisions:
+                cx = {"BLOCK_B": _BLOCK_B, "BLOCK_H": bh, "BLOCK_K": bk, "GRID_SYNC": sync, "DOT_PRECISION": prec}
+                tag = f"{ty}_bh{bh}_bk{bk}_{'persistent' if sync else 'step'}_{prec}"
+                cxs = dict.fromkeys(cx, "constexpr")
+                specs.append(AotSpec(
+                    name=f"rnn_fwd_{tag}", kernel=_rnn_fwd_kernel, constexprs=cx, num_warps=_NUM_WARPS,
+                    signature={
+                        "P": p, "WH": p, "HS": p, "Z": "*fp32", "COUNTER": "*i32", "B": "i32", "HD": "i32",
+                        "t0": "i32", "n_steps": "i32", "stride_pb": "i32", "stride_pt": "i32", "stride_hb": "i32",
+                        "stride_ht": "i32", "stride_zb": "i32", "stride_zt": "i32", **cxs,
+                    },
+                ))  # fmt: skip
+                specs.append(AotSpec(
+                    name=f"rnn_bwd_{tag}", kernel=_rnn_bwd_kernel, constexprs=cx, num_warps=_NUM_WARPS,
+                    signature={
+                        "DOUT": "*fp32", "DHLAST": "*fp32", "Z": "*fp32", "WH": p, "DZ": "*fp32", "COUNTER": "*i32",
+                        "B": "i32", "S": "i32", "HD": "i32", "t0": "i32", "n_steps": "i32", "stride_ob": "i32",
+                        "stride_ot": "i32", "stride_zb": "i32", "stride_zt": "i32", **cxs,
+                    },
+                ))  # fmt: skip
+                specs.append(AotSpec(
+                    name=f"rnn_decode_{tag}", kernel=_rnn_decode_kernel, constexprs=cx, num_warps=_NUM_WARPS,
+                    signature={
+                        "X": p, "WI0": p, "WIR": p, "WH": p, "BIAS": "*fp32", "HIN": p, "HOUT": p, "COUNTER": "*i32",
+                        "B": "i32", "D": "i32", "HD": "i32", "l0": "i32", "n_layers": "i32", **cxs,
+                    },
+                ))  # fmt: skip
+    return specs
