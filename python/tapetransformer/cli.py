@@ -1,0 +1,148 @@
+"""Command line: ``tapetransformer train | generate | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from tapetransformer.checkpoint import ModelConfig, load_checkpoint
+from tapetransformer.data import CharVocab, load_text
+from tapetransformer.reference import TapeTransformer
+from tapetransformer.sampling import sample_reference
+from tapetransformer.train import TrainConfig, train
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (a small CPU-friendly reference model by default)")
+    g.add_argument("--seq-len", type=int, default=64)
+    g.add_argument("--embed-dim", type=int, default=64)
+    g.add_argument("--num-heads", type=int, default=2, help="residual TapeHeads ('critics')")
+    g.add_argument("--dropout", type=float, default=0.0)
+
+
+def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
+    p.add_argument("--data", default=None,
+                   help="text file, 'shakespeare' (downloaded once, cached) or 'embedded' (default: pydoc topics)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--optimizer", choices=("adam", "wolf"), default="adam")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--out", default="runs/tapetransformer.ckpt", help="checkpoint path (written atomically)")
+    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-csv", default=None)
+    _add_model_args(p)
+
+
+def _add_sample_args(p: argparse.ArgumentParser, prompt: str) -> None:
+    p.add_argument("--prompt", default=prompt)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--sample-seed", type=int, default=None)
+
+
+def _train_config(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, grad_clip=a.grad_clip,
+        eval_every=a.eval_every, out=a.out, resume=a.resume, seed=a.seed, device=a.device, log_csv=a.log_csv,
+        model=ModelConfig(vocab_size=0, seq_len=a.seq_len, embed_dim=a.embed_dim, num_heads=a.num_heads,
+                          dropout=a.dropout),
+    )
+
+
+def _generate(model: TapeTransformer, vocab: CharVocab, a: argparse.Namespace, device: str) -> str:
+    prompt = a.prompt or vocab.chars[0]
+    ids = torch.tensor(vocab.encode(prompt), dtype=torch.long, device=device)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+
+    def stream(tok: torch.Tensor) -> None:
+        sys.stdout.write(vocab.decode(tok[:1]))
+        sys.stdout.flush()
+
+    tokens, ms = sample_reference(model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                  greedy=a.greedy, seed=a.sample_seed, on_token=stream)
+    sys.stdout.write("\n")
+    print(f"[{a.max_new_tokens} tokens, {ms:.1f} ms/token on {device}]", file=sys.stderr)
+    return vocab.decode(tokens[0])
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    res = train(_train_config(a))
+    print(f"step {res['step']}: train loss {res['train_loss']:.4f}, val loss {res['val_loss']:.4f}; "
+          f"checkpoint {res['checkpoint']}")
+    return 0
+
+
+def load_model(path: str, device: str, data: str | None = None) -> tuple[TapeTransformer, CharVocab]:
+    ckpt = load_checkpoint(path, map_location=device)
+    cfg = ModelConfig.from_dict(ckpt["config"])
+    if ckpt["vocab"]:
+        vocab = CharVocab(ckpt["vocab"])
+    else:  # a bare notebook state_dict: the vocabulary comes from the corpus it was trained on
+        vocab = CharVocab.from_text(load_text(data if data else "shakespeare"))
+    if vocab.size != cfg.vocab_size:
+        raise ValueError(f"vocabulary has {vocab.size} characters but the model expects {cfg.vocab_size}")
+    model = TapeTransformer(cfg.vocab_size, seq_len=cfg.seq_len, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
+                            dropout=cfg.dropout)
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model.to(device).eval(), vocab
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    model, vocab = load_model(a.checkpoint, a.device, a.data)
+    _generate(model, vocab, a, a.device)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    print(f"demo: training a small reference TapeTransformer for {a.steps} steps on the "
+          f"{'embedded pydoc' if a.data in (None, 'embedded') else a.data} corpus (CPU-friendly size)")
+    res = train(_train_config(a))
+    print(f"trained in {time.perf_counter() - t0:.0f}s: train loss {res['train_loss']:.3f}, "
+          f"val loss {res['val_loss']:.3f} (uniform over {res['vocab'].size} chars would be "
+          f"{torch.log(torch.tensor(float(res['vocab'].size))):.3f})")
+    print("sample (reference semantics: positions restart every call, so expect noise-like text):")
+    _generate(res["model"], res["vocab"], a, a.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tapetransformer", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train a model and write checkpoints")
+    _add_train_args(p, steps=200)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", default=None, help="corpus for the vocabulary of a bare notebook state_dict")
+    _add_sample_args(p, prompt="")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("demo", help="train briefly on the embedded corpus, then generate")
+    _add_train_args(p, steps=120)
+    _add_sample_args(p, prompt="The ")
+    p.set_defaults(func=cmd_demo, out="runs/demo.ckpt", eval_every=40)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tapetransformer: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
