@@ -1,0 +1,308 @@
+// Registers the int8 ops as torch.ops.tape_kernels.* (TORCH_LIBRARY, so torch.library.opcheck and
+// torch.compile see them) and a few plain helpers on the tape_kernels._C module. The kernels live
+// in int8_cpu.cpp / int8_cuda.cu and see only pointers, sizes and strides.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "int8_cpu.h"
+#ifdef TK_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "int8_cuda.h"
+#endif
+
+namespace {
+
+using at::Tensor;
+
+void check_2d(const Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.stride(1) == 1, name, " must have unit stride in its last dim");
+}
+
+void check_vec(const Tensor& t, const char* name, at::ScalarType dtype, int64_t n, const Tensor& like) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have shape (", n, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but the input is on ", like.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_packed(const Tensor& packed, const Tensor& wsum, int64_t n, int64_t k) {
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 &&
+                  packed.size(0) == tk::packed_n(n) / tk::kTileN && packed.size(1) == tk::packed_k(k) / tk::kGroupK &&
+                  packed.size(2) == tk::kTileN && packed.size(3) == tk::kGroupK,
+              "packed must be the contiguous int8 (", tk::packed_n(n) / tk::kTileN, ", ",
+              tk::packed_k(k) / tk::kGroupK, ", ", tk::kTileN, ", ", tk::kGroupK,
+              ") tensor from pack_int8_weight for N=", n, ", K=", k, "; got ", packed.scalar_type(), " ",
+              packed.sizes());
+  TORCH_CHECK(packed.device().is_cpu(), "packed weights are CPU-only");
+  check_vec(wsum, "wsum", at::kInt, tk::packed_n(n), packed);
+}
+
+// --------------------------------------------------------------------------------------------- CPU
+
+std::tuple<Tensor, Tensor> pack_int8_weight_cpu(const Tensor& qweight) {
+  check_2d(qweight, "qweight", at::kChar);
+  const int64_t n = qweight.size(0), k = qweight.size(1);
+  auto packed = at::empty({tk::packed_n(n) / tk::kTileN, tk::packed_k(k) / tk::kGroupK, tk::kTileN, tk::kGroupK},
+                          qweight.options());
+  auto wsum = at::empty({tk::packed_n(n)}, qweight.options().dtype(at::kInt));
+  const bool ok = tk::pack_w8(qweight.data_ptr<int8_t>(), n, k, qweight.stride(0), packed.data_ptr<int8_t>(),
+                              wsum.data_ptr<int32_t>());
+  TORCH_CHECK(ok, "qweight holds -128; int8 weights must lie in [-127, 127] (symmetric quantization)");
+  return {packed, wsum};
+}
+
+std::tuple<Tensor, Tensor> quantize_rows_cpu(const Tensor& x) {
+  check_2d(x, "x", at::kFloat);
+  const int64_t m = x.size(0), k = x.size(1);
+  auto xq = at::empty({m, k}, x.options().dtype(at::kChar));
+  auto xs = at::empty({m}, x.options());
+  if (m > 0 && k > 0) {
+    // The kernel zero-fills its rows up to a multiple of 4; quantize into such rows, then view.
+    const int64_t kp = tk::packed_k(k);
+    auto buf = at::empty({m, kp}, xq.options());
+    tk::quantize_rows_f32(x.data_ptr<float>(), m, k, x.stride(0), buf.data_ptr<int8_t>(), kp, xs.data_ptr<float>());
+    xq.copy_(buf.narrow(1, 0, k));
+  } else {
+    xs.zero_();
+  }
+  return {xq, xs};
+}
+
+// xq (M, K) as contiguous rows of packed_k(K) bytes with zero padding, as the packed kernels need.
+Tensor padded_rows(const Tensor& xq) {
+  const int64_t k = xq.size(1), kp = tk::packed_k(k);
+  if (kp == k && xq.is_contiguous()) return xq;
+  auto buf = at::zeros({xq.size(0), kp}, xq.options());
+  buf.narrow(1, 0, k).copy_(xq);
+  return buf;
+}
+
+Tensor int8_mm_packed_cpu(const Tensor& xq, const Tensor& packed, const Tensor& wsum, int64_t n) {
+  check_2d(xq, "xq", at::kChar);
+  TORCH_CHECK(n >= 0, "n must be >= 0");
+  const int64_t m = xq.size(0), k = xq.size(1);
+  check_packed(packed, wsum, n, k);
+  auto out = at::empty({m, n}, xq.options().dtype(at::kInt));
+  if (m == 0 || n == 0) return out;
+  if (k == 0) return out.zero_();
+  auto xp = padded_rows(xq);
+  tk::gemm_s8s8_s32_packed(xp.data_ptr<int8_t>(), m, k, xp.stride(0), packed.data_ptr<int8_t>(),
+                           wsum.data_ptr<int32_t>(), n, out.data_ptr<int32_t>(), n);
+  return out;
+}
+
+Tensor int8_mm_cpu(const Tensor& xq, const Tensor& qweight) {
+  check_2d(qweight, "qweight", at::kChar);
+  check_2d(xq, "xq", at::kChar);
+  TORCH_CHECK(xq.size(1) == qweight.size(1), "xq has K=", xq.size(1), " but qweight has K=", qweight.size(1));
+  auto [packed, wsum] = pack_int8_weight_cpu(qweight);
+  return int8_mm_packed_cpu(xq, packed, wsum, qweight.size(0));
+}
+
+Tensor w8a8_linear_packed_cpu(const Tensor& x, const Tensor& packed, const Tensor& wsum, const Tensor& scale,
+                              const c10::optional<Tensor>& bias) {
+  check_2d(x, "x", at::kFloat);
+  TORCH_CHECK(scale.dim() == 1, "scale must be 1-D, got shape ", scale.sizes());
+  const int64_t m = x.size(0), k = x.size(1), n = scale.size(0);
+  check_vec(scale, "scale", at::kFloat, n, x);
+  check_packed(packed, wsum, n, k);
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_vec(*bias, "bias", at::kFloat, n, x);
+    bp = bias->data_ptr<float>();
+  }
+  auto y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  if (k == 0) return bias.has_value() ? y.copy_(bias->expand({m, n})) : y.zero_();
+  tk::w8a8_linear_f32(x.data_ptr<float>(), m, k, x.stride(0), packed.data_ptr<int8_t>(), wsum.data_ptr<int32_t>(),
+                      scale.data_ptr<float>(), bp, n, y.data_ptr<float>(), n);
+  return y;
+}
+
+Tensor w8a8_linear_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scale, const c10::optional<Tensor>& bias) {
+  check_2d(qweight, "qweight", at::kChar);
+  check_2d(x, "x", at::kFloat);
+  TORCH_CHECK(x.size(1) == qweight.size(1), "x has K=", x.size(1), " but qweight has K=", qweight.size(1));
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == qweight.size(0), "scale must have shape (", qweight.size(0), ")");
+  auto [packed, wsum] = pack_int8_weight_cpu(qweight);
+  return w8a8_linear_packed_cpu(x, packed, wsum, scale, bias);
+}
+
+Tensor w8_linear_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scale, const c10::optional<Tensor>& bias) {
+  check_2d(x, "x", at::kFloat);
+  check_2d(qweight, "qweight", at::kChar);
+  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == k, "x has K=", k, " but qweight has K=", qweight.size(1));
+  TORCH_CHECK(qweight.device() == x.device(), "qweight is on ", qweight.device(), " but x is on ", x.device());
+  check_vec(scale, "scale", at::kFloat, n, x);
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_vec(*bias, "bias", at::kFloat, n, x);
+    bp = bias->data_ptr<float>();
+  }
+  auto y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  if (k == 0) return bias.has_value() ? y.copy_(bias->expand({m, n})) : y.zero_();
+  tk::w8a32_linear_f32(x.data_ptr<float>(), m, k, x.stride(0), qweight.data_ptr<int8_t>(), qweight.stride(0),
+                       scale.data_ptr<float>(), bp, n, y.data_ptr<float>(), n);
+  return y;
+}
+
+// -------------------------------------------------------------------------------------------- CUDA
+#ifdef TK_WITH_CUDA
+
+int cuda_dtype(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return tk::cuda::kF32;
+    case at::kHalf: return tk::cuda::kF16;
+    case at::kBFloat16: return tk::cuda::kBF16;
+    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return -1;
+}
+
+void check_cuda(int err, const char* what) {
+  TORCH_CHECK(err == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+void check_float_2d(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2, name, " must be 2-D, got shape ", x.sizes());
+  TORCH_CHECK(x.stride(1) == 1, name, " must have unit stride in its last dim");
+  cuda_dtype(x, name);
+}
+
+std::tuple<Tensor, Tensor> quantize_rows_cuda(const Tensor& x) {
+  check_float_2d(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), k = x.size(1);
+  auto xq = at::empty({m, k}, x.options().dtype(at::kChar));
+  auto xs = at::empty({m}, x.options().dtype(at::kFloat));
+  if (m == 0) return {xq, xs};
+  check_cuda(tk::cuda::quantize_rows(x.data_ptr(), cuda_dtype(x, "x"), m, k, x.stride(0), xq.data_ptr<int8_t>(), k,
+                                     xs.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
+             "quantize_rows");
+  return {xq, xs};
+}
+
+Tensor int8_mm_cuda(const Tensor& xq, const Tensor& qweight) {
+  check_2d(xq, "xq", at::kChar);
+  check_2d(qweight, "qweight", at::kChar);
+  TORCH_CHECK(xq.size(1) == qweight.size(1), "xq has K=", xq.size(1), " but qweight has K=", qweight.size(1));
+  TORCH_CHECK(xq.device() == qweight.device(), "qweight is on ", qweight.device(), " but xq is on ", xq.device());
+  const c10::cuda::CUDAGuard guard(xq.device());
+  const int64_t m = xq.size(0), n = qweight.size(0), k = xq.size(1);
+  auto out = at::zeros({m, n}, xq.options().dtype(at::kInt));
+  if (k == 0) return out;
+  check_cuda(tk::cuda::int8_gemm_s32(xq.data_ptr<int8_t>(), xq.stride(0), qweight.data_ptr<int8_t>(),
+                                     qweight.stride(0), m, n, k, out.data_ptr<int32_t>(), n,
+                                     at::cuda::getCurrentCUDAStream().stream()),
+             "int8_mm");
+  return out;
+}
+
+void check_linear_cuda(const Tensor& x, const Tensor& qweight, const Tensor& scale, const c10::optional<Tensor>& bias) {
+  check_float_2d(x, "x");
+  check_2d(qweight, "qweight", at::kChar);
+  TORCH_CHECK(qweight.size(1) == x.size(1), "x has K=", x.size(1), " but qweight has K=", qweight.size(1));
+  TORCH_CHECK(qweight.device() == x.device(), "qweight is on ", qweight.device(), " but x is on ", x.device());
+  check_vec(scale, "scale", at::kFloat, qweight.size(0), x);
+  if (bias.has_value()) check_vec(*bias, "bias", x.scalar_type(), qweight.size(0), x);
+}
+
+Tensor w8a8_linear_cuda(const Tensor& x, const Tensor& qweight, const Tensor& scale,
+                        const c10::optional<Tensor>& bias) {
+  check_linear_cuda(x, qweight, scale, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
+  auto y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  if (k == 0) return bias.has_value() ? y.copy_(bias->expand({m, n})) : y.zero_();
+  auto [xq, xs] = quantize_rows_cuda(x);
+  check_cuda(tk::cuda::w8a8_gemm(xq.data_ptr<int8_t>(), k, xs.data_ptr<float>(), qweight.data_ptr<int8_t>(),
+                                 qweight.stride(0), scale.data_ptr<float>(),
+                                 bias.has_value() ? bias->data_ptr() : nullptr, cuda_dtype(x, "x"), m, n, k,
+                                 y.data_ptr(), n, at::cuda::getCurrentCUDAStream().stream()),
+             "w8a8_gemm");
+  return y;
+}
+
+Tensor w8_linear_cuda(const Tensor& x, const Tensor& qweight, const Tensor& scale, const c10::optional<Tensor>& bias) {
+  check_linear_cuda(x, qweight, scale, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
+  if (m > tk::cuda::kGemvMaxM) {
+    // Prefill is compute-bound: dequantize once and let cuBLAS run the GEMM in x's dtype.
+    auto w = (qweight.to(at::kFloat) * scale.unsqueeze(1)).to(x.scalar_type());
+    return bias.has_value() ? at::linear(x, w, *bias) : at::linear(x, w);
+  }
+  auto y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  if (k == 0) return bias.has_value() ? y.copy_(bias->expand({m, n})) : y.zero_();
+  check_cuda(tk::cuda::w8a16_gemv(x.data_ptr(), cuda_dtype(x, "x"), m, k, x.stride(0), qweight.data_ptr<int8_t>(),
+                                  qweight.stride(0), scale.data_ptr<float>(),
+                                  bias.has_value() ? bias->data_ptr() : nullptr, n, y.data_ptr(), n,
+                                  at::cuda::getCurrentCUDAStream().stream()),
+             "w8a16_gemv");
+  return y;
+}
+
+#endif  // TK_WITH_CUDA
+
+}  // namespace
+
+TORCH_LIBRARY(tape_kernels, m) {
+  m.def("pack_int8_weight(Tensor qweight) -> (Tensor, Tensor)");
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("int8_mm(Tensor xq, Tensor qweight) -> Tensor");
+  m.def("int8_mm_packed(Tensor xq, Tensor packed, Tensor wsum, int n) -> Tensor");
+  m.def("w8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("w8a8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("w8a8_linear_packed(Tensor x, Tensor packed, Tensor wsum, Tensor scale, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tape_kernels, CPU, m) {
+  m.impl("pack_int8_weight", &pack_int8_weight_cpu);
+  m.impl("quantize_rows", &quantize_rows_cpu);
+  m.impl("int8_mm", &int8_mm_cpu);
+  m.impl("int8_mm_packed", &int8_mm_packed_cpu);
+  m.impl("w8_linear", &w8_linear_cpu);
+  m.impl("w8a8_linear", &w8a8_linear_cpu);
+  m.impl("w8a8_linear_packed", &w8a8_linear_packed_cpu);
+}
+
+#ifdef TK_WITH_CUDA
+TORCH_LIBRARY_IMPL(tape_kernels, CUDA, m) {
+  m.impl("quantize_rows", &quantize_rows_cuda);
+  m.impl("int8_mm", &int8_mm_cuda);
+  m.impl("w8_linear", &w8_linear_cuda);
+  m.impl("w8a8_linear", &w8a8_linear_cuda);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tape-kernels int8 ops; the tensor ops are registered as torch.ops.tape_kernels.*";
+  m.def("cpu_isa", []() { return std::string(tk::cpu_isa_name(tk::cpu_isa())); },
+        "Instruction set the CPU int8 kernels use now");
+  m.def("cpu_isas", []() {
+    std::vector<std::string> out{"scalar"};
+    const auto best = tk::cpu_isa_best();
+    if (best >= tk::CpuIsa::kAvx2) out.emplace_back("avx2");
+    if (best >= tk::CpuIsa::kAvx512Vnni) out.emplace_back("avx512_vnni");
+    return out;
+  }, "Instruction sets this CPU supports, worst first");
+  m.def("set_cpu_isa", [](const std::string& name) {
+    tk::CpuIsa isa;
+    if (name == "scalar") isa = tk::CpuIsa::kScalar;
+    else if (name == "avx2") isa = tk::CpuIsa::kAvx2;
+    else if (name == "avx512_vnni") isa = tk::CpuIsa::kAvx512Vnni;
+    else throw std::invalid_argument("unknown ISA '" + name + "' (scalar, avx2, avx512_vnni)");
+    TORCH_CHECK_VALUE(isa <= tk::cpu_isa_best(), "this CPU does not support ", name);
+    tk::set_cpu_isa(isa);
+  }, "Force an instruction set (tests compare every path)");
+}

@@ -1,0 +1,351 @@
+// CUDA int8 kernels (see int8_cuda.h). Plain CUDA C++, no ATen: this file compiles on its own with
+// `nvcc -Icsrc` for sm_86 and sm_90.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "int8_cuda.h"
+
+namespace tk {
+namespace cuda {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-row activation quantization: one block per row.
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void quantize_rows_kernel(const T* __restrict__ x, int64_t k, int64_t ldx, int8_t* __restrict__ xq,
+                                     int64_t ldq, float* __restrict__ xs) {
+  __shared__ float red[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * ldx;
+  float amax = 0.f;
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(to_f32(xr[i])));
+  amax = warp_max(amax);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) red[warp] = amax;
+  __syncthreads();
+  if (warp == 0) {
+    amax = lane < (blockDim.x >> 5) ? red[lane] : 0.f;
+    amax = warp_max(amax);
+    if (lane == 0) red[0] = amax;
+  }
+  __syncthreads();
+  amax = red[0];
+  // Correctly rounded division and product (immune to --use_fast_math), so the quantized values
+  // match the CPU kernel and the PyTorch reference bit for bit.
+  const float inv = amax > 0.f ? __fdiv_rn(127.0f, amax) : 0.f;
+  if (threadIdx.x == 0) xs[row] = __fdiv_rn(amax, 127.0f);
+  int8_t* qr = xq + row * ldq;
+  for (int64_t i = threadIdx.x; i < ldq; i += blockDim.x) {
+    int v = 0;
+    if (i < k) v = __float2int_rn(fminf(fmaxf(__fmul_rn(to_f32(xr[i]), inv), -127.f), 127.f));
+    qr[i] = static_cast<int8_t>(v);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// W8A16 GEMV / skinny GEMM (M ≤ 16): one warp per output channel. Each lane streams 16 weight
+// bytes per step (one 128-bit load) and reuses them for all MT rows of x, which stay in L1/L2.
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, float* out);
+template <>
+__device__ __forceinline__ void load16<float>(const float* p, float* out) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(p) + i);
+    out[4 * i] = v.x;
+    out[4 * i + 1] = v.y;
+    out[4 * i + 2] = v.z;
+    out[4 * i + 3] = v.w;
+  }
+}
+template <>
+__device__ __forceinline__ void load16<__half>(const __half* p, float* out) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(h[j]);
+      out[8 * i + 2 * j] = f.x;
+      out[8 * i + 2 * j + 1] = f.y;
+    }
+  }
+}
+template <>
+__device__ __forceinline__ void load16<__nv_bfloat16>(const __nv_bfloat16* p, float* out) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(h[j]);
+      out[8 * i + 2 * j] = f.x;
+      out[8 * i + 2 * j + 1] = f.y;
+    }
+  }
+}
+
+constexpr int kGemvWarps = 8;
+
+template <typename T, int MT, bool VEC>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    w8a16_gemv_kernel(const T* __restrict__ x, int m, int64_t k, int64_t ldx, const int8_t* __restrict__ q,
+                      int64_t ldw, const float* __restrict__ ws, const T* __restrict__ bias, int64_t n,
+                      T* __restrict__ y, int64_t ldy) {
+  const int lane = threadIdx.x & 31;
+  const int64_t ch = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
+  if (ch >= n) return;
+  const int8_t* qr = q + ch * ldw;
+  float acc[MT];
+#pragma unroll
+  for (int r = 0; r < MT; ++r) acc[r] = 0.f;
+  if (VEC) {
+#pragma unroll 4
+    for (int64_t i = lane * 16; i < k; i += 32 * 16) {
+      const int4 wv = __ldg(reinterpret_cast<const int4*>(qr + i));
+      const int8_t* wb = reinterpret_cast<const int8_t*>(&wv);
+      float wf[16];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) wf[j] = static_cast<float>(wb[j]);
+#pragma unroll
+      for (int r = 0; r < MT; ++r) {
+        if (r < m) {
+          float xf[16];
+          load16<T>(x + r * ldx + i, xf);
+#pragma unroll
+          for (int j = 0; j < 16; ++j) acc[r] = fmaf(xf[j], wf[j], acc[r]);
+        }
+      }
+    }
+  } else {
+    for (int64_t i = lane; i < k; i += 32) {
+      const float wf = static_cast<float>(qr[i]);
+#pragma unroll
+      for (int r = 0; r < MT; ++r)
+        if (r < m) acc[r] = fmaf(to_f32(x[r * ldx + i]), wf, acc[r]);
+    }
+  }
+  const float s = ws[ch];
+  const float b = bias != nullptr ? to_f32(bias[ch]) : 0.f;
+#pragma unroll
+  for (int r = 0; r < MT; ++r) {
+    const float v = warp_sum(acc[r]);
+    if (lane == 0 && r < m) y[r * ldy + ch] = from_f32<T>(fmaf(v, s, b));
+  }
+}
+
+template <typename T, int MT>
+cudaError_t launch_gemv_mt(const T* x, int m, int64_t k, int64_t ldx, const int8_t* q, int64_t ldw, const float* ws,
+                           const T* bias, int64_t n, T* y, int64_t ldy, cudaStream_t st) {
+  const bool vec = k % 16 == 0 && ldw % 16 == 0 && ldx % 16 == 0 && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const dim3 grid(static_cast<unsigned>((n + kGemvWarps - 1) / kGemvWarps));
+  if (vec)
+    w8a16_gemv_kernel<T, MT, true><<<grid, kGemvWarps * 32, 0, st>>>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy);
+  else
+    w8a16_gemv_kernel<T, MT, false><<<grid, kGemvWarps * 32, 0, st>>>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_gemv(const T* x, int m, int64_t k, int64_t ldx, const int8_t* q, int64_t ldw, const float* ws,
+                        const T* bias, int64_t n, T* y, int64_t ldy, cudaStream_t st) {
+  if (m <= 1) return launch_gemv_mt<T, 1>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy, st);
+  if (m <= 2) return launch_gemv_mt<T, 2>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy, st);
+  if (m <= 4) return launch_gemv_mt<T, 4>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy, st);
+  if (m <= 8) return launch_gemv_mt<T, 8>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy, st);
+  return launch_gemv_mt<T, 16>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy, st);
+}
+
+// ------------------------------------------------------------------------------------------------
+// W8A8 GEMM with dp4a: 64×64 output tile per 256-thread block, 4×4 per thread, k in steps of 32
+// bytes staged in shared memory as int32 words (4 consecutive k), transposed so a thread's four
+// rows (or columns) are adjacent.
+// ------------------------------------------------------------------------------------------------
+
+constexpr int kBM = 64, kBN = 64, kBK = 32, kWords = kBK / 4;
+
+template <bool VEC>
+__device__ __forceinline__ int load_word(const int8_t* __restrict__ base, int64_t row, int64_t rows, int64_t ld,
+                                         int64_t kk, int64_t k) {
+  if (row >= rows) return 0;
+  const int8_t* p = base + row * ld + kk;
+  if (VEC) return kk < k ? __ldg(reinterpret_cast<const int*>(p)) : 0;
+  uint32_t w = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    if (kk + i < k) w |= static_cast<uint32_t>(static_cast<uint8_t>(p[i])) << (8 * i);
+  return static_cast<int>(w);
+}
+
+template <typename T, bool VEC, bool INT_OUT>
+__global__ void __launch_bounds__(256)
+    w8a8_gemm_kernel(const int8_t* __restrict__ xq, int64_t ldq, const float* __restrict__ xs,
+                     const int8_t* __restrict__ q, int64_t ldw, const float* __restrict__ ws,
+                     const T* __restrict__ bias, int64_t m, int64_t n, int64_t k, void* __restrict__ out,
+                     int64_t ldo) {
+  __shared__ int as[kWords][kBM + 4];
+  __shared__ int bs[kWords][kBN + 4];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  int acc[4][4] = {};
+  for (int64_t k0 = 0; k0 < k; k0 += kBK) {
+#pragma unroll
+    for (int l = 0; l < 2; ++l) {
+      const int idx = tid + l * 256, r = idx / kWords, w = idx % kWords;
+      as[w][r] = load_word<VEC>(xq, m0 + r, m, ldq, k0 + 4 * w, k);
+      bs[w][r] = load_word<VEC>(q, n0 + r, n, ldw, k0 + 4 * w, k);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      int a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        a[i] = as[w][ty * 4 + i];
+        b[i] = bs[w][tx * 4 + i];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = __dp4a(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = m0 + ty * 4 + i;
+    if (row >= m) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = n0 + tx * 4 + j;
+      if (col >= n) continue;
+      if (INT_OUT) {
+        static_cast<int32_t*>(out)[row * ldo + col] = acc[i][j];
+      } else {
+        const float b = bias != nullptr ? to_f32(bias[col]) : 0.f;
+        static_cast<T*>(out)[row * ldo + col] = from_f32<T>(static_cast<float>(acc[i][j]) * (xs[row] * ws[col]) + b);
+      }
+    }
+  }
+}
+
+template <typename T, bool INT_OUT>
+cudaError_t launch_gemm(const int8_t* xq, int64_t ldq, const float* xs, const int8_t* q, int64_t ldw, const float* ws,
+                        const T* bias, int64_t m, int64_t n, int64_t k, void* out, int64_t ldo, cudaStream_t st) {
+  const bool vec = k % 4 == 0 && ldq % 4 == 0 && ldw % 4 == 0 && reinterpret_cast<uintptr_t>(xq) % 4 == 0 &&
+                   reinterpret_cast<uintptr_t>(q) % 4 == 0;
+  const dim3 grid(static_cast<unsigned>((n + kBN - 1) / kBN), static_cast<unsigned>((m + kBM - 1) / kBM));
+  if (vec)
+    w8a8_gemm_kernel<T, true, INT_OUT><<<grid, 256, 0, st>>>(xq, ldq, xs, q, ldw, ws, bias, m, n, k, out, ldo);
+  else
+    w8a8_gemm_kernel<T, false, INT_OUT><<<grid, 256, 0, st>>>(xq, ldq, xs, q, ldw, ws, bias, m, n, k, out, ldo);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int quantize_rows(const void* x, int dtype, int64_t m, int64_t k, int64_t ldx, int8_t* xq, int64_t ldq, float* xs,
+                  void* stream) {
+  if (m == 0) return 0;
+  auto st = static_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>(m));
+  switch (dtype) {
+    case kF32: quantize_rows_kernel<float><<<grid, 256, 0, st>>>(static_cast<const float*>(x), k, ldx, xq, ldq, xs); break;
+    case kF16: quantize_rows_kernel<__half><<<grid, 256, 0, st>>>(static_cast<const __half*>(x), k, ldx, xq, ldq, xs); break;
+    case kBF16:
+      quantize_rows_kernel<__nv_bfloat16>
+          <<<grid, 256, 0, st>>>(static_cast<const __nv_bfloat16*>(x), k, ldx, xq, ldq, xs);
+      break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int w8a16_gemv(const void* x, int dtype, int64_t m, int64_t k, int64_t ldx, const int8_t* q, int64_t ldw,
+               const float* ws, const void* bias, int64_t n, void* y, int64_t ldy, void* stream) {
+  if (m > kGemvMaxM) return static_cast<int>(cudaErrorInvalidValue);
+  if (m == 0 || n == 0) return 0;
+  auto st = static_cast<cudaStream_t>(stream);
+  const int mi = static_cast<int>(m);
+  switch (dtype) {
+    case kF32:
+      return static_cast<int>(launch_gemv<float>(static_cast<const float*>(x), mi, k, ldx, q, ldw, ws,
+                                                 static_cast<const float*>(bias), n, static_cast<float*>(y), ldy, st));
+    case kF16:
+      return static_cast<int>(launch_gemv<__half>(static_cast<const __half*>(x), mi, k, ldx, q, ldw, ws,
+                                                  static_cast<const __half*>(bias), n, static_cast<__half*>(y), ldy, st));
+    case kBF16:
+      return static_cast<int>(launch_gemv<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), mi, k, ldx, q, ldw, ws,
+                                                         static_cast<const __nv_bfloat16*>(bias), n,
+                                                         static_cast<__nv_bfloat16*>(y), ldy, st));
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+int int8_gemm_s32(const int8_t* xq, int64_t ldq, const int8_t* q, int64_t ldw, int64_t m, int64_t n, int64_t k,
+                  int32_t* out, int64_t ldo, void* stream) {
+  if (m == 0 || n == 0) return 0;
+  return static_cast<int>(launch_gemm<float, true>(xq, ldq, nullptr, q, ldw, nullptr, nullptr, m, n, k, out, ldo,
+                                                   static_cast<cudaStream_t>(stream)));
+}
+
+int w8a8_gemm(const int8_t* xq, int64_t ldq, const float* xs, const int8_t* q, int64_t ldw, const float* ws,
+              const void* bias, int dtype, int64_t m, int64_t n, int64_t k, void* y, int64_t ldy, void* stream) {
+  if (m == 0 || n == 0) return 0;
+  auto st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kF32:
+      return static_cast<int>(launch_gemm<float, false>(xq, ldq, xs, q, ldw, ws, static_cast<const float*>(bias), m, n,
+                                                        k, y, ldy, st));
+    case kF16:
+      return static_cast<int>(launch_gemm<__half, false>(xq, ldq, xs, q, ldw, ws, static_cast<const __half*>(bias), m,
+                                                         n, k, y, ldy, st));
+    case kBF16:
+      return static_cast<int>(launch_gemm<__nv_bfloat16, false>(
+          xq, ldq, xs, q, ldw, ws, static_cast<const __nv_bfloat16*>(bias), m, n, k, y, ldy, st));
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+}  // namespace cuda
+}  // namespace tk
