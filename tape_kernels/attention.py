@@ -98,9 +98,18 @@ def critic_attention_ref(
         p = F.dropout(p, p=dropout_p)
     o = torch.matmul(p, v).transpose(1, 2).reshape(b, s, d)
     out = F.linear(o, out_proj_weight, out_proj_bias)
-    w = p.mean(dim=1)
-    entropy, aw = attention_stats_ref(w)
+    entropy, aw = _stats_from_probs(p)
     return out, entropy, aw
+
+
+def _stats_from_probs(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Statistics of per-head probabilities p (B, H, S, S) via their head average."""
+    w = p.mean(dim=1)
+    if w.dtype in (torch.float16, torch.bfloat16):
+        # fp32 statistics (the kernels' contract): in half precision 1e-12 rounds to 0 and the masked
+        # entries' 0·log(0) would give NaN entropies.
+        w = w.float()
+    return attention_stats_ref(w)
 
 
 def critic_attention_decode_ref(
@@ -432,7 +441,8 @@ if triton is not None:
             w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m_tot))
             l_tot += l_s * w
             acc += tl.load(ACC + row[:, None] * DP + offs_d[None, :], mask=row_mask[:, None], other=0.0) * w[:, None]
-        out = acc / l_tot[:, None]
+        # Padded rows (beyond T_NEW) got no partials: keep their (unstored) quotient finite.
+        out = acc / tl.where(l_tot > 0.0, l_tot, 1.0)[:, None]
         o_ptrs = O + (bh.to(tl.int64) * T_NEW + offs_m[:, None]) * DH + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < DH))
 
@@ -462,24 +472,43 @@ def kernel_supports(embed_dim: int, num_heads: int) -> bool:
     return hp * dp <= MAX_HEAD_TILE
 
 
-# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages). The register footprint of the 3-D tiles is
-# HP·DP·BLOCK ≤ 256·32 fp32 accumulators per program; shared memory goes to the tl.dot operand staging
-# (and the layout conversions of the transposed probability tiles), measured by `python -m tape_kernels._aot`.
-_FWD_CONFIGS = ((16, 32, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2), (32, 32, 8, 2))
-_BWD_CONFIGS = ((16, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2), (32, 32, 8, 2))
-_INTERP_CONFIG = (16, 32, 4, 1)  # interpreter: one fixed config (autotuning would re-run the numpy emulation)
-
-
-def _smem_estimate(block_m: int, block_n: int, num_stages: int, head_tile: int, elt: int) -> int:
-    """Conservative shared-memory estimate (bytes) of the attention kernels for one config.
-
-    Operand tiles of the 3-D dots are staged through shared memory (q/do rows, k/v columns), pipelined
-    num_stages deep, plus one fp32 (HP, BM, BN) tile for the transposed-probability conversions.
-    Calibrated against the AOT compiler's numbers at HP·DP = 256 (a safety net; the AOT check is the proof).
-    """
-    operands = head_tile * (2 * block_m + 2 * block_n) * elt * max(1, num_stages)
-    prob_tile = (head_tile // 16) * block_m * block_n * 4
-    return operands + prob_tile
+# Tile configs per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, {element size: shared bytes}). The
+# shared-memory figures are what the compiler reports for sm_86 at the largest supported head tile
+# (HP·DP = 256, causal, statistics gradients on) -- `python -m tape_kernels._aot attention` re-measures them
+# for sm_86 and sm_90 and fails above 101376 B. A config is only offered to the element sizes it lists:
+# fp32 with IEEE products has no tensor-core path, its 3-D dots stage whole fp32 tiles in shared memory, so
+# it gets smaller tiles. The register footprint (HP·BLOCK·DP fp32 accumulators) bounds BLOCK_M·HP·DP ≤ 16K.
+_CONFIGS: dict[str, tuple] = {
+    "_attn_fwd_kernel": (
+        (16, 32, 4, 2, {2: 24576}),
+        (32, 32, 4, 2, {2: 32768}),
+        (32, 64, 4, 2, {2: 49152}),
+        (64, 64, 8, 2, {2: 98304}),
+        (16, 16, 4, 1, {4: 49152}),
+        (16, 32, 4, 1, {4: 81920}),
+    ),
+    "_attn_bwd_delta_kernel": (
+        (16, 32, 4, 2, {2: 24576}),
+        (32, 64, 4, 2, {2: 49152}),
+        (64, 64, 8, 2, {2: 65536}),
+        (16, 16, 4, 1, {4: 32768}),
+        (16, 32, 4, 1, {4: 49152}),
+    ),
+    "_attn_bwd_dq_kernel": (
+        (16, 32, 4, 2, {2: 49152}),
+        (32, 32, 4, 2, {2: 65536}),
+        (32, 64, 4, 2, {2: 98304}),
+        (16, 16, 4, 1, {4: 67584}),
+        (16, 32, 4, 1, {4: 100352}),
+    ),
+    "_attn_bwd_dkv_kernel": (
+        (16, 32, 4, 2, {2: 51712}),
+        (32, 32, 4, 2, {2: 68608}),
+        (16, 64, 4, 2, {2: 84480}),
+        (16, 16, 4, 1, {4: 69632}),
+    ),
+}
+_INTERP_CONFIG = (32, 64, 4, 1)  # interpreter: one fixed config (autotuning would re-run the numpy emulation)
 
 
 def _device_smem_limit(device: torch.device) -> int:
@@ -489,23 +518,16 @@ def _device_smem_limit(device: torch.device) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 101376)
 
 
-def _prune(configs, named_args, **kwargs):  # noqa: ANN001 - triton's early_config_prune signature
+def _prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's early_config_prune signature
+    """Keep the configs measured for this element size whose shared memory fits the device's per-block limit."""
     ptr = named_args["QKV"]
     elt = ptr.element_size()
-    head_tile = kwargs.get("HP", named_args.get("HP", 4)) * kwargs.get("DP", named_args.get("DP", 64))
     limit = _device_smem_limit(ptr.device)
-    kept = [
-        c
-        for c in configs
-        if _smem_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, head_tile, elt) <= limit
-    ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
-def _triton_configs(table):  # noqa: ANN001, ANN202
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in table
-    ]
+    kept = [c for c in configs if elt in c.tk_smem and c.tk_smem[elt] <= limit]
+    if not kept:  # a device below every measured figure: the smallest tile for this element size
+        own = [c for c in configs if elt in c.tk_smem]
+        kept = [min(own, key=lambda c: c.tk_smem[elt])]
+    return kept
 
 
 _AUTOTUNED: dict[str, object] = {}
@@ -514,13 +536,15 @@ _AUTOTUNED: dict[str, object] = {}
 def _tuned(name: str):  # noqa: ANN202
     """The autotuned wrapper of kernel ``name`` (built lazily; keyed on the shape class)."""
     if name not in _AUTOTUNED:
-        kernel = globals()[name]
-        table = _FWD_CONFIGS if name == "_attn_fwd_kernel" else _BWD_CONFIGS
-        _AUTOTUNED[name] = triton.autotune(
-            configs=_triton_configs(table),
-            key=["S", "H", "DH", "CAUSAL"] + ([] if name == "_attn_fwd_kernel" else ["HAS_ENT", "HAS_AW"]),
-            prune_configs_by={"early_config_prune": _prune},
-        )(kernel)
+        configs = []
+        for bm, bn, warps, stages, smem in _CONFIGS[name]:
+            c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+            c.tk_smem = smem
+            configs.append(c)
+        key = ["S", "H", "DH", "CAUSAL"] + ([] if name == "_attn_fwd_kernel" else ["HAS_ENT", "HAS_AW"])
+        _AUTOTUNED[name] = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(
+            globals()[name]
+        )
     return _AUTOTUNED[name]
 
 
@@ -552,7 +576,7 @@ def _attn_forward(qkv: torch.Tensor, num_heads: int, causal: bool):
     rows = torch.empty(b, s, device=qkv.device, dtype=torch.float32)
     # One column-sum partial row per (batch, query block); sized for the smallest BLOCK_M of any config so
     # that the autotuner's choice can be made after allocation; rows a larger block leaves unused stay zero.
-    min_bm = min(c[0] for c in (*_FWD_CONFIGS, _INTERP_CONFIG))
+    min_bm = min(c[0] for c in (*_CONFIGS["_attn_fwd_kernel"], _INTERP_CONFIG))
     colp = torch.zeros(b, triton.cdiv(s, min_bm), s, device=qkv.device, dtype=torch.float32)
     sm_scale = 1.0 / math.sqrt(dh)
 
@@ -687,7 +711,7 @@ def attention_stats(qkv: torch.Tensor, num_heads: int, causal: bool = False, bac
         scores = scores.masked_fill(_causal_mask(s, qkv.device), float("-inf"))
     p = torch.softmax(scores, dim=-1)
     o = torch.matmul(p, v).transpose(1, 2).reshape(b, s, d)
-    ent, aw = attention_stats_ref(p.mean(dim=1))
+    ent, aw = _stats_from_probs(p)
     return o, ent, aw
 
 
@@ -779,9 +803,9 @@ def critic_attention_decode(
         off = 0
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be ≥ 1, got {num_splits}")
-    kernel = use_triton(q_new, backend=backend) and q_new.dtype in KERNEL_DTYPES and dh <= 256
+    kernel = use_triton(q_new, backend=backend) and q_new.dtype in KERNEL_DTYPES and dh <= 128
     if backend == "triton" and not kernel:
-        raise ValueError(f"decode kernel supports dtypes {KERNEL_DTYPES} and dh ≤ 256, got {q_new.dtype}, dh={dh}")
+        raise ValueError(f"decode kernel supports dtypes {KERNEL_DTYPES} and dh ≤ 128, got {q_new.dtype}, dh={dh}")
     if not kernel:
         return critic_attention_decode_ref(q_new, k_cache, v_cache, causal, off if causal else None)
     return _decode_launch(q_new, k_cache, v_cache, causal, off, num_splits)
@@ -871,36 +895,42 @@ def aot_specs() -> list:
                     "stride_cb": "i32"}  # fmt: skip
     for dtype in KERNEL_DTYPES:
         ptr = _TL_PTR[dtype]
-        prec = "ieee" if dtype == torch.float32 else "tf32"
         tag = str(dtype).replace("torch.", "")
         kernels = (
-            ("_attn_fwd_kernel", _FWD_CONFIGS, {"QKV": ptr, "O": ptr, "LSE": "*fp32", "ENT": "*fp32",
+            ("_attn_fwd_kernel", {"QKV": ptr, "O": ptr, "LSE": "*fp32", "ENT": "*fp32",
                                                 "ROWS": "*fp32", "COLP": "*fp32"}, {}),
-            ("_attn_bwd_delta_kernel", _BWD_CONFIGS, {"QKV": ptr, "O": ptr, "DO": ptr, "LSE": "*fp32",
+            ("_attn_bwd_delta_kernel", {"QKV": ptr, "O": ptr, "DO": ptr, "LSE": "*fp32",
                                                       "GENT": "*fp32", "GAW": "*fp32", "DELTA": "*fp32"},
              {"HAS_ENT": True, "HAS_AW": True}),
-            ("_attn_bwd_dq_kernel", _BWD_CONFIGS, {"QKV": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32",
+            ("_attn_bwd_dq_kernel", {"QKV": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32",
                                                    "GENT": "*fp32", "GAW": "*fp32", "DQKV": ptr},
              {"HAS_ENT": True, "HAS_AW": True}),
-            ("_attn_bwd_dkv_kernel", _BWD_CONFIGS, {"QKV": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32",
+            ("_attn_bwd_dkv_kernel", {"QKV": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32",
                                                     "GENT": "*fp32", "GAW": "*fp32", "DQKV": ptr},
              {"HAS_ENT": True, "HAS_AW": True}),
         )  # fmt: skip
-        for name, table, ptrs, flags in kernels:
+        for name, ptrs, flags in kernels:
             kernel = globals()[name]
             argnames = _jit_arg_names(kernel)
-            for bm, bn, warps, stages in table:
-                consts = {"CAUSAL": True, "HP": hp, "DP": dp, "BLOCK_M": bm, "BLOCK_N": bn, "PREC": prec, **flags}
-                sig = {a: ptrs.get(a) or scalars_attn.get(a) or "constexpr" for a in argnames}
-                specs.append(AotSpec(f"{name}[{tag},bm{bm},bn{bn},w{warps},s{stages}]", kernel, sig,
-                                     {a: consts[a] for a in argnames if sig[a] == "constexpr"}, warps, stages))  # fmt: skip
+            for bm, bn, warps, stages, smem in _CONFIGS[name]:
+                if _ELT[dtype] not in smem:
+                    continue
+                # fp32 launches with IEEE products by default and TF32 when the user enabled it in torch.
+                for prec in ("ieee", "tf32") if dtype == torch.float32 else ("tf32",):
+                    consts = {"CAUSAL": True, "HP": hp, "DP": dp, "BLOCK_M": bm, "BLOCK_N": bn, "PREC": prec, **flags}
+                    sig = {a: ptrs.get(a) or scalars_attn.get(a) or "constexpr" for a in argnames}
+                    specs.append(AotSpec(f"{name}[{tag},{prec},bm{bm},bn{bn},w{warps},s{stages}]", kernel, sig,
+                                         {a: consts[a] for a in argnames if sig[a] == "constexpr"}, warps, stages))  # fmt: skip
+        prec = "ieee" if dtype == torch.float32 else "tf32"
         dec_sig = {a: "i32" for a in _jit_arg_names(_decode_kernel)}
         dec_sig.update({"Q": ptr, "K": ptr, "V": ptr, "O": "*fp32", "ML": "*fp32", "qk_scale2": "fp32"})
-        dec_consts = {"CAUSAL": True, "SPLIT": True, "DP": 128, "BLOCK_M": 16, "BLOCK_N": _DECODE_BLOCK_N, "PREC": prec}
-        dec_sig.update(dict.fromkeys(dec_consts, "constexpr"))
-        specs.append(AotSpec(f"_decode_kernel[{tag},split]", _decode_kernel, dec_sig, dec_consts, 4, 2))
-        dec_sig2 = dict(dec_sig, O=ptr, ML=ptr)
-        specs.append(AotSpec(f"_decode_kernel[{tag},direct]", _decode_kernel, dec_sig2, dict(dec_consts, SPLIT=False), 4, 2))
+        # Decode: no autotuning; BLOCK_M follows T_new (16..64), DP ≤ 128: compile the extremes.
+        for bm, split in ((16, True), (64, True), (64, False)):
+            consts = {"CAUSAL": True, "SPLIT": split, "DP": 128, "BLOCK_M": bm, "BLOCK_N": _DECODE_BLOCK_N, "PREC": prec}
+            sig = dict(dec_sig, **dict.fromkeys(consts, "constexpr"))
+            if not split:
+                sig.update(O=ptr, ML=ptr)
+            specs.append(AotSpec(f"_decode_kernel[{tag},bm{bm},{'split' if split else 'direct'}]", _decode_kernel, sig, consts, 4, 2))
         comb_sig = {"ACC": "*fp32", "ML": "*fp32", "O": ptr, "T_NEW": "i32", "DH": "i32", "N_SPLIT": "i32",
                     "DP": "constexpr", "BLOCK_M": "constexpr"}  # fmt: skip
         specs.append(AotSpec(f"_decode_combine_kernel[{tag}]", _decode_combine_kernel, comb_sig, {"DP": 128, "BLOCK_M": 16}, 4, 1))

@@ -1,0 +1,386 @@
+"""Fused critic-head attention vs the eager reference (and the reference vs nn.MultiheadAttention).
+
+Kernel error is judged FlashAttention-style: against a float64 oracle, the kernel's error must stay within
+2× (outputs) / 3× (gradients) PyTorch's own error in the same dtype, plus a small floor from the table
+below (which only matters where PyTorch happens to be exact, e.g. the near-constant row sums).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import tape_kernels.attention as A
+from tape_kernels.attention import (
+    CriticAttention,
+    attention_stats,
+    critic_attention,
+    critic_attention_decode,
+    critic_attention_decode_ref,
+    critic_attention_ref,
+)
+
+# dtype -> (atol, rtol) floor added to the "k× PyTorch's own error" bound.
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+OUT_FACTOR, GRAD_FACTOR = 2.0, 3.0
+NAMES = ("x", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
+
+
+def _params(b: int, s: int, d: int, seed: int = 0, scale: float = 1.5) -> list[torch.Tensor]:
+    """x and MHA parameters in float64; `scale` > 1 sharpens the attention so the entropy varies."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s, d, generator=g, dtype=torch.float64)
+    w_in = torch.randn(3 * d, d, generator=g, dtype=torch.float64) * (scale / math.sqrt(d))
+    b_in = torch.randn(3 * d, generator=g, dtype=torch.float64) * 0.1
+    w_out = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    b_out = torch.randn(d, generator=g, dtype=torch.float64) * 0.1
+    return [x, w_in, b_in, w_out, b_out]
+
+
+def _run(fn, params, cot, dtype, **kw):  # noqa: ANN001, ANN202
+    """Outputs (as float64) and gradients (float64) of sum(out·go + entropy·ge + aw·ga)."""
+    leaves = [p.detach().to(dtype).requires_grad_() for p in params]
+    out = fn(*leaves, **kw)
+    loss = sum((o.double() * c).sum() for o, c in zip(out, cot))
+    grads = torch.autograd.grad(loss, leaves)
+    return [o.detach().double() for o in out], [g.double() for g in grads]
+
+
+def _cotangents(b: int, s: int, d: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, s, d, generator=g, dtype=torch.float64),
+            torch.randn(b, s, generator=g, dtype=torch.float64),
+            torch.randn(b, s, generator=g, dtype=torch.float64) * 5]  # fmt: skip
+
+
+def _assert_like_torch(name: str, got: torch.Tensor, ref: torch.Tensor, torch_same: torch.Tensor, factor: float,
+                       dtype: torch.dtype) -> None:  # fmt: skip
+    atol, rtol = TOL[dtype]
+    err = (got - ref).abs().max().item()
+    torch_err = (torch_same - ref).abs().max().item()
+    bound = factor * torch_err + atol + rtol * ref.abs().max().item()
+    assert err <= bound, f"{name}: kernel err {err:.3e} > bound {bound:.3e} (torch {dtype} err {torch_err:.3e})"
+
+
+def _check_case(b: int, s: int, d: int, h: int, causal: bool, dtype: torch.dtype, seed: int = 0) -> None:
+    params = _params(b, s, d, seed)
+    # The oracle sees exactly the values the low-precision runs see.
+    params = [p.to(dtype).double() for p in params]
+    cot = _cotangents(b, s, d, seed + 1)
+    kw = {"num_heads": h, "causal": causal}
+    ref_out, ref_grads = _run(critic_attention_ref, params, cot, torch.float64, **kw)
+    t_out, t_grads = _run(critic_attention_ref, params, cot, dtype, **kw)
+    k_out, k_grads = _run(critic_attention, params, cot, dtype, backend="triton", **kw)
+    for name, g, r, t in zip(("out", "entropy", "aw"), k_out, ref_out, t_out):
+        _assert_like_torch(name, g, r, t, OUT_FACTOR, dtype)
+    for name, g, r, t in zip(NAMES, k_grads, ref_grads, t_grads):
+        _assert_like_torch(f"d{name}", g, r, t, GRAD_FACTOR, dtype)
+
+
+# Every S, D and B value of the issue, both masks, fp32 and fp16 (bf16 runs under `gpu`).
+CASES = [
+    (1, 1, 32),
+    (3, 5, 64),
+    (1, 16, 256),
+    (3, 33, 32),
+    (1, 128, 64),
+    (3, 128, 256),
+    (1, 300, 32),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("b,s,d", CASES, ids=[f"B{b}-S{s}-D{d}" for b, s, d in CASES])
+def test_matches_reference(b: int, s: int, d: int, causal: bool, dtype: torch.dtype) -> None:
+    _check_case(b, s, d, 4, causal, dtype)
+
+
+@pytest.mark.parametrize("config", [(16, 16, 4, 1), (16, 32, 4, 1), (32, 32, 4, 1), (64, 32, 4, 1)])
+def test_tile_configs(monkeypatch: pytest.MonkeyPatch, config: tuple[int, int, int, int]) -> None:
+    """Block-boundary logic (causal loop bounds, column-sum partials) for BLOCK_N <, =, > BLOCK_M."""
+    monkeypatch.setattr(A, "_INTERP_CONFIG", config)
+    _check_case(2, 75, 64, 4, True, torch.float32, seed=3)
+
+
+@pytest.mark.parametrize("h,d", [(1, 16), (2, 48), (3, 24), (8, 64), (16, 256)])
+def test_head_counts(h: int, d: int) -> None:
+    """Head counts and head dims that are not powers of two (padded by masks)."""
+    _check_case(2, 19, d, h, causal=(h % 2 == 1), dtype=torch.float32, seed=h)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    b=st.integers(1, 3),
+    s=st.integers(1, 70),
+    h=st.sampled_from([1, 2, 3, 4, 8]),
+    dh=st.sampled_from([4, 8, 12, 16, 32]),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_shapes(b: int, s: int, h: int, dh: int, causal: bool, seed: int) -> None:
+    _check_case(b, s, h * dh, h, causal, torch.float32, seed)
+
+
+@pytest.mark.parametrize("which", ["entropy", "aw", "out"])
+def test_single_output_gradients(which: str) -> None:
+    """Each statistic's gradient alone (the kernels skip the terms of outputs that get no gradient)."""
+    params = _params(2, 21, 32, seed=5)
+    idx = {"out": 0, "entropy": 1, "aw": 2}[which]
+    cot = [c if i == idx else torch.zeros_like(c) for i, c in enumerate(_cotangents(2, 21, 32))]
+
+    def only(fn):  # noqa: ANN001, ANN202
+        leaves = [p.detach().float().requires_grad_() for p in params]
+        out = fn(*leaves, num_heads=4, **({"backend": "triton"} if fn is critic_attention else {}))
+        return torch.autograd.grad((out[idx].double() * cot[idx]).sum(), leaves, allow_unused=True)
+
+    got, want = only(critic_attention), only(critic_attention_ref)
+    for name, g, w in zip(NAMES, got, want):
+        if w is None:
+            assert g is None or g.abs().max() == 0, name
+            continue
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5, msg=f"d{name}")
+
+
+def test_reference_matches_nn_multihead_attention() -> None:
+    """critic_attention_ref == nn.MultiheadAttention(batch_first=True)(x, x, x) + the reference statistics."""
+    torch.manual_seed(0)
+    d, h = 32, 4
+    mha = nn.MultiheadAttention(d, h, batch_first=True).double()
+    x = torch.randn(3, 11, d, dtype=torch.float64)
+    args = (mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias, h)
+    for causal in (False, True):
+        mask = torch.ones(11, 11, dtype=torch.bool).triu(1) if causal else None
+        out, w = mha(x, x, x, attn_mask=mask)
+        entropy = -(w * torch.log(w + 1e-12)).sum(-1)
+        aw = (w.sum(-1) + w.sum(-2)) / 2
+        r_out, r_ent, r_aw = critic_attention_ref(x, *args, causal=causal)
+        torch.testing.assert_close(r_out, out, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(r_ent, entropy, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(r_aw, aw, atol=1e-12, rtol=1e-12)
+    # Dropout: same RNG stream as MHA (dropout on the (B·H, S, S) weights, which MHA then averages).
+    mha_d = nn.MultiheadAttention(d, h, dropout=0.3, batch_first=True).double().train()
+    mha_d.load_state_dict(mha.state_dict())
+    torch.manual_seed(7)
+    out, w = mha_d(x, x, x)
+    torch.manual_seed(7)
+    r_out, r_ent, r_aw = critic_attention_ref(x, *args, dropout_p=0.3, training=True)
+    torch.testing.assert_close(r_out, out, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(r_aw, (w.sum(-1) + w.sum(-2)) / 2, atol=1e-12, rtol=1e-12)
+
+
+def test_module_state_dict_and_forward() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(64, 4, batch_first=True)
+    mod = CriticAttention(64, 4)
+    assert list(mod.state_dict()) == list(mha.state_dict())
+    assert all(a.shape == b.shape for a, b in zip(mod.state_dict().values(), mha.state_dict().values()))
+    mod.load_state_dict(mha.state_dict(), strict=True)
+    x = torch.randn(2, 9, 64)
+    out, ent, aw = mod(x)
+    r_out, r_ent, r_aw = critic_attention_ref(x, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight,
+                                              mha.out_proj.bias, 4)  # fmt: skip
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, r_ent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aw, r_aw, atol=1e-5, rtol=1e-5)
+    assert ent.shape == aw.shape == (2, 9)
+    out_c, _, _ = mod(x, causal=True)
+    r_c, _, _ = critic_attention_ref(x, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias,
+                                     4, causal=True)  # fmt: skip
+    torch.testing.assert_close(out_c, r_c, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_takes_eager_path() -> None:
+    """dropout > 0 in training: eager reference with MHA's RNG use; in eval the kernel runs without dropout."""
+    mod = CriticAttention(32, 4, dropout=0.5).train()
+    x = torch.randn(2, 7, 32)
+    torch.manual_seed(3)
+    got = mod(x)
+    torch.manual_seed(3)
+    want = critic_attention_ref(x, mod.in_proj_weight, mod.in_proj_bias, mod.out_proj.weight, mod.out_proj.bias, 4,
+                                dropout_p=0.5, training=True)  # fmt: skip
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    mod.eval()
+    got = mod(x)
+    want = critic_attention_ref(x, mod.in_proj_weight, mod.in_proj_bias, mod.out_proj.weight, mod.out_proj.bias, 4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic() -> None:
+    params = _params(2, 45, 64, seed=2)
+    cot = _cotangents(2, 45, 64)
+    first = _run(critic_attention, params, cot, torch.float32, num_heads=4, causal=True, backend="triton")
+    second = _run(critic_attention, params, cot, torch.float32, num_heads=4, causal=True, backend="triton")
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+def test_attention_stats_core() -> None:
+    """The projected-input op equals its eager form (backend='eager') and the full op's statistics."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 23, 3 * 64, requires_grad=True)
+    for causal in (False, True):
+        got = attention_stats(qkv, 4, causal, backend="triton")
+        want = attention_stats(qkv, 4, causal, backend="eager")
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5)
+        gg = torch.autograd.grad(sum(o.sum() for o in got), qkv)[0]
+        gw = torch.autograd.grad(sum(o.sum() for o in want), qkv)[0]
+        torch.testing.assert_close(gg, gw, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("t,tn,splits", [(1, 1, None), (37, 1, None), (37, 3, 2), (100, 4, 3), (130, 1, 5)])
+def test_decode_equals_last_rows(t: int, tn: int, splits: int | None, causal: bool, dtype: torch.dtype) -> None:
+    """Decode of the last T_new rows against the projected cache == those rows of the full computation."""
+    b, h, d = 2, 4, 64
+    dh = d // h
+    torch.manual_seed(t + tn)
+    qkv = torch.randn(b, t, 3 * d, dtype=torch.float64) * 1.5
+    o_full, _, _ = attention_stats(qkv, h, causal, backend="eager")  # float64 oracle
+    q, k, v = qkv.to(dtype).view(b, t, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, dh) views
+    got = critic_attention_decode(q[:, :, t - tn :], k, v, causal=causal, backend="triton", num_splits=splits)
+    want = o_full.view(b, t, h, dh).transpose(1, 2)[:, :, t - tn :]
+    torch_same = critic_attention_decode_ref(q[:, :, t - tn :], k, v, causal=causal)
+    assert got.shape == (b, h, tn, dh) and got.dtype == dtype
+    _assert_like_torch("decode", got.double(), want, torch_same.double(), OUT_FACTOR, dtype)
+
+
+def test_decode_offset_and_auto_splits() -> None:
+    """Causal rows placed mid-cache (q_offset) and the automatic split count."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 3, 32)
+    k = torch.randn(1, 2, 90, 32)
+    v = torch.randn(1, 2, 90, 32)
+    for kw in ({"causal": True, "q_offset": 40}, {"causal": True}, {"causal": False}):
+        got = critic_attention_decode(q, k, v, backend="triton", **kw)
+        want = critic_attention_decode_ref(q, k, v, **kw)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_bad_input_raises_value_error() -> None:
+    d, h = 32, 4
+    x = torch.randn(2, 5, d)
+    w_in, b_in, w_out, b_out = torch.randn(3 * d, d), torch.randn(3 * d), torch.randn(d, d), torch.randn(d)
+    with pytest.raises(ValueError, match="dims"):
+        critic_attention(x[0], w_in, b_in, w_out, b_out, h)
+    with pytest.raises(ValueError, match="divisible"):
+        critic_attention(x, w_in, b_in, w_out, b_out, 5)
+    with pytest.raises(ValueError, match="divisible"):
+        CriticAttention(30, 4)
+    with pytest.raises(ValueError, match="in_proj_weight"):
+        critic_attention(x, w_in[:-1], b_in, w_out, b_out, h)
+    with pytest.raises(ValueError, match="out_proj_bias"):
+        critic_attention(x, w_in, b_in, w_out, b_out[:-1], h)
+    with pytest.raises(ValueError, match="dtype"):
+        critic_attention(x, w_in.half(), b_in, w_out, b_out, h)
+    with pytest.raises(ValueError, match="device"):
+        critic_attention(x, w_in.to("meta"), b_in, w_out, b_out, h)
+    with pytest.raises(ValueError, match="int64|dtype"):
+        critic_attention(x.long(), w_in.long(), b_in.long(), w_out.long(), b_out.long(), h)
+    with pytest.raises(ValueError, match="backend"):
+        critic_attention(x, w_in, b_in, w_out, b_out, h, backend="cuda")
+    with pytest.raises(ValueError, match="float64"):
+        critic_attention(x.double(), w_in.double(), b_in.double(), w_out.double(), b_out.double(), h, backend="triton")
+    with pytest.raises(ValueError, match="dropout"):
+        critic_attention(x, w_in, b_in, w_out, b_out, h, dropout_p=0.1, backend="triton")
+    with pytest.raises(ValueError, match="head tile"):
+        dd = 1024
+        critic_attention(torch.randn(1, 2, dd), torch.randn(3 * dd, dd), None, torch.randn(dd, dd), None, 2,
+                         backend="triton")  # fmt: skip
+    q, kc = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 10, 8)
+    with pytest.raises(ValueError, match="k_cache"):
+        critic_attention_decode(q, kc[:, :2], kc)
+    with pytest.raises(ValueError, match="v_cache"):
+        critic_attention_decode(q, kc, kc[:, :, :5])
+    with pytest.raises(ValueError, match="dtype"):
+        critic_attention_decode(q, kc, kc.half())
+    with pytest.raises(ValueError, match="q_offset"):
+        critic_attention_decode(q, kc, kc, causal=True, q_offset=9)
+    with pytest.raises(ValueError, match="dims"):
+        critic_attention_decode(q[0], kc, kc)
+
+
+def test_eager_fallbacks_agree() -> None:
+    """backend='eager' and float64 inputs take the reference path; results match the kernel."""
+    params = [p.float() for p in _params(1, 12, 32)]
+    k = critic_attention(*params, 4, backend="triton")
+    e = critic_attention(*params, 4, backend="eager")
+    f64 = critic_attention(*[p.double() for p in params], 4)
+    for a, b, c in zip(k, e, f64):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert c.dtype == torch.float64
+        torch.testing.assert_close(a.double(), c, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("b,s,d", [(3, 33, 64), (2, 300, 256), (16, 128, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_gpu_matches_reference(b: int, s: int, d: int, causal: bool, dtype: torch.dtype) -> None:
+    params = [p.to(dtype).double().cuda() for p in _params(b, s, d)]
+    cot = [c.cuda() for c in _cotangents(b, s, d)]
+    kw = {"num_heads": 4, "causal": causal}
+    ref_out, ref_grads = _run(critic_attention_ref, params, cot, torch.float64, **kw)
+    t_out, t_grads = _run(critic_attention_ref, params, cot, dtype, **kw)
+    k_out, k_grads = _run(critic_attention, params, cot, dtype, backend="triton", **kw)
+    for name, g, r, t in zip(("out", "entropy", "aw"), k_out, ref_out, t_out):
+        _assert_like_torch(name, g, r, t, OUT_FACTOR, dtype)
+    for name, g, r, t in zip(NAMES, k_grads, ref_grads, t_grads):
+        _assert_like_torch(f"d{name}", g, r, t, GRAD_FACTOR, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_and_memory() -> None:
+    """Under autocast the kernel runs in bf16 with fp32 statistics; no S² tensor at S = 2048."""
+    mod = CriticAttention(256, 4).cuda()
+    x = torch.randn(2, 2048, 256, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, ent, aw = mod(x)
+    assert out.dtype == torch.bfloat16 and ent.dtype == aw.dtype == torch.float32
+    (out.float().sum() + ent.sum() + aw.sum()).backward()
+    peak = torch.cuda.max_memory_allocated() - base
+    s2_fp32 = 2 * 2048 * 2048 * 4  # one (B, S, S) fp32 tensor
+    assert peak < s2_fp32, f"peak {peak} B ≥ one (B, S, S) fp32 tensor ({s2_fp32} B)"
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic() -> None:
+    params = [p.float().cuda() for p in _params(4, 700, 256)]
+    cot = [c.cuda() for c in _cotangents(4, 700, 256)]
+    first = _run(critic_attention, params, cot, torch.float16, num_heads=4, backend="triton")
+    second = _run(critic_attention, params, cot, torch.float16, num_heads=4, backend="triton")
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_gpu_decode(dtype: torch.dtype) -> None:
+    q = torch.randn(1, 4, 2, 64, device="cuda")
+    k = torch.randn(1, 4, 2000, 64, device="cuda")
+    v = torch.randn(1, 4, 2000, 64, device="cuda")
+    for causal in (False, True):
+        want = critic_attention_decode_ref(q.double(), k.double(), v.double(), causal=causal)
+        torch_same = critic_attention_decode_ref(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal)
+        got = critic_attention_decode(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, backend="triton")
+        _assert_like_torch("decode", got.double(), want, torch_same.double(), OUT_FACTOR, dtype)
