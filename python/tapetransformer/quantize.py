@@ -1,0 +1,50 @@
+"""int8 inference for the TapeTransformer: ``quantize_int8(model)``.
+
+Per token, eval cost is streaming weights; the ones that run at inference are, in every
+TapeHeadBlock, the attention projections (``cached_attn.attn``: in_proj (3D, D) and out_proj (D, D))
+and the MLP (``mlp.expand`` D→8D, ``mlp.linear`` 8D→D). Those become int8 (``tape_kernels.int8``);
+everything else stays as it is: the prophet (Char-RNN) and ``rnn_projection`` never influence an
+output, merger / final_norm / merge_projection* never run, and the embedding, LayerNorms and the
+Student-t unembedding stay in float (the unembedding's logits reach thousands and need fp32).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from tape_kernels.int8 import Int8Linear, Int8MultiheadAttention
+
+__all__ = ["quantize_int8"]
+
+
+def _is_block(m: nn.Module) -> bool:
+    # Duck-typed on the TapeHeadBlock layout (the reference and the fused model share it).
+    attn = getattr(getattr(m, "cached_attn", None), "attn", None)
+    mlp = getattr(m, "mlp", None)
+    return attn is not None and mlp is not None and hasattr(mlp, "expand") and hasattr(mlp, "linear")
+
+
+def quantize_int8(model: nn.Module, act_quant: bool = False, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with int8 attention projections and MLP Linears in every TapeHeadBlock.
+
+    ``act_quant=False``: weight-only int8 (accuracy of the dequantized weights);
+    ``act_quant=True``: W8A8 (dynamic per-row activation quantization; fastest on CPU).
+    The result is for inference (``eval()``); by default the input model is left untouched.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"quantize_int8 expects an nn.Module, got {type(model).__name__}")
+    out = model if inplace else copy.deepcopy(model)
+    blocks = [m for m in out.modules() if _is_block(m)]
+    if not blocks:
+        raise ValueError("quantize_int8 found no TapeHeadBlock (cached_attn.attn + mlp.expand/linear) in the model")
+    for blk in blocks:
+        attn = blk.cached_attn.attn
+        if isinstance(attn, nn.MultiheadAttention):
+            blk.cached_attn.attn = Int8MultiheadAttention.from_float(attn, act_quant)
+        for name in ("expand", "linear"):
+            lin = getattr(blk.mlp, name)
+            if isinstance(lin, nn.Linear):
+                setattr(blk.mlp, name, Int8Linear.from_float(lin, act_quant))
+    return out.eval()
