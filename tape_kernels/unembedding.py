@@ -299,9 +299,11 @@ def _launch_bwd(h2, u, stats, df, g=None, targets=None, grow=None):
 
 def _grads_from_dd2(h2, u, dd2, dsum, need_h: bool, need_u: bool):
     # d2 = |h|² − 2h·U + |U|²: each term's share of the chain rule, as autograd of the ref has it.
-    hf, uf = h2.float(), u.float()
-    dh = 2.0 * (hf * dsum[:, None] - dd2 @ uf.t()) if need_h else None
-    du = 2.0 * (uf * dd2.sum(dim=0)[None, :] - hf.t() @ dd2) if need_u else None
+    # fp32 GEMMs even when backward() is called inside an autocast region.
+    with torch.autocast(h2.device.type, enabled=False):
+        hf, uf = h2.float(), u.float()
+        dh = 2.0 * (hf * dsum[:, None] - dd2 @ uf.t()) if need_h else None
+        du = 2.0 * (uf * dd2.sum(dim=0)[None, :] - hf.t() @ dd2) if need_u else None
     return dh, du
 
 

@@ -120,3 +120,12 @@ def test_bad_input_raises_value_error():
         tapehead_combine(x.long(), x.long(), 0)
     with pytest.raises(ValueError, match="torch.Tensor"):
         tapehead_combine(x, [1.0], 0)
+
+
+def test_cpu_without_interpreter_takes_the_eager_path(monkeypatch):
+    hl, hr = _inputs((4, 9), torch.float32, seed=5)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for mode in (0, 1, 2):
+        assert torch.equal(tapehead_combine(hl, hr, mode), tapehead_combine_ref(hl, hr, mode))
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        tapehead_combine(hl, hr, 0, backend="triton")

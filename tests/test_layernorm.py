@@ -177,3 +177,22 @@ def test_cuda_matches_ref(dtype):
     assert _max_err(y, y64) <= 2 * _max_err(y_ref, y64) + FLOOR[dtype]
     for k, ref, exact in zip(grads, grads_ref, grads64):
         assert _max_err(k, exact) <= 3 * _max_err(ref, exact) + FLOOR[dtype] * 2048**0.5
+
+
+def test_cpu_without_interpreter_takes_the_eager_path(monkeypatch):
+    x, r, w, b, _ = _inputs((3, 16), torch.float32, seed=8)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert torch.equal(add_layer_norm(x, r, w, b), add_layer_norm_ref(x, r, w, b))
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        add_layer_norm(x, r, w, b, backend="triton")
+
+
+def test_aot_specs_cover_every_launch_config():
+    from tape_kernels.layernorm import MAX_D, _block_d, aot_specs
+
+    specs = aot_specs()
+    for kind in ("fwd", "bwd"):
+        have = {(s.constexprs["BLOCK_D"], s.signature["X"]) for s in specs if f"_{kind}_" in s.name}
+        for d in range(1, MAX_D + 1):
+            for dt in ("*fp32", "*fp16", "*bf16"):
+                assert (_block_d(d), dt) in have, (kind, d, dt)

@@ -316,3 +316,36 @@ def test_cuda_autocast_stays_fp32(dtype):
         auto = _kernel(h, u)
     assert auto.dtype == torch.float32
     assert torch.equal(auto, plain)
+
+
+def test_backward_inside_autocast_stays_fp32():
+    h, u = _inputs((3, 5), 64, 40, torch.float32, seed=16)
+    g = torch.randn(3, 5, 40)
+    _, dh, du = _grads(_kernel, h, u, g)
+    hh, uu = h.clone().requires_grad_(), u.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _kernel(hh, uu)
+        dh_ac, du_ac = torch.autograd.grad(out, (hh, uu), g)
+    assert torch.equal(dh_ac, dh) and torch.equal(du_ac, du)
+
+
+def test_cpu_without_interpreter_takes_the_eager_path(monkeypatch):
+    h, u = _inputs((2, 3), 16, 11, torch.float32, seed=17)
+    y = torch.randint(0, 11, (2, 3))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert torch.equal(student_t_unembedding(h, u), student_t_unembedding_ref(h, u))
+    assert torch.equal(student_t_nll(h, u, y), student_t_nll_ref(h, u, y))
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        student_t_unembedding(h, u, backend="triton")
+
+
+def test_aot_specs_cover_every_launch_config():
+    from tape_kernels.unembedding import _block_v, aot_specs
+
+    specs = aot_specs()
+    fwd = {(s.constexprs["BLOCK_V"], s.constexprs["SINGLE"]) for s in specs if "fwd" in s.name}
+    bwd = {s.constexprs["BLOCK_V"] for s in specs if "bwd" in s.name}
+    for v in range(1, 1000):
+        bv, single = _block_v(v)
+        assert (bv, single) in fwd and bv in bwd, v
+    assert {s.signature["H"] for s in specs} == {"*fp32", "*fp16", "*bf16"}
