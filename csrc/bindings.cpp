@@ -1,3 +1,4 @@
+// Every input is checked with TORCH_CHECK_VALUE (a ValueError in Python) before a kernel sees it.
 // Registers the int8 ops as torch.ops.tape_kernels.* (TORCH_LIBRARY, so torch.library.opcheck and
 // torch.compile see them) and a few plain helpers on the tape_kernels._C module. The kernels live
 // in int8_cpu.cpp / int8_cuda.cu and see only pointers, sizes and strides.
@@ -19,27 +20,27 @@ namespace {
 using at::Tensor;
 
 void check_2d(const Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.stride(1) == 1, name, " must have unit stride in its last dim");
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.stride(1) == 1, name, " must have unit stride in its last dim");
 }
 
 void check_vec(const Tensor& t, const char* name, at::ScalarType dtype, int64_t n, const Tensor& like) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have shape (", n, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but the input is on ", like.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape (", n, "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", t.device(), " but the input is on ", like.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
 void check_packed(const Tensor& packed, const Tensor& wsum, int64_t n, int64_t k) {
-  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 &&
+  TORCH_CHECK_VALUE(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 &&
                   packed.size(0) == tk::packed_n(n) / tk::kTileN && packed.size(1) == tk::packed_k(k) / tk::kGroupK &&
                   packed.size(2) == tk::kTileN && packed.size(3) == tk::kGroupK,
               "packed must be the contiguous int8 (", tk::packed_n(n) / tk::kTileN, ", ",
               tk::packed_k(k) / tk::kGroupK, ", ", tk::kTileN, ", ", tk::kGroupK,
               ") tensor from pack_int8_weight for N=", n, ", K=", k, "; got ", packed.scalar_type(), " ",
               packed.sizes());
-  TORCH_CHECK(packed.device().is_cpu(), "packed weights are CPU-only");
+  TORCH_CHECK_VALUE(packed.device().is_cpu(), "packed weights are CPU-only");
   check_vec(wsum, "wsum", at::kInt, tk::packed_n(n), packed);
 }
 
@@ -53,7 +54,7 @@ std::tuple<Tensor, Tensor> pack_int8_weight_cpu(const Tensor& qweight) {
   auto wsum = at::empty({tk::packed_n(n)}, qweight.options().dtype(at::kInt));
   const bool ok = tk::pack_w8(qweight.data_ptr<int8_t>(), n, k, qweight.stride(0), packed.data_ptr<int8_t>(),
                               wsum.data_ptr<int32_t>());
-  TORCH_CHECK(ok, "qweight holds -128; int8 weights must lie in [-127, 127] (symmetric quantization)");
+  TORCH_CHECK_VALUE(ok, "qweight holds -128; int8 weights must lie in [-127, 127] (symmetric quantization)");
   return {packed, wsum};
 }
 
@@ -85,7 +86,7 @@ Tensor padded_rows(const Tensor& xq) {
 
 Tensor int8_mm_packed_cpu(const Tensor& xq, const Tensor& packed, const Tensor& wsum, int64_t n) {
   check_2d(xq, "xq", at::kChar);
-  TORCH_CHECK(n >= 0, "n must be >= 0");
+  TORCH_CHECK_VALUE(n >= 0, "n must be >= 0");
   const int64_t m = xq.size(0), k = xq.size(1);
   check_packed(packed, wsum, n, k);
   auto out = at::empty({m, n}, xq.options().dtype(at::kInt));
@@ -100,7 +101,7 @@ Tensor int8_mm_packed_cpu(const Tensor& xq, const Tensor& packed, const Tensor& 
 Tensor int8_mm_cpu(const Tensor& xq, const Tensor& qweight) {
   check_2d(qweight, "qweight", at::kChar);
   check_2d(xq, "xq", at::kChar);
-  TORCH_CHECK(xq.size(1) == qweight.size(1), "xq has K=", xq.size(1), " but qweight has K=", qweight.size(1));
+  TORCH_CHECK_VALUE(xq.size(1) == qweight.size(1), "xq has K=", xq.size(1), " but qweight has K=", qweight.size(1));
   auto [packed, wsum] = pack_int8_weight_cpu(qweight);
   return int8_mm_packed_cpu(xq, packed, wsum, qweight.size(0));
 }
@@ -108,7 +109,7 @@ Tensor int8_mm_cpu(const Tensor& xq, const Tensor& qweight) {
 Tensor w8a8_linear_packed_cpu(const Tensor& x, const Tensor& packed, const Tensor& wsum, const Tensor& scale,
                               const c10::optional<Tensor>& bias) {
   check_2d(x, "x", at::kFloat);
-  TORCH_CHECK(scale.dim() == 1, "scale must be 1-D, got shape ", scale.sizes());
+  TORCH_CHECK_VALUE(scale.dim() == 1, "scale must be 1-D, got shape ", scale.sizes());
   const int64_t m = x.size(0), k = x.size(1), n = scale.size(0);
   check_vec(scale, "scale", at::kFloat, n, x);
   check_packed(packed, wsum, n, k);
@@ -128,8 +129,8 @@ Tensor w8a8_linear_packed_cpu(const Tensor& x, const Tensor& packed, const Tenso
 Tensor w8a8_linear_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scale, const c10::optional<Tensor>& bias) {
   check_2d(qweight, "qweight", at::kChar);
   check_2d(x, "x", at::kFloat);
-  TORCH_CHECK(x.size(1) == qweight.size(1), "x has K=", x.size(1), " but qweight has K=", qweight.size(1));
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == qweight.size(0), "scale must have shape (", qweight.size(0), ")");
+  TORCH_CHECK_VALUE(x.size(1) == qweight.size(1), "x has K=", x.size(1), " but qweight has K=", qweight.size(1));
+  TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == qweight.size(0), "scale must have shape (", qweight.size(0), ")");
   auto [packed, wsum] = pack_int8_weight_cpu(qweight);
   return w8a8_linear_packed_cpu(x, packed, wsum, scale, bias);
 }
@@ -138,8 +139,8 @@ Tensor w8_linear_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scale
   check_2d(x, "x", at::kFloat);
   check_2d(qweight, "qweight", at::kChar);
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
-  TORCH_CHECK(qweight.size(1) == k, "x has K=", k, " but qweight has K=", qweight.size(1));
-  TORCH_CHECK(qweight.device() == x.device(), "qweight is on ", qweight.device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(qweight.size(1) == k, "x has K=", k, " but qweight has K=", qweight.size(1));
+  TORCH_CHECK_VALUE(qweight.device() == x.device(), "qweight is on ", qweight.device(), " but x is on ", x.device());
   check_vec(scale, "scale", at::kFloat, n, x);
   const float* bp = nullptr;
   if (bias.has_value()) {
@@ -162,7 +163,7 @@ int cuda_dtype(const Tensor& t, const char* name) {
     case at::kFloat: return tk::cuda::kF32;
     case at::kHalf: return tk::cuda::kF16;
     case at::kBFloat16: return tk::cuda::kBF16;
-    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    default: TORCH_CHECK_VALUE(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
   return -1;
 }
@@ -172,8 +173,8 @@ void check_cuda(int err, const char* what) {
 }
 
 void check_float_2d(const Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 2, name, " must be 2-D, got shape ", x.sizes());
-  TORCH_CHECK(x.stride(1) == 1, name, " must have unit stride in its last dim");
+  TORCH_CHECK_VALUE(x.dim() == 2, name, " must be 2-D, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.stride(1) == 1, name, " must have unit stride in its last dim");
   cuda_dtype(x, name);
 }
 
@@ -193,8 +194,8 @@ std::tuple<Tensor, Tensor> quantize_rows_cuda(const Tensor& x) {
 Tensor int8_mm_cuda(const Tensor& xq, const Tensor& qweight) {
   check_2d(xq, "xq", at::kChar);
   check_2d(qweight, "qweight", at::kChar);
-  TORCH_CHECK(xq.size(1) == qweight.size(1), "xq has K=", xq.size(1), " but qweight has K=", qweight.size(1));
-  TORCH_CHECK(xq.device() == qweight.device(), "qweight is on ", qweight.device(), " but xq is on ", xq.device());
+  TORCH_CHECK_VALUE(xq.size(1) == qweight.size(1), "xq has K=", xq.size(1), " but qweight has K=", qweight.size(1));
+  TORCH_CHECK_VALUE(xq.device() == qweight.device(), "qweight is on ", qweight.device(), " but xq is on ", xq.device());
   const c10::cuda::CUDAGuard guard(xq.device());
   const int64_t m = xq.size(0), n = qweight.size(0), k = xq.size(1);
   auto out = at::zeros({m, n}, xq.options().dtype(at::kInt));
@@ -209,8 +210,8 @@ Tensor int8_mm_cuda(const Tensor& xq, const Tensor& qweight) {
 void check_linear_cuda(const Tensor& x, const Tensor& qweight, const Tensor& scale, const c10::optional<Tensor>& bias) {
   check_float_2d(x, "x");
   check_2d(qweight, "qweight", at::kChar);
-  TORCH_CHECK(qweight.size(1) == x.size(1), "x has K=", x.size(1), " but qweight has K=", qweight.size(1));
-  TORCH_CHECK(qweight.device() == x.device(), "qweight is on ", qweight.device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(qweight.size(1) == x.size(1), "x has K=", x.size(1), " but qweight has K=", qweight.size(1));
+  TORCH_CHECK_VALUE(qweight.device() == x.device(), "qweight is on ", qweight.device(), " but x is on ", x.device());
   check_vec(scale, "scale", at::kFloat, qweight.size(0), x);
   if (bias.has_value()) check_vec(*bias, "bias", x.scalar_type(), qweight.size(0), x);
 }

@@ -1,0 +1,419 @@
+"""int8 linear layers for low-latency inference: y = x·(q·s)ᵀ + b.
+
+Decoding one token streams every weight once, so per-token cost is weight bytes: int8 weights with
+one fp32 scale per output channel (symmetric, ``q = round(w·127/max|w_n|)``) cut that 4× vs fp32.
+
+Two modes of ``int8_linear``:
+
+* weight-only (default, W8A32 on CPU / W8A16 on CUDA): q is dequantized in registers and
+  multiplied with x in fp32 — the same math as ``F.linear(x, q·s, b)`` up to float rounding.
+* ``act_quant=True`` (W8A8): each row of x is quantized on the fly (``xs = max|x_m|/127``,
+  ``xq = round(x·127/max|x_m|)``), dot products accumulate exactly in int32 (AVX-512 VNNI or AVX2
+  on CPU, dp4a on CUDA) and ``y = acc·xs[m]·s[n] + b``. Faster on CPU; adds activation rounding.
+
+The kernels live in the C++/CUDA extension ``tape_kernels._C`` (ops ``torch.ops.tape_kernels.*``).
+Without it, one warning is raised and the pure-PyTorch ``int8_linear_ref`` runs instead.
+The CPU W8A8 kernel reads weights in a packed layout; it is built on first use and cached per
+qweight tensor (invalidated by in-place writes to it), so the public form stays ``(N, K) int8``.
+
+These are inference modules: no autograd through the int8 ops.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tape_kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
+
+__all__ = [
+    "Int8Linear",
+    "Int8MultiheadAttention",
+    "extension_available",
+    "int8_linear",
+    "int8_linear_ref",
+    "quantize_rows_ref",
+    "quantize_weight",
+]
+
+QMAX = 127
+# The CUDA GEMV serves M ≤ 16 rows (decode); larger M is prefill.
+GEMV_MAX_M = 16
+
+_ext: Any = None
+_ext_state = "unloaded"  # "unloaded" | "ok" | "missing"
+_ext_lock = threading.Lock()
+
+
+def _register_fakes() -> None:
+    """Meta/fake kernels so the ops trace under torch.compile and pass torch.library.opcheck."""
+    lib = "tape_kernels::"
+
+    def pack_n(n: Any) -> Any:
+        return (n + 63) // 64 * 64
+
+    def pack_k(k: Any) -> Any:
+        return (k + 3) // 4 * 4
+
+    @torch.library.register_fake(lib + "pack_int8_weight")
+    def _(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = qweight.shape
+        packed = qweight.new_empty((pack_n(n) // 64, pack_k(k) // 4, 64, 4))
+        return packed, qweight.new_empty((pack_n(n),), dtype=torch.int32)
+
+    @torch.library.register_fake(lib + "quantize_rows")
+    def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, k = x.shape
+        return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "int8_mm")
+    def _(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+        return xq.new_empty((xq.shape[0], qweight.shape[0]), dtype=torch.int32)
+
+    @torch.library.register_fake(lib + "int8_mm_packed")
+    def _(xq: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, n: int) -> torch.Tensor:
+        return xq.new_empty((xq.shape[0], n), dtype=torch.int32)
+
+    def linear_fake(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Any) -> torch.Tensor:
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
+    torch.library.register_fake(lib + "w8_linear")(linear_fake)
+    torch.library.register_fake(lib + "w8a8_linear")(linear_fake)
+
+    @torch.library.register_fake(lib + "w8a8_linear_packed")
+    def _(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scale: torch.Tensor, bias: Any) -> torch.Tensor:
+        return x.new_empty((x.shape[0], scale.shape[0]))
+
+
+def _load_ext() -> Any:
+    """The extension module, or None (warning once) when it is not built."""
+    global _ext, _ext_state
+    if _ext_state == "unloaded":
+        with _ext_lock:
+            if _ext_state == "unloaded":
+                try:
+                    from tape_kernels import _C  # registers torch.ops.tape_kernels.*
+
+                    _register_fakes()
+                    _ext, _ext_state = _C, "ok"
+                except (ImportError, OSError) as e:  # not built, or built against another torch
+                    _ext_state = "missing"
+                    warnings.warn(
+                        f"tape_kernels._C is not available ({e}); int8 ops run the pure-PyTorch fallback "
+                        "(build it with `python setup.py build_ext --inplace`)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+    return _ext
+
+
+def extension_available() -> bool:
+    """Whether the compiled int8 kernels (``tape_kernels._C``) are loaded."""
+    return _load_ext() is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization and eager references
+# --------------------------------------------------------------------------------------------------
+
+
+def _inv_scale(amax: torch.Tensor) -> torch.Tensor:
+    """127 / amax, correctly rounded (as the kernels compute it), 0 where amax is 0.
+
+    ``127 / tensor`` would run as ``reciprocal(tensor) · 127``, which rounds twice and can move a
+    quantized value across a .5 tie.
+    """
+    inv = torch.full_like(amax, float(QMAX)).div_(amax)
+    return torch.where(amax > 0, inv, torch.zeros_like(amax))
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 quantization.
+
+    w (N, K) float -> qweight (N, K) int8 in [-127, 127], scale (N,) fp32 with w ≈ qweight·scale[:, None].
+    An all-zero row gets scale 0 and zeros.
+    """
+    check_tensor("w", w, ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64))
+    if not torch.isfinite(w).all():
+        raise ValueError("w holds inf or nan; cannot quantize")
+    w32 = w.detach().float()
+    amax = w32.abs().amax(dim=1)
+    inv = _inv_scale(amax)
+    q = torch.round(w32 * inv[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q.contiguous(), (amax / QMAX).contiguous()
+
+
+def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row dynamic activation quantization, the kernels' exact rule.
+
+    x (M, K) float -> xq (M, K) int8 = round_half_even(x·(127/max|x_m|)) clamped to ±127, xs (M,) = max|x_m|/127.
+    """
+    x32 = x.float()
+    amax = x32.abs().amax(dim=1) if x32.shape[1] > 0 else x32.new_zeros(x32.shape[0])
+    inv = _inv_scale(amax)
+    xq = torch.round(x32 * inv[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return xq, amax / QMAX
+
+
+def int8_linear_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act_quant: bool = False,
+) -> torch.Tensor:
+    """Pure-PyTorch int8 linear (the test oracle's math and the fallback). x (..., K) -> (..., N) in x's dtype."""
+    n, k = qweight.shape
+    x2 = x.reshape(-1, k)
+    b32 = bias.float() if bias is not None else None
+    if act_quant:
+        xq, xs = quantize_rows_ref(x2)
+        # float64 holds every int32-range dot product exactly, so this is the integer accumulation.
+        acc = (xq.double() @ qweight.double().t()).float()
+        y = acc * (xs[:, None] * scale.float()[None, :])
+        if b32 is not None:
+            y = y + b32
+    else:
+        y = F.linear(x2.float(), qweight.float() * scale.float()[:, None], b32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed-weight cache (CPU W8A8)
+# --------------------------------------------------------------------------------------------------
+
+_pack_cache: dict[int, tuple[Any, int, torch.Tensor, torch.Tensor]] = {}
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
+def _packed(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    key = id(qweight)
+    hit = _pack_cache.get(key)
+    ver = _version(qweight)
+    if hit is not None and hit[0]() is qweight and hit[1] == ver:
+        return hit[2], hit[3]
+    packed, wsum = torch.ops.tape_kernels.pack_int8_weight(qweight)
+    ref = weakref.ref(qweight, lambda _r, key=key: _pack_cache.pop(key, None))
+    _pack_cache[key] = (ref, ver, packed, wsum)
+    return packed, wsum
+
+
+# --------------------------------------------------------------------------------------------------
+# Functional API
+# --------------------------------------------------------------------------------------------------
+
+
+def _validate(x: Any, qweight: Any, scale: Any, bias: Any) -> None:
+    check_tensor("qweight", qweight, ndim=2, dtypes=(torch.int8,))
+    n, k = qweight.shape
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must equal qweight's K={k}")
+    check_tensor("scale", scale, shape=(n,), dtypes=(torch.float32,))
+    if bias is not None:
+        check_tensor("bias", bias, shape=(n,), dtypes=FLOAT_DTYPES)
+    check_same_device(x=x, qweight=qweight, scale=scale, bias=bias)
+    if k > 0 and qweight.stride(1) != 1:
+        raise ValueError(f"qweight must be contiguous along K (stride {qweight.stride()}); call .contiguous()")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"int8_linear supports CPU and CUDA tensors, got {x.device}")
+
+
+def int8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act_quant: bool = False,
+) -> torch.Tensor:
+    """y = x·(qweight·scale[:, None])ᵀ + bias.
+
+    x (..., K) fp32/fp16/bf16, qweight (N, K) int8, scale (N,) fp32, bias (N,) or None -> y (..., N) in x's dtype.
+    ``act_quant=False``: weight-only, fp32 accumulation. ``act_quant=True``: W8A8, int32 accumulation
+    (needs qweight in [-127, 127], as ``quantize_weight`` makes it).
+    """
+    _validate(x, qweight, scale, bias)
+    ext = _load_ext()
+    if ext is None:
+        return int8_linear_ref(x, qweight, scale, bias, act_quant)
+    n, k = qweight.shape
+    x2 = x.reshape(-1, k)
+    ops = torch.ops.tape_kernels
+    if x.device.type == "cpu":
+        # The CPU kernels compute in fp32; fp16/bf16 inputs round-trip through it.
+        xf = x2 if x2.dtype == torch.float32 else x2.float()
+        if k > 0 and xf.stride(-1) != 1:
+            xf = xf.contiguous()
+        bf = bias if bias is None or bias.dtype == torch.float32 else bias.float()
+        if act_quant:
+            packed, wsum = _packed(qweight)
+            y = ops.w8a8_linear_packed(xf, packed, wsum, scale, bf)
+        else:
+            y = ops.w8_linear(xf, qweight, scale, bf)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+    else:
+        if k > 0 and x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+        y = (ops.w8a8_linear if act_quant else ops.w8_linear)(x2, qweight, scale, b)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """Drop-in inference replacement for ``nn.Linear`` with int8 weights (see ``int8_linear``).
+
+    Buffers: qweight (N, K) int8, scale (N,) fp32, bias (N,) or None.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, act_quant: bool = False, device: Any = None
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.act_quant = act_quant
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, act_quant: bool = False) -> Int8Linear:
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
+        return cls.from_weight(linear.weight, linear.bias, act_quant)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, act_quant: bool = False) -> Int8Linear:
+        """From a float weight (N, K) and optional bias (N,)."""
+        q, s = quantize_weight(weight)
+        mod = cls(weight.shape[1], weight.shape[0], bias is not None, act_quant, device=weight.device)
+        mod.qweight.copy_(q)
+        mod.scale.copy_(s)
+        if bias is not None:
+            mod.bias = bias.detach().clone()
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.qweight, self.scale, self.bias, self.act_quant)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, act_quant={self.act_quant}"
+        )
+
+
+class Int8MultiheadAttention(nn.Module):
+    """Inference replacement for ``nn.MultiheadAttention`` (packed in_proj, no bias_k/v, no zero-attn)
+    with int8 in/out projections.
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False) -> (out, weights or None)`` as nn.MultiheadAttention;
+    dropout is not applied (inference). When key is value (self-attention, or a cache of unprojected
+    inputs), K and V are projected by one int8 GEMM, and Q too when query is key as well.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, batch_first: bool = True, act_quant: bool = False) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.batch_first = batch_first
+        self.in_proj = Int8Linear(embed_dim, 3 * embed_dim, act_quant=act_quant)
+        self.out_proj = Int8Linear(embed_dim, embed_dim, act_quant=act_quant)
+
+    @classmethod
+    def from_float(cls, mha: nn.MultiheadAttention, act_quant: bool = False) -> Int8MultiheadAttention:
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise ValueError(f"from_float expects an nn.MultiheadAttention, got {type(mha).__name__}")
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("only nn.MultiheadAttention with packed in_proj, no bias_k/bias_v, no add_zero_attn")
+        mod = cls(mha.embed_dim, mha.num_heads, mha.batch_first, act_quant)
+        mod.in_proj = Int8Linear.from_weight(mha.in_proj_weight, mha.in_proj_bias, act_quant)
+        mod.out_proj = Int8Linear.from_float(mha.out_proj, act_quant)
+        return mod
+
+    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> list[torch.Tensor]:
+        d, p = self.embed_dim, self.in_proj
+        if query is key and key is value:
+            return list(int8_linear(query, p.qweight, p.scale, p.bias, p.act_quant).split(d, dim=-1))
+
+        rows = self._row_views()
+        q = int8_linear(query, *rows["q"], p.act_quant)
+        if key is value:
+            k, v = int8_linear(key, *rows["kv"], p.act_quant).split(d, dim=-1)
+        else:
+            k = int8_linear(key, *rows["k"], p.act_quant)
+            v = int8_linear(value, *rows["v"], p.act_quant)
+        return [q, k, v]
+
+    def _row_views(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        # Row-slice views of in_proj, made once per buffer set so that the CPU W8A8 path's packed-weight
+        # cache (keyed on the qweight tensor) keeps hitting; views share the buffers' version counter.
+        p, d = self.in_proj, self.embed_dim
+        key = (p.qweight, p.scale, p.bias)
+        cached = getattr(self, "_rows_cache", None)
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
+        spans = {"q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d), "kv": (d, 3 * d)}
+        views = {
+            name: (p.qweight[lo:hi], p.scale[lo:hi], None if p.bias is None else p.bias[lo:hi])
+            for name, (lo, hi) in spans.items()
+        }
+        self._rows_cache = (key, views)
+        return views
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise ValueError("Int8MultiheadAttention supports no masks (the TapeTransformer uses none)")
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES)
+            if t.shape[-1] != self.embed_dim:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; last dim must be embed_dim={self.embed_dim}")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        q, k, v = self._project(query, key, value)
+        b, s, _ = q.shape
+        h, hd = self.num_heads, self.head_dim
+        q, k, v = (t.reshape(b, t.shape[1], h, hd).transpose(1, 2) for t in (q, k, v))  # (B, H, S, hd)
+        w = None
+        if need_weights:
+            attn = torch.softmax((q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd)), dim=-1)  # (B, H, S, L)
+            o = attn @ v
+            w = attn.mean(dim=1) if average_attn_weights else attn
+        else:
+            o = F.scaled_dot_product_attention(q, k, v)
+        out = self.out_proj(o.transpose(1, 2).reshape(b, s, self.embed_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, w
