@@ -9,7 +9,7 @@
 
 #include "int8_cpu.h"
 #ifdef TK_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "int8_cuda.h"
@@ -186,7 +186,7 @@ std::tuple<Tensor, Tensor> quantize_rows_cuda(const Tensor& x) {
   auto xs = at::empty({m}, x.options().dtype(at::kFloat));
   if (m == 0) return {xq, xs};
   check_cuda(tk::cuda::quantize_rows(x.data_ptr(), cuda_dtype(x, "x"), m, k, x.stride(0), xq.data_ptr<int8_t>(), k,
-                                     xs.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
+                                     xs.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
              "quantize_rows");
   return {xq, xs};
 }
@@ -202,7 +202,7 @@ Tensor int8_mm_cuda(const Tensor& xq, const Tensor& qweight) {
   if (k == 0) return out;
   check_cuda(tk::cuda::int8_gemm_s32(xq.data_ptr<int8_t>(), xq.stride(0), qweight.data_ptr<int8_t>(),
                                      qweight.stride(0), m, n, k, out.data_ptr<int32_t>(), n,
-                                     at::cuda::getCurrentCUDAStream().stream()),
+                                     c10::cuda::getCurrentCUDAStream().stream()),
              "int8_mm");
   return out;
 }
@@ -228,7 +228,7 @@ Tensor w8a8_linear_cuda(const Tensor& x, const Tensor& qweight, const Tensor& sc
   check_cuda(tk::cuda::w8a8_gemm(xq.data_ptr<int8_t>(), k, xs.data_ptr<float>(), qweight.data_ptr<int8_t>(),
                                  qweight.stride(0), scale.data_ptr<float>(),
                                  bias.has_value() ? bias->data_ptr() : nullptr, cuda_dtype(x, "x"), m, n, k,
-                                 y.data_ptr(), n, at::cuda::getCurrentCUDAStream().stream()),
+                                 y.data_ptr(), n, c10::cuda::getCurrentCUDAStream().stream()),
              "w8a8_gemm");
   return y;
 }
@@ -248,7 +248,7 @@ Tensor w8_linear_cuda(const Tensor& x, const Tensor& qweight, const Tensor& scal
   check_cuda(tk::cuda::w8a16_gemv(x.data_ptr(), cuda_dtype(x, "x"), m, k, x.stride(0), qweight.data_ptr<int8_t>(),
                                   qweight.stride(0), scale.data_ptr<float>(),
                                   bias.has_value() ? bias->data_ptr() : nullptr, n, y.data_ptr(), n,
-                                  at::cuda::getCurrentCUDAStream().stream()),
+                                  c10::cuda::getCurrentCUDAStream().stream()),
              "w8a16_gemv");
   return y;
 }

@@ -10,6 +10,8 @@ Two modes of ``int8_linear``:
 * ``act_quant=True`` (W8A8): each row of x is quantized on the fly (``xs = max|x_m|/127``,
   ``xq = round(x·127/max|x_m|)``), dot products accumulate exactly in int32 (AVX-512 VNNI or AVX2
   on CPU, dp4a on CUDA) and ``y = acc·xs[m]·s[n] + b``. Faster on CPU; adds activation rounding.
+* ``act_quant=None``: whichever is faster for the call: W8A8 on CPU; on CUDA weight-only for
+  M ≤ 16 (decode GEMV) and W8A8 for larger M (prefill).
 
 The kernels live in the C++/CUDA extension ``tape_kernels._C`` (ops ``torch.ops.tape_kernels.*``).
 Without it, one warning is raised and the pure-PyTorch ``int8_linear_ref`` runs instead.
@@ -40,6 +42,7 @@ __all__ = [
     "int8_linear",
     "int8_linear_ref",
     "quantize_rows_ref",
+    "resolve_act_quant",
     "quantize_weight",
 ]
 
@@ -232,20 +235,32 @@ def _validate(x: Any, qweight: Any, scale: Any, bias: Any) -> None:
         raise ValueError(f"int8_linear supports CPU and CUDA tensors, got {x.device}")
 
 
+def resolve_act_quant(x: torch.Tensor) -> bool:
+    """The faster mode for input x: W8A8 on CPU (VNNI/AVX2 int8 dot products beat dequantize-and-FMA);
+    on CUDA weight-only for M ≤ 16 rows (the GEMV streams the weights once; decode) and W8A8 above
+    (the dp4a GEMM; prefill)."""
+    if x.device.type != "cuda":
+        return True
+    return x.numel() // max(x.shape[-1], 1) > GEMV_MAX_M
+
+
 def int8_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
-    act_quant: bool = False,
+    act_quant: bool | None = False,
 ) -> torch.Tensor:
     """y = x·(qweight·scale[:, None])ᵀ + bias.
 
     x (..., K) fp32/fp16/bf16, qweight (N, K) int8, scale (N,) fp32, bias (N,) or None -> y (..., N) in x's dtype.
     ``act_quant=False``: weight-only, fp32 accumulation. ``act_quant=True``: W8A8, int32 accumulation
-    (needs qweight in [-127, 127], as ``quantize_weight`` makes it).
+    (needs qweight in [-127, 127], as ``quantize_weight`` makes it). ``act_quant=None``: the faster
+    mode for the call (see ``resolve_act_quant``).
     """
     _validate(x, qweight, scale, bias)
+    if act_quant is None:
+        act_quant = resolve_act_quant(x)
     ext = _load_ext()
     if ext is None:
         return int8_linear_ref(x, qweight, scale, bias, act_quant)
@@ -284,7 +299,12 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, act_quant: bool = False, device: Any = None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        act_quant: bool | None = False,
+        device: Any = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -295,13 +315,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, act_quant: bool = False) -> Int8Linear:
+    def from_float(cls, linear: nn.Linear, act_quant: bool | None = False) -> Int8Linear:
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
         return cls.from_weight(linear.weight, linear.bias, act_quant)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, act_quant: bool = False) -> Int8Linear:
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, act_quant: bool | None = False
+    ) -> Int8Linear:
         """From a float weight (N, K) and optional bias (N,)."""
         q, s = quantize_weight(weight)
         mod = cls(weight.shape[1], weight.shape[0], bias is not None, act_quant, device=weight.device)
@@ -331,7 +353,9 @@ class Int8MultiheadAttention(nn.Module):
     inputs), K and V are projected by one int8 GEMM, and Q too when query is key as well.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, batch_first: bool = True, act_quant: bool = False) -> None:
+    def __init__(
+        self, embed_dim: int, num_heads: int, batch_first: bool = True, act_quant: bool | None = False
+    ) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
@@ -343,7 +367,7 @@ class Int8MultiheadAttention(nn.Module):
         self.out_proj = Int8Linear(embed_dim, embed_dim, act_quant=act_quant)
 
     @classmethod
-    def from_float(cls, mha: nn.MultiheadAttention, act_quant: bool = False) -> Int8MultiheadAttention:
+    def from_float(cls, mha: nn.MultiheadAttention, act_quant: bool | None = False) -> Int8MultiheadAttention:
         if not isinstance(mha, nn.MultiheadAttention):
             raise ValueError(f"from_float expects an nn.MultiheadAttention, got {type(mha).__name__}")
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:

@@ -451,3 +451,14 @@ def test_cuda_int8_paths(m: int, n: int, k: int) -> None:
             ref = i8.int8_linear_ref(x.float(), q, s, b.to(dtype).float(), act_quant)
             tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
             torch.testing.assert_close(y.float().cpu(), ref, atol=tol, rtol=tol)
+
+
+def test_auto_mode_picks_w8a8_on_cpu() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, q, s = torch.randn(2, 3, 40, generator=gen), _weights(24, 40, gen), torch.rand(24, generator=gen)
+    assert i8.resolve_act_quant(x) is True
+    torch.testing.assert_close(i8.int8_linear(x, q, s, act_quant=None), i8.int8_linear(x, q, s, act_quant=True),
+                               atol=0, rtol=0)
+    if torch.cuda.is_available():
+        assert i8.resolve_act_quant(torch.zeros(16, 8, device="cuda")) is False
+        assert i8.resolve_act_quant(torch.zeros(17, 8, device="cuda")) is True

@@ -26,11 +26,13 @@ def _is_block(m: nn.Module) -> bool:
     return attn is not None and mlp is not None and hasattr(mlp, "expand") and hasattr(mlp, "linear")
 
 
-def quantize_int8(model: nn.Module, act_quant: bool = False, inplace: bool = False) -> nn.Module:
+def quantize_int8(model: nn.Module, act_quant: bool | None = None, inplace: bool = False) -> nn.Module:
     """Return ``model`` with int8 attention projections and MLP Linears in every TapeHeadBlock.
 
-    ``act_quant=False``: weight-only int8 (accuracy of the dequantized weights);
-    ``act_quant=True``: W8A8 (dynamic per-row activation quantization; fastest on CPU).
+    ``act_quant=None`` (default): the faster mode per call (W8A8 on CPU; on CUDA the weight-only
+    GEMV for decode, ≤ 16 rows, and W8A8 for prefill — see ``tape_kernels.int8.resolve_act_quant``);
+    ``False``: weight-only int8 everywhere (accuracy of the dequantized weights);
+    ``True``: W8A8 everywhere (dynamic per-row activation quantization).
     The result is for inference (``eval()``); by default the input model is left untouched.
     """
     if not isinstance(model, nn.Module):
