@@ -49,6 +49,12 @@ _BLOCK_B = 16
 _STEP_CONFIG = (32, 64)  # (BLOCK_H, BLOCK_K) of the per-step-launch layout
 _PERSISTENT_CONFIGS = ((16, 64), (32, 64), (64, 32))  # smallest BLOCK_H whose grid fits on the SMs wins
 _NUM_WARPS = 4
+# num_stages=1: no software pipelining. The pipeliner turns loads into cp.async.ca (L1-allocating)
+# and drops the .cg modifier; a state row written by another SM could then be read from a stale L1
+# line (rows of adjacent steps share lines unless Hd·itemsize is a multiple of 128 B). The K loops
+# are short (Hd/BLOCK_K iterations) and the weights stay L1/L2-resident, so little is lost.
+_NUM_STAGES = 1
+_LAUNCH = {"num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES}
 _PER_LAYER = 8  # flat weight order per layer: W_iL, b_iL, W_hL, b_hL, W_iR, b_iR, W_hR, b_hR
 
 if triton_available():
@@ -304,7 +310,7 @@ def _recurrent_forward(p: torch.Tensor, wh: torch.Tensor, hs: torch.Tensor, z: t
     hd = two_hd // 2
     bh, bk, sync = _layout(hd, p.device, persistent)
     grid = (triton.cdiv(hd, bh),)
-    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(p.dtype), num_warps=_NUM_WARPS)
+    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(p.dtype), **_LAUNCH)
     strides = (p.stride(0), p.stride(1), hs.stride(0), hs.stride(1), z.stride(0), z.stride(1))
     counter = torch.zeros(1, dtype=torch.int32, device=p.device)
     if sync:
@@ -321,7 +327,7 @@ def _recurrent_backward(
     hd = two_hd // 2
     bh, bk, sync = _layout(hd, z.device, persistent)
     grid = (triton.cdiv(hd, bh),)
-    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(wh.dtype), num_warps=_NUM_WARPS)
+    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(wh.dtype), **_LAUNCH)
     strides = (dout.stride(0), dout.stride(1), z.stride(0), z.stride(1))
     counter = torch.zeros(1, dtype=torch.int32, device=z.device)
     if sync:
@@ -505,7 +511,7 @@ def _decode_launch(
     hout = torch.empty_like(hin)
     bh, bk, sync = _layout(hd, x.device, persistent)
     grid = (triton.cdiv(hd, bh),)
-    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(x.dtype), num_warps=_NUM_WARPS)
+    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(x.dtype), **_LAUNCH)
     counter = torch.zeros(1, dtype=torch.int32, device=x.device)
     if sync:
         _rnn_decode_kernel[grid](x, wi0, wir, wh, bias, hin, hout, counter, bsz, d, hd, 0, num_layers, GRID_SYNC=True, **common)
@@ -626,7 +632,7 @@ def aot_specs() -> list:
                 tag = f"{ty}_bh{bh}_bk{bk}_{'persistent' if sync else 'step'}_{prec}"
                 cxs = dict.fromkeys(cx, "constexpr")
                 specs.append(AotSpec(
-                    name=f"rnn_fwd_{tag}", kernel=_rnn_fwd_kernel, constexprs=cx, num_warps=_NUM_WARPS,
+                    name=f"rnn_fwd_{tag}", kernel=_rnn_fwd_kernel, constexprs=cx, **_LAUNCH,
                     signature={
                         "P": p, "WH": p, "HS": p, "Z": "*fp32", "COUNTER": "*i32", "B": "i32", "HD": "i32",
                         "t0": "i32", "n_steps": "i32", "stride_pb": "i32", "stride_pt": "i32", "stride_hb": "i32",
@@ -634,7 +640,7 @@ def aot_specs() -> list:
                     },
                 ))  # fmt: skip
                 specs.append(AotSpec(
-                    name=f"rnn_bwd_{tag}", kernel=_rnn_bwd_kernel, constexprs=cx, num_warps=_NUM_WARPS,
+                    name=f"rnn_bwd_{tag}", kernel=_rnn_bwd_kernel, constexprs=cx, **_LAUNCH,
                     signature={
                         "DOUT": "*fp32", "DHLAST": "*fp32", "Z": "*fp32", "WH": p, "DZ": "*fp32", "COUNTER": "*i32",
                         "B": "i32", "S": "i32", "HD": "i32", "t0": "i32", "n_steps": "i32", "stride_ob": "i32",
@@ -642,7 +648,7 @@ def aot_specs() -> list:
                     },
                 ))  # fmt: skip
                 specs.append(AotSpec(
-                    name=f"rnn_decode_{tag}", kernel=_rnn_decode_kernel, constexprs=cx, num_warps=_NUM_WARPS,
+                    name=f"rnn_decode_{tag}", kernel=_rnn_decode_kernel, constexprs=cx, **_LAUNCH,
                     signature={
                         "X": p, "WI0": p, "WIR": p, "WH": p, "BIAS": "*fp32", "HIN": p, "HOUT": p, "COUNTER": "*i32",
                         "B": "i32", "D": "i32", "HD": "i32", "l0": "i32", "n_layers": "i32", **cxs,
