@@ -157,7 +157,7 @@ if triton_available():
             m = tl.max(logits, axis=1)
             log_s = tl.log(tl.sum(tl.exp(logits - m[:, None]), axis=1))
             if NLL:
-                t_logit = tl.sum(tl.where(cols[None, :] == tgt[:, None], logits, 0.0), axis=1)
+                t_logit = tl.sum(tl.where((cols[None, :] == tgt[:, None]) & (cols[None, :] < V), logits, 0.0), axis=1)
             else:
                 # (logit − m) − log s, never logit − (m + log s): m + log s would round at the
                 # logits' magnitude (an ulp of 1e3 is 6e-5) and shift every log-prob by that.
@@ -177,7 +177,7 @@ if triton_available():
                 s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
                 m = m_new
                 if NLL:
-                    t_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], logits, 0.0), axis=1)
+                    t_logit += tl.sum(tl.where((cols[None, :] == tgt[:, None]) & (cols[None, :] < V), logits, 0.0), axis=1)
             log_s = tl.log(s)
             if not NLL:
                 for v0 in range(0, V, BLOCK_V):
@@ -241,10 +241,11 @@ def _block_v(v: int) -> tuple[int, bool]:
 
 def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
     """(DOT_F32, input precision). fp32 uses IEEE unless the user enabled TF32 for matmuls in torch;
-    16-bit inputs take the native MMA except in the interpreter (its bf16 dot is not exact)."""
+    16-bit inputs take the native MMA, except bf16 in the interpreter (whose bf16 dot is wrong;
+    its fp16 dot is exact, so CPU tests do cover the native path)."""
     if dtype == torch.float32:
         return True, ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
-    return interpreting(), "ieee"
+    return dtype == torch.bfloat16 and interpreting(), "ieee"
 
 
 def _launch_fwd(h2: torch.Tensor, u: torch.Tensor, df: float, targets: torch.Tensor | None):
@@ -399,12 +400,16 @@ def student_t_nll(
     df: float = DEFAULT_DF,
     *,
     backend: str = "auto",
+    check_targets: bool = True,
 ) -> torch.Tensor:
     """Fused −log p(target) under the Student-t unembedding, without materializing (…, V) log-probs.
 
     hidden_states (..., D), unembedding (D, V), targets (...) integer ids in [0, V)
-    -> scalar fp32 for reduction "mean"/"sum", (...) for "none". Checking the ids reads them
-    on the host (one sync), as an out-of-range id would otherwise index outside the row.
+    -> scalar fp32 for reduction "mean"/"sum", (...) for "none".
+
+    Checking the ids costs one device→host sync; ``check_targets=False`` skips it (e.g. inside a
+    CUDA graph). The kernel never indexes memory with a target (it compares column ids), so an
+    unchecked bad id cannot fault: its row's loss is just the log-sum-exp (the eager path errors).
     """
     _check(hidden_states, unembedding, df)
     if reduction not in REDUCTIONS:
@@ -414,9 +419,10 @@ def student_t_nll(
     if targets.shape != lead:
         raise ValueError(f"targets has shape {tuple(targets.shape)}; expected {tuple(lead)} (hidden_states' leading dims)")
     check_same_device(hidden_states=hidden_states, targets=targets)
-    bad = targets[(targets < 0) | (targets >= v)]
-    if bad.numel():
-        raise ValueError(f"targets contain id {int(bad[0])} outside [0, {v}) (vocab size {v})")
+    if check_targets:
+        bad = targets[(targets < 0) | (targets >= v)]
+        if bad.numel():
+            raise ValueError(f"targets contain id {int(bad[0])} outside [0, {v}) (vocab size {v})")
     dt = _math_dtype(hidden_states, unembedding)
     with torch.autocast(hidden_states.device.type, enabled=False):
         if dt == torch.float64 or not use_triton(hidden_states, unembedding, targets, backend=backend):

@@ -349,3 +349,15 @@ def test_aot_specs_cover_every_launch_config():
         bv, single = _block_v(v)
         assert (bv, single) in fwd and bv in bwd, v
     assert {s.signature["H"] for s in specs} == {"*fp32", "*fp16", "*bf16"}
+
+
+def test_nll_unchecked_bad_target_cannot_fault():
+    # With the check off, an out-of-range id matches no column: loss = log-sum-exp, no fault.
+    h, u = _inputs((4,), 16, 9, torch.float32, seed=18)
+    y = torch.tensor([0, 9, 3, 100])
+    loss = student_t_nll(h, u, y, "none", backend="triton", check_targets=False)
+    lse = torch.logsumexp(-0.5 * (DEFAULT_DF + 16) * torch.log1p(
+        ((h[:, :, None] - u[None]) ** 2).sum(1) / DEFAULT_DF), dim=-1)
+    torch.testing.assert_close(loss[[1, 3]], lse[[1, 3]], atol=1e-5, rtol=1e-5)
+    good = student_t_nll(h[[0, 2]], u, y[[0, 2]], "none", backend="triton")
+    torch.testing.assert_close(loss[[0, 2]], good, atol=0, rtol=0)
