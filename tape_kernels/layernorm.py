@@ -21,8 +21,9 @@ from tape_kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
 from tape_kernels.combine import rtne_bf16
 
 MAX_D = 4096
-_RED_BLOCK_P = 32
-_RED_BLOCK_C = 128
+# Second-stage tile: narrow in D so that even D = 256 spreads the column sums over 8 programs.
+_RED_BLOCK_P = 64
+_RED_BLOCK_C = 32
 
 if triton_available():
     import triton
@@ -121,8 +122,9 @@ def _block_d(d: int) -> int:
 
 def _num_partials(n: int, device: torch.device) -> int:
     if device.type == "cuda":
-        # A few programs per SM keeps the loads in flight; more would only grow the partial buffer.
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        # Two programs per SM keep the loads in flight; more would only grow the partial buffer
+        # (P × D fp32) that the second stage must read.
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 8  # the interpreter runs programs one after another: fewer, longer ones are cheaper
     return max(1, min(n, target))
