@@ -1,0 +1,110 @@
+"""Generation engine for the fused TapeTransformer.
+
+One prefill of the prompt into a preallocated cache of *projected* K/V, then one token per step
+through the decode attention kernel, with optional int8 weights.
+
+Semantics follow the model:
+* reference semantics (``causal=False``): exactly the reference's cached loop — each call's
+  positions restart at 0 and a single token is not rotated; the prompt is prefilled (its last
+  ``seq_len`` tokens, the most one call may take). Greedy fp32 generation reproduces the reference
+  model's greedy cached loop token for token.
+* ``causal=True``: absolute positions. When the window is full (``seq_len`` tokens cached), the
+  window slides: the cache is reset and the last ``seq_len // 2`` tokens are prefilled again, so
+  generation never runs past the positional table and never raises an index error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tapetransformer.model import TapeTransformer
+from tapetransformer.sampling import pick_next
+
+__all__ = ["generate"]
+
+
+@torch.no_grad()
+def generate(
+    model: TapeTransformer,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    greedy: bool = False,
+    int8: bool = False,
+    seed: int | None = None,
+    *,
+    act_quant: bool = False,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    stats: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """prompt (B, P) or (P,) token ids -> (B, P + max_new_tokens) LongTensor.
+
+    ``int8=True`` runs every Linear of the decode path with int8 weights (weight-only; W8A8 with
+    ``act_quant=True``). ``stats``, if given, receives ``prefill_ms``, ``ms_per_token`` and
+    ``tokens``. ``on_token`` is called with each new (B,) id tensor (streaming).
+    """
+    if not isinstance(model, TapeTransformer):
+        raise ValueError(f"generate() needs the fused tapetransformer.TapeTransformer, got {type(model).__name__}")
+    if not isinstance(prompt, torch.Tensor) or prompt.dtype not in (torch.int64, torch.int32):
+        raise ValueError("prompt must be an int64/int32 tensor of token ids")
+    if prompt.dim() == 1:
+        prompt = prompt.unsqueeze(0)
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must have shape (P,) or (B, P) with P >= 1, got {tuple(prompt.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    device = model.unembedding.device
+    prompt = prompt.to(device=device, dtype=torch.long)
+    b = prompt.shape[0]
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    was_training = model.training
+    saved_int8 = (model._int8, model._int8_act_quant)
+    model.eval()
+    if int8:
+        model.quantize_int8_(act_quant=act_quant)
+    window = model.seq_len
+    try:
+        ctx = prompt[:, -window:]
+        # Reference semantics never hits a positional limit in decode, so the cache can hold the
+        # whole run; causal decode holds at most one window.
+        cap = window if model.causal else ctx.shape[1] + max_new_tokens
+        cache = model.new_cache(b, max(cap, 1), device, model.unembedding.dtype)
+        t0 = time.perf_counter()
+        logp, cache = model(ctx, past_kv=cache)
+        _sync(device)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        out = [prompt]
+        t1 = time.perf_counter()
+        for i in range(max_new_tokens):
+            nxt = pick_next(logp[:, -1], temperature=temperature, top_k=top_k, greedy=greedy, generator=gen)
+            out.append(nxt[:, None])
+            if on_token is not None:
+                on_token(nxt)
+            if i + 1 == max_new_tokens:
+                break
+            if model.causal and cache.length >= window:
+                keep = max(window // 2, 1)
+                recent = torch.cat(out, dim=1)[:, -keep:]
+                cache.length = 0
+                logp, cache = model(recent, past_kv=cache)
+            else:
+                logp, cache = model(nxt[:, None], past_kv=cache)
+        _sync(device)
+        n = max(max_new_tokens, 1)
+        if stats is not None:
+            stats.update(prefill_ms=prefill_ms, ms_per_token=(time.perf_counter() - t1) * 1e3 / n,
+                         tokens=max_new_tokens)
+    finally:
+        model._int8, model._int8_act_quant = saved_int8
+        model.train(was_training)
+    return torch.cat(out, dim=1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
