@@ -37,6 +37,7 @@ a grid barrier between layers; the input projection is fused since there is only
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -456,6 +457,8 @@ def _check_emb(emb: torch.Tensor, weights: Sequence[torch.Tensor]) -> tuple[int,
         raise ValueError(f"emb must have B ≥ 1 and S ≥ 1, got shape {tuple(emb.shape)}")
     check_same_dtype(emb=emb, weights=weights[0])
     check_same_device(emb=emb, weights=weights[0])
+    if emb.shape[0] * (emb.shape[1] + 1) * 2 * max(hd, d) >= 2**31:
+        raise ValueError(f"emb of shape {tuple(emb.shape)} with hidden_size {hd} exceeds the kernels' int32 indexing")
     return num_layers, d, hd
 
 
@@ -493,31 +496,47 @@ def charrnn(
     return out, [last[l].unsqueeze(1) for l in range(num_layers)]
 
 
+class DecodeWeights(NamedTuple):
+    """The decode kernel's packed weights (built by :func:`pack_decode_weights`).
+
+    wi0 (2Hd, D); wir (L−1, 2Hd, Hd) (wi0 again when L = 1, unused); wh (L, 2Hd, Hd);
+    bias (L, 2Hd) fp32 = b_i + b_h; left cell first in every 2Hd dim.
+    """
+
+    wi0: torch.Tensor
+    wir: torch.Tensor
+    wh: torch.Tensor
+    bias: torch.Tensor
+
+
 @torch.no_grad()
-def _decode_launch(
-    x: torch.Tensor, weights: Sequence[torch.Tensor], hin: torch.Tensor, persistent: bool | None
-) -> torch.Tensor:
+def pack_decode_weights(weights: Sequence[torch.Tensor]) -> DecodeWeights:
+    """Stack the flat weights once for repeated decode steps (generation re-uses them per token)."""
     num_layers = len(weights) // _PER_LAYER
-    bsz, d = x.shape
-    hd = hin.shape[-1]
     stacked = [_stack_layer(weights, l) for l in range(num_layers)]
     wi0 = stacked[0][0].contiguous()
-    if num_layers > 1:
-        wir = torch.stack([s[0] for s in stacked[1:]], dim=0).contiguous()
-    else:
-        wir = wi0  # unused: no layer ≥ 1
+    wir = torch.stack([s[0] for s in stacked[1:]], dim=0).contiguous() if num_layers > 1 else wi0
     wh = torch.stack([s[2] for s in stacked], dim=0).contiguous()
     bias = torch.stack([s[1] for s in stacked], dim=0).float().contiguous()
+    return DecodeWeights(wi0, wir, wh, bias)
+
+
+@torch.no_grad()
+def _decode_launch(x: torch.Tensor, packed: DecodeWeights, hin: torch.Tensor, persistent: bool | None) -> torch.Tensor:
+    num_layers = packed.wh.shape[0]
+    bsz, d = x.shape
+    hd = hin.shape[-1]
     hout = torch.empty_like(hin)
     bh, bk, sync = _layout(hd, x.device, persistent)
     grid = (triton.cdiv(hd, bh),)
     common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(x.dtype), **_LAUNCH)
     counter = torch.zeros(1, dtype=torch.int32, device=x.device)
+    args = (x, packed.wi0, packed.wir, packed.wh, packed.bias, hin, hout, counter, bsz, d, hd)
     if sync:
-        _rnn_decode_kernel[grid](x, wi0, wir, wh, bias, hin, hout, counter, bsz, d, hd, 0, num_layers, GRID_SYNC=True, **common)
+        _rnn_decode_kernel[grid](*args, 0, num_layers, GRID_SYNC=True, **common)
     else:
         for l in range(num_layers):
-            _rnn_decode_kernel[grid](x, wi0, wir, wh, bias, hin, hout, counter, bsz, d, hd, l, 1, GRID_SYNC=False, **common)
+            _rnn_decode_kernel[grid](*args, l, 1, GRID_SYNC=False, **common)
     return hout
 
 
@@ -528,11 +547,13 @@ def charrnn_step(
     *,
     backend: str = "auto",
     persistent: bool | None = None,
+    packed: DecodeWeights | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Advance every layer by one token (generation). x_t (B, D) or (B, 1, D); hs as ``charrnn``'s h0.
 
     Returns (out (B, 1, Hd), hs list of (B, 1, Hd)), equal to ``charrnn(x_t.view(B, 1, D), weights, hs)``.
     Runs the single-launch decode kernel when no gradient is needed, else the differentiable path.
+    ``packed``: ``pack_decode_weights(weights)``, computed once per generation (else per call).
     """
     if isinstance(x_t, torch.Tensor) and x_t.dim() == 2:
         x_t = x_t.unsqueeze(1)
@@ -549,7 +570,9 @@ def charrnn_step(
         hin = x_t.new_zeros(num_layers, bsz, hd)
     else:
         hin = torch.stack([h[:, -1] for h in hs], dim=0).contiguous()
-    hout = _decode_launch(x_t[:, 0].contiguous(), weights, hin, persistent)
+    if packed is None:
+        packed = pack_decode_weights(weights)
+    hout = _decode_launch(x_t[:, 0].contiguous(), packed, hin, persistent)
     new = [hout[l].unsqueeze(1) for l in range(num_layers)]
     return new[-1], new
 
@@ -589,6 +612,7 @@ class CharRNN(nn.Module):
         sizes = [embed_dim] + [hidden_size] * (num_layers - 1)
         self.cells_right = nn.ModuleList(CharRNNCell(s, hidden_size) for s in sizes)
         self.cells_left = nn.ModuleList(CharRNNCell(s, hidden_size) for s in sizes)
+        self._decode_cache: tuple[tuple, DecodeWeights] | None = None
 
     def flat_weights(self) -> list[torch.Tensor]:
         """Per layer: W_iL, b_iL, W_hL, b_hL, W_iR, b_iR, W_hR, b_hR (the order ``charrnn`` takes)."""
@@ -606,8 +630,16 @@ class CharRNN(nn.Module):
     def step(
         self, x_t: torch.Tensor, hs: Sequence[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One token through all layers: x_t (B, D) or (B, 1, D) -> (out (B, 1, Hd), hs)."""
-        return charrnn_step(x_t, self.flat_weights(), hs, backend=self.backend)
+        """One token through all layers: x_t (B, D) or (B, 1, D) -> (out (B, 1, Hd), hs).
+
+        The packed decode weights are cached and rebuilt when a parameter changes (version counter,
+        storage, dtype or device), so a generation loop pays the stacking once.
+        """
+        weights = self.flat_weights()
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        if self._decode_cache is None or self._decode_cache[0] != key:
+            self._decode_cache = (key, pack_decode_weights(weights))
+        return charrnn_step(x_t, weights, hs, backend=self.backend, packed=self._decode_cache[1])
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, hidden_size={self.hidden_size}, num_layers={self.num_layers}"

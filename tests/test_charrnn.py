@@ -16,6 +16,7 @@ import textwrap
 import pytest
 import torch
 
+import tape_kernels.charrnn as charrnn_mod
 from tape_kernels.charrnn import CharRNN, charrnn, charrnn_ref, charrnn_step
 
 # dtype -> (output floor, gradient floor): absolute, at the outputs' O(0.1) scale.
@@ -155,6 +156,45 @@ def test_decode_loop_generates_the_sequence() -> None:
             outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=2e-7, rtol=0)
     torch.testing.assert_close(hs[-1], hs_full[-1], atol=2e-7, rtol=0)
+
+
+def test_persistent_layout_single_program_in_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The grid-synchronized kernels cannot run several programs in the interpreter (they would wait
+    # on each other), but with Hd ≤ BLOCK_H the grid is one program and its barrier passes at once:
+    # this runs the persistent code path (multi-step loops, reverse time, layer loop, atomics).
+    model = _model(10, 50, 2)
+    emb, h0 = _inputs(18, 5, 10, 50, 2, True)
+    g = torch.Generator().manual_seed(3)
+    go = torch.randn(18, 5, 50, generator=g)
+    gh = [torch.randn(18, 1, 50, generator=g) for _ in range(2)]
+    w = [p.detach() for p in model.flat_weights()]
+
+    def fused(e, ww, h):
+        return charrnn(e, ww, h, backend="triton")
+
+    results = []
+    for layout in (None, (64, 32, True)):
+        if layout is not None:
+            monkeypatch.setattr(charrnn_mod, "_layout", lambda hd, dev, p, _l=layout: _l)
+        outs, grads = _run(fused, emb, w, h0, go, gh)
+        with torch.no_grad():
+            o, hs = charrnn_step(emb[:, 0], w, h0, backend="triton")
+        results.append(outs + grads + [o] + hs)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_cache_follows_parameter_updates() -> None:
+    model = _model(6, 16, 2)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        before, _ = model.step(x)
+        model.cells_left[1].h2h.bias.add_(0.5)
+        model.cells_right[0].i2h.weight.mul_(0.5)
+        after, _ = model.step(x)
+        ref, _ = charrnn_ref(x.unsqueeze(1), model.flat_weights())
+    assert (after - before).abs().max().item() > 1e-3
+    torch.testing.assert_close(after, ref, atol=2e-7, rtol=0)
 
 
 def test_step_with_grad_enabled_is_differentiable() -> None:
