@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from tape_kernels.layernorm import AddLayerNorm, add_layer_norm, add_layer_norm_ref
@@ -196,3 +198,15 @@ def test_aot_specs_cover_every_launch_config():
         for d in range(1, MAX_D + 1):
             for dt in ("*fp32", "*fp16", "*bf16"):
                 assert (_block_d(d), dt) in have, (kind, d, dt)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(rows=st.integers(1, 40), d=st.integers(1, 600), seed=st.integers(0, 2**16))
+def test_property_random_shapes_fp32(rows, d, seed):
+    x, r, w, b, dy = _inputs((rows, d), torch.float32, seed=seed)
+    y, grads = _run(_kernel, x, r, w, b, dy)
+    y_ref, grads_ref = _run(add_layer_norm_ref, x, r, w, b, dy)
+    y64, grads64 = _run(add_layer_norm_ref, *(t.double() for t in (x, r, w, b, dy)))
+    assert _max_err(y, y64) <= 2 * _max_err(y_ref, y64) + FLOOR[torch.float32]
+    for k, ref, exact in zip(grads, grads_ref, grads64):
+        assert _max_err(k, exact) <= 3 * _max_err(ref, exact) + FLOOR[torch.float32] * rows**0.5

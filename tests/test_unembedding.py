@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tape_kernels.unembedding import (
     DEFAULT_DF,
@@ -361,3 +363,21 @@ def test_nll_unchecked_bad_target_cannot_fault():
     torch.testing.assert_close(loss[[1, 3]], lse[[1, 3]], atol=1e-5, rtol=1e-5)
     good = student_t_nll(h[[0, 2]], u, y[[0, 2]], "none", backend="triton")
     torch.testing.assert_close(loss[[0, 2]], good, atol=0, rtol=0)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(n=st.integers(1, 70), d=st.integers(1, 80), v=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_property_random_shapes_fp32(n, d, v, seed):
+    h, u = _inputs((n,), d, v, torch.float32, seed=seed)
+    g = torch.randn(n, v, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    out, dh, du = _grads(_kernel, h, u, g.float())
+    ref, dh_ref, du_ref = _grads(_ref, h, u, g.float())
+    ex, dh_ex, du_ex = _grads(_ref, h.double(), u.double(), g)
+    assert _max_err(out, ex) <= 2 * _max_err(ref, ex) + 1e-6
+    for k, r, e in ((dh, dh_ref, dh_ex), (du, du_ref, du_ex)):
+        assert _max_err(k, e) <= 3 * _max_err(r, e) + 1e-6 * (1 + e.abs().max().item())
+    y = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed + 2))
+    nll = student_t_nll(h, u, y, backend="triton")
+    nll_ex = student_t_nll_ref(h.double()[None], u.double(), y[None])
+    nll_32 = student_t_nll_ref(h[None], u, y[None])
+    assert abs(nll.item() - nll_ex.item()) <= 2 * abs(nll_32.item() - nll_ex.item()) + 1e-6 * (1 + nll_ex.abs().item())
