@@ -121,7 +121,8 @@ def test_bare_notebook_state_dict_loads_with_inferred_config(tmp_path: Path, gol
     path = tmp_path / "model_dict.pth"
     torch.save(golden["state_dict"], path)
     ck = load_checkpoint(path)
-    assert ck["config"] == {"vocab_size": 37, "seq_len": 16, "embed_dim": 32, "num_heads": 2, "dropout": 0.0}
+    assert ck["config"] == {"vocab_size": 37, "seq_len": 16, "embed_dim": 32, "num_heads": 2, "dropout": 0.0,
+                            "causal": False}
     model = TapeTransformer(37, seq_len=16, embed_dim=32, num_heads=2).double()
     model.load_state_dict(ck["model"], strict=True)
 
@@ -155,7 +156,7 @@ def test_sample_reference_greedy_matches_manual_cached_loop() -> None:
 def tiny_train_cfg(tmp_path: Path, corpus: Path, steps: int, resume: bool = False) -> TrainConfig:
     return TrainConfig(data=str(corpus), steps=steps, batch_size=2, lr=1e-2, eval_every=2, eval_batches=1,
                        out=str(tmp_path / "run.ckpt"), resume=resume, seed=3, model=ModelConfig(**TINY.to_dict()),
-                       progress=False)
+                       progress=False, backend="eager")
 
 
 @pytest.fixture
@@ -177,14 +178,19 @@ def test_train_resume_is_bit_for_bit(tmp_path: Path, corpus: Path) -> None:
 def test_cli_train_generate_and_errors(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture) -> None:
     ck = tmp_path / "cli.ckpt"
     rc = cli.main(["train", "--data", str(corpus), "--steps", "2", "--batch-size", "2", "--eval-every", "2",
-                   "--seq-len", "8", "--embed-dim", "16", "--num-heads", "1", "--out", str(ck)])
+                   "--seq-len", "8", "--embed-dim", "16", "--num-heads", "1", "--out", str(ck), "--backend", "eager"])
     assert rc == 0 and ck.is_file()
     assert "train loss" in capsys.readouterr().out
-    rc = cli.main(["generate", str(ck), "--prompt", "to be", "--max-new-tokens", "5", "--sample-seed", "1"])
+    rc = cli.main(["generate", str(ck), "--prompt", "to be", "--max-new-tokens", "5", "--sample-seed", "1",
+                   "--backend", "eager"])
     out = capsys.readouterr()
     assert rc == 0 and out.out.startswith("to be") and len(out.out.rstrip("\n")) == len("to be") + 5
     assert "ms/token" in out.err
-    rc = cli.main(["generate", str(ck), "--prompt", "QQQ", "--max-new-tokens", "2"])
+    rc = cli.main(["generate", str(ck), "--prompt", "to", "--max-new-tokens", "3", "--int8", "--greedy",
+                   "--backend", "eager"])
+    out = capsys.readouterr()
+    assert rc == 0 and "int8" in out.err and len(out.out.rstrip("\n")) == 5
+    rc = cli.main(["generate", str(ck), "--prompt", "QQQ", "--max-new-tokens", "2", "--backend", "eager"])
     assert rc == 2 and "not in the vocabulary" in capsys.readouterr().err
     rc = cli.main(["generate", str(tmp_path / "none.ckpt")])
     assert rc == 2 and "no checkpoint" in capsys.readouterr().err

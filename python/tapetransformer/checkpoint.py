@@ -30,13 +30,14 @@ class ModelConfig:
     embed_dim: int = 64
     num_heads: int = 2
     dropout: float = 0.0
+    causal: bool = False  # the repaired semantics of the fused model (False: the reference's)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {k: d[k] for k in ("vocab_size", "seq_len", "embed_dim", "num_heads", "dropout") if k in d}
+        known = {k: d[k] for k in ("vocab_size", "seq_len", "embed_dim", "num_heads", "dropout", "causal") if k in d}
         return cls(**known)
 
     @classmethod

@@ -10,9 +10,9 @@ import torch
 
 from tapetransformer.checkpoint import ModelConfig, load_checkpoint
 from tapetransformer.data import CharVocab, load_text
-from tapetransformer.reference import TapeTransformer
-from tapetransformer.sampling import sample_reference
-from tapetransformer.train import TrainConfig, train
+from tapetransformer.generate import generate
+from tapetransformer.model import TapeTransformer
+from tapetransformer.train import TrainConfig, build_model, train
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embed-dim", type=int, default=64)
     g.add_argument("--num-heads", type=int, default=2, help="residual TapeHeads ('critics')")
     g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--causal", action="store_true",
+                   help="repaired semantics: causal attention, absolute positions in cached decode")
 
 
 def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
@@ -36,6 +38,8 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=("auto", "triton", "eager"), default="auto",
+                   help="auto: Triton kernels on CUDA, eager PyTorch on CPU")
     p.add_argument("--log-csv", default=None)
     _add_model_args(p)
 
@@ -47,14 +51,16 @@ def _add_sample_args(p: argparse.ArgumentParser, prompt: str) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--sample-seed", type=int, default=None)
+    p.add_argument("--int8", action="store_true", help="int8 weights for generation (tape_kernels._C)")
 
 
 def _train_config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, grad_clip=a.grad_clip,
-        eval_every=a.eval_every, out=a.out, resume=a.resume, seed=a.seed, device=a.device, log_csv=a.log_csv,
+        eval_every=a.eval_every, out=a.out, resume=a.resume, seed=a.seed, device=a.device, backend=a.backend,
+        log_csv=a.log_csv,
         model=ModelConfig(vocab_size=0, seq_len=a.seq_len, embed_dim=a.embed_dim, num_heads=a.num_heads,
-                          dropout=a.dropout),
+                          dropout=a.dropout, causal=a.causal),
     )
 
 
@@ -68,10 +74,13 @@ def _generate(model: TapeTransformer, vocab: CharVocab, a: argparse.Namespace, d
         sys.stdout.write(vocab.decode(tok[:1]))
         sys.stdout.flush()
 
-    tokens, ms = sample_reference(model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                                  greedy=a.greedy, seed=a.sample_seed, on_token=stream)
+    stats: dict = {}
+    tokens = generate(model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, greedy=a.greedy,
+                      int8=a.int8, seed=a.sample_seed, on_token=stream, stats=stats)
     sys.stdout.write("\n")
-    print(f"[{a.max_new_tokens} tokens, {ms:.1f} ms/token on {device}]", file=sys.stderr)
+    mode = "int8" if a.int8 else str(model.unembedding.dtype).replace("torch.", "")
+    print(f"[{a.max_new_tokens} tokens, {stats.get('ms_per_token', 0.0):.2f} ms/token, prefill "
+          f"{stats.get('prefill_ms', 0.0):.1f} ms, {mode}, backend {model.backend} on {device}]", file=sys.stderr)
     return vocab.decode(tokens[0])
 
 
@@ -82,7 +91,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(path: str, device: str, data: str | None = None) -> tuple[TapeTransformer, CharVocab]:
+def load_model(
+    path: str, device: str, data: str | None = None, backend: str = "auto"
+) -> tuple[TapeTransformer, CharVocab]:
     ckpt = load_checkpoint(path, map_location=device)
     cfg = ModelConfig.from_dict(ckpt["config"])
     if ckpt["vocab"]:
@@ -91,14 +102,13 @@ def load_model(path: str, device: str, data: str | None = None) -> tuple[TapeTra
         vocab = CharVocab.from_text(load_text(data if data else "shakespeare"))
     if vocab.size != cfg.vocab_size:
         raise ValueError(f"vocabulary has {vocab.size} characters but the model expects {cfg.vocab_size}")
-    model = TapeTransformer(cfg.vocab_size, seq_len=cfg.seq_len, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
-                            dropout=cfg.dropout)
+    model = build_model(cfg, backend)
     model.load_state_dict(ckpt["model"], strict=True)
     return model.to(device).eval(), vocab
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    model, vocab = load_model(a.checkpoint, a.device, a.data)
+    model, vocab = load_model(a.checkpoint, a.device, a.data, a.backend)
     _generate(model, vocab, a, a.device)
     return 0
 
@@ -111,7 +121,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f"trained in {time.perf_counter() - t0:.0f}s: train loss {res['train_loss']:.3f}, "
           f"val loss {res['val_loss']:.3f} (uniform over {res['vocab'].size} chars would be "
           f"{torch.log(torch.tensor(float(res['vocab'].size))):.3f})")
-    print("sample (reference semantics: positions restart every call, so expect noise-like text):")
+    if a.causal:
+        print("sample (causal semantics):")
+    else:
+        print("sample (reference semantics: positions restart every call, so expect noise-like text):")
     _generate(res["model"], res["vocab"], a, a.device)
     return 0
 
@@ -126,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", default=None, help="corpus for the vocabulary of a bare notebook state_dict")
+    p.add_argument("--backend", choices=("auto", "triton", "eager"), default="auto")
     _add_sample_args(p, prompt="")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("demo", help="train briefly on the embedded corpus, then generate")

@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from tapetransformer.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
 from tapetransformer.data import CharDataset, CharVocab, load_text
-from tapetransformer.reference import TapeTransformer, Wolf, nll_loss
+from tapetransformer.model import TapeTransformer
+from tapetransformer.reference import Wolf, nll_loss
 
 
 @dataclass
@@ -31,9 +32,15 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
     device: str = "cpu"
+    backend: str = "auto"  # kernels: "auto" (Triton on CUDA), "triton", "eager"
     log_csv: str | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(vocab_size=0))
     progress: bool = True
+
+
+def build_model(mcfg: ModelConfig, backend: str = "auto") -> TapeTransformer:
+    return TapeTransformer(mcfg.vocab_size, seq_len=mcfg.seq_len, embed_dim=mcfg.embed_dim,
+                           num_heads=mcfg.num_heads, dropout=mcfg.dropout, causal=mcfg.causal, backend=backend)
 
 
 def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
@@ -84,9 +91,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         mcfg = ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": vocab.size})
     cfg.model = mcfg
     ds = CharDataset(text, vocab)
-    model = TapeTransformer(
-        mcfg.vocab_size, seq_len=mcfg.seq_len, embed_dim=mcfg.embed_dim, num_heads=mcfg.num_heads, dropout=mcfg.dropout
-    ).to(cfg.device)
+    model = build_model(mcfg, cfg.backend).to(cfg.device)
     opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"], strict=True)
@@ -109,8 +114,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     for step in bar:
         x, y = ds.get_batch("train", cfg.batch_size, mcfg.seq_len, gen)
         x, y = x.to(cfg.device), y.to(cfg.device)
-        logp, _entropy, _aw = model(x)
-        loss = nll_loss(logp, y)
+        loss = model.loss(x, y)  # fused Student-t NLL; runs only the modules the loss depends on
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
