@@ -355,7 +355,7 @@ class _CharRNNFn(torch.autograd.Function):
         bsz, seq, _ = emb.shape
         hd = h0.shape[-1]
         x = emb
-        saved_hs, saved_z, saved_wi, saved_wh = [], [], [], []
+        saved_hs, saved_z = [], []
         for l in range(num_layers):
             wi, bias, wh = _stack_layer(weights, l)
             # One GEMM for both cells' input projections over all steps (both biases folded in).
@@ -366,12 +366,11 @@ class _CharRNNFn(torch.autograd.Function):
             _recurrent_forward(p, wh, hs, z, persistent)
             saved_hs.append(hs)
             saved_z.append(z)
-            saved_wi.append(wi)
-            saved_wh.append(wh)
             x = hs[:, 1:]
         ctx.num_layers = num_layers
         ctx.persistent = persistent
-        ctx.save_for_backward(emb, *saved_hs, *saved_z, *saved_wi, *saved_wh)
+        # The stacked weights are re-built in backward from the parameters (no saved copies).
+        ctx.save_for_backward(emb, *saved_hs, *saved_z, *weights)
         out = x.contiguous()
         last = torch.stack([hs[:, seq] for hs in saved_hs], dim=0)
         return out, last
@@ -383,8 +382,7 @@ class _CharRNNFn(torch.autograd.Function):
         emb = saved[0]
         hss = saved[1 : 1 + num_layers]
         zs = saved[1 + num_layers : 1 + 2 * num_layers]
-        wis = saved[1 + 2 * num_layers : 1 + 3 * num_layers]
-        whs = saved[1 + 3 * num_layers : 1 + 4 * num_layers]
+        weights = saved[1 + 2 * num_layers :]
         bsz, seq, _ = emb.shape
         hd = hss[0].shape[-1]
         dev = emb.device
@@ -392,7 +390,8 @@ class _CharRNNFn(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * (_PER_LAYER * num_layers)
         dh0 = torch.empty(num_layers, bsz, hd, device=dev, dtype=torch.float32)
         for l in range(num_layers - 1, -1, -1):
-            z, wi, wh, hs = zs[l], wis[l], whs[l], hss[l]
+            z, hs = zs[l], hss[l]
+            wi, _, wh = _stack_layer(weights, l)
             dhlast = grad_last[l].float().contiguous() if grad_last is not None else torch.zeros(bsz, hd, device=dev)
             dz = torch.empty_like(z)
             _recurrent_backward(dx, dhlast, z, wh, dz, ctx.persistent)
@@ -403,13 +402,14 @@ class _CharRNNFn(torch.autograd.Function):
             dwh = dz2.t() @ hs[:, :seq].reshape(bsz * seq, hd).float()
             db = dz2.sum(dim=0)
             dh0[l] = dz[:, 0] @ wh.float()
-            dx = (dz2 @ wi.float()).view(bsz, seq, -1)
+            dx = (dz2 @ wi.float()).view(bsz, seq, -1) if (l > 0 or ctx.needs_input_grad[0]) else None
             pdt = wi.dtype
             grads[_PER_LAYER * l : _PER_LAYER * (l + 1)] = [
                 dwi[:hd].to(pdt), db[:hd].to(pdt), dwh[:hd].to(pdt), db[:hd].to(pdt),
                 dwi[hd:].to(pdt), db[hd:].to(pdt), dwh[hd:].to(pdt), db[hd:].to(pdt),
             ]  # fmt: skip
-        return dx.to(emb.dtype), dh0.to(emb.dtype), None, *grads
+        demb = dx.to(emb.dtype) if dx is not None else None
+        return demb, dh0.to(emb.dtype), None, *grads
 
 
 # ----------------------------------------------------------------------------------------------

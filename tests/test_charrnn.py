@@ -8,6 +8,7 @@ not demand exactness.
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -16,8 +17,10 @@ import textwrap
 import pytest
 import torch
 
-import tape_kernels.charrnn as charrnn_mod
 from tape_kernels.charrnn import CharRNN, charrnn, charrnn_ref, charrnn_step
+
+# The module object itself (a package-level export named `charrnn` may shadow the attribute).
+charrnn_mod = importlib.import_module("tape_kernels.charrnn")
 
 # dtype -> (output floor, gradient floor): absolute, at the outputs' O(0.1) scale.
 FLOOR = {torch.float32: (6e-8, 2e-7), torch.float16: (2e-4, 2e-3), torch.bfloat16: (2e-3, 2e-2)}
