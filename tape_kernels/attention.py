@@ -170,7 +170,7 @@ if triton is not None:
 
     @triton.jit
     def _attn_fwd_kernel(
-        QKV, O, LSE, ENT, ROWS, COLP,
+        QKV, O, LSE, ENT, COLP,
         S, H, DH, D, stride_qb, stride_qs, stride_ob, stride_os, qk_scale2, inv_h, stride_cb,
         CAUSAL: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
@@ -207,7 +207,12 @@ if triton is not None:
         acc = tl.zeros((HP, BLOCK_M, DP), tl.float32)
         ent = tl.zeros((BLOCK_M,), tl.float32)
         rows = tl.zeros((BLOCK_M,), tl.float32)
-        colp_base = COLP + b.to(tl.int64) * stride_cb + pid_m * S
+        # Column-sum partials live in rows of 16 queries, whatever BLOCK_M the autotuner picked: this program
+        # owns rows pid_m·R .. pid_m·R + R − 1 (R = BLOCK_M / 16), writes its partial into the first and
+        # zeros into the others, so every row is written exactly once per launch (no memset, no stale rows
+        # left by another config's tuning run) and a plain sum over rows reduces them deterministically.
+        R: tl.constexpr = BLOCK_M // 16
+        colp_base = COLP + b.to(tl.int64) * stride_cb + pid_m * R * S
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_heads(base + D, offs_n, S, stride_qs, offs_h, offs_d, H, DH)
@@ -217,11 +222,17 @@ if triton is not None:
             pbar = tl.sum(p, 0) * inv_h
             ent -= tl.sum(pbar * tl.log(pbar + 1e-12), 1)
             rows += tl.sum(pbar, 1)
-            tl.store(colp_base + offs_n, tl.sum(pbar, 0), mask=offs_n < S)
+            tl.store(colp_base + offs_n, 0.5 * tl.sum(pbar, 0), mask=offs_n < S)
         # Causal: this query block puts no weight on keys past `hi`.
         for start_n in range(hi, S, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             tl.store(colp_base + offs_n, tl.zeros((BLOCK_N,), tl.float32), mask=offs_n < S)
+        n_colp_rows = tl.cdiv(S, 16)
+        for r in range(1, R):
+            n_end = tl.where(pid_m * R + r < n_colp_rows, S, 0)
+            for start_n in range(0, n_end, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                tl.store(colp_base + r * S + offs_n, tl.zeros((BLOCK_N,), tl.float32), mask=offs_n < S)
 
         h3 = offs_h[:, None, None]
         m3 = offs_m[None, :, None]
@@ -232,7 +243,8 @@ if triton is not None:
         tl.store(lse_ptrs, lse2, mask=(offs_h[:, None] < H) & (offs_m[None, :] < S))
         row_mask = offs_m < S
         tl.store(ENT + b.to(tl.int64) * S + offs_m, ent, mask=row_mask)
-        tl.store(ROWS + b.to(tl.int64) * S + offs_m, rows, mask=row_mask)
+        # Halved row sums go to the buffer's last row, so aw = (rowsum + colsum)/2 is one sum over its rows.
+        tl.store(COLP + b.to(tl.int64) * stride_cb + n_colp_rows * S + offs_m, 0.5 * rows, mask=row_mask)
 
     @triton.jit
     def _attn_bwd_delta_kernel(
@@ -573,11 +585,9 @@ def _attn_forward(qkv: torch.Tensor, num_heads: int, causal: bool):
     o = torch.empty(b, s, d, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(b, num_heads, s, device=qkv.device, dtype=torch.float32)
     ent = torch.empty(b, s, device=qkv.device, dtype=torch.float32)
-    rows = torch.empty(b, s, device=qkv.device, dtype=torch.float32)
-    # One column-sum partial row per (batch, query block); sized for the smallest BLOCK_M of any config so
-    # that the autotuner's choice can be made after allocation; rows a larger block leaves unused stay zero.
-    min_bm = min(c[0] for c in (*_CONFIGS["_attn_fwd_kernel"], _INTERP_CONFIG))
-    colp = torch.zeros(b, triton.cdiv(s, min_bm), s, device=qkv.device, dtype=torch.float32)
+    # Halved column-sum partials, one row per 16 queries (see the kernel), independent of the tuned BLOCK_M,
+    # plus a last row of halved row sums: aw = colp.sum(1), a deterministic reduction.
+    colp = torch.empty(b, triton.cdiv(s, 16) + 1, s, device=qkv.device, dtype=torch.float32)
     sm_scale = 1.0 / math.sqrt(dh)
 
     def grid(meta):  # noqa: ANN001, ANN202
@@ -586,11 +596,11 @@ def _attn_forward(qkv: torch.Tensor, num_heads: int, causal: bool):
     _launch(
         "_attn_fwd_kernel",
         grid,
-        (qkv, o, lse, ent, rows, colp, s, num_heads, dh, d, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
+        (qkv, o, lse, ent, colp, s, num_heads, dh, d, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
          sm_scale * LOG2E, 1.0 / num_heads, colp.stride(0)),
         {"CAUSAL": causal, "HP": hp, "DP": dp, "PREC": _precision(qkv.dtype)},
     )  # fmt: skip
-    aw = (rows + colp.sum(dim=1)) * 0.5
+    aw = colp.sum(dim=1)
     return o, lse, ent, aw
 
 
@@ -811,7 +821,9 @@ def critic_attention_decode(
     return _decode_launch(q_new, k_cache, v_cache, causal, off, num_splits)
 
 
-_DECODE_BLOCK_N = 64
+# Decode tiles by element size: (BLOCK_N, num_stages). fp32 (IEEE products, no tensor cores) stages whole
+# fp32 tiles in shared memory: 74 KB at BLOCK_M = 64, DP = 128 with BLOCK_N = 32 (115 KB with 64).
+_DECODE_CFG = {4: (32, 2), 2: (64, 2)}
 
 
 def _decode_launch(q, k, v, causal: bool, off: int, num_splits: int | None) -> torch.Tensor:  # noqa: ANN001
@@ -825,7 +837,9 @@ def _decode_launch(q, k, v, causal: bool, off: int, num_splits: int | None) -> t
     t = k.shape[2]
     dp = max(16, _next_pow2(dh))
     block_m = min(64, max(16, _next_pow2(tn)))
-    block_n = 32 if interpreting() else _DECODE_BLOCK_N
+    block_n, stages = _DECODE_CFG[q.element_size()]
+    if interpreting():
+        block_n = 32
     n_mb = triton.cdiv(tn, block_m)
     if num_splits is None:
         # Enough programs to cover the SMs at B = 1; each split keeps at least a few key blocks.
@@ -845,7 +859,7 @@ def _decode_launch(q, k, v, causal: bool, off: int, num_splits: int | None) -> t
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), h,
         CAUSAL=causal, SPLIT=split, DP=dp, BLOCK_M=block_m, BLOCK_N=block_n, PREC=_precision(q.dtype),
-        num_warps=4,
+        num_warps=4, num_stages=stages,
     )  # fmt: skip
     if split:
         _decode_combine_kernel[(n_mb, b * h)](acc, ml, out, tn, dh, num_splits, DP=dp, BLOCK_M=block_m, num_warps=4)
@@ -897,8 +911,7 @@ def aot_specs() -> list:
         ptr = _TL_PTR[dtype]
         tag = str(dtype).replace("torch.", "")
         kernels = (
-            ("_attn_fwd_kernel", {"QKV": ptr, "O": ptr, "LSE": "*fp32", "ENT": "*fp32",
-                                                "ROWS": "*fp32", "COLP": "*fp32"}, {}),
+            ("_attn_fwd_kernel", {"QKV": ptr, "O": ptr, "LSE": "*fp32", "ENT": "*fp32", "COLP": "*fp32"}, {}),
             ("_attn_bwd_delta_kernel", {"QKV": ptr, "O": ptr, "DO": ptr, "LSE": "*fp32",
                                                       "GENT": "*fp32", "GAW": "*fp32", "DELTA": "*fp32"},
              {"HAS_ENT": True, "HAS_AW": True}),
@@ -926,11 +939,12 @@ def aot_specs() -> list:
         dec_sig.update({"Q": ptr, "K": ptr, "V": ptr, "O": "*fp32", "ML": "*fp32", "qk_scale2": "fp32"})
         # Decode: no autotuning; BLOCK_M follows T_new (16..64), DP ≤ 128: compile the extremes.
         for bm, split in ((16, True), (64, True), (64, False)):
-            consts = {"CAUSAL": True, "SPLIT": split, "DP": 128, "BLOCK_M": bm, "BLOCK_N": _DECODE_BLOCK_N, "PREC": prec}
+            block_n, stages = _DECODE_CFG[_ELT[dtype]]
+            consts = {"CAUSAL": True, "SPLIT": split, "DP": 128, "BLOCK_M": bm, "BLOCK_N": block_n, "PREC": prec}
             sig = dict(dec_sig, **dict.fromkeys(consts, "constexpr"))
             if not split:
                 sig.update(O=ptr, ML=ptr)
-            specs.append(AotSpec(f"_decode_kernel[{tag},bm{bm},{'split' if split else 'direct'}]", _decode_kernel, sig, consts, 4, 2))
+            specs.append(AotSpec(f"_decode_kernel[{tag},bm{bm},{'split' if split else 'direct'}]", _decode_kernel, sig, consts, 4, stages))
         comb_sig = {"ACC": "*fp32", "ML": "*fp32", "O": ptr, "T_NEW": "i32", "DH": "i32", "N_SPLIT": "i32",
                     "DP": "constexpr", "BLOCK_M": "constexpr"}  # fmt: skip
         specs.append(AotSpec(f"_decode_combine_kernel[{tag}]", _decode_combine_kernel, comb_sig, {"DP": 128, "BLOCK_M": 16}, 4, 1))
