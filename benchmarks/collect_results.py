@@ -11,13 +11,15 @@ Writes ``<date>-<device>.json`` and ``<date>-<device>.md`` into every ``--out-di
 
 where the ``*_ms`` are pytest-benchmark medians of the benchmarks whose ``extra_info["impl"]`` is
 ``eager``/``compile``/``fused``; other impls appear in ``extra`` as ``<impl>_ms``, together with
-speed ratios (``<impl>_speedup_vs_eager`` = eager_ms / <impl>_ms, ``fused_speedup_vs_compile``),
+speed ratios (``<impl>_speedup_vs_eager`` = eager_ms / <impl>_ms, ``fused_speedup_vs_compile``; a
+row without an eager impl is compared with its ``fp16``, else ``fp32`` impl),
 ``compile_s`` and every other ``extra_info`` key. ``peak_mem_mb`` is the peak of the fused impl,
 else compile, else eager, else the first other impl that recorded one; each impl's own peak is in
 ``extra`` as ``<impl>_peak_mem_mb`` when the row has more than one.
 
 Benchmarks without ``case`` use their test name (minus ``test_`` and the parameter id); without
-``impl`` they count as ``eager``; without ``group`` they go to group ``other``.
+``impl`` they count as ``eager``; without ``group`` they take ``extra_info["group"]``, else the
+``<group>`` of their ``test_bench_<group>.py`` file, else ``other``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 MAIN_IMPLS = ("eager", "compile", "fused")
 # Which impl's peak memory stands for the row: the package's own path first.
 PEAK_PRIORITY = ("fused", "compile", "eager")
+BASELINES = ("eager", "fp16", "fp32")
 GROUP_ORDER = ("attention", "charrnn", "int8", "fused_ops", "model")
 ENV_KEYS = ("device", "torch", "triton", "cuda", "date")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -51,6 +54,11 @@ def _case_of(bench: dict[str, Any]) -> str:
         return str(info["case"])
     name = str(bench.get("name", "?")).split("[", 1)[0]
     return name[5:] if name.startswith("test_") else name
+
+
+def _group_from_file(bench: dict[str, Any]) -> str | None:
+    m = re.search(r"test_bench_(\w+)\.py::", str(bench.get("fullname", "")))
+    return m.group(1) if m else None
 
 
 def load_benchmarks(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
@@ -76,7 +84,8 @@ def build_rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for b in benches:
         info = dict(b.get("extra_info") or {})
-        group = str(b.get("group") or "other")
+        group = str(b.get("group") or info.get("group") or _group_from_file(b) or "other")
+        info.pop("group", None)
         impl = str(info.pop("impl", None) or "eager")
         info.pop("case", None)
         stats = b.get("stats") or {}
@@ -111,10 +120,12 @@ def build_rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for impl, p in peaks.items():
                 extra[f"{impl}_peak_mem_mb"] = _sig(float(p))
 
-        eager = impls.get("eager", {}).get("ms")
+        # Speed-ups against the eager impl; groups without one (int8) against their fp16/fp32 layer.
+        base = next((i for i in BASELINES if i in impls), None)
+        base_ms = impls[base]["ms"] if base else None
         for impl, e in impls.items():
-            if impl != "eager" and eager and e["ms"]:
-                extra[f"{impl}_speedup_vs_eager"] = _sig(eager / e["ms"], 3)
+            if impl != base and base_ms and e["ms"]:
+                extra[f"{impl}_speedup_vs_{base}"] = _sig(base_ms / e["ms"], 3)
         if "fused" in impls and "compile" in impls and impls["fused"]["ms"] and impls["compile"]["ms"]:
             extra["fused_speedup_vs_compile"] = _sig(impls["compile"]["ms"] / impls["fused"]["ms"], 3)
 
@@ -248,7 +259,9 @@ def to_markdown(res: dict[str, Any]) -> str:
             )
     steps = res.get("steps")
     if steps:
-        done = ", ".join(f"{s['step']} rc={s['rc']} ({s['seconds']:.0f} s)" for s in steps)
+        done = ", ".join(
+            f"{s['step']} skipped" if s["rc"] < 0 else f"{s['step']} rc={s['rc']} ({s['seconds']:.0f} s)" for s in steps
+        )
         lines += ["", f"gpu-check steps: {done}"]
     if res.get("problems"):
         lines += ["", "Problems: " + "; ".join(res["problems"])]

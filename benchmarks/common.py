@@ -133,7 +133,9 @@ def record(
 ) -> None:
     """Set ``benchmark.group`` and the ``extra_info`` fields ``collect_results.py`` reads."""
     benchmark.group = group
-    info: dict[str, Any] = {"case": case, "impl": impl, "peak_mem_mb": peak_mem_mb}
+    # pytest-benchmark copies ``group`` when the timing runs but keeps ``extra_info`` live: the copy
+    # in extra_info still names the group when record() is called after the benchmark ran.
+    info: dict[str, Any] = {"group": group, "case": case, "impl": impl, "peak_mem_mb": peak_mem_mb}
     if compile_s is not None:
         info["compile_s"] = compile_s
     info.update(extra)

@@ -9,6 +9,7 @@ compiled kernels on CUDA, and the fused cases skip on CPU.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -18,6 +19,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import env_info, pick_device  # noqa: E402
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# gpu_check.sh stops an overrunning step with `timeout` (SIGTERM): as a KeyboardInterrupt, pytest
+# still finishes the session and pytest-benchmark still writes the JSON of what was measured.
+signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# make gpu-check: every GPU figure of this package from one call on a CUDA machine, in ~6 minutes.
+#
+#   bash benchmarks/gpu_check.sh                  # on the CUDA machine (no network, system python3)
+#   bash benchmarks/gpu_check.sh --prepare-deps   # here: copy the pure-Python test stack (pytest,
+#                                                 # pytest-benchmark, hypothesis, setuptools) from
+#                                                 # .venv into benchmarks/.pydeps, for a machine that lacks it
+#
+# Steps, each under its own `timeout` and all inside one time budget (GPU_CHECK_BUDGET_S, default
+# 350 s), printing progress; a failed step does not stop the later ones, but the script exits
+# non-zero at the end when any failed:
+#   1. environment (nvidia-smi, versions)   2. build the extension in place (setup.py build_ext)
+#   3. pytest -m gpu (compiled kernels vs eager, fp16/bf16, memory assertions)
+#   4. the benchmark suite, one pytest per benchmarks/test_bench_*.py (a CUDA fault in one file
+#      cannot spoil the others), torch.compile cases left out
+#   5. cold- and warm-start time of the first training step (benchmarks/cold_warm_start.py)
+#   6. the torch.compile benchmark cases (-k compile: the slowest step, so it goes last)
+#   7. benchmarks/collect_results.py: <date>-<device>.json and .md into $OUT (when set) and
+#      benchmarks/results/
+# Triton's kernel cache and autotune results persist in benchmarks/.triton_cache
+# (TRITON_CACHE_DIR, TRITON_CACHE_AUTOTUNING=1), inductor's in benchmarks/.triton_cache/inductor.
+#
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, OUT, GPU_CHECK_SKIP (comma list of
+# step names to leave out, e.g. "build,bench-compile"), GPU_CHECK_ALLOW_CPU=1 (run the whole
+# pipeline without CUDA: a dry run of this script, not a GPU check; it still exits non-zero).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+export PY=${PYTHON:-python3}
+PYDEPS=$ROOT/benchmarks/.pydeps
+
+if [[ "${1:-}" == "--prepare-deps" ]]; then
+    site=$(ls -d "$ROOT"/.venv/lib/python3*/site-packages | head -1)
+    [[ -d "$site" ]] || { echo "no .venv site-packages to copy from" >&2; exit 1; }
+    rm -rf "$PYDEPS"; mkdir -p "$PYDEPS/test" "$PYDEPS/build"
+    (cd "$site" && cp -r pytest _pytest py.py pluggy iniconfig packaging pygments pytest_benchmark cpuinfo \
+        hypothesis _hypothesis_*.py sortedcontainers \
+        pytest-*.dist-info pluggy-*.dist-info iniconfig-*.dist-info packaging-*.dist-info pygments-*.dist-info \
+        pytest_benchmark-*.dist-info py_cpuinfo*.dist-info hypothesis-*.dist-info sortedcontainers-*.dist-info \
+        "$PYDEPS/test/") || exit 1
+    (cd "$site" && cp -r setuptools _distutils_hack setuptools-*.dist-info "$PYDEPS/build/") || exit 1
+    find "$PYDEPS" -name __pycache__ -prune -exec rm -rf {} +
+    echo "benchmarks/.pydeps: $(du -sh "$PYDEPS" | cut -f1) (carry it to the device machine)"
+    exit 0
+fi
+
+BUDGET=${GPU_CHECK_BUDGET_S:-350}
+RESERVE=25 # seconds kept back for collecting the results
+START=$(date +%s)
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+FAILED=()
+echo "[gpu-check   0s] tape-kernels gpu-check, budget ${BUDGET}s"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    if [[ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]]; then
+        echo "gpu-check: no CUDA device (torch.cuda.is_available() is False for $PY, or torch is missing)."
+        echo "gpu-check: nothing is measured without a GPU; exiting non-zero."
+        exit 2
+    fi
+    echo "gpu-check: no CUDA device, GPU_CHECK_ALLOW_CPU=1: dry run of the pipeline on CPU (no GPU figure)"
+    FAILED+=("no-cuda(dry run)")
+fi
+if [[ -n "${OUT:-}" ]]; then RAW=$OUT/gpu-check-raw; else RAW=$ROOT/benchmarks/.gpu_check/$STAMP; fi
+mkdir -p "$RAW"
+STEPS=$RAW/steps.tsv
+: >"$STEPS"
+exec > >(tee -a "$RAW/gpu_check.log") 2>&1
+TEE_PID=$!
+# Let tee write everything out before the script's exit status reaches the caller.
+trap 'exec >&- 2>&-; wait $TEE_PID 2>/dev/null' EXIT
+
+elapsed() { echo $(($(date +%s) - START)); }
+say() { echo "[gpu-check $(printf '%3d' "$(elapsed)")s] $*"; }
+
+# step NAME CAP_SECONDS CMD...: run CMD under min(CAP, what is left of the budget).
+step() {
+    local name=$1 cap=$2
+    shift 2
+    if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]]; then
+        say "SKIP $name: named in GPU_CHECK_SKIP"
+        printf '%s\t%s\t%s\n' "$name" -1 0 >>"$STEPS"
+        return
+    fi
+    local left=$((BUDGET - $(elapsed) - RESERVE))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 10)); then
+        say "SKIP $name: time budget spent"
+        printf '%s\t%s\t%s\n' "$name" 124 0 >>"$STEPS"
+        FAILED+=("$name(no time)")
+        return
+    fi
+    say ">>> $name (limit ${limit}s)"
+    local t0 rc
+    t0=$(date +%s)
+    timeout -k 10 "$limit" "$@"
+    rc=$?
+    ((rc == 5)) && rc=0 # pytest: -m/-k selected nothing, which is not a failure here
+    local dt=$(($(date +%s) - t0))
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$dt" >>"$STEPS"
+    if ((rc == 0)); then
+        say "<<< $name ok (${dt}s)"
+    else
+        [[ $rc == 124 || $rc == 137 ]] && say "<<< $name TIMED OUT after ${dt}s" || say "<<< $name FAILED rc=$rc (${dt}s)"
+        FAILED+=("$name")
+    fi
+}
+
+say "raw output in $RAW"
+# The package from this tree (extension built in place), never an installed copy.
+export PYTHONPATH=$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
+if ! "$PY" -c "import pytest, pytest_benchmark, hypothesis" 2>/dev/null && [[ -d $PYDEPS/test ]]; then
+    say "pytest/pytest-benchmark/hypothesis missing from $PY: using benchmarks/.pydeps/test"
+    export PYTHONPATH=$PYTHONPATH:$PYDEPS/test
+fi
+if ! "$PY" -c "import setuptools" 2>/dev/null && [[ -d $PYDEPS/build ]]; then
+    say "setuptools missing from $PY: using benchmarks/.pydeps/build"
+    export PYTHONPATH=$PYTHONPATH:$PYDEPS/build
+fi
+# Compiled kernels, not the interpreter (tests/conftest.py only sets it when unset).
+export TRITON_INTERPRET=0
+export TRITON_CACHE_DIR=$ROOT/benchmarks/.triton_cache/triton
+export TORCHINDUCTOR_CACHE_DIR=$ROOT/benchmarks/.triton_cache/inductor
+export TRITON_CACHE_AUTOTUNING=1
+export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+export PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"
+# Build the extension for this device only: one gencode instead of three.
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+    arch=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null) &&
+        export TORCH_CUDA_ARCH_LIST=$arch
+fi
+
+envinfo() {
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
+    "$PY" - <<'EOF'
+import json, sys
+sys.path.insert(0, "benchmarks")
+from common import env_info
+print(json.dumps(env_info()))
+for mod in ("pytest", "pytest_benchmark", "hypothesis", "setuptools", "ninja"):
+    try:
+        m = __import__(mod)
+        print(f"{mod} {getattr(m, '__version__', '?')}")
+    except ImportError:
+        print(f"{mod} MISSING")
+EOF
+    command -v nvcc >/dev/null && nvcc --version | tail -2 || echo "nvcc not found (the extension builds CPU-only)"
+}
+
+export -f envinfo
+
+BENCH_OPTS=(-q -p no:cacheprovider --benchmark-only --benchmark-warmup=on --benchmark-warmup-iterations=3
+    --benchmark-min-rounds=5 --benchmark-max-time=0.25 --benchmark-disable-gc
+    --benchmark-columns=median,iqr,rounds --benchmark-sort=name)
+
+step env 30 bash -c envinfo
+step build 120 "$PY" setup.py build_ext --inplace
+step tests-gpu 120 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs --durations=8
+# The model file first: it holds the training step and the 8 GiB claim.
+for f in benchmarks/test_bench_model.py $(ls benchmarks/test_bench_*.py | grep -v test_bench_model.py); do
+    [[ -e $f ]] || continue
+    g=$(basename "$f" .py)
+    g=${g#test_bench_}
+    step "bench-$g" "$([[ $g == model ]] && echo 100 || echo 80)" "$PY" -m pytest "$f" "${BENCH_OPTS[@]}" \
+        -k "not compile" --benchmark-json="$RAW/bench-$g.json"
+done
+# Each of the two child processes gets just under half of what the step may use.
+cw_left=$((BUDGET - $(elapsed) - RESERVE))
+cw_child=$((((cw_left < 90 ? cw_left : 90) - 6) / 2))
+step cold-warm 90 "$PY" benchmarks/cold_warm_start.py --impl auto --timeout $((cw_child > 5 ? cw_child : 5)) \
+    --out "$RAW/cold_warm.json"
+step bench-compile 120 "$PY" -m pytest benchmarks "${BENCH_OPTS[@]}" -k compile --benchmark-json="$RAW/bench-compile.json"
+
+say ">>> collect"
+outs=(--out-dir "$ROOT/benchmarks/results")
+[[ -n "${OUT:-}" ]] && outs=(--out-dir "$OUT" "${outs[@]}")
+shopt -s nullglob
+timeout 60 "$PY" benchmarks/collect_results.py "$RAW"/bench-*.json --first-step "$RAW/cold_warm.json" \
+    --steps "$STEPS" "${outs[@]}" || FAILED+=("collect")
+
+if ((${#FAILED[@]})); then
+    say "gpu-check finished in $(elapsed)s with failures: ${FAILED[*]}"
+    exit 1
+fi
+say "gpu-check finished in $(elapsed)s: all steps ok"

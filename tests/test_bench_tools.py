@@ -1,0 +1,233 @@
+"""The benchmark tooling: collect_results.py on synthetic and real pytest-benchmark JSON, the
+helpers in benchmarks/common.py, and gpu_check.sh's behaviour without CUDA."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH_DIR)
+
+import collect_results as cr  # noqa: E402
+import common  # noqa: E402
+
+ENV = {"device": "NVIDIA GeForce RTX 3060", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "date": "2026-11-28"}
+
+
+def _bench(group, name, impl, median_s, case=None, peak=None, **info):
+    extra = {"impl": impl, "peak_mem_mb": peak, **info}
+    if case is not None:
+        extra["case"] = case
+    return {
+        "group": group,
+        "name": name,
+        "fullname": f"benchmarks/test_x.py::{name}",
+        "extra_info": extra,
+        "stats": {"median": median_s, "iqr": median_s / 10, "rounds": 7},
+    }
+
+
+def _write(tmp_path, benches, env=ENV, name="b.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps({"benchmarks": benches, "tape_kernels_env": env}))
+    return str(p)
+
+
+SYNTH = [
+    _bench("model", "test_train_step[eager-notebook]", "eager", 0.200, case="notebook-train", peak=900.0),
+    _bench("model", "test_train_step[compile-notebook]", "compile", 0.100, case="notebook-train", peak=700.0,
+           compile_s=42.123456),
+    _bench("model", "test_train_step[fused-notebook]", "fused", 0.050, case="notebook-train", peak=300.0),
+    _bench("attention", "test_attn[eager-S128-fwd]", "eager", 0.004, case="S128-fwd", peak=10.0),
+    _bench("attention", "test_attn[sdpa-S128-fwd]", "sdpa", 0.002, case="S128-fwd", peak=12.0),
+    _bench("int8", "test_int8_layer[fp16-K256]", "fp16", 0.010, case="K256"),
+    _bench("int8", "test_int8_layer[int8_wo-K256]", "int8_wo", 0.008, case="K256", weight_bytes=65536),
+    _bench("charrnn", "test_charrnn[eager-x]", "eager", 0.3, case="S64", dtype="fp32"),
+    _bench("charrnn", "test_charrnn[fused-x]", "fused", 0.1, case="S64", dtype="fp16"),
+]
+
+
+def test_rows_one_per_group_and_case(tmp_path):
+    res = cr.build_results([_write(tmp_path, SYNTH)])
+    for k, v in ENV.items():
+        assert res[k] == v
+    keys = [(r["group"], r["name"]) for r in res["results"]]
+    assert keys == [("attention", "S128-fwd"), ("charrnn", "S64"), ("int8", "K256"), ("model", "notebook-train")]
+    for r in res["results"]:
+        assert set(r) == {"group", "name", "eager_ms", "compile_ms", "fused_ms", "peak_mem_mb", "extra"}
+
+
+def test_model_row_times_ratios_and_peak(tmp_path):
+    res = cr.build_results([_write(tmp_path, SYNTH)])
+    (row,) = [r for r in res["results"] if r["group"] == "model"]
+    assert "train" in row["name"]
+    assert (row["eager_ms"], row["compile_ms"], row["fused_ms"]) == (200.0, 100.0, 50.0)
+    # fused first: the package's own path stands for the row
+    assert row["peak_mem_mb"] == 300.0
+    ex = row["extra"]
+    assert ex["fused_speedup_vs_eager"] == 4.0
+    assert ex["compile_speedup_vs_eager"] == 2.0
+    assert ex["fused_speedup_vs_compile"] == 2.0
+    assert ex["compile_s"] == 42.1
+    assert (ex["eager_peak_mem_mb"], ex["compile_peak_mem_mb"], ex["fused_peak_mem_mb"]) == (900.0, 700.0, 300.0)
+    assert ex["fused_rounds"] == 7 and ex["eager_iqr_ms"] == 20.0
+
+
+def test_other_impls_baselines_and_conflicting_info(tmp_path):
+    rows = {r["group"]: r for r in cr.build_results([_write(tmp_path, SYNTH)])["results"]}
+    att = rows["attention"]
+    assert att["eager_ms"] == 4.0 and att["fused_ms"] is None
+    assert att["extra"]["sdpa_ms"] == 2.0 and att["extra"]["sdpa_speedup_vs_eager"] == 2.0
+    assert att["peak_mem_mb"] == 10.0  # eager before other impls
+    i8 = rows["int8"]
+    assert i8["eager_ms"] is None and i8["peak_mem_mb"] is None
+    assert i8["extra"]["fp16_ms"] == 10.0 and i8["extra"]["int8_wo_speedup_vs_fp16"] == 1.25
+    assert i8["extra"]["weight_bytes"] == 65536
+    # a key two impls disagree on keeps both values
+    ch = rows["charrnn"]["extra"]
+    assert ch["dtype"] == "fp32" and ch["fused_dtype"] == "fp16"
+
+
+def test_defaults_for_unlabelled_benchmarks(tmp_path):
+    b = {"group": None, "name": "test_plain_thing[x1]", "extra_info": {}, "stats": {"median": 0.001}}
+    res = cr.build_results([_write(tmp_path, [b])])
+    (row,) = res["results"]
+    assert (row["group"], row["name"], row["eager_ms"]) == ("other", "plain_thing", 1.0)
+
+
+def test_group_when_set_after_the_timing(tmp_path):
+    # pytest-benchmark records group=None when benchmark.group is set after the timed call
+    late = _bench(None, "test_a[x]", "eager", 0.001, case="c")
+    late["extra_info"]["group"] = "int8"
+    from_file = _bench(None, "test_b[x]", "eager", 0.001, case="d")
+    from_file["fullname"] = "benchmarks/test_bench_charrnn.py::test_b[x]"
+    res = cr.build_results([_write(tmp_path, [late, from_file])])
+    assert [(r["group"], r["name"]) for r in res["results"]] == [("charrnn", "d"), ("int8", "c")]
+    assert all("group" not in r["extra"] for r in res["results"])
+
+
+def test_later_files_merge_and_missing_file_is_noted(tmp_path):
+    a = _write(tmp_path, SYNTH[:1], name="a.json")
+    b = _write(tmp_path, SYNTH[1:3], name="b.json")
+    res = cr.build_results([a, b, str(tmp_path / "absent.json")])
+    (row,) = res["results"]
+    assert row["fused_ms"] == 50.0 and row["eager_ms"] == 200.0
+    assert len(res["problems"]) == 1 and "absent.json" in res["problems"][0]
+
+
+def test_write_results_files_markdown_steps_first_step(tmp_path):
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("build\t0\t31\ntests-gpu\t1\t100\nbench-compile\t-1\t0\n")
+    fs = tmp_path / "cw.json"
+    run = {"impl": "fused", "case": "notebook", "cold_first_step_s": 20.5, "warm_first_step_s": 1.25,
+           "autotune_files_cold": 3, "autotune_files_new_warm": 0}
+    fs.write_text(json.dumps({"runs": [run], "errors": []}))
+    res = cr.build_results([_write(tmp_path, SYNTH)], str(fs), str(steps))
+    assert res["steps"][1] == {"step": "tests-gpu", "rc": 1, "seconds": 100.0}
+    assert res["first_step"]["runs"][0]["warm_first_step_s"] == 1.25
+    d1, d2 = tmp_path / "out", tmp_path / "results"
+    written = cr.write_results(res, [str(d1), str(d2), str(d1)])
+    stem = "2026-11-28-nvidia-geforce-rtx-3060"
+    assert sorted(os.path.basename(p) for p in written) == sorted([stem + ".json", stem + ".md"] * 2)
+    loaded = json.loads((d2 / f"{stem}.json").read_text())
+    assert loaded["results"] == json.loads(json.dumps(res["results"]))
+    md = (d1 / f"{stem}.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(table) == 1 + len(res["results"]) + 2  # header, rows, first-step header and row
+    assert "| model | notebook-train | 200 | 100 | 50 | 4 | 2 | 300 | compile 42.1 s |" in md
+    assert "bench-compile skipped" in md and "tests-gpu rc=1" in md
+
+
+def test_main_writes_to_out_and_results_dir(tmp_path, monkeypatch):
+    out, results = tmp_path / "OUT", tmp_path / "res"
+    monkeypatch.setenv("OUT", str(out))
+    monkeypatch.setattr(cr, "RESULTS_DIR", str(results))
+    assert cr.main([_write(tmp_path, SYNTH)]) == 0
+    assert len(list(out.glob("*.json"))) == 1 and len(list(results.glob("*.md"))) == 1
+    # nothing measured: files still written (they carry the step log), but the exit status says so
+    assert cr.main([str(tmp_path / "none.json"), "--out-dir", str(tmp_path / "empty")]) == 1
+
+
+def test_real_pytest_benchmark_json(tmp_path):
+    """End to end through pytest-benchmark's own JSON, written by a benchmark that uses common.record."""
+    (tmp_path / "test_tiny_bench.py").write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {BENCH_DIR!r})\n"
+        "from common import record\n"
+        "import pytest\n"
+        "@pytest.mark.parametrize('impl', ['eager', 'fused'])\n"
+        "def test_tiny(benchmark, impl):\n"
+        "    record(benchmark, group='fused_ops', case='tiny', impl=impl, peak_mem_mb=1.5, compile_s=None)\n"
+        "    benchmark.pedantic(sum, args=(range(1000 if impl == 'eager' else 10),), rounds=3)\n"
+    )
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+         str(tmp_path / "test_tiny_bench.py"), f"--benchmark-json={out}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = cr.build_results([str(out)], env=ENV)
+    (row,) = res["results"]
+    assert (row["group"], row["name"], row["peak_mem_mb"]) == ("fused_ops", "tiny", 1.5)
+    assert 0 < row["fused_ms"] < row["eager_ms"]
+    assert row["extra"]["fused_rounds"] == 3 and "compile_s" not in row["extra"]
+
+
+def test_common_helpers_on_cpu():
+    cpu = torch.device("cpu")
+    assert common.peak_memory_mb(lambda: torch.ones(10), cpu) is None
+    with pytest.raises(RuntimeError, match="CUDA"):
+        with common.memory_cap(cpu):
+            pass
+    out, s = common.timed_first_call(lambda: 7, cpu)
+    assert out == 7 and s >= 0
+
+    class Fake:
+        group = None
+        extra_info: dict = {}
+
+    f = Fake()
+    f.extra_info = {}
+    common.record(f, group="model", case="c", impl="fused", peak_mem_mb=None, tokens=3)
+    assert f.group == "model"
+    assert f.extra_info == {"group": "model", "case": "c", "impl": "fused", "peak_mem_mb": None, "tokens": 3}
+    env = common.env_info(cpu)
+    assert set(cr.ENV_KEYS) <= set(env) and env["torch"] == torch.__version__
+
+
+def test_train_step_and_generation_on_a_tiny_model(monkeypatch):
+    monkeypatch.setitem(
+        common.MODEL_CASES, "tiny", {"vocab_size": 11, "seq_len": 8, "embed_dim": 16, "num_heads": 1, "batch": 2}
+    )
+    cpu = torch.device("cpu")
+    model = common.build_model("tiny", "eager", cpu)
+    x, y = common.make_batch("tiny", cpu)
+    assert x.shape == y.shape == (2, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    before = model.holistic_embed.weight.detach().clone()
+    step = common.make_train_step(model, x, y, lr=1e-2)
+    losses = [float(step()) for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(before, model.holistic_embed.weight)
+    prefill, decode = common.make_generate(model, x[:1, :3], 4)
+    toks = decode(*prefill())
+    assert toks.shape == (1, 4) and not model.training
+    assert torch.equal(toks, decode(*prefill()))  # eval, no dropout: deterministic
+
+
+def test_gpu_check_without_cuda_says_so_and_fails():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run(
+        ["bash", os.path.join(BENCH_DIR, "gpu_check.sh")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode != 0
+    assert "no CUDA device" in proc.stdout
