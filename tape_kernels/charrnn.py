@@ -311,7 +311,7 @@ def _recurrent_forward(p: torch.Tensor, wh: torch.Tensor, hs: torch.Tensor, z: t
     hd = two_hd // 2
     bh, bk, sync = _layout(hd, p.device, persistent)
     grid = (triton.cdiv(hd, bh),)
-    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(p.dtype), **_LAUNCH)
+    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(wh.dtype), **_LAUNCH)
     strides = (p.stride(0), p.stride(1), hs.stride(0), hs.stride(1), z.stride(0), z.stride(1))
     counter = torch.zeros(1, dtype=torch.int32, device=p.device)
     if sync:
