@@ -27,7 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 export PY=${PYTHON:-python3}
-PYDEPS=$ROOT/benchmarks/.pydeps
+PYDEPS=${GPU_CHECK_PYDEPS:-$ROOT/benchmarks/.pydeps}
 
 if [[ "${1:-}" == "--prepare-deps" ]]; then
     site=$(ls -d "$ROOT"/.venv/lib/python3*/site-packages | head -1)
@@ -40,7 +40,7 @@ if [[ "${1:-}" == "--prepare-deps" ]]; then
         "$PYDEPS/test/") || exit 1
     (cd "$site" && cp -r setuptools _distutils_hack setuptools-*.dist-info "$PYDEPS/build/") || exit 1
     find "$PYDEPS" -name __pycache__ -prune -exec rm -rf {} +
-    echo "benchmarks/.pydeps: $(du -sh "$PYDEPS" | cut -f1) (carry it to the device machine)"
+    echo "$PYDEPS: $(du -sh "$PYDEPS" | cut -f1) (carry it to the device machine)"
     exit 0
 fi
 

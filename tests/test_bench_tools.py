@@ -231,3 +231,41 @@ def test_gpu_check_without_cuda_says_so_and_fails():
     )
     assert proc.returncode != 0
     assert "no CUDA device" in proc.stdout
+
+
+def test_kernel_report_occupancy_math():
+    import kernel_report as kr
+
+    # 48 regs x 32 lanes = 1536 per warp (a multiple of 256); 4 warps -> 6144 per block -> 10 blocks
+    assert kr.occupancy(86, 48, 4, 0) == {"blocks_per_sm": 10, "occupancy": 0.833, "limited_by": "registers"}
+    # 42 regs round up to the same 1536 per warp
+    assert kr.occupancy(86, 42, 4, 0)["blocks_per_sm"] == 10
+    # 32 regs: 16 blocks by registers, but 1536 threads allow 12 blocks of 128
+    assert kr.occupancy(86, 32, 4, 0) == {"blocks_per_sm": 12, "occupancy": 1.0, "limited_by": "threads"}
+    # 48 KiB of shared memory (+1 KiB reserved per block): two blocks in sm_86's 100 KiB, four in sm_90's 228 KiB
+    assert kr.occupancy(86, 32, 4, 49152)["blocks_per_sm"] == 2
+    assert kr.occupancy(90, 32, 4, 49152)["blocks_per_sm"] == 4
+    # 255 regs x 8 warps just fills the 64 K register file; 16 warps do not fit
+    assert kr.occupancy(86, 255, 8, 0)["blocks_per_sm"] == 1
+    assert kr.occupancy(86, 255, 16, 0)["blocks_per_sm"] == 0
+
+
+def test_kernel_report_on_sm86_without_gpu(tmp_path):
+    import kernel_report as kr
+
+    if kr.find_cuobjdump() is None:
+        pytest.skip("no cuobjdump (ships with triton's NVIDIA backend)")
+    out = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH_DIR, "kernel_report.py"), "--cc", "86", "activation", "-q",
+         "--out", str(out), "--md", str(tmp_path / "r.md")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert rows and all(r["cc"] == 86 and "error" not in r for r in rows)
+    for r in rows:
+        assert 0 < r["regs"] <= 255 and 0 <= r["shared"] <= kr.SM_LIMITS[86]["smem_block"]
+        assert 0 < r["occupancy"] <= 1
+    assert (tmp_path / "r.md").read_text().count("\n| activation |") == len(rows)

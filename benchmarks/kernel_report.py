@@ -1,0 +1,177 @@
+"""Static resource use of every Triton kernel config on a target GPU, without the GPU.
+
+    python benchmarks/kernel_report.py [--cc 86] [module ...] [--out FILE.json] [--md FILE.md]
+                                       [--fail-on-spill]
+
+Compiles every ``aot_specs()`` entry of the ``tape_kernels`` op modules for compute capability
+``--cc`` (default 86, the RTX 30xx the package is tuned for) exactly as ``tape_kernels._aot`` does,
+reads the registers per thread and local memory (spills) of the cubin with ``cuobjdump`` (shipped
+with Triton), takes the dynamic shared memory from Triton's metadata, and estimates how many blocks
+fit on one SM by registers, by shared memory and by threads. A config that spills registers, needs
+more shared memory than a block may have, or cannot place one block is what an autotune prune
+should remove on that device.
+
+No speed is measured: these are the compiler's resource counts (ptxas), the same on any machine.
+Must run with ``TRITON_INTERPRET`` unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+# Per-SM limits (CUDA programming guide, compute capabilities table).
+SM_LIMITS: dict[int, dict[str, int]] = {
+    86: {"regs": 65536, "threads": 1536, "blocks": 16, "smem_sm": 102400, "smem_block": 101376},
+    89: {"regs": 65536, "threads": 1536, "blocks": 24, "smem_sm": 102400, "smem_block": 101376},
+    90: {"regs": 65536, "threads": 2048, "blocks": 32, "smem_sm": 233472, "smem_block": 232448},
+}
+# Registers are allocated per warp in units of 256; each block also reserves 1 KiB of shared memory.
+REG_UNIT = 256
+SMEM_RESERVED_PER_BLOCK = 1024
+
+
+def find_cuobjdump() -> str | None:
+    env = os.environ.get("TRITON_CUOBJDUMP_PATH")
+    if env and os.path.exists(env):
+        return env
+    try:
+        import triton.backends.nvidia as nv
+
+        cand = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+        if os.path.exists(cand):
+            return cand
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+def resource_usage(cubin: bytes, tool: str) -> dict[str, int]:
+    """REG / STACK / SHARED / LOCAL of the (single) function in a cubin, from ``cuobjdump -res-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    usage: dict[str, int] = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        if m:
+            usage[key.lower()] = int(m.group(1))
+    return usage
+
+
+def occupancy(cc: int, regs: int, num_warps: int, shared: int) -> dict[str, Any]:
+    """Blocks per SM as limited by registers, shared memory and threads, and the resulting occupancy."""
+    lim = SM_LIMITS.get(cc, SM_LIMITS[86])
+    warp_regs = -(-max(regs, 1) * 32 // REG_UNIT) * REG_UNIT
+    by_regs = lim["regs"] // (warp_regs * num_warps)
+    by_smem = lim["smem_sm"] // (shared + SMEM_RESERVED_PER_BLOCK) if shared else lim["blocks"]
+    by_threads = lim["threads"] // (32 * num_warps)
+    blocks = max(0, min(by_regs, by_smem, by_threads, lim["blocks"]))
+    limiter = min(
+        (("registers", by_regs), ("shared", by_smem), ("threads", by_threads), ("blocks", lim["blocks"])),
+        key=lambda kv: kv[1],
+    )[0]
+    return {
+        "blocks_per_sm": blocks,
+        "occupancy": round(blocks * num_warps * 32 / lim["threads"], 3),
+        "limited_by": limiter,
+    }
+
+
+def report(cc: int, modules: list[str] | None = None, verbose: bool = True) -> list[dict[str, Any]]:
+    from tape_kernels._aot import collect_specs, compile_spec
+
+    tool = find_cuobjdump()
+    if tool is None:
+        raise SystemExit("cuobjdump not found (set TRITON_CUOBJDUMP_PATH)")
+    lim = SM_LIMITS.get(cc, SM_LIMITS[86])
+    rows = []
+    for mod, spec in collect_specs(modules):
+        if cc not in spec.ccs:
+            continue
+        row: dict[str, Any] = {"module": mod, "name": spec.name, "cc": cc, "num_warps": spec.num_warps,
+                               "num_stages": spec.num_stages}
+        try:
+            k = compile_spec(spec, cc)
+        except Exception as e:  # reported, not fatal: `make aot` is the compile gate
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            continue
+        use = resource_usage(k.asm["cubin"], tool)
+        shared = int(k.metadata.shared)
+        row.update(regs=use.get("reg"), local_bytes=use.get("local", 0), stack_bytes=use.get("stack", 0),
+                   shared=shared)
+        row.update(occupancy(cc, row["regs"] or 0, spec.num_warps, shared))
+        problems = []
+        if row["local_bytes"] or row["stack_bytes"]:
+            problems.append("spills to local memory")
+        if shared > lim["smem_block"]:
+            problems.append(f"shared {shared} B > {lim['smem_block']} B per block")
+        if row["blocks_per_sm"] == 0:
+            problems.append("no block fits on an SM")
+        row["problems"] = problems
+        rows.append(row)
+        if verbose:
+            flag = ("  <-- " + "; ".join(problems)) if problems else ""
+            print(f"sm_{cc} {mod}:{spec.name:<58} w{spec.num_warps} s{spec.num_stages} regs={row['regs']:>3} "
+                  f"shared={shared:>6} occ={row['occupancy']:.2f}({row['limited_by']}){flag}", flush=True)
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]], cc: int) -> str:
+    bad = [r for r in rows if r.get("problems") or r.get("error")]
+    lines = [
+        f"Static resource use on sm_{cc} (ptxas via cuobjdump; no GPU involved): {len(rows)} kernel configs, "
+        f"{len(bad)} flagged.",
+        "",
+        "| module | kernel config | warps | stages | regs | spill B | shared B | blocks/SM | occ. | limit | problems |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['module']} | {r['name']} | {r['num_warps']} | {r['num_stages']} | | | | | | | "
+                         f"{r['error']} |")
+            continue
+        lines.append(
+            f"| {r['module']} | {r['name']} | {r['num_warps']} | {r['num_stages']} | {r['regs']} | "
+            f"{r['local_bytes'] + r['stack_bytes']} | {r['shared']} | {r['blocks_per_sm']} | {r['occupancy']:.2f} | "
+            f"{r['limited_by']} | {'; '.join(r['problems'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("modules", nargs="*", help="tape_kernels submodules (default: all)")
+    ap.add_argument("--cc", type=int, default=86, help="compute capability, e.g. 86 or 90")
+    ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument("--md", help="write a markdown table here")
+    ap.add_argument("--fail-on-spill", action="store_true", help="exit 1 when any config is flagged")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    rows = report(args.cc, args.modules or None, verbose=not args.quiet)
+    for path, text in ((args.out, json.dumps(rows, indent=1)), (args.md, to_markdown(rows, args.cc))):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text + ("\n" if path == args.out else ""))
+    flagged = [r for r in rows if r.get("problems") or r.get("error")]
+    print(f"kernel report sm_{args.cc}: {len(rows)} configs, {len(flagged)} flagged", file=sys.stderr)
+    return 1 if (flagged and args.fail_on_spill) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
