@@ -36,6 +36,7 @@ a grid barrier between layers; the input projection is fused since there is only
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -293,7 +294,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _layout(hd: int, device: torch.device, persistent: bool | None) -> tuple[int, int, bool]:
-    """(BLOCK_H, BLOCK_K, grid_sync): persistent on CUDA when a config's grid fits on the SMs."""
+    """(BLOCK_H, BLOCK_K, grid_sync): persistent on CUDA when a config's grid fits on the SMs.
+
+    ``TAPE_KERNELS_CHARRNN_PERSISTENT=0`` makes the default (``persistent=None``) the per-step layout,
+    for setups where all SMs are not available to one kernel (MPS limits, green contexts) and a
+    grid-wide barrier could wait forever.
+    """
+    if persistent is None and os.environ.get("TAPE_KERNELS_CHARRNN_PERSISTENT", "1") == "0":
+        persistent = False
     if persistent is not False and device.type == "cuda":
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
         for bh, bk in _PERSISTENT_CONFIGS:
