@@ -14,11 +14,15 @@ probability tile on chip:
 * forward, one program per (batch, query block) holding *all heads* as 3-D tiles (H, BLOCK_M, dh):
   pass 1 over key blocks finds each head's log-sum-exp; pass 2 recomputes the exact probabilities
   p_h, accumulates O_h += p_h·V_h, averages p̄ = mean_h p_h in registers and reduces it to entropy,
-  row sums and per-query-block column-sum partials (B, nQB, S). The partials are summed by a
-  separate ``sum`` afterwards, so the column sums are deterministic (no float atomics).
-* backward recomputes p_h from the saved log-sum-exp (see ``_CriticAttnCore`` for the derivation of the
-  softmax-backward row term, which the entropy and aw gradients change).
-* decode: a split-T (flash-decoding) kernel for a few new query rows against a cache of projected K/V.
+  row sums and column-sum partials, one row per 16 queries: a (B, S/16 + 1, S) fp32 buffer (S²/16 per
+  batch, vs. B·H·S² in eager MHA). A separate ``sum`` over its rows gives aw, so the column sums are
+  deterministic (no float atomics): bit-identical run to run.
+* backward (three kernels: δ preprocessing, dQ per query block, dK/dV per key block, all heads per
+  program) recomputes p_h from the saved log-sum-exp; see ``_CriticAttnCore`` for the derivation of
+  the softmax-backward row term δ, which the entropy and aw gradients change. Saved for backward:
+  qkv, O and the (B, H, S) log-sum-exp.
+* decode: a split-T (flash-decoding) kernel for a few new query rows against a cache of projected K/V,
+  with a combine kernel when the cache is split.
 
 Supported by the Triton path: any H and dh with next_pow2(H)·max(16, next_pow2(dh)) ≤ 256 (e.g. D = 256
 with 4 heads, the model's configuration; D = 128 with 4 or 8 heads); fp32, fp16, bf16. Other sizes, float64,
@@ -507,6 +511,7 @@ _CONFIGS: dict[str, tuple] = {
         (16, 32, 4, 1, {4: 49152}),
     ),
     "_attn_bwd_dq_kernel": (
+        (16, 16, 4, 2, {2: 32768}),
         (16, 32, 4, 2, {2: 49152}),
         (32, 32, 4, 2, {2: 65536}),
         (32, 64, 4, 2, {2: 98304}),
@@ -514,6 +519,8 @@ _CONFIGS: dict[str, tuple] = {
         (16, 32, 4, 1, {4: 100352}),
     ),
     "_attn_bwd_dkv_kernel": (
+        (16, 16, 4, 2, {2: 35328}),
+        (32, 16, 4, 2, {2: 52224}),
         (16, 32, 4, 2, {2: 51712}),
         (32, 32, 4, 2, {2: 68608}),
         (16, 64, 4, 2, {2: 84480}),
@@ -677,6 +684,8 @@ class _CriticAttnCore(torch.autograd.Function):
 def _check_inputs(x, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads):  # noqa: ANN001, ANN202
     check_tensor("x", x, ndim=3)
     d = x.shape[-1]
+    if x.numel() == 0:
+        raise ValueError(f"x must be non-empty (B, S, D), got shape {tuple(x.shape)}")
     if not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if d % num_heads:
@@ -708,6 +717,8 @@ def attention_stats(qkv: torch.Tensor, num_heads: int, causal: bool = False, bac
     """
     check_backend(backend)
     check_tensor("qkv", qkv, ndim=3, dtypes=(*KERNEL_DTYPES, torch.float64))
+    if qkv.numel() == 0:
+        raise ValueError(f"qkv must be non-empty (B, S, 3D), got shape {tuple(qkv.shape)}")
     if qkv.shape[-1] % 3 or (qkv.shape[-1] // 3) % num_heads:
         raise ValueError(f"qkv last dim {qkv.shape[-1]} must be 3·D with D divisible by num_heads {num_heads}")
     d = qkv.shape[-1] // 3
