@@ -390,3 +390,41 @@ def test_gpu_decode(dtype: torch.dtype) -> None:
         torch_same = critic_attention_decode_ref(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal)
         got = critic_attention_decode(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, backend="triton")
         _assert_like_torch("decode", got.double(), want, torch_same.double(), OUT_FACTOR, dtype)
+
+
+def test_autotune_pruning_by_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Configs are offered per element size and dropped above the device's per-block shared memory."""
+    tuned = A._tuned("_attn_bwd_dkv_kernel")
+    configs = tuned.configs
+    for dtype, elt in ((torch.float16, 2), (torch.bfloat16, 2), (torch.float32, 4)):
+        kept = A._prune(configs, {"QKV": torch.empty(1, dtype=dtype)})
+        assert kept and all(elt in c.tk_smem for c in kept)
+        assert len(kept) == sum(elt in c.tk_smem for c in configs)
+    monkeypatch.setattr(A, "_device_smem_limit", lambda device: 60000)
+    kept = A._prune(configs, {"QKV": torch.empty(1, dtype=torch.float16)})
+    assert kept and all(c.tk_smem[2] <= 60000 for c in kept)
+    assert len(kept) < sum(2 in c.tk_smem for c in configs)
+    monkeypatch.setattr(A, "_device_smem_limit", lambda device: 1000)  # below every config: smallest tile
+    kept = A._prune(configs, {"QKV": torch.empty(1, dtype=torch.float32)})
+    assert len(kept) == 1 and kept[0].tk_smem[4] == min(c.tk_smem[4] for c in configs if 4 in c.tk_smem)
+
+
+def test_aot_specs_cover_every_config() -> None:
+    """aot_specs lists every kernel × config × dtype (fp32 with IEEE and TF32 products) and the decode kernels."""
+    names = {s.name for s in A.aot_specs()}
+    for kernel, table in A._CONFIGS.items():
+        for bm, bn, warps, stages, smem in table:
+            cfg = f"bm{bm},bn{bn},w{warps},s{stages}]"
+            for elt in smem:
+                if elt == 4:
+                    wanted = [("float32", "ieee"), ("float32", "tf32")]
+                else:
+                    wanted = [("float16", "tf32"), ("bfloat16", "tf32")]
+                for tag, prec in wanted:
+                    assert f"{kernel}[{tag},{prec},{cfg}" in names
+    for tag in ("float32", "float16", "bfloat16"):
+        assert {f"_decode_kernel[{tag},bm16,split]", f"_decode_kernel[{tag},bm64,direct]",
+                f"_decode_combine_kernel[{tag}]"} <= names  # fmt: skip
+    kernels = {s.kernel for s in A.aot_specs()}
+    assert {A._attn_fwd_kernel, A._attn_bwd_delta_kernel, A._attn_bwd_dq_kernel, A._attn_bwd_dkv_kernel,
+            A._decode_kernel, A._decode_combine_kernel} <= kernels  # fmt: skip
