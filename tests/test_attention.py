@@ -428,3 +428,17 @@ def test_aot_specs_cover_every_config() -> None:
     kernels = {s.kernel for s in A.aot_specs()}
     assert {A._attn_fwd_kernel, A._attn_bwd_delta_kernel, A._attn_bwd_dq_kernel, A._attn_bwd_dkv_kernel,
             A._decode_kernel, A._decode_combine_kernel} <= kernels  # fmt: skip
+
+
+def test_cpu_without_interpreter_takes_eager_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU tensors without TRITON_INTERPRET run the eager reference; backend='triton' refuses."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    params = [p.float() for p in _params(2, 9, 32)]
+    got = critic_attention(*params, 4, causal=True)
+    want = critic_attention_ref(*params, 4, causal=True)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 6, 8)
+    assert torch.equal(critic_attention_decode(q, k, k, causal=True), critic_attention_decode_ref(q, k, k, True))
+    with pytest.raises(RuntimeError, match="triton"):
+        critic_attention(*params, 4, backend="triton")
