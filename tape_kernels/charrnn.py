@@ -14,7 +14,10 @@ times the stacked (2Hd, Hd) recurrent weight, both activations twice and the sof
 Recurrent kernel layouts (all programs split the Hd hidden units, each program owns BLOCK_H units of
 both cells for every batch row):
   * per-step launches (``GRID_SYNC=False``): one launch per step; runs in the Triton interpreter and
-    is the fallback when the grid does not fit on the GPU at once.
+    is the fallback when the grid does not fit on the GPU at once (Hd > 64·SMs, or
+    ``TAPE_KERNELS_CHARRNN_PERSISTENT=0``). These launches are not captured in a CUDA graph here: a
+    graph captured per call saves nothing, and caching one needs static buffers; callers that want
+    it can capture the whole step with ``torch.cuda.graphs``.
   * persistent (``GRID_SYNC=True``, CUDA only): one launch per layer for all S steps; programs meet
     at a grid-wide barrier (atomic counter, release/acquire) after each step, since every unit of
     step t+1 reads every unit of step t. The grid is kept ≤ the number of SMs so all programs are

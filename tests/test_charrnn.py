@@ -278,8 +278,9 @@ def test_aot_compile_sm86_sm90() -> None:
     # checks shared memory against the sm_86 limit. (`make aot` compiles every config × dtype.)
     code = textwrap.dedent(
         """
-        from tape_kernels import charrnn
+        import importlib
         from tape_kernels._aot import SM86_MAX_SHARED, compile_spec
+        charrnn = importlib.import_module("tape_kernels.charrnn")
         tags = ("fp32_bh32_bk64_step_ieee", "fp16_bh16_bk64_persistent_ieee", "bf16_bh64_bk32_persistent_ieee")
         names = {f"rnn_{k}_{t}" for k in ("fwd", "bwd", "decode") for t in tags}
         specs = [s for s in charrnn.aot_specs() if s.name in names]
