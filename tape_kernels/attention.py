@@ -33,6 +33,7 @@ and dropout > 0 in training take the eager path (``backend="auto"``) or raise ``
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -573,14 +574,24 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def autotune_enabled() -> bool:
+    """``TAPE_KERNELS_ATTN_AUTOTUNE=0`` launches the first fitting config of each kernel instead of
+    autotuning (compiles one config per kernel: quick GPU correctness runs)."""
+    return os.environ.get("TAPE_KERNELS_ATTN_AUTOTUNE", "1") not in ("", "0")
+
+
 def _launch(name: str, grid_fn, args: tuple, consts: dict) -> None:  # noqa: ANN001
     """Launch an attention kernel: autotuned on a GPU, one fixed config under the interpreter."""
     kernel = globals()[name]
     if interpreting():
         bm, bn, w, st = _INTERP_CONFIG
         kernel[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
-    else:
+    elif autotune_enabled():
         _tuned(name)[grid_fn](*args, **consts)
+    else:
+        c = _prune(_tuned(name).configs, {"QKV": args[0]})[0]
+        meta = dict(c.kwargs)
+        kernel[grid_fn(meta)](*args, **consts, **meta, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def _attn_forward(qkv: torch.Tensor, num_heads: int, causal: bool):
