@@ -75,38 +75,72 @@ def collect_specs(modules: list[str] | None = None) -> list[tuple[str, AotSpec]]
     return out
 
 
-def run(modules: list[str] | None = None, verbose: bool = True) -> list[dict[str, Any]]:
+_SPECS: list[tuple[str, AotSpec]] | None = None
+
+
+def _compile_one(job: tuple[int, int]) -> tuple[dict[str, Any] | None, str | None]:
+    """Compile spec #i for one cc; returns (row, None) or (None, failure)."""
+    global _SPECS
+    if _SPECS is None:
+        _SPECS = collect_specs()
+    i, cc = job
+    mod, spec = _SPECS[i]
+    t0 = time.perf_counter()
+    try:
+        k = compile_spec(spec, cc)
+    except Exception as e:  # report every failure, not just the first
+        return None, f"{mod}:{spec.name} sm_{cc}: {type(e).__name__}: {str(e)[:400]}"
+    shared = int(k.metadata.shared)
+    row = {"module": mod, "name": spec.name, "cc": cc, "shared": shared, "s": time.perf_counter() - t0}
+    limit = SM86_MAX_SHARED if cc == 86 else SM90_MAX_SHARED
+    if shared > limit:
+        return row, f"{mod}:{spec.name} sm_{cc}: shared memory {shared} B > {limit} B"
+    return row, None
+
+
+def run(modules: list[str] | None = None, verbose: bool = True, jobs: int = 1) -> list[dict[str, Any]]:
+    global _SPECS
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
+    _SPECS = collect_specs(modules)
+    work = [(i, cc) for i, (_, spec) in enumerate(_SPECS) for cc in spec.ccs]
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
-    for mod, spec in collect_specs(modules):
-        for cc in spec.ccs:
-            t0 = time.perf_counter()
-            try:
-                k = compile_spec(spec, cc)
-            except Exception as e:  # report every failure, not just the first
-                failures.append(f"{mod}:{spec.name} sm_{cc}: {type(e).__name__}: {str(e)[:400]}")
-                continue
-            shared = int(k.metadata.shared)
-            row = {"module": mod, "name": spec.name, "cc": cc, "shared": shared, "s": time.perf_counter() - t0}
-            rows.append(row)
-            if verbose:
-                print(f"  sm_{cc} {mod}:{spec.name:<60} shared={shared:>6} B  {row['s']:.1f}s", flush=True)
-            limit = SM86_MAX_SHARED if cc == 86 else SM90_MAX_SHARED
-            if shared > limit:
-                failures.append(f"{mod}:{spec.name} sm_{cc}: shared memory {shared} B > {limit} B")
+    if jobs > 1 and len(work) > 1:
+        import multiprocessing as mp
+
+        # fork: workers inherit the collected specs; no CUDA context exists to be broken by it.
+        with mp.get_context("fork").Pool(jobs) as pool:
+            results = pool.imap(_compile_one, work, chunksize=1)
+            for row, err in results:
+                _report(row, err, rows, failures, verbose)
+    else:
+        for job in work:
+            _report(*_compile_one(job), rows, failures, verbose)
     if failures:
         raise SystemExit("AOT compile failures:\n" + "\n".join(failures))
     return rows
 
 
+def _report(row: dict | None, err: str | None, rows: list, failures: list, verbose: bool) -> None:
+    if row is not None:
+        rows.append(row)
+        if verbose:
+            print(f"  sm_{row['cc']} {row['module']}:{row['name']:<60} shared={row['shared']:>6} B  {row['s']:.1f}s",
+                  flush=True)
+    if err is not None:
+        failures.append(err)
+        print(f"  FAILED {err}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("modules", nargs="*", help="tape_kernels submodules (default: all)")
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = ap.parse_args(argv)
-    rows = run(args.modules or None)
-    print(f"AOT: {len(rows)} kernel compilations OK for sm_86/sm_90")
+    t0 = time.perf_counter()
+    rows = run(args.modules or None, jobs=max(1, args.jobs))
+    print(f"AOT: {len(rows)} kernel compilations OK for sm_86/sm_90 in {time.perf_counter() - t0:.0f}s")
     if not rows:
         print("AOT: no kernels registered", file=sys.stderr)
     return 0
