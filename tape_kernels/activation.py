@@ -72,7 +72,7 @@ if triton_available():
         ser = 1.0 - a_s * (1.0 / 2.0) * ser
         d = tl.where(a < 0.5, a_s * ser, 1.0 - e)
         w = 0.5 * d  # in [0, 0.5)
-        w_big = tl.maximum(w, 0.25)  # keeps the unused branch finite
+        w_big = tl.where(w < 0.25, 0.25, w)  # keeps the unused branch finite; NaN stays NaN
         at_w = tl.where(w < 0.25, _atanh_series(w), 0.5 * tl.log((1.0 + w_big) / (1.0 - w_big)))
         l = 2.0 * at_w  # log1p(|s|), in [0, log 3)
         r = 1.0 / tl.sqrt(1.0 + 24.0 * l * l)

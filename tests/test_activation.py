@@ -103,6 +103,13 @@ def test_derivative_at_zero_is_one() -> None:
     assert torch.equal(d, torch.ones(3))
 
 
+def test_inf_and_nan_follow_the_reference() -> None:
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])
+    out = reference_activation(x, backend="triton")
+    torch.testing.assert_close(out, reference_activation_ref(x), atol=1e-7, rtol=0, equal_nan=True)
+    assert torch.isnan(out[2])
+
+
 def test_large_inputs_gradient_is_tiny_not_nan() -> None:
     x = torch.tensor([-1e30, -100.0, -50.0, 50.0, 100.0, 1e30])
     d = _grad(lambda t: reference_activation(t, backend="triton"), x)
