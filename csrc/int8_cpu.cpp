@@ -52,8 +52,11 @@ const char* cpu_isa_name(CpuIsa isa) {
 }
 
 // Work below this many multiply-adds runs on the calling thread: waking the OpenMP team costs a
-// few microseconds, more than a small GEMV takes.
+// few microseconds (far more when another process holds a core), more than a small GEMV takes.
+// VNNI does ~100 int8 MACs per ns on one core, dequantize-and-FMA about a third of that.
 static constexpr int64_t kParallelMacs = 1 << 16;
+static constexpr int64_t kParallelMacsW8A8 = 1 << 20;
+static constexpr int64_t kParallelMacsW8A32 = 1 << 18;
 
 // ---------------------------------------------------------------------------------------------
 // Packing and activation quantization
@@ -117,7 +120,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void tile
     for (int j = 0; j < 4; ++j) a[r][j] = _mm512_setzero_si512();
   for (int64_t g = 0; g < groups; ++g) {
     const int8_t* wg = wt + g * kTileN * kGroupK;
-    _mm_prefetch(reinterpret_cast<const char*>(wg + 1024), _MM_HINT_T0);
     const __m512i w0 = _mm512_loadu_si512(wg);
     const __m512i w1 = _mm512_loadu_si512(wg + 64);
     const __m512i w2 = _mm512_loadu_si512(wg + 128);
@@ -190,7 +192,7 @@ static void gemm_packed_driver(const int8_t* xq, int64_t m, int64_t k, int64_t l
   }
   const int64_t items = tiles * mblocks;
   // Items are ordered tile-major so a thread's consecutive row blocks reuse one tile from cache.
-#pragma omp parallel for schedule(static) if (m * n * k > kParallelMacs)
+#pragma omp parallel for schedule(static) if (m * n * k > kParallelMacsW8A8)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t tile = it / mblocks, mb = it % mblocks;
     const int64_t m0 = mb * kMaxMR, rows = std::min(kMaxMR, m - m0);
@@ -303,7 +305,7 @@ void w8a32_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const i
   const CpuIsa isa = cpu_isa();
   constexpr int64_t NR = 4, MR = 4;
   const int64_t nblocks = (n + NR - 1) / NR, mblocks = (m + MR - 1) / MR, items = nblocks * mblocks;
-#pragma omp parallel for schedule(static) if (m * n * k > kParallelMacs)
+#pragma omp parallel for schedule(static) if (m * n * k > kParallelMacsW8A32)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t nb = it / mblocks, mb = it % mblocks;
     const int64_t n0 = nb * NR, m0 = mb * MR, rows = std::min(MR, m - m0), cols = std::min(NR, n - n0);

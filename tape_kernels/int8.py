@@ -233,6 +233,7 @@ def _validate(x: Any, qweight: Any, scale: Any, bias: Any) -> None:
         raise ValueError(f"qweight must be contiguous along K (stride {qweight.stride()}); call .contiguous()")
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"int8_linear supports CPU and CUDA tensors, got {x.device}")
+    _remember_validated(qweight, scale, bias)
 
 
 def resolve_act_quant(x: torch.Tensor) -> bool:
@@ -258,33 +259,73 @@ def int8_linear(
     (needs qweight in [-127, 127], as ``quantize_weight`` makes it). ``act_quant=None``: the faster
     mode for the call (see ``resolve_act_quant``).
     """
-    _validate(x, qweight, scale, bias)
+    # At decode size the kernel takes ~10 µs, so per-call Python work is kept to a few attribute
+    # reads: the weights' checks are remembered per (qweight, scale, bias) objects (their dtype,
+    # shape and device cannot change in place), only x is checked on every call.
+    if not isinstance(x, torch.Tensor) or not _weights_validated(qweight, scale, bias):
+        _validate(x, qweight, scale, bias)
+    dev = x.device
+    shape = x.shape
+    if x.dtype not in _FLOAT_SET or not shape or shape[-1] != qweight.shape[1] or dev != qweight.device:
+        _validate(x, qweight, scale, bias)
     if act_quant is None:
         act_quant = resolve_act_quant(x)
-    ext = _load_ext()
-    if ext is None:
+    if _ext_state != "ok" and _load_ext() is None:
         return int8_linear_ref(x, qweight, scale, bias, act_quant)
     n, k = qweight.shape
-    x2 = x.reshape(-1, k)
-    ops = torch.ops.tape_kernels
-    if x.device.type == "cpu":
+    x2 = x if len(shape) == 2 else x.reshape(-1, k)
+    if k > 0 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if dev.type == "cpu":
         # The CPU kernels compute in fp32; fp16/bf16 inputs round-trip through it.
         xf = x2 if x2.dtype == torch.float32 else x2.float()
-        if k > 0 and xf.stride(-1) != 1:
-            xf = xf.contiguous()
         bf = bias if bias is None or bias.dtype == torch.float32 else bias.float()
         if act_quant:
             packed, wsum = _packed(qweight)
-            y = ops.w8a8_linear_packed(xf, packed, wsum, scale, bf)
+            y = _op("w8a8_linear_packed")(xf, packed, wsum, scale, bf)
         else:
-            y = ops.w8_linear(xf, qweight, scale, bf)
-        y = y if y.dtype == x.dtype else y.to(x.dtype)
+            y = _op("w8_linear")(xf, qweight, scale, bf)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
     else:
-        if k > 0 and x2.stride(-1) != 1:
-            x2 = x2.contiguous()
         b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
-        y = (ops.w8a8_linear if act_quant else ops.w8_linear)(x2, qweight, scale, b)
-    return y.reshape(*x.shape[:-1], n)
+        y = _op("w8a8_linear" if act_quant else "w8_linear")(x2, qweight, scale, b)
+    return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
+
+
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
+_op_cache: dict[str, Any] = {}
+
+
+def _op(name: str) -> Any:
+    op = _op_cache.get(name)
+    if op is None:
+        op = _op_cache[name] = getattr(torch.ops.tape_kernels, name).default
+    return op
+
+
+_validated: dict[tuple[int, int, int], tuple[Any, Any, Any]] = {}
+
+
+def _weights_validated(qweight: Any, scale: Any, bias: Any) -> bool:
+    """Whether these exact weight objects passed ``_validate`` before (then they still pass)."""
+    hit = _validated.get((id(qweight), id(scale), id(bias)))
+    return (
+        hit is not None
+        and hit[0]() is qweight
+        and hit[1]() is scale
+        and (bias is None or (hit[2] is not None and hit[2]() is bias))
+    )
+
+
+def _remember_validated(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    key = (id(qweight), id(scale), id(bias))
+
+    def drop(_r: Any, key: tuple[int, int, int] = key) -> None:
+        _validated.pop(key, None)
+
+    refs = (weakref.ref(qweight, drop), weakref.ref(scale, drop), None if bias is None else weakref.ref(bias, drop))
+    _validated[key] = refs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,9 +462,10 @@ class Int8MultiheadAttention(nn.Module):
         if key_padding_mask is not None or attn_mask is not None or is_causal:
             raise ValueError("Int8MultiheadAttention supports no masks (the TapeTransformer uses none)")
         for name, t in (("query", query), ("key", key), ("value", value)):
-            check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES)
-            if t.shape[-1] != self.embed_dim:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}; last dim must be embed_dim={self.embed_dim}")
+            # dtype and device are checked by int8_linear; this is the per-token path, keep it cheap.
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a 3-D tensor (..., embed_dim={self.embed_dim}), got {got}")
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q, k, v = self._project(query, key, value)

@@ -366,6 +366,10 @@ def test_int8_mha_matches_dequantized_fp64(batch_first: bool) -> None:
             torch.testing.assert_close(out2.double(), rout, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="mask"):
         qmha(x, x, x, attn_mask=torch.zeros(5, 5))
+    with pytest.raises(ValueError, match="3-D"):
+        qmha(x[0], x[0], x[0])
+    with pytest.raises(ValueError, match="dtype"):
+        qmha(x.long(), x.long(), x.long())
 
 
 # ------------------------------------------------------------------------------- quantized model
