@@ -8,6 +8,10 @@ below (which only matters where PyTorch happens to be exact, e.g. the near-const
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -470,3 +474,26 @@ def test_fixed_config_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(A, "interpreting", lambda: False)
     _check_case(2, 40, 64, 4, True, torch.float32, seed=4)
     _check_case(1, 37, 32, 4, False, torch.float16, seed=5)
+
+
+def test_aot_compile_largest_configs() -> None:
+    """The configs closest to the sm_86 shared-memory limit compile within it (`make aot` compiles all)."""
+    code = textwrap.dedent(
+        """
+        from tape_kernels._aot import SM86_MAX_SHARED, compile_spec
+        from tape_kernels.attention import aot_specs
+        want = {"_attn_bwd_dq_kernel[float32,ieee,bm16,bn32,w4,s1]": (86,),
+                "_attn_fwd_kernel[float16,tf32,bm64,bn64,w8,s2]": (86,)}
+        specs = [s for s in aot_specs() if s.name in want]
+        assert len(specs) == len(want), sorted(set(want) - {s.name for s in specs})
+        for s in specs:
+            for cc in want[s.name]:
+                shared = compile_spec(s, cc).metadata.shared
+                assert shared <= SM86_MAX_SHARED, (s.name, cc, shared)
+        print("OK", len(specs))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "OK 2" in proc.stdout
