@@ -20,7 +20,7 @@ from tape_kernels.attention import (
     critic_attention_decode_ref,
     critic_attention_ref,
 )
-from tape_kernels.charrnn import CharRNN, charrnn, charrnn_ref, charrnn_step
+from tape_kernels.charrnn import CharRNN, charrnn_ref, charrnn_step
 from tape_kernels.combine import TapeHeadCombine, tapehead_combine, tapehead_combine_ref
 from tape_kernels.int8 import Int8Linear, Int8MultiheadAttention, int8_linear, quantize_weight
 from tape_kernels.layernorm import AddLayerNorm, add_layer_norm, add_layer_norm_ref
@@ -46,7 +46,6 @@ __all__ = [
     "TapeHeadCombine",
     "add_layer_norm",
     "add_layer_norm_ref",
-    "charrnn",
     "charrnn_ref",
     "charrnn_step",
     "critic_attention",
