@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -12,7 +13,7 @@ from tapetransformer.checkpoint import ModelConfig, load_checkpoint
 from tapetransformer.data import CharVocab, load_text
 from tapetransformer.generate import generate
 from tapetransformer.model import TapeTransformer
-from tapetransformer.train import TrainConfig, build_model, train
+from tapetransformer.train import AMP_MODES, OPTIMIZERS, TrainConfig, build_model, train
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,8 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--optimizer", choices=("adam", "wolf"), default="adam")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                   help="wolf: the notebook's optimizer as one multi-tensor step; wolf-eager: its reference loop")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--out", default="runs/tapetransformer.ckpt", help="checkpoint path (written atomically)")
@@ -41,6 +43,22 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--backend", choices=("auto", "triton", "eager"), default="auto",
                    help="auto: Triton kernels on CUDA, eager PyTorch on CPU")
     p.add_argument("--log-csv", default=None)
+    p.add_argument("--log-dir", default=None, help="write log.csv, log.json and loss.png (Pillow) there")
+    g = p.add_argument_group("precision and memory")
+    g.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="auto: bf16 autocast on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
+    g.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="per-process memory budget: sets the CUDA memory fraction and picks micro-batch x "
+                        "gradient accumulation (and activation recomputation if needed)")
+    g.add_argument("--micro-batch", type=int, default=None, help="force the micro-batch size (accumulate the rest)")
+    g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
+                   help="force activation recomputation per TapeHead block on/off (default: the planner)")
+    p.add_argument("--init-from", default=None,
+                   help="fine-tune from a checkpoint or a bare notebook state_dict (config taken from it)")
+    g = p.add_argument_group("attention visualization (needs Pillow)")
+    g.add_argument("--viz", default=None, metavar="DIR", help="write attention frames (PNG) and train.gif to DIR")
+    g.add_argument("--viz-every", type=int, default=50)
+    g.add_argument("--viz-rows", type=int, default=4, help="batch rows drawn per frame")
     _add_model_args(p)
 
 
@@ -58,7 +76,8 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, grad_clip=a.grad_clip,
         eval_every=a.eval_every, out=a.out, resume=a.resume, seed=a.seed, device=a.device, backend=a.backend,
-        log_csv=a.log_csv,
+        log_csv=a.log_csv, log_dir=a.log_dir, amp=a.amp, memory_budget_gb=a.memory_budget_gb, micro_batch=a.micro_batch,
+        recompute=a.recompute, init_from=a.init_from, viz=a.viz, viz_every=a.viz_every, viz_rows=a.viz_rows,
         model=ModelConfig(vocab_size=0, seq_len=a.seq_len, embed_dim=a.embed_dim, num_heads=a.num_heads,
                           dropout=a.dropout, causal=a.causal),
     )
@@ -86,8 +105,11 @@ def _generate(model: TapeTransformer, vocab: CharVocab, a: argparse.Namespace, d
 
 def cmd_train(a: argparse.Namespace) -> int:
     res = train(_train_config(a))
-    print(f"step {res['step']}: train loss {res['train_loss']:.4f}, val loss {res['val_loss']:.4f}; "
-          f"checkpoint {res['checkpoint']}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        peak = res["peak_mem_mb"]
+        mem = f"; peak memory of the last step {peak:,.0f} MiB" if a.device.startswith("cuda") else ""
+        print(f"step {res['step']}: train loss {res['train_loss']:.4f}, val loss {res['val_loss']:.4f}; "
+              f"checkpoint {res['checkpoint']}{mem}")
     return 0
 
 

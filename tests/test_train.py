@@ -1,0 +1,356 @@
+"""Training machinery: the multi-tensor Wolf against the eager oracle, the memory planner, gradient
+accumulation and recomputation against the full batch, DDP (2 gloo processes) against single-process
+training, bit-for-bit resume, fine-tuning a notebook state_dict, AMP choice, and the CLI's outputs.
+
+Tiny models with ``backend="eager"`` (the fused kernels are tested in their own files): every case
+runs in seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tapetransformer import cli
+from tapetransformer.checkpoint import ModelConfig, load_checkpoint
+from tapetransformer.model import TapeTransformer
+from tapetransformer.optim import FusedWolf
+from tapetransformer.reference import TapeTransformer as ReferenceTapeTransformer
+from tapetransformer.reference import Wolf, nll_loss
+from tapetransformer.train import (
+    MemoryEstimate,
+    MemoryPlan,
+    Stepper,
+    TrainConfig,
+    enable_recompute,
+    estimate_memory,
+    pick_amp,
+    plan_memory,
+    train,
+)
+
+TINY = ModelConfig(vocab_size=0, seq_len=8, embed_dim=16, num_heads=2)
+# Accumulated vs full-batch gradients, fp32: the two sum the same per-sample terms in a different
+# order (per micro-batch means weighted by size vs one mean), so they differ by rounding only.
+ACCUM_RTOL, ACCUM_ATOL = 1e-5, 1e-7
+# DDP vs single process, fp32, 3 SGD steps (lr 0.5): gloo's allreduce averages the two ranks' gradients
+# in another order than the single process's mean, so they differ by rounding (measured ≤ 6e-8).
+# SGD, not Adam: the key part of in_proj_bias has an exactly-zero true gradient (softmax ignores a
+# per-query constant), so its computed gradient is rounding noise, which Adam normalises to ±lr.
+DDP_RTOL, DDP_ATOL = 1e-5, 1e-6
+
+
+def tiny_fused(vocab: int = 13, seed: int = 0) -> TapeTransformer:
+    torch.manual_seed(seed)
+    return TapeTransformer(vocab, seq_len=8, embed_dim=16, num_heads=2, dropout=0.0, backend="eager")
+
+
+def batch(vocab: int = 13, b: int = 8, s: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, vocab, (b, s + 1), generator=g)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------ multi-tensor Wolf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_wolf_equals_eager_wolf_bitwise(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7,), (3, 5), (1,), (4, 1, 3), (129,), ()]
+    base = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    pa = [torch.nn.Parameter(t.clone()) for t in base]
+    pb = [torch.nn.Parameter(t.clone()) for t in base]
+    oa, ob = Wolf(pa, lr=0.25), FusedWolf(pb, lr=0.25)
+    for step in range(5):
+        for i, (a, b) in enumerate(zip(pa, pb)):
+            if i == 2 and step % 2 == 0:  # a parameter without a gradient is left alone
+                a.grad = b.grad = None
+                continue
+            gr = torch.randn(a.shape, generator=g, dtype=dtype)
+            gr[gr.abs() < 0.3] = 0.0  # zeros: sign(g) = 0 must freeze the parameter
+            a.grad, b.grad = gr.clone(), gr.clone()
+        oa.step()
+        ob.step()
+        for a, b in zip(pa, pb):
+            assert torch.equal(a, b)
+            assert torch.equal(oa.state[a]["p"], ob.state[b]["p"])
+            assert oa.state[a].get("step") == ob.state[b].get("step")
+
+
+def test_fused_wolf_on_the_golden_step(golden: dict) -> None:
+    vocab, seq_len, dim, heads = golden["config"].tolist()
+
+    def with_grads() -> ReferenceTapeTransformer:
+        m = ReferenceTapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0).double()
+        m.load_state_dict(golden["state_dict"], strict=True)
+        logp, entropy, aw = m(golden["x"])
+        (nll_loss(logp, golden["y"]) + 0.01 * entropy + (aw * golden["attn_weight_probe"]).sum()).backward()
+        return m
+
+    model, twin = with_grads(), with_grads()
+    FusedWolf(model.parameters(), lr=0.25).step()
+    Wolf(twin.parameters(), lr=0.25).step()
+    params, twin_params = dict(model.named_parameters()), dict(twin.named_parameters())
+    for name in params:
+        assert torch.equal(params[name], twin_params[name]), name
+    for name, want in golden["after_wolf_step"].items():
+        err = (params[name].detach() - want).abs().max() / want.abs().max().clamp_min(1e-300)
+        assert err < 1e-14, name  # the golden test's bound for the eager Wolf
+
+
+def test_fused_wolf_state_dict_moves_between_implementations() -> None:
+    p = torch.nn.Parameter(torch.randn(6))
+    eager = Wolf([p], lr=0.1)
+    p.grad = torch.randn(6)
+    eager.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    fused = FusedWolf([q], lr=0.1)
+    fused.load_state_dict(eager.state_dict())
+    p.grad = q.grad = torch.randn(6)
+    eager.step()
+    fused.step()
+    assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="lr"):
+        FusedWolf([q], lr=-1.0)
+
+
+# ------------------------------------------------------------------ memory planner
+
+
+def test_estimate_memory_orders() -> None:
+    cfg = ModelConfig(vocab_size=65, seq_len=128, embed_dim=256, num_heads=4)
+    base = estimate_memory(cfg, 10_000_000)
+    assert estimate_memory(cfg, 10_000_000, amp=True).per_sample < base.per_sample
+    assert estimate_memory(cfg, 10_000_000, need_aux=True).per_sample > base.per_sample
+    assert estimate_memory(cfg, 10_000_000, fused_attention=False).per_sample > base.per_sample
+    assert base.per_sample_recompute < base.per_sample / 4
+    assert estimate_memory(cfg, 10_000_000, optimizer="sgd").fixed < base.fixed
+
+
+def test_plan_memory_choices() -> None:
+    mib = 1 << 20
+    est = MemoryEstimate(fixed=100 * mib, per_sample=50 * mib, per_sample_recompute=10 * mib)
+    # no budget, or a roomy one: the whole batch at once
+    assert plan_memory(16, est, None) == MemoryPlan(16, 1, False, None, 900 * mib)
+    p = plan_memory(16, est, 8 << 30)
+    assert (p.micro_batch, p.accum_steps, p.recompute) == (16, 1, False)
+    # 0.8 * 1000 MiB - 100 MiB = 700 MiB -> 14 samples of 50 MiB; 16 = 14 + 2
+    p = plan_memory(16, est, 1000 * mib)
+    assert (p.micro_batch, p.accum_steps, p.recompute) == (14, 2, False)
+    assert p.estimated_peak_bytes <= 0.8 * 1000 * mib
+    # 0.8 * 175 - 100 = 40 MiB: no sample fits without recomputation, 4 fit with it
+    p = plan_memory(16, est, 175 * mib)
+    assert (p.micro_batch, p.accum_steps, p.recompute) == (4, 4, True)
+    with pytest.raises(ValueError, match="does not fit"):
+        plan_memory(16, est, 130 * mib)
+    with pytest.raises(ValueError, match="does not fit"):
+        plan_memory(16, est, 175 * mib, recompute=False)
+    forced = plan_memory(10, est, None, micro_batch=3)
+    assert (forced.micro_batch, forced.accum_steps) == (3, 4)
+
+
+def test_notebook_config_plan_fits_8gib_with_margin() -> None:
+    cfg = ModelConfig(vocab_size=65, seq_len=128, embed_dim=256, num_heads=4)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in TapeTransformer(65, seq_len=128, embed_dim=256, num_heads=4).parameters())
+    for amp in (False, True):
+        for aux in (False, True):
+            plan = plan_memory(16, estimate_memory(cfg, n, amp=amp, need_aux=aux), 8 << 30)
+            assert plan.estimated_peak_bytes <= 0.8 * (8 << 30)
+            assert plan.micro_batch * plan.accum_steps >= 16
+
+
+def test_stepper_shrinks_after_oom() -> None:
+    model = tiny_fused()
+    st = Stepper(model, torch.optim.SGD(model.parameters(), lr=0.1), MemoryPlan(8, 1, False, None, 0))
+    seen = []
+    while st.shrink():
+        seen.append((st.plan.micro_batch, st.plan.accum_steps, st.plan.recompute))
+    assert seen == [(4, 2, False), (2, 4, False), (1, 8, False), (1, 8, True)]
+
+
+# ------------------------------------------------------------------ accumulation and recompute
+
+
+def test_accumulation_equals_full_batch() -> None:
+    x, y = batch()
+    full, acc = tiny_fused(), tiny_fused()
+    sf = Stepper(full, torch.optim.SGD(full.parameters(), lr=0.5), MemoryPlan(8, 1, False, None, 0))
+    sa = Stepper(acc, torch.optim.SGD(acc.parameters(), lr=0.5), MemoryPlan(3, 3, False, None, 0))  # 3 + 3 + 2
+    lf, _ = sf.step(x, y)
+    la, _ = sa.step(x, y)
+    torch.testing.assert_close(la, lf, rtol=ACCUM_RTOL, atol=ACCUM_ATOL)
+    gf, ga = grads(full), grads(acc)
+    assert [n for n, g in gf.items() if g is None] == [n for n, g in ga.items() if g is None]
+    assert any(g is not None and g.abs().max() > 0 for g in gf.values())
+    for n in gf:
+        if gf[n] is not None:
+            torch.testing.assert_close(ga[n], gf[n], rtol=ACCUM_RTOL, atol=ACCUM_ATOL, msg=n)
+    # SGD: the update is lr × gradient, so the parameters agree to the same tolerance (times lr)
+    for (n, a), b in zip(full.named_parameters(), acc.parameters()):
+        torch.testing.assert_close(b, a, rtol=ACCUM_RTOL, atol=ACCUM_ATOL, msg=n)
+
+
+def test_recompute_gives_the_same_gradients() -> None:
+    x, y = batch()
+    plain, rc = tiny_fused(), tiny_fused()
+    enable_recompute(rc)
+    plain.loss(x, y).backward()
+    rc.loss(x, y).backward()
+    gp, gr = grads(plain), grads(rc)
+    for n in gp:
+        assert (gp[n] is None) == (gr[n] is None), n
+        if gp[n] is not None:
+            assert torch.equal(gp[n], gr[n]), n  # the same ops recomputed: identical, not just close
+    with pytest.raises(ValueError, match="fused"):
+        enable_recompute(ReferenceTapeTransformer(13, seq_len=8, embed_dim=16, num_heads=1))
+
+
+# ------------------------------------------------------------------ AMP
+
+
+def test_pick_amp() -> None:
+    assert pick_amp("auto", "cpu") == (None, False)
+    assert pick_amp("off", "cpu") == (None, False)
+    assert pick_amp("bf16", "cpu") == (torch.bfloat16, False)
+    with pytest.raises(ValueError, match="CUDA"):
+        pick_amp("fp16", "cpu")
+    with pytest.raises(ValueError, match="amp"):
+        pick_amp("fp8", "cpu")
+
+
+@pytest.mark.gpu
+def test_amp_on_cuda_picks_bf16_or_fp16_with_scaler() -> None:
+    dt, scaler = pick_amp("auto", "cuda")
+    assert (dt, scaler) == ((torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True))
+    assert pick_amp("fp16", "cuda") == (torch.float16, True)
+
+
+# ------------------------------------------------------------------ training runs
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    p = tmp_path / "corpus.txt"
+    p.write_text("to be or not to be, that is the question. " * 20, encoding="utf-8")
+    return p
+
+
+def cfg_for(out: Path, corpus: Path, steps: int, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), steps=steps, batch_size=4, lr=1e-2, eval_every=2, eval_batches=1, out=str(out),
+                seed=3, model=ModelConfig(**TINY.to_dict()), progress=False, backend="eager")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_bit_for_bit_with_wolf_and_accumulation(tmp_path: Path, corpus: Path) -> None:
+    kw = dict(optimizer="wolf", lr=0.05, micro_batch=3, model=ModelConfig(**{**TINY.to_dict(), "dropout": 0.1}))
+    full = train(cfg_for(tmp_path / "a.ckpt", corpus, 4, **kw))
+    train(cfg_for(tmp_path / "b.ckpt", corpus, 2, **kw))
+    ck = load_checkpoint(tmp_path / "b.ckpt")
+    assert set(ck["rng"]) >= {"torch", "data", "eval"} and ck["extra"]["plan"]["micro_batch"] == 3
+    assert ck["extra"]["scaler"] is None and ck["optimizer"]["state"]
+    resumed = train(cfg_for(tmp_path / "b.ckpt", corpus, 4, resume=True, **kw))
+    for (k, a), b in zip(full["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b), k
+    assert full["train_loss"] == resumed["train_loss"]
+
+
+def test_init_from_notebook_state_dict(tmp_path: Path, golden: dict) -> None:
+    sd_path = tmp_path / "model_dict.pth"
+    torch.save(golden["state_dict"], sd_path)
+    text = "abcdefghijklmnopqrstuvwxyz0123456789 " * 30  # 37 distinct characters, as the golden vocab
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(text, encoding="utf-8")
+    res = train(cfg_for(tmp_path / "ft.ckpt", corpus, 1, init_from=str(sd_path), optimizer="sgd", lr=0.0,
+                        eval_every=0, batch_size=2))
+    sd = res["model"].state_dict()
+    for k, v in golden["state_dict"].items():
+        assert torch.equal(sd[k], v.to(sd[k].dtype)), k
+    assert res["model"].seq_len == 16 and res["model"].embed_dim == 32
+    res = train(cfg_for(tmp_path / "ft2.ckpt", corpus, 2, init_from=str(sd_path), lr=1e-3, batch_size=2))
+    assert torch.isfinite(torch.tensor(res["train_loss"]))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("only a few letters here", encoding="utf-8")
+    with pytest.raises(ValueError, match="distinct characters"):
+        train(cfg_for(tmp_path / "x.ckpt", bad, 1, init_from=str(sd_path)))
+
+
+def test_cpu_bf16_autocast_step_trains(tmp_path: Path, corpus: Path) -> None:
+    res = train(cfg_for(tmp_path / "bf.ckpt", corpus, 2, amp="bf16", eval_every=0))
+    assert torch.isfinite(torch.tensor(res["train_loss"]))
+    assert all(p.dtype == torch.float32 for p in res["model"].parameters())  # fp32 master weights
+
+
+# ------------------------------------------------------------------ DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    res = train(cfg)
+    torch.save(res["model"].state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ddp_two_gloo_ranks_match_single_process(tmp_path: Path, corpus: Path) -> None:
+    kw = dict(optimizer="sgd", lr=0.5, eval_every=0, batch_size=4)
+    single = train(cfg_for(tmp_path / "single.ckpt", corpus, 3, **kw))
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg_for(tmp_path / "ddp.ckpt", corpus, 3, **kw), str(tmp_path)),
+             nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    ref = single["model"].state_dict()
+    moved = 0
+    init = tiny_fused(vocab=single["vocab"].size, seed=3).state_dict()  # train() seeds 3 before building
+    for k in ref:
+        assert torch.equal(r0[k], r1[k]), k  # DDP keeps the ranks identical, bit for bit
+        torch.testing.assert_close(r0[k], ref[k], rtol=DDP_RTOL, atol=DDP_ATOL, msg=k)
+        moved += int(not torch.equal(ref[k], init[k]))
+    assert moved > 10  # training changed the model, so the comparison means something
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_train_writes_logs_viz_and_reports_plan(tmp_path: Path, corpus: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("PIL")
+    ck, logs, viz = tmp_path / "m.ckpt", tmp_path / "logs", tmp_path / "viz"
+    rc = cli.main(["train", "--data", str(corpus), "--steps", "4", "--batch-size", "4", "--eval-every", "2",
+                   "--seq-len", "8", "--embed-dim", "16", "--num-heads", "2", "--out", str(ck), "--backend", "eager",
+                   "--optimizer", "wolf", "--lr", "0.05", "--memory-budget-gb", "8", "--log-dir", str(logs),
+                   "--viz", str(viz), "--viz-every", "2", "--viz-rows", "3"])
+    err = capsys.readouterr()
+    assert rc == 0 and "train loss" in err.out
+    assert "micro-batch 4 x 1" in err.err and "budget 8.00 GiB" in err.err
+    summary = json.loads((logs / "log.json").read_text())
+    assert summary["plan"]["micro_batch"] == 4 and len(summary["log"]) == 4
+    assert summary["log"][1]["val_loss"] is not None and summary["log"][0]["peak_mem_mb"] > 0
+    assert (logs / "log.csv").read_text().startswith("step,loss,tokens_per_s,peak_mem_mb,val_loss")
+    from PIL import Image
+
+    assert Image.open(logs / "loss.png").size == (640, 360)
+    assert sorted(p.name for p in viz.glob("frame_*.png")) == ["frame_000002.png", "frame_000004.png"]
+    assert Image.open(viz / "train.gif").n_frames == 2
+    rc = cli.main(["train", "--data", str(corpus), "--steps", "1", "--batch-size", "4", "--seq-len", "8",
+                   "--embed-dim", "16", "--num-heads", "1", "--out", str(tmp_path / "n.ckpt"), "--backend", "eager",
+                   "--memory-budget-gb", "0.00001"])
+    assert rc == 2 and "does not fit" in capsys.readouterr().err
