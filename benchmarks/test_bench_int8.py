@@ -100,6 +100,10 @@ def _layer_fn(impl: str, m: int, k: int, n: int, device: torch.device):
             return None
         xq, _ = i8.quantize_rows_ref(x)
         xq, qt = xq.to(device), q.t()  # _int_mm wants (M, K) · (K, N); q.t() is column-major, as cuBLASLt likes
+        try:
+            torch._int_mm(xq, qt)
+        except RuntimeError:  # a build that wants row-major mat2
+            qt = qt.contiguous()
         return (lambda: torch._int_mm(xq, qt)), n * k
     b = lin.bias.detach().to(device, torch.float16)
     act = impl == "int8_w8a8"

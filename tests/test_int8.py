@@ -457,6 +457,26 @@ def test_cuda_int8_paths(m: int, n: int, k: int) -> None:
             torch.testing.assert_close(y.float().cpu(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.gpu
+@needs_ext
+def test_cuda_opcheck() -> None:
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 40, generator=gen).to(dev, torch.float16)
+    q = _weights(70, 40, gen).to(dev)
+    s = torch.rand(70, generator=gen).to(dev)
+    b = torch.randn(70, generator=gen).to(dev, torch.float16)
+    xq, _ = ops.quantize_rows(x)
+    for op, args in [
+        (ops.quantize_rows, (x,)),
+        (ops.int8_mm, (xq, q)),
+        (ops.w8_linear, (x, q, s, b)),
+        (ops.w8a8_linear, (x, q, s, b)),
+        (ops.w8_linear, (torch.randn(20, 40, device=dev), q, s, None)),  # M > 16: dequantize + cuBLAS
+    ]:
+        torch.library.opcheck(op, args)
+
+
 def test_auto_mode_picks_w8a8_on_cpu() -> None:
     gen = torch.Generator().manual_seed(4)
     x, q, s = torch.randn(2, 3, 40, generator=gen), _weights(24, 40, gen), torch.rand(24, generator=gen)
