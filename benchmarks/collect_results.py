@@ -73,6 +73,8 @@ def load_benchmarks(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, A
         except (OSError, ValueError) as e:
             problems.append(f"{path}: {type(e).__name__}: {e}")
             continue
+        if data.get("partial"):
+            problems.append(f"{os.path.basename(path)}: partial (its step was stopped at the time limit)")
         if not env and isinstance(data.get("tape_kernels_env"), dict):
             env = dict(data["tape_kernels_env"])
         benches.extend(data.get("benchmarks") or [])

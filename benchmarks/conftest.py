@@ -8,6 +8,7 @@ compiled kernels on CUDA, and the fused cases skip on CPU.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -44,5 +45,40 @@ def device() -> torch.device:
     return pick_device()
 
 
+def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
+    """With ``TK_BENCH_PARTIAL_JSON`` set, rewrite that file after every test with what has been
+    measured so far: a step killed by its time limit (SIGKILL, no session finish) keeps its figures."""
+    path = os.environ.get("TK_BENCH_PARTIAL_JSON")
+    bs = getattr(_CONFIG, "_benchmarksession", None) if _CONFIG is not None else None
+    if not path or bs is None:
+        return
+    done = []
+    for b in bs.benchmarks:
+        try:
+            done.append(b.as_dict(include_data=False))
+        except (ValueError, ArithmeticError):  # started, but no round finished
+            continue
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"benchmarks": done, "tape_kernels_env": _env(), "partial": True}, f)
+    os.replace(tmp, path)
+
+
+_CONFIG: pytest.Config | None = None
+_ENV: dict | None = None
+
+
+def _env() -> dict:
+    global _ENV
+    if _ENV is None:
+        _ENV = env_info()
+    return _ENV
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _CONFIG
+    _CONFIG = config
+
+
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict) -> None:
-    output_json["tape_kernels_env"] = env_info()
+    output_json["tape_kernels_env"] = _env()

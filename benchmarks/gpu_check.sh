@@ -161,15 +161,22 @@ for f in benchmarks/test_bench_model.py $(ls benchmarks/test_bench_*.py | grep -
     [[ -e $f ]] || continue
     g=$(basename "$f" .py)
     g=${g#test_bench_}
-    step "bench-$g" "$([[ $g == model ]] && echo 100 || echo 80)" "$PY" -m pytest "$f" "${BENCH_OPTS[@]}" \
-        -k "not compile" --benchmark-json="$RAW/bench-$g.json"
+    # The partial file (rewritten after every test) keeps the figures of a step killed at its limit.
+    step "bench-$g" "$([[ $g == model ]] && echo 100 || echo 80)" env TK_BENCH_PARTIAL_JSON="$RAW/bench-$g.partial.json" \
+        "$PY" -m pytest "$f" "${BENCH_OPTS[@]}" -k "not compile" --benchmark-json="$RAW/bench-$g.json"
 done
 # Each of the two child processes gets just under half of what the step may use.
 cw_left=$((BUDGET - $(elapsed) - RESERVE))
 cw_child=$((((cw_left < 90 ? cw_left : 90) - 6) / 2))
 step cold-warm 90 "$PY" benchmarks/cold_warm_start.py --impl auto --timeout $((cw_child > 5 ? cw_child : 5)) \
     --out "$RAW/cold_warm.json"
-step bench-compile 120 "$PY" -m pytest benchmarks "${BENCH_OPTS[@]}" -k compile --benchmark-json="$RAW/bench-compile.json"
+step bench-compile 120 env TK_BENCH_PARTIAL_JSON="$RAW/bench-compile.partial.json" \
+    "$PY" -m pytest benchmarks "${BENCH_OPTS[@]}" -k compile --benchmark-json="$RAW/bench-compile.json"
+
+# A finished step's own JSON supersedes its partial file.
+for p in "$RAW"/bench-*.partial.json; do
+    [[ -e $p && -e ${p%.partial.json}.json ]] && rm -f "$p"
+done
 
 say ">>> collect"
 outs=(--out-dir "$ROOT/benchmarks/results")

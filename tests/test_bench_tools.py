@@ -155,30 +155,63 @@ def test_main_writes_to_out_and_results_dir(tmp_path, monkeypatch):
     assert cr.main([str(tmp_path / "none.json"), "--out-dir", str(tmp_path / "empty")]) == 1
 
 
-def test_real_pytest_benchmark_json(tmp_path):
-    """End to end through pytest-benchmark's own JSON, written by a benchmark that uses common.record."""
-    (tmp_path / "test_tiny_bench.py").write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {BENCH_DIR!r})\n"
-        "from common import record\n"
-        "import pytest\n"
-        "@pytest.mark.parametrize('impl', ['eager', 'fused'])\n"
-        "def test_tiny(benchmark, impl):\n"
-        "    record(benchmark, group='fused_ops', case='tiny', impl=impl, peak_mem_mb=1.5, compile_s=None)\n"
-        "    benchmark.pedantic(sum, args=(range(1000 if impl == 'eager' else 10),), rounds=3)\n"
+TINY_BENCH = (
+    "import os, signal, sys\n"
+    "sys.path.insert(0, {bench!r})\n"
+    "from common import record\n"
+    "import pytest\n"
+    "@pytest.mark.parametrize('impl', ['eager', 'fused'])\n"
+    "def test_tiny(benchmark, impl):\n"
+    "    record(benchmark, group='fused_ops', case='tiny', impl=impl, peak_mem_mb=1.5, compile_s=None)\n"
+    "    benchmark.pedantic(sum, args=(range(1000 if impl == 'eager' else 10),), rounds=3)\n"
+    "def test_zz_killed():\n"
+    "    if os.environ.get('KILL_ME'):\n"
+    "        os.kill(os.getpid(), getattr(signal, os.environ['KILL_ME']))\n"
+)
+
+
+def _run_tiny_bench(tmp_path, kill=None):
+    """pytest-benchmark on a tiny benchmark file, with benchmarks/conftest.py's hooks."""
+    (tmp_path / "test_tiny_bench.py").write_text(TINY_BENCH.format(bench=BENCH_DIR))
+    bench_conftest = os.path.join(BENCH_DIR, "conftest.py")
+    (tmp_path / "conftest.py").write_text(
+        f"import sys\nsys.path.insert(0, {BENCH_DIR!r})\nexec(open({bench_conftest!r}).read())\n"
     )
-    out = tmp_path / "bench.json"
+    out, partial = tmp_path / "bench.json", tmp_path / "bench.partial.json"
+    env = {**os.environ, "TK_BENCH_PARTIAL_JSON": str(partial), "TK_BENCH_DEVICE": "cpu"}
+    if kill:
+        env["KILL_ME"] = kill
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
          str(tmp_path / "test_tiny_bench.py"), f"--benchmark-json={out}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
     )
+    return proc, out, partial
+
+
+def test_real_pytest_benchmark_json(tmp_path):
+    """End to end through pytest-benchmark's own JSON, written by a benchmark that uses common.record."""
+    proc, out, partial = _run_tiny_bench(tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    res = cr.build_results([str(out)], env=ENV)
+    res = cr.build_results([str(out)])
+    assert res["device"].startswith("cpu") and res["torch"] == torch.__version__  # from conftest's hook
     (row,) = res["results"]
     assert (row["group"], row["name"], row["peak_mem_mb"]) == ("fused_ops", "tiny", 1.5)
     assert 0 < row["fused_ms"] < row["eager_ms"]
     assert row["extra"]["fused_rounds"] == 3 and "compile_s" not in row["extra"]
+    assert cr.build_results([str(partial)])["results"] == res["results"]
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_benchmark_run_keeps_its_figures(tmp_path, sig):
+    # SIGKILL: no session finish, only the partial file survives; SIGTERM: pytest finishes the session
+    proc, out, partial = _run_tiny_bench(tmp_path, kill=sig)
+    assert proc.returncode != 0
+    assert out.exists() == (sig == "SIGTERM")
+    res = cr.build_results([str(out if sig == "SIGTERM" else partial)])
+    (row,) = res["results"]
+    assert row["eager_ms"] > 0 and row["fused_ms"] > 0
+    assert ("problems" in res) == (sig == "SIGKILL")
 
 
 def test_common_helpers_on_cpu():
