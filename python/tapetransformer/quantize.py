@@ -2,10 +2,12 @@
 
 Per token, eval cost is streaming weights; the ones that run at inference are, in every
 TapeHeadBlock, the attention projections (``cached_attn.attn``: in_proj (3D, D) and out_proj (D, D))
-and the MLP (``mlp.expand`` D→8D, ``mlp.linear`` 8D→D). Those become int8 (``tape_kernels.int8``);
-everything else stays as it is: the prophet (Char-RNN) and ``rnn_projection`` never influence an
-output, merger / final_norm / merge_projection* never run, and the embedding, LayerNorms and the
-Student-t unembedding stay in float (the unembedding's logits reach thousands and need fp32).
+and the MLP (``mlp.expand`` D→8D, ``mlp.linear`` 8D→D), plus the prophet's Char-RNN cells
+(``i2h``, ``h2h``), which run in eval to update their cache although their output never reaches
+the log-probabilities. Those become int8 (``tape_kernels.int8``); everything else stays as it is:
+``rnn_projection`` runs only in training, merger / final_norm / merge_projection* never run, and
+the embedding, LayerNorms and the Student-t unembedding stay in float (the unembedding's logits
+reach thousands and need fp32).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from tape_kernels.int8 import Int8Linear, Int8MultiheadAttention
 __all__ = ["quantize_int8"]
 
 
+def _is_rnn_cell(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "i2h", None), nn.Linear) and isinstance(getattr(m, "h2h", None), nn.Linear)
+
+
 def _is_block(m: nn.Module) -> bool:
     # Duck-typed on the TapeHeadBlock layout (the reference and the fused model share it).
     attn = getattr(getattr(m, "cached_attn", None), "attn", None)
@@ -27,7 +33,8 @@ def _is_block(m: nn.Module) -> bool:
 
 
 def quantize_int8(model: nn.Module, act_quant: bool | None = None, inplace: bool = False) -> nn.Module:
-    """Return ``model`` with int8 attention projections and MLP Linears in every TapeHeadBlock.
+    """Return ``model`` with int8 attention projections and MLP Linears in every TapeHeadBlock and
+int8 Char-RNN cells.
 
     ``act_quant=None`` (default): the faster mode per call (W8A8 on CPU; on CUDA the weight-only
     GEMV for decode, ≤ 16 rows, and W8A8 for prefill — see ``tape_kernels.int8.resolve_act_quant``);
@@ -41,6 +48,9 @@ def quantize_int8(model: nn.Module, act_quant: bool | None = None, inplace: bool
     blocks = [m for m in out.modules() if _is_block(m)]
     if not blocks:
         raise ValueError("quantize_int8 found no TapeHeadBlock (cached_attn.attn + mlp.expand/linear) in the model")
+    for cell in [m for m in out.modules() if _is_rnn_cell(m)]:
+        cell.i2h = Int8Linear.from_float(cell.i2h, act_quant)
+        cell.h2h = Int8Linear.from_float(cell.h2h, act_quant)
     for blk in blocks:
         attn = blk.cached_attn.attn
         if isinstance(attn, nn.MultiheadAttention):
