@@ -190,10 +190,12 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # The model cases shared by test_bench_model.py and cold_warm_start.py.
 
-# notebook: the size the original notebook trains at; small: a quick size for CPU smoke runs.
+# notebook: the size the original notebook trains at; small: a quick size for CPU runs; tiny: for
+# the tooling's own tests only (never benchmarked).
 MODEL_CASES: dict[str, dict[str, int]] = {
     "notebook": {"vocab_size": 65, "seq_len": 128, "embed_dim": 256, "num_heads": 4, "batch": 16},
     "small": {"vocab_size": 65, "seq_len": 64, "embed_dim": 64, "num_heads": 2, "batch": 8},
+    "tiny": {"vocab_size": 11, "seq_len": 8, "embed_dim": 16, "num_heads": 1, "batch": 2},
 }
 
 

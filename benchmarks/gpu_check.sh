@@ -165,10 +165,10 @@ for f in benchmarks/test_bench_model.py $(ls benchmarks/test_bench_*.py | grep -
     step "bench-$g" "$([[ $g == model ]] && echo 100 || echo 80)" env TK_BENCH_PARTIAL_JSON="$RAW/bench-$g.partial.json" \
         "$PY" -m pytest "$f" "${BENCH_OPTS[@]}" -k "not compile" --benchmark-json="$RAW/bench-$g.json"
 done
-# Each of the two child processes gets just under half of what the step may use.
+# The two child processes share what the step may use, less the parent's own start-up.
 cw_left=$((BUDGET - $(elapsed) - RESERVE))
-cw_child=$((((cw_left < 90 ? cw_left : 90) - 6) / 2))
-step cold-warm 90 "$PY" benchmarks/cold_warm_start.py --impl auto --timeout $((cw_child > 5 ? cw_child : 5)) \
+cw_child=$(((cw_left < 100 ? cw_left : 100) - 8))
+step cold-warm 100 "$PY" benchmarks/cold_warm_start.py --impl auto --timeout $((cw_child > 10 ? cw_child : 10)) \
     --out "$RAW/cold_warm.json"
 step bench-compile 120 env TK_BENCH_PARTIAL_JSON="$RAW/bench-compile.partial.json" \
     "$PY" -m pytest benchmarks "${BENCH_OPTS[@]}" -k compile --benchmark-json="$RAW/bench-compile.json"

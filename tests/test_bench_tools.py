@@ -236,10 +236,7 @@ def test_common_helpers_on_cpu():
     assert set(cr.ENV_KEYS) <= set(env) and env["torch"] == torch.__version__
 
 
-def test_train_step_and_generation_on_a_tiny_model(monkeypatch):
-    monkeypatch.setitem(
-        common.MODEL_CASES, "tiny", {"vocab_size": 11, "seq_len": 8, "embed_dim": 16, "num_heads": 1, "batch": 2}
-    )
+def test_train_step_and_generation_on_a_tiny_model():
     cpu = torch.device("cpu")
     model = common.build_model("tiny", "eager", cpu)
     x, y = common.make_batch("tiny", cpu)
@@ -302,3 +299,21 @@ def test_kernel_report_on_sm86_without_gpu(tmp_path):
         assert 0 < r["regs"] <= 255 and 0 <= r["shared"] <= kr.SM_LIMITS[86]["smem_block"]
         assert 0 < r["occupancy"] <= 1
     assert (tmp_path / "r.md").read_text().count("\n| activation |") == len(rows)
+
+
+def test_cold_warm_start_smoke(tmp_path):
+    out = tmp_path / "cw.json"
+    env = {**os.environ, "TK_BENCH_DEVICE": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH_DIR, "cold_warm_start.py"), "--impl", "eager", "--case", "tiny",
+         "--cache-root", str(tmp_path / "cache"), "--out", str(out), "--timeout", "300"],
+        capture_output=True, text=True, timeout=400, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert (run["impl"], run["case"], run["device"]) == ("eager", "tiny", "cpu")
+    assert run["cold_first_step_s"] > 0 and run["warm_first_step_s"] > 0
+    assert run["autotune_files_cold"] == run["autotune_files_new_warm"] == 0  # eager: no Triton kernels
+    # and the collector shows it
+    res = cr.build_results([], str(out), env=ENV)
+    assert "| eager | tiny |" in cr.to_markdown(res)
