@@ -75,7 +75,7 @@ def occupancy(cc: int, regs: int, num_warps: int, shared: int) -> dict[str, Any]
     lim = SM_LIMITS.get(cc, SM_LIMITS[86])
     warp_regs = -(-max(regs, 1) * 32 // REG_UNIT) * REG_UNIT
     by_regs = lim["regs"] // (warp_regs * num_warps)
-    by_smem = lim["smem_sm"] // (shared + SMEM_RESERVED_PER_BLOCK) if shared else lim["blocks"]
+    by_smem = lim["smem_sm"] // (shared + SMEM_RESERVED_PER_BLOCK) if shared else 1 << 30
     by_threads = lim["threads"] // (32 * num_warps)
     blocks = max(0, min(by_regs, by_smem, by_threads, lim["blocks"]))
     limiter = min(

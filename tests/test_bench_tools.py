@@ -275,6 +275,8 @@ def test_kernel_report_occupancy_math():
     # 48 KiB of shared memory (+1 KiB reserved per block): two blocks in sm_86's 100 KiB, four in sm_90's 228 KiB
     assert kr.occupancy(86, 32, 4, 49152)["blocks_per_sm"] == 2
     assert kr.occupancy(90, 32, 4, 49152)["blocks_per_sm"] == 4
+    # one-warp blocks without shared memory: the 16-blocks-per-SM limit
+    assert kr.occupancy(86, 24, 1, 0) == {"blocks_per_sm": 16, "occupancy": 0.333, "limited_by": "blocks"}
     # 255 regs x 8 warps just fills the 64 K register file; 16 warps do not fit
     assert kr.occupancy(86, 255, 8, 0)["blocks_per_sm"] == 1
     assert kr.occupancy(86, 255, 16, 0)["blocks_per_sm"] == 0
