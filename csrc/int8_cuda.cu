@@ -197,12 +197,16 @@ cudaError_t launch_gemv(const T* x, int m, int64_t k, int64_t ldx, const int8_t*
 }
 
 // ------------------------------------------------------------------------------------------------
-// W8A8 GEMM with dp4a: 64×64 output tile per 256-thread block, 4×4 per thread, k in steps of 32
+// W8A8 GEMM with dp4a: 64×64 output tile per 256-thread block, 4×4 per thread, k in steps of 64
 // bytes staged in shared memory as int32 words (4 consecutive k), transposed so a thread's four
-// rows (or columns) are adjacent.
+// rows (or columns) are adjacent and come in one 128-bit shared-memory load.
 // ------------------------------------------------------------------------------------------------
 
-constexpr int kBM = 64, kBN = 64, kBK = 32, kWords = kBK / 4;
+constexpr int kBM = 64, kBN = 64, kBK = 64, kWords = kBK / 4;
+// Row pitch of the staged tiles in words: a multiple of 4 keeps the 128-bit reads aligned.
+constexpr int kPitch = kBM + 4;
+static_assert(kBM == kBN && kPitch % 4 == 0, "tile layout");
+constexpr int kLoadsPerThread = kBM * kWords / 256;
 
 template <bool VEC>
 __device__ __forceinline__ int load_word(const int8_t* __restrict__ base, int64_t row, int64_t rows, int64_t ld,
@@ -223,14 +227,15 @@ __global__ void __launch_bounds__(256)
                      const int8_t* __restrict__ q, int64_t ldw, const float* __restrict__ ws,
                      const T* __restrict__ bias, int64_t m, int64_t n, int64_t k, void* __restrict__ out,
                      int64_t ldo) {
-  __shared__ int as[kWords][kBM + 4];
-  __shared__ int bs[kWords][kBN + 4];
+  __shared__ __align__(16) int as[kWords][kPitch];
+  __shared__ __align__(16) int bs[kWords][kPitch];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
   int acc[4][4] = {};
   for (int64_t k0 = 0; k0 < k; k0 += kBK) {
+    // Consecutive threads read consecutive words of one row: coalesced 4-byte global loads.
 #pragma unroll
-    for (int l = 0; l < 2; ++l) {
+    for (int l = 0; l < kLoadsPerThread; ++l) {
       const int idx = tid + l * 256, r = idx / kWords, w = idx % kWords;
       as[w][r] = load_word<VEC>(xq, m0 + r, m, ldq, k0 + 4 * w, k);
       bs[w][r] = load_word<VEC>(q, n0 + r, n, ldw, k0 + 4 * w, k);
@@ -238,12 +243,10 @@ __global__ void __launch_bounds__(256)
     __syncthreads();
 #pragma unroll
     for (int w = 0; w < kWords; ++w) {
-      int a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        a[i] = as[w][ty * 4 + i];
-        b[i] = bs[w][tx * 4 + i];
-      }
+      const int4 av = *reinterpret_cast<const int4*>(&as[w][ty * 4]);
+      const int4 bv = *reinterpret_cast<const int4*>(&bs[w][tx * 4]);
+      const int a[4] = {av.x, av.y, av.z, av.w};
+      const int b[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
