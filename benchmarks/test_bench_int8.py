@@ -2,7 +2,8 @@
 
 Layers (M rows of x against an N×K weight), cases ``M1-K256-N768`` (in_proj at D=256),
 ``M1-K256-N2048`` (mlp.expand), ``M1-K2048-N256`` (mlp.linear), ``M1-K2048-N2048``; on CUDA also
-``M64-*`` prefill cases. impls:
+``*-K8192-N8192`` (a 64 MiB weight: the bandwidth case; the small ones sit in L2 and are
+launch-latency bound) and ``M64-*`` prefill cases. impls:
 
 * CPU: ``fp32`` = ``F.linear``; ``quantize_dynamic`` = ``torch.ao.quantization.quantize_dynamic``'s
   int8 Linear (fbgemm, dynamic activation quantization); ``int8_wo`` = ``int8_linear`` weight-only;
@@ -30,7 +31,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from common import MODEL_CASES, is_cuda, record, synced, warm
+from common import MODEL_CASES, is_cuda, pick_device, record, synced, warm
 from torch import nn
 
 from tape_kernels import int8 as i8
@@ -64,9 +65,18 @@ def _peak_gbps(device: torch.device) -> float | None:
     return 2 * clock_khz * 1e3 * (bus_bits / 8) / 1e9
 
 
+# CUDA only: a weight big enough (64 MiB) to stream from DRAM rather than L2 and to dwarf the
+# launch latency, so that gbps / bw_frac measure the decode GEMV's bandwidth.
+CUDA_BW_SHAPES = {"K8192-N8192": (8192, 8192)}
+
+
 def _layer_cases(device: torch.device) -> list[tuple[str, int, int, int]]:
-    ms = [1, 64] if is_cuda(device) else [1]
-    return [(f"M{m}-{name}", m, k, n) for m in ms for name, (k, n) in LAYER_SHAPES.items()]
+    shapes = dict(LAYER_SHAPES)
+    ms = [1]
+    if is_cuda(device):
+        shapes.update(CUDA_BW_SHAPES)
+        ms = [1, 64]
+    return [(f"M{m}-{name}", m, k, n) for m in ms for name, (k, n) in shapes.items()]
 
 
 def _layer_fn(impl: str, m: int, k: int, n: int, device: torch.device):
@@ -116,10 +126,7 @@ def _layer_params(device_type: str) -> list:
     return [pytest.param(impl, case, id=f"{impl}-{case[0]}") for case in _layer_cases(dev) for impl in impls]
 
 
-@pytest.mark.parametrize(
-    "impl,case",
-    _layer_params("cuda" if torch.cuda.is_available() else "cpu"),
-)
+@pytest.mark.parametrize("impl,case", _layer_params(pick_device().type))
 def test_int8_layer(benchmark, device: torch.device, impl: str, case: tuple[str, int, int, int]) -> None:
     name, m, k, n = case
     if impl.startswith("int8") and not i8.extension_available():
