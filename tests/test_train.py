@@ -293,6 +293,41 @@ def test_cpu_bf16_autocast_step_trains(tmp_path: Path, corpus: Path) -> None:
     assert all(p.dtype == torch.float32 for p in res["model"].parameters())  # fp32 master weights
 
 
+def test_triton_kernel_path_with_recompute_and_accumulation_matches_eager() -> None:
+    """The fused kernels (interpreted on CPU) under recomputation and 2 micro-batches: one SGD step
+    equals the eager backend's full-batch step (fp32; the kernels sum in another order)."""
+    x, y = batch(b=4)
+    fused, eager = tiny_fused(), tiny_fused()
+    fused.backend = "triton"
+    enable_recompute(fused)
+    sf = Stepper(fused, torch.optim.SGD(fused.parameters(), lr=0.5), MemoryPlan(2, 2, True, None, 0))
+    se = Stepper(eager, torch.optim.SGD(eager.parameters(), lr=0.5), MemoryPlan(4, 1, False, None, 0))
+    lf, _ = sf.step(x, y)
+    le, _ = se.step(x, y)
+    torch.testing.assert_close(lf, le, rtol=1e-5, atol=1e-6)
+    for (n, a), b in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6, msg=n)  # measured ≤ 2.2e-7
+
+
+@pytest.mark.gpu
+def test_cuda_amp_training_budget_and_scaler_resume(tmp_path: Path, corpus: Path) -> None:
+    for amp in ("bf16", "fp16"):
+        kw = dict(device="cuda", backend="auto", amp=amp, memory_budget_gb=8.0, batch_size=8)
+        out = tmp_path / f"{amp}.ckpt"
+        res = train(cfg_for(out, corpus, 4, **kw))
+        assert torch.isfinite(torch.tensor(res["train_loss"])) and 0 < res["peak_mem_mb"] < 8 * 1024
+        ck = load_checkpoint(out)
+        assert (ck["extra"]["scaler"] is not None) == (amp == "fp16")
+        if amp == "fp16":
+            assert ck["extra"]["scaler"]["scale"] > 0
+        res = train(cfg_for(out, corpus, 6, resume=True, **kw))
+        assert res["step"] == 6 and torch.isfinite(torch.tensor(res["train_loss"]))
+    # the process-wide 8 GiB cap was lifted again: more than 8 GiB can be allocated where the card has it
+    free, _ = torch.cuda.mem_get_info()
+    if free > (10 << 30):
+        torch.empty(9 << 30, dtype=torch.uint8, device="cuda")
+
+
 # ------------------------------------------------------------------ DDP
 
 

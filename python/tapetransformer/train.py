@@ -451,14 +451,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns {"step", "train_loss", "val_loss", "checkpoint", "vocab", "model", "log", "plan",
     "peak_mem_mb"}. Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; rank 0 writes files."""
     rank, world, own_group = _dist_setup(cfg.device)
+    cleanup: list[Any] = []
     try:
-        return _train(cfg, rank, world)
+        return _train(cfg, rank, world, cleanup)
     finally:
+        for fn in reversed(cleanup):
+            fn()
         if own_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int) -> dict[str, Any]:
+def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[str, Any]:
     cfg.device = _rank_device(cfg.device, world)
     device = torch.device(cfg.device)
     if cfg.batch_size % world:
@@ -486,6 +489,8 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> dict[str, Any]:
     if budget is not None and device.type == "cuda":
         torch.cuda.empty_cache()
         frac = set_memory_budget(budget, device)
+        # the cap is process-wide: lift it when training ends (tests, notebooks call train() repeatedly)
+        cleanup.append(lambda: torch.cuda.set_per_process_memory_fraction(1.0, device))
     if plan.recompute:
         enable_recompute(model)
 
