@@ -377,6 +377,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.qweight, self.scale, self.bias, self.act_quant)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
+        # model.half() / .to(dtype) cast float buffers; the per-channel scales stay fp32 (the kernels'
+        # epilogue and the 127-step grid need them exact), only the bias follows the model's dtype.
+        scale = self.scale
+        super()._apply(fn, recurse)
+        if self.scale.dtype != torch.float32:
+            self.scale = scale.to(self.scale.device)
+        return self
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

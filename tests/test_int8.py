@@ -329,6 +329,11 @@ def test_int8_linear_module(act_quant: bool) -> None:
         torch.testing.assert_close(mod(x), i8.int8_linear_ref(x, -q, s, lin.bias.detach(), act_quant))
     with pytest.raises(ValueError, match="nn.Linear"):
         i8.Int8Linear.from_float(nn.Conv1d(1, 1, 1))
+    # Casting the module keeps the scales fp32 and exact.
+    half = i8.Int8Linear.from_float(lin, act_quant=act_quant).half()
+    assert half.scale.dtype == torch.float32 and torch.equal(half.scale, s) and half.bias.dtype == torch.float16
+    with torch.no_grad():
+        assert half(x.half()).dtype == torch.float16
 
 
 def _dequantized_mha(mha: nn.MultiheadAttention) -> nn.MultiheadAttention:
