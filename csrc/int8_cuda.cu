@@ -124,6 +124,20 @@ __device__ __forceinline__ void load16<__nv_bfloat16>(const __nv_bfloat16* p, fl
   }
 }
 
+// int8 -> fp32 without I2F (a quarter-rate conversion on sm_86/sm_90, which the weight stream
+// would saturate): flip the sign bit to get u = q + 128, splice u under the exponent of 2^23 with
+// one byte permute (the float 2^23 + u, exact), and subtract 2^23 + 128. Two full-rate ops a weight.
+__device__ __forceinline__ void decode16(const int4 wv, float* out) {
+  const uint32_t words[4] = {static_cast<uint32_t>(wv.x) ^ 0x80808080u, static_cast<uint32_t>(wv.y) ^ 0x80808080u,
+                             static_cast<uint32_t>(wv.z) ^ 0x80808080u, static_cast<uint32_t>(wv.w) ^ 0x80808080u};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      out[4 * w + j] = __uint_as_float(__byte_perm(words[w], 0x4B000000u, 0x7440u + j)) - 8388736.0f;
+  }
+}
+
 constexpr int kGemvWarps = 8;
 
 template <typename T, int MT, bool VEC>
@@ -142,10 +156,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll 4
     for (int64_t i = lane * 16; i < k; i += 32 * 16) {
       const int4 wv = __ldg(reinterpret_cast<const int4*>(qr + i));
-      const int8_t* wb = reinterpret_cast<const int8_t*>(&wv);
       float wf[16];
-#pragma unroll
-      for (int j = 0; j < 16; ++j) wf[j] = static_cast<float>(wb[j]);
+      decode16(wv, wf);
 #pragma unroll
       for (int r = 0; r < MT; ++r) {
         if (r < m) {
