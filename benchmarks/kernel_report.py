@@ -5,11 +5,12 @@
 
 Compiles every ``aot_specs()`` entry of the ``tape_kernels`` op modules for compute capability
 ``--cc`` (default 86, the RTX 30xx the package is tuned for) exactly as ``tape_kernels._aot`` does,
-reads the registers per thread and local memory (spills) of the cubin with ``cuobjdump`` (shipped
-with Triton), takes the dynamic shared memory from Triton's metadata, and estimates how many blocks
-fit on one SM by registers, by shared memory and by threads. A config that spills registers, needs
-more shared memory than a block may have, or cannot place one block is what an autotune prune
-should remove on that device.
+reads the registers per thread and local memory of the cubin with ``cuobjdump`` (shipped with
+Triton) and, where local memory is used, the register spills from ``ptxas -v`` on the same PTX;
+takes the dynamic shared memory from Triton's metadata, and estimates how many blocks fit on one
+SM by registers, by shared memory and by threads. A config that spills registers, needs more
+shared memory than a block may have, or cannot place one block is what an autotune prune should
+remove on that device.
 
 No speed is measured: these are the compiler's resource counts (ptxas), the same on any machine.
 Must run with ``TRITON_INTERPRET`` unset.
@@ -51,6 +52,39 @@ def find_cuobjdump() -> str | None:
     except ImportError:
         pass
     return shutil.which("cuobjdump")
+
+
+def find_ptxas() -> str | None:
+    env = os.environ.get("TRITON_PTXAS_PATH")
+    if env and os.path.exists(env):
+        return env
+    tool = find_cuobjdump()
+    cand = os.path.join(os.path.dirname(tool), "ptxas") if tool else None
+    return cand if cand and os.path.exists(cand) else shutil.which("ptxas")
+
+
+def spill_stats(ptx: str, cc: int, tool: str) -> dict[str, int]:
+    """Spill stores/loads and stack frame bytes from ``ptxas -v`` on the kernel's PTX.
+
+    cuobjdump's STACK mixes register spills with dynamically indexed local arrays; ptxas
+    separates them. Triton's own ptxas call may add options, so this is the spill picture of
+    the same PTX under default ptxas options.
+    """
+    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([tool, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
+                              capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    out = {}
+    for key, pat in (("stack_frame", r"(\d+) bytes stack frame"), ("spill_stores", r"(\d+) bytes spill stores"),
+                     ("spill_loads", r"(\d+) bytes spill loads")):
+        m = re.search(pat, log)
+        if m:
+            out[key] = int(m.group(1))
+    return out
 
 
 def resource_usage(cubin: bytes, tool: str) -> dict[str, int]:
@@ -95,6 +129,7 @@ def report(cc: int, modules: list[str] | None = None, verbose: bool = True) -> l
     tool = find_cuobjdump()
     if tool is None:
         raise SystemExit("cuobjdump not found (set TRITON_CUOBJDUMP_PATH)")
+    ptxas = find_ptxas()
     lim = SM_LIMITS.get(cc, SM_LIMITS[86])
     rows = []
     for mod, spec in collect_specs(modules):
@@ -112,10 +147,15 @@ def report(cc: int, modules: list[str] | None = None, verbose: bool = True) -> l
         shared = int(k.metadata.shared)
         row.update(regs=use.get("reg"), local_bytes=use.get("local", 0), stack_bytes=use.get("stack", 0),
                    shared=shared)
+        if ptxas and (row["stack_bytes"] or row["local_bytes"]):
+            row.update(spill_stats(k.asm["ptx"], cc, ptxas))
         row.update(occupancy(cc, row["regs"] or 0, spec.num_warps, shared))
         problems = []
-        if row["local_bytes"] or row["stack_bytes"]:
-            problems.append("spills to local memory")
+        if row.get("spill_stores"):
+            problems.append(f"spills {row['spill_stores']} B of registers")
+        elif row["local_bytes"] or row["stack_bytes"]:
+            problems.append(f"local memory {row['local_bytes'] + row['stack_bytes']} B (stack frame, no spills)"
+                            if "spill_stores" in row else "uses local memory (spills or local arrays)")
         if shared > lim["smem_block"]:
             problems.append(f"shared {shared} B > {lim['smem_block']} B per block")
         if row["blocks_per_sm"] == 0:
@@ -135,7 +175,7 @@ def to_markdown(rows: list[dict[str, Any]], cc: int) -> str:
         f"Static resource use on sm_{cc} (ptxas via cuobjdump; no GPU involved): {len(rows)} kernel configs, "
         f"{len(bad)} flagged.",
         "",
-        "| module | kernel config | warps | stages | regs | spill B | shared B | blocks/SM | occ. | limit | problems |",
+        "| module | kernel config | warps | stages | regs | local B | shared B | blocks/SM | occ. | limit | problems |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
