@@ -490,8 +490,8 @@ def kernel_supports(embed_dim: int, num_heads: int) -> bool:
 
 
 # Tile configs per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, {element size: shared bytes}). The
-# shared-memory figures are what the compiler reports for sm_86 at the largest supported head tile
-# (HP·DP = 256, causal, statistics gradients on) -- `python -m tape_kernels._aot attention` re-measures them
+# shared-memory figures are what the compiler reports for sm_86 (fp32: the larger of IEEE and TF32) at the
+# largest supported head tile (HP·DP = 256, causal, statistics gradients on) -- `python -m tape_kernels._aot attention` re-measures them
 # for sm_86 and sm_90 and fails above 101376 B. A config is only offered to the element sizes it lists:
 # fp32 with IEEE products has no tensor-core path, its 3-D dots stage whole fp32 tiles in shared memory, so
 # it gets smaller tiles. The register footprint (HP·BLOCK·DP fp32 accumulators) bounds BLOCK_M·HP·DP ≤ 16K.
@@ -525,7 +525,7 @@ _CONFIGS: dict[str, tuple] = {
         (16, 32, 4, 2, {2: 51712}),
         (32, 32, 4, 2, {2: 68608}),
         (16, 64, 4, 2, {2: 84480}),
-        (16, 16, 4, 1, {4: 69632}),
+        (16, 16, 4, 1, {4: 98304}),  # TF32 (98304) > IEEE (69632) here
     ),
 }
 _INTERP_CONFIG = (32, 64, 4, 1)  # interpreter: one fixed config (autotuning would re-run the numpy emulation)
@@ -721,7 +721,9 @@ def _check_inputs(x, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bia
         check_same_dtype(**tensors)
 
 
-def attention_stats(qkv: torch.Tensor, num_heads: int, causal: bool = False, backend: str = "auto"):
+def attention_stats(
+    qkv: torch.Tensor, num_heads: int, causal: bool = False, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention core on projected inputs: qkv (B, S, 3D) = ``F.linear(x, in_proj_weight, in_proj_bias)``.
 
     Returns (o (B, S, D) in qkv's dtype, entropy (B, S) fp32, aw (B, S) fp32); differentiable.
