@@ -491,8 +491,8 @@ def kernel_supports(embed_dim: int, num_heads: int) -> bool:
 
 # Tile configs per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, {element size: shared bytes}). The
 # shared-memory figures are what the compiler reports for sm_86 (fp32: the larger of IEEE and TF32) at the
-# largest supported head tile (HP·DP = 256, causal, statistics gradients on) -- `python -m tape_kernels._aot attention` re-measures them
-# for sm_86 and sm_90 and fails above 101376 B. A config is only offered to the element sizes it lists:
+# largest supported head tile (HP·DP = 256, causal, statistics gradients on); `python -m tape_kernels._aot
+# attention` re-measures them for sm_86 and sm_90 and fails above 101376 B. A config is only offered to the element sizes it lists:
 # fp32 with IEEE products has no tensor-core path, its 3-D dots stage whole fp32 tiles in shared memory, so
 # it gets smaller tiles. The register footprint (HP·BLOCK·DP fp32 accumulators) bounds BLOCK_M·HP·DP ≤ 16K.
 _CONFIGS: dict[str, tuple] = {
