@@ -49,6 +49,7 @@ RESERVE=25 # seconds kept back for collecting the results
 START=$(date +%s)
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 FAILED=()
+DRY_RUN=
 echo "[gpu-check   0s] tape-kernels gpu-check, budget ${BUDGET}s"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     if [[ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]]; then
@@ -58,6 +59,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     fi
     echo "gpu-check: no CUDA device, GPU_CHECK_ALLOW_CPU=1: dry run of the pipeline on CPU (no GPU figure)"
     FAILED+=("no-cuda(dry run)")
+    DRY_RUN=1
 fi
 if [[ -n "${OUT:-}" ]]; then RAW=$OUT/gpu-check-raw; else RAW=$ROOT/benchmarks/.gpu_check/$STAMP; fi
 mkdir -p "$RAW"
@@ -181,9 +183,13 @@ done
 say ">>> collect"
 outs=(--out-dir "$ROOT/benchmarks/results")
 [[ -n "${OUT:-}" ]] && outs=(--out-dir "$OUT" "${outs[@]}")
+# A CPU dry run keeps its (non-GPU) tables out of benchmarks/results.
+[[ -n $DRY_RUN ]] && outs=(--out-dir "${OUT:-$RAW}")
 shopt -s nullglob
-timeout 60 "$PY" benchmarks/collect_results.py "$RAW"/bench-*.json --first-step "$RAW/cold_warm.json" \
-    --steps "$STEPS" "${outs[@]}" || FAILED+=("collect")
+first=()
+[[ -e $RAW/cold_warm.json ]] && first=(--first-step "$RAW/cold_warm.json")
+timeout 60 "$PY" benchmarks/collect_results.py "$RAW"/bench-*.json "${first[@]}" --steps "$STEPS" "${outs[@]}" ||
+    FAILED+=("collect")
 
 if ((${#FAILED[@]})); then
     say "gpu-check finished in $(elapsed)s with failures: ${FAILED[*]}"
