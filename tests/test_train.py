@@ -373,6 +373,12 @@ def test_cli_train_writes_logs_viz_and_reports_plan(tmp_path: Path, corpus: Path
                    "--seq-len", "8", "--embed-dim", "16", "--num-heads", "2", "--out", str(ck), "--backend", "eager",
                    "--optimizer", "wolf", "--lr", "0.05", "--memory-budget-gb", "8", "--log-dir", str(logs),
                    "--viz", str(viz), "--viz-every", "2", "--viz-rows", "3"])
+    ck2 = tmp_path / "m2.ckpt"
+    rc2 = cli.main(["train", "--data", str(corpus), "--steps", "2", "--batch-size", "4", "--eval-every", "0",
+                    "--seq-len", "8", "--embed-dim", "16", "--num-heads", "1", "--out", str(ck2), "--backend",
+                    "eager", "--micro-batch", "2", "--viz", str(tmp_path / "viz2"), "--viz-every", "1"])
+    assert rc2 == 0 and len(list((tmp_path / "viz2").glob("frame_*.png"))) == 2  # 3 rows asked, 2 per micro-batch
+    assert load_checkpoint(ck2)["step"] == 2  # without validation the last step is still checkpointed
     err = capsys.readouterr()
     assert rc == 0 and "train loss" in err.out
     assert "micro-batch 4 x 1" in err.err and "budget 8.00 GiB" in err.err

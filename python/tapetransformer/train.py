@@ -480,8 +480,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[
 
     amp_dtype, need_scaler = pick_amp(cfg.amp, device)
     n_params = sum(p.numel() for p in model.parameters())
+    triton_attention = cfg.backend == "triton" or (cfg.backend == "auto" and device.type == "cuda")
     est = estimate_memory(mcfg, n_params, optimizer=cfg.optimizer, amp=amp_dtype is not None,
-                          need_aux=cfg.viz is not None, ddp=world > 1)
+                          need_aux=cfg.viz is not None, fused_attention=triton_attention, ddp=world > 1)
     budget = int(cfg.memory_budget_gb * GIB) if cfg.memory_budget_gb else None
     local_batch = cfg.batch_size // world
     plan = plan_memory(local_batch, est, budget, micro_batch=cfg.micro_batch, recompute=cfg.recompute)
@@ -535,7 +536,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[
         x, y = ds.get_batch("train", cfg.batch_size, mcfg.seq_len, gen)  # same global batch on every rank
         x = x[rank * local_batch:(rank + 1) * local_batch].to(device)
         y = y[rank * local_batch:(rank + 1) * local_batch].to(device)
-        want_frame = viz is not None and cfg.viz_every > 0 and (done % cfg.viz_every == 0 or done == cfg.steps)
+        # every rank runs the same (aux) graph on frame steps; rank 0 draws
+        want_frame = bool(cfg.viz) and cfg.viz_every > 0 and (done % cfg.viz_every == 0 or done == cfg.steps)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -556,22 +558,24 @@ def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[
         row: dict[str, Any] = {"step": done, "loss": loss_val, "tokens_per_s": tok_s, "peak_mem_mb": peak_mb}
         if viz is not None:
             viz.observe(done, loss_val)
-            if want_frame and attn is not None:
-                viz.frame(done, x[: cfg.viz_rows].cpu(), attn[: cfg.viz_rows].float().cpu())
+            if want_frame and attn is not None:  # attention of the first micro-batch's rows
+                r = min(cfg.viz_rows, attn.shape[0])
+                viz.frame(done, x[:r].cpu(), attn[:r].float().cpu())
         eval_now = cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.steps)
         if eval_now and main_rank:
-            val_loss = evaluate(model, ds, cfg, eval_gen, amp_dtype)
+            val_loss = evaluate(model, ds, cfg, eval_gen)  # fp32: rare, and the reference's precision
             row["val_loss"] = val_loss
-            extra = {"optimizer_name": cfg.optimizer, "val_loss": val_loss, "plan": asdict(plan),
-                     "scaler": scaler.state_dict() if scaler is not None else None,
-                     "world_size": world, "amp": cfg.amp}
-            save_checkpoint(cfg.out, model=model, config=mcfg, vocab=vocab.chars, optimizer=opt, step=done,
-                            rng=rng_state(gen, eval_gen), extra=extra)
         elif eval_now:
             # other ranks advance the validation sampler too, so a resumed run is the same everywhere
             for _ in range(cfg.eval_batches):
                 ds.get_batch("val" if len(ds.val) >= mcfg.seq_len + 2 else "train", cfg.batch_size, mcfg.seq_len,
                              eval_gen)
+        if main_rank and (eval_now or done == cfg.steps):  # checkpoints at validations and at the end
+            extra = {"optimizer_name": cfg.optimizer, "val_loss": val_loss, "plan": asdict(plan),
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "world_size": world, "amp": cfg.amp}
+            save_checkpoint(cfg.out, model=model, config=mcfg, vocab=vocab.chars, optimizer=opt, step=done,
+                            rng=rng_state(gen, eval_gen), extra=extra)
         log_rows.append(row)
         bar.set_postfix(loss=f"{loss_val:.4f}", val=f"{val_loss:.4f}", tok_s=f"{tok_s:,.0f}",
                         mem=f"{peak_mb:,.0f}MB" + ("" if mem_kind == "cuda" else " rss"))
