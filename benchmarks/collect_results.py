@@ -37,7 +37,7 @@ MAIN_IMPLS = ("eager", "compile", "fused")
 # Which impl's peak memory stands for the row: the package's own path first.
 PEAK_PRIORITY = ("fused", "compile", "eager")
 BASELINES = ("eager", "fp16", "fp32")
-GROUP_ORDER = ("attention", "charrnn", "int8", "fused_ops", "model")
+GROUP_ORDER = ("attention", "charrnn", "int8", "fused_ops", "model", "train")
 ENV_KEYS = ("device", "torch", "triton", "cuda", "date")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
