@@ -362,6 +362,23 @@ def test_ddp_two_gloo_ranks_match_single_process(tmp_path: Path, corpus: Path) -
     assert moved > 10  # training changed the model, so the comparison means something
 
 
+def test_torchrun_cli_two_cpu_ranks(tmp_path: Path, corpus: Path) -> None:
+    """The user's command: ``torchrun --nproc-per-node 2 -m tapetransformer.cli train ...`` (gloo)."""
+    import subprocess
+    import sys
+
+    ck = tmp_path / "tr.ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "tapetransformer.cli", "train", "--data", str(corpus),
+           "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--seq-len", "8", "--embed-dim", "16",
+           "--num-heads", "1", "--out", str(ck), "--backend", "eager", "--log-dir", "none"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("train loss") == 1  # rank 0 reports
+    assert "x2" in proc.stderr and load_checkpoint(ck)["extra"]["world_size"] == 2
+
+
 # ------------------------------------------------------------------ CLI
 
 
@@ -379,6 +396,7 @@ def test_cli_train_writes_logs_viz_and_reports_plan(tmp_path: Path, corpus: Path
                     "eager", "--micro-batch", "2", "--viz", str(tmp_path / "viz2"), "--viz-every", "1"])
     assert rc2 == 0 and len(list((tmp_path / "viz2").glob("frame_*.png"))) == 2  # 3 rows asked, 2 per micro-batch
     assert load_checkpoint(ck2)["step"] == 2  # without validation the last step is still checkpointed
+    assert (tmp_path / "m2-logs" / "log.json").is_file()  # --log-dir auto: next to the checkpoint
     err = capsys.readouterr()
     assert rc == 0 and "train loss" in err.out
     assert "micro-batch 4 x 1" in err.err and "budget 8.00 GiB" in err.err

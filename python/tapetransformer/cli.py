@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -43,7 +44,9 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--backend", choices=("auto", "triton", "eager"), default="auto",
                    help="auto: Triton kernels on CUDA, eager PyTorch on CPU")
     p.add_argument("--log-csv", default=None)
-    p.add_argument("--log-dir", default=None, help="write log.csv, log.json and loss.png (Pillow) there")
+    p.add_argument("--log-dir", default="auto",
+                   help="write log.csv, log.json and loss.png (Pillow) there at the end; 'auto' (default): "
+                        "<out without suffix>-logs next to the checkpoint; 'none': no logs")
     g = p.add_argument_group("precision and memory")
     g.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="auto: bf16 autocast on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
@@ -72,12 +75,22 @@ def _add_sample_args(p: argparse.ArgumentParser, prompt: str) -> None:
     p.add_argument("--int8", action="store_true", help="int8 weights for generation (tape_kernels._C)")
 
 
+def _log_dir(a: argparse.Namespace) -> str | None:
+    if a.log_dir == "none":
+        return None
+    if a.log_dir == "auto":
+        out = Path(a.out)
+        return str(out.parent / f"{out.stem}-logs")
+    return a.log_dir
+
+
 def _train_config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, grad_clip=a.grad_clip,
         eval_every=a.eval_every, out=a.out, resume=a.resume, seed=a.seed, device=a.device, backend=a.backend,
-        log_csv=a.log_csv, log_dir=a.log_dir, amp=a.amp, memory_budget_gb=a.memory_budget_gb, micro_batch=a.micro_batch,
-        recompute=a.recompute, init_from=a.init_from, viz=a.viz, viz_every=a.viz_every, viz_rows=a.viz_rows,
+        log_csv=a.log_csv, log_dir=_log_dir(a), amp=a.amp, memory_budget_gb=a.memory_budget_gb,
+        micro_batch=a.micro_batch, recompute=a.recompute, init_from=a.init_from, viz=a.viz, viz_every=a.viz_every,
+        viz_rows=a.viz_rows,
         model=ModelConfig(vocab_size=0, seq_len=a.seq_len, embed_dim=a.embed_dim, num_heads=a.num_heads,
                           dropout=a.dropout, causal=a.causal),
     )
