@@ -3,8 +3,13 @@
 // __builtin_cpu_supports.
 #include "int8_cpu.h"
 
+// x86 SIMD bodies compile only on x86 (elsewhere, or with -DTK_NO_X86_SIMD, the portable C++ runs).
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(TK_NO_X86_SIMD)
+#define TK_X86 1
 #include <immintrin.h>
-#include <omp.h>
+#else
+#define TK_X86 0
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -20,7 +25,7 @@ namespace tk {
 // ---------------------------------------------------------------------------------------------
 
 CpuIsa cpu_isa_best() {
-#if defined(__x86_64__) || defined(__i386__)
+#if TK_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
@@ -110,6 +115,7 @@ void quantize_rows_f32(const float* x, int64_t m, int64_t k, int64_t ldx, int8_t
 // W8A8 tile kernels: acc[r][c] = Σ_k xq[r, k] · q[tile·64 + c, k] for r < MR rows, one 64-channel tile
 // ---------------------------------------------------------------------------------------------
 
+#if TK_X86
 // vpdpbusd multiplies unsigned by signed bytes, so x enters shifted to u8 (x + 128) and the
 // 128·Σ_k q[n, k] it adds is subtracted at the end (wsum); int32 lanes never saturate here.
 template <int MR>
@@ -162,6 +168,8 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(const int8_t* xq, int6
   for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + 8 * j), a[j]);
 }
 
+#endif  // TK_X86
+
 static void tile_scalar(const int8_t* xq, int64_t groups, const int8_t* wt, int32_t* acc) {
   for (int64_t c = 0; c < kTileN; ++c) acc[c] = 0;
   for (int64_t g = 0; g < groups; ++g) {
@@ -198,7 +206,8 @@ static void gemm_packed_driver(const int8_t* xq, int64_t m, int64_t k, int64_t l
     const int64_t m0 = mb * kMaxMR, rows = std::min(kMaxMR, m - m0);
     const int8_t* wt = packed + tile * groups * kTileN * kGroupK;
     alignas(64) int32_t acc[kMaxMR * kTileN];
-    if (isa == CpuIsa::kAvx512Vnni) {
+    if (TK_X86 && isa == CpuIsa::kAvx512Vnni) {
+#if TK_X86
       const uint8_t* xr = xu.data() + m0 * kp;
       const int32_t* ws = wsum + tile * kTileN;
       switch (rows) {
@@ -207,8 +216,11 @@ static void gemm_packed_driver(const int8_t* xq, int64_t m, int64_t k, int64_t l
         case 3: tile_vnni<3>(xr, kp, groups, wt, ws, acc); break;
         default: tile_vnni<4>(xr, kp, groups, wt, ws, acc); break;
       }
-    } else if (isa == CpuIsa::kAvx2) {
+#endif
+    } else if (TK_X86 && isa == CpuIsa::kAvx2) {
+#if TK_X86
       for (int64_t r = 0; r < rows; ++r) tile_avx2(xq + (m0 + r) * ldq, groups, wt, acc + r * kTileN);
+#endif
     } else {
       for (int64_t r = 0; r < rows; ++r) tile_scalar(xq + (m0 + r) * ldq, groups, wt, acc + r * kTileN);
     }
@@ -249,6 +261,7 @@ void w8a8_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const in
 // Weight-only (W8A32): q dequantized in registers, fp32 FMAs; blocks of NR=4 channels × MR rows
 // ---------------------------------------------------------------------------------------------
 
+#if TK_X86
 template <int MR>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static void w8a32_block_avx512(
     const float* x, int64_t ldx, int64_t k, const int8_t* const* qr, float* out /* MR x 4 */) {
@@ -291,6 +304,8 @@ __attribute__((target("avx2,fma"))) static void w8a32_block_avx2(const float* x,
   }
 }
 
+#endif  // TK_X86
+
 static void w8a32_block_scalar(const float* x, int64_t k, const int8_t* const* qr, float* out /* 4 */) {
   for (int j = 0; j < 4; ++j) {
     float t = 0.f;
@@ -314,19 +329,24 @@ void w8a32_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const i
     for (int64_t j = 0; j < NR; ++j) qr[j] = q + std::min(n0 + j, n - 1) * ldw;
     float out[MR * NR];
     const float* xr = x + m0 * ldx;
-    if (isa == CpuIsa::kAvx512Vnni) {
+    if (TK_X86 && isa == CpuIsa::kAvx512Vnni) {
+#if TK_X86
       switch (rows) {
         case 1: w8a32_block_avx512<1>(xr, ldx, k, qr, out); break;
         case 2: w8a32_block_avx512<2>(xr, ldx, k, qr, out); break;
         case 3: w8a32_block_avx512<3>(xr, ldx, k, qr, out); break;
         default: w8a32_block_avx512<4>(xr, ldx, k, qr, out); break;
       }
+#endif
     } else {
       for (int64_t r = 0; r < rows; ++r) {
-        if (isa == CpuIsa::kAvx2)
+#if TK_X86
+        if (isa == CpuIsa::kAvx2) {
           w8a32_block_avx2(xr + r * ldx, k, qr, out + r * NR);
-        else
-          w8a32_block_scalar(xr + r * ldx, k, qr, out + r * NR);
+          continue;
+        }
+#endif
+        w8a32_block_scalar(xr + r * ldx, k, qr, out + r * NR);
       }
     }
     for (int64_t r = 0; r < rows; ++r)
