@@ -13,7 +13,7 @@ launch-latency bound) and ``M64-*`` prefill cases. impls:
   M ≤ 16) and ``int8_w8a8`` (dp4a GEMM) in fp16.
 
 Every layer case records ``weight_bytes``, the achieved ``gbps`` (weight + activation bytes per
-call over the mean time) and on CUDA ``peak_gbps`` / ``bw_frac`` against the card's memory
+call over the median time) and on CUDA ``peak_gbps`` / ``bw_frac`` against the card's memory
 bandwidth (from its memory clock and bus width): decode is a weight stream, so that fraction is
 the figure of merit.
 
@@ -141,7 +141,7 @@ def test_int8_layer(benchmark, device: torch.device, impl: str, case: tuple[str,
         benchmark(fn)
     elt = 2 if is_cuda(device) else 4
     moved = wbytes + elt * m * (k + n)
-    gbps = moved / benchmark.stats.stats.mean / 1e9 if benchmark.stats else None
+    gbps = moved / benchmark.stats.stats.median / 1e9 if benchmark.stats else None
     extra = {"weight_bytes": wbytes, "gbps": gbps}
     if is_cuda(device):
         peak = _peak_gbps(device)
@@ -186,6 +186,6 @@ def test_int8_generation(benchmark, device: torch.device, impl: str) -> None:
     run = synced(generate, device)
     warm(run, 1)
     benchmark.pedantic(run, rounds=3 if not is_cuda(device) else 10, iterations=1)
-    ms_tok = benchmark.stats.stats.mean / (GEN_NEW + 1) * 1e3 if benchmark.stats else None
+    ms_tok = benchmark.stats.stats.median / (GEN_NEW + 1) * 1e3 if benchmark.stats else None
     record(benchmark, group=GROUP, case="gen-notebook", impl=impl, peak_mem_mb=None, ms_per_token=ms_tok,
            new_tokens=GEN_NEW, prompt=GEN_PROMPT)
