@@ -260,8 +260,9 @@ def int8_linear(
     mode for the call (see ``resolve_act_quant``).
     """
     # At decode size the kernel takes ~10 µs, so per-call Python work is kept to a few attribute
-    # reads: the weights' checks are remembered per (qweight, scale, bias) objects (their dtype,
-    # shape and device cannot change in place), only x is checked on every call.
+    # reads: the weights' checks are remembered per (qweight, scale, bias) objects and only x is
+    # checked on every call (the C++ ops re-check every input, so a weight swapped in place
+    # through ``.data`` still gets a ValueError, not a crash).
     if not isinstance(x, torch.Tensor) or not _weights_validated(qweight, scale, bias):
         _validate(x, qweight, scale, bias)
     dev = x.device
