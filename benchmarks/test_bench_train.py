@@ -8,6 +8,8 @@ model (Triton) with ``--amp auto`` (bf16, or fp16 + GradScaler); ``fused-8GiB`` 
 accumulation (× recomputation) is used. ``test_bench_model.py`` times the bare model step; this file
 times the tool's step, and records ``tokens_per_s`` (batch × seq_len / median step time).
 
+Both models use dropout 0 (the notebook uses 0.1): the fused attention kernels have no dropout, and
+with dropout the fused model falls back to the eager attention, which would not measure the kernels.
 On CPU only the eager ``small`` case runs (set ``TK_BENCH_CPU_FULL=1`` for the notebook size).
 """
 
@@ -22,7 +24,6 @@ from common import (
     MEM_CAP_BYTES,
     MIB,
     MODEL_CASES,
-    build_model,
     is_cuda,
     make_batch,
     memory_cap,
@@ -32,7 +33,9 @@ from common import (
 )
 
 from tapetransformer.checkpoint import ModelConfig
+from tapetransformer.reference import TapeTransformer as ReferenceTapeTransformer
 from tapetransformer.train import Stepper, enable_recompute, estimate_memory, pick_amp, plan_memory
+from tapetransformer.train import build_model as tt_build_model
 
 GROUP = "train"
 ROUNDS = {"cuda": 10, "cpu": 2}
@@ -47,9 +50,15 @@ def _skip(impl: str, case: str, device: torch.device) -> None:
 
 def _stepper(impl: str, case: str, device: torch.device, budget: int | None) -> tuple[Stepper, torch.nn.Module]:
     cfg = MODEL_CASES[case]
-    model = build_model(case, "eager" if impl == "eager" else "fused", device)
     mcfg = ModelConfig(vocab_size=cfg["vocab_size"], seq_len=cfg["seq_len"], embed_dim=cfg["embed_dim"],
-                       num_heads=cfg["num_heads"], dropout=0.1)
+                       num_heads=cfg["num_heads"], dropout=0.0)
+    torch.manual_seed(0)
+    if impl == "eager":
+        model = ReferenceTapeTransformer(mcfg.vocab_size, seq_len=mcfg.seq_len, embed_dim=mcfg.embed_dim,
+                                         num_heads=mcfg.num_heads, dropout=0.0)
+    else:
+        model = tt_build_model(mcfg, backend="triton")
+    model = model.to(device).train()
     amp_dtype, need_scaler = pick_amp("off" if impl == "eager" else "auto", device)
     est = estimate_memory(mcfg, sum(p.numel() for p in model.parameters()), amp=amp_dtype is not None,
                           fused_attention=impl != "eager")

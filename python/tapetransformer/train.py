@@ -480,7 +480,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[
 
     amp_dtype, need_scaler = pick_amp(cfg.amp, device)
     n_params = sum(p.numel() for p in model.parameters())
-    triton_attention = cfg.backend == "triton" or (cfg.backend == "auto" and device.type == "cuda")
+    # the fused attention has no dropout: with dropout > 0 the model runs the eager attention (S×S probs kept)
+    triton_attention = (cfg.backend == "triton" or (cfg.backend == "auto" and device.type == "cuda")) and (
+        mcfg.dropout == 0.0)
     est = estimate_memory(mcfg, n_params, optimizer=cfg.optimizer, amp=amp_dtype is not None,
                           need_aux=cfg.viz is not None, fused_attention=triton_attention, ddp=world > 1)
     budget = int(cfg.memory_budget_gb * GIB) if cfg.memory_budget_gb else None
