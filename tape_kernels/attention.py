@@ -490,42 +490,40 @@ def kernel_supports(embed_dim: int, num_heads: int) -> bool:
 
 
 # Tile configs per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, {element size: shared bytes}). The
-# shared-memory figures are what the compiler reports for sm_86 (fp32: the larger of IEEE and TF32) at the
-# largest supported head tile (HP·DP = 256, causal, statistics gradients on); `python -m tape_kernels._aot
-# attention` re-measures them for sm_86 and sm_90 and fails above 101376 B. A config is only offered to the element sizes it lists:
-# fp32 with IEEE products has no tensor-core path, its 3-D dots stage whole fp32 tiles in shared memory, so
-# it gets smaller tiles. The register footprint (HP·BLOCK·DP fp32 accumulators) bounds BLOCK_M·HP·DP ≤ 16K.
+# shared-memory figures are what the compiler reports for sm_86 at the largest supported head tile
+# (HP·DP = 256, causal, statistics gradients on); `python -m tape_kernels._aot attention` re-measures them
+# for sm_86 and sm_90 and fails above 101376 B. A config is only offered to the element sizes it lists.
+# Every config listed compiles without register spills for sm_86 at that head tile (checked with
+# benchmarks/kernel_report.py): larger tiles (e.g. 32×64 with 4 warps, 64×64) spill, since the 3-D tiles
+# keep HP·BLOCK·DP fp32 accumulators per program. fp32 with IEEE products has no tensor-core path (its
+# 3-D dots are FMA loops over fp32 tiles staged in shared memory), so it gets one small tile per kernel:
+# it is the exact path, bf16/fp16 the fast one.
 _CONFIGS: dict[str, tuple] = {
     "_attn_fwd_kernel": (
         (16, 32, 4, 2, {2: 24576}),
         (32, 32, 4, 2, {2: 32768}),
-        (32, 64, 4, 2, {2: 49152}),
-        (64, 64, 8, 2, {2: 98304}),
-        (16, 16, 4, 1, {4: 49152}),
-        (16, 32, 4, 1, {4: 81920}),
+        (32, 32, 8, 2, {2: 40960}),
+        (32, 64, 8, 2, {2: 65536}),
+        (64, 32, 8, 2, {2: 65536}),
+        (16, 16, 8, 1, {4: 49152}),
     ),
     "_attn_bwd_delta_kernel": (
         (16, 32, 4, 2, {2: 24576}),
-        (32, 64, 4, 2, {2: 49152}),
-        (64, 64, 8, 2, {2: 65536}),
+        (32, 32, 4, 2, {2: 32768}),
+        (32, 64, 8, 2, {2: 49152}),
         (16, 16, 4, 1, {4: 32768}),
-        (16, 32, 4, 1, {4: 49152}),
     ),
     "_attn_bwd_dq_kernel": (
         (16, 16, 4, 2, {2: 32768}),
         (16, 32, 4, 2, {2: 49152}),
-        (32, 32, 4, 2, {2: 65536}),
-        (32, 64, 4, 2, {2: 98304}),
-        (16, 16, 4, 1, {4: 67584}),
-        (16, 32, 4, 1, {4: 100352}),
+        (32, 32, 8, 2, {2: 65536}),
+        (16, 16, 8, 1, {4: 69632}),
     ),
     "_attn_bwd_dkv_kernel": (
         (16, 16, 4, 2, {2: 35328}),
-        (32, 16, 4, 2, {2: 52224}),
-        (16, 32, 4, 2, {2: 51712}),
-        (32, 32, 4, 2, {2: 68608}),
-        (16, 64, 4, 2, {2: 84480}),
-        (16, 16, 4, 1, {4: 98304}),  # TF32 (98304) > IEEE (69632) here
+        (32, 16, 8, 2, {2: 54272}),
+        (16, 32, 8, 2, {2: 53760}),
+        (16, 16, 4, 1, {4: 98304}),  # TF32 products need 98304 B, IEEE 69632 B
     ),
 }
 _INTERP_CONFIG = (32, 64, 4, 1)  # interpreter: one fixed config (autotuning would re-run the numpy emulation)
@@ -845,9 +843,10 @@ def critic_attention_decode(
     return _decode_launch(q_new, k_cache, v_cache, causal, off, num_splits)
 
 
-# Decode tiles by element size: (BLOCK_N, num_stages). fp32 (IEEE products, no tensor cores) stages whole
-# fp32 tiles in shared memory: 74 KB at BLOCK_M = 64, DP = 128 with BLOCK_N = 32 (115 KB with 64).
-_DECODE_CFG = {4: (32, 2), 2: (64, 2)}
+# Decode tiles by element size: (BLOCK_N, num_stages, num_warps); BLOCK_M is 16 (a few new rows; more
+# rows take more row blocks). Spill-free for sm_86 at DP = 128 (fp32: 43 KB shared, fp16/bf16: 22.5 KB).
+_DECODE_CFG = {4: (32, 2, 8), 2: (64, 2, 4)}
+_DECODE_BLOCK_M = 16
 
 
 def _decode_launch(q, k, v, causal: bool, off: int, num_splits: int | None) -> torch.Tensor:  # noqa: ANN001
@@ -860,8 +859,8 @@ def _decode_launch(q, k, v, causal: bool, off: int, num_splits: int | None) -> t
     b, h, tn, dh = q.shape
     t = k.shape[2]
     dp = max(16, _next_pow2(dh))
-    block_m = min(64, max(16, _next_pow2(tn)))
-    block_n, stages = _DECODE_CFG[q.element_size()]
+    block_m = _DECODE_BLOCK_M
+    block_n, stages, warps = _DECODE_CFG[q.element_size()]
     if interpreting():
         block_n = 32
     n_mb = triton.cdiv(tn, block_m)
@@ -883,7 +882,7 @@ def _decode_launch(q, k, v, causal: bool, off: int, num_splits: int | None) -> t
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), h,
         CAUSAL=causal, SPLIT=split, DP=dp, BLOCK_M=block_m, BLOCK_N=block_n, PREC=_precision(q.dtype),
-        num_warps=4, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split:
         _decode_combine_kernel[(n_mb, b * h)](acc, ml, out, tn, dh, num_splits, DP=dp, BLOCK_M=block_m, num_warps=4)
@@ -961,17 +960,20 @@ def aot_specs() -> list:
         prec = "ieee" if dtype == torch.float32 else "tf32"
         dec_sig = {a: "i32" for a in _jit_arg_names(_decode_kernel)}
         dec_sig.update({"Q": ptr, "K": ptr, "V": ptr, "O": "*fp32", "ML": "*fp32", "qk_scale2": "fp32"})
-        # Decode: no autotuning; BLOCK_M follows T_new (16..64), DP ≤ 128: compile the extremes.
-        for bm, split in ((16, True), (64, True), (64, False)):
-            block_n, stages = _DECODE_CFG[_ELT[dtype]]
-            consts = {"CAUSAL": True, "SPLIT": split, "DP": 128, "BLOCK_M": bm, "BLOCK_N": block_n, "PREC": prec}
+        # Decode: no autotuning; BLOCK_M = 16, compiled at the largest head dim (DP = 128).
+        block_n, stages, warps = _DECODE_CFG[_ELT[dtype]]
+        for split in (True, False):
+            consts = {"CAUSAL": True, "SPLIT": split, "DP": 128, "BLOCK_M": _DECODE_BLOCK_M, "BLOCK_N": block_n,
+                      "PREC": prec}  # fmt: skip
             sig = dict(dec_sig, **dict.fromkeys(consts, "constexpr"))
             if not split:
                 sig.update(O=ptr, ML=ptr)
-            specs.append(AotSpec(f"_decode_kernel[{tag},bm{bm},{'split' if split else 'direct'}]", _decode_kernel, sig, consts, 4, stages))
+            name = f"_decode_kernel[{tag},{'split' if split else 'direct'}]"
+            specs.append(AotSpec(name, _decode_kernel, sig, consts, warps, stages))
         comb_sig = {"ACC": "*fp32", "ML": "*fp32", "O": ptr, "T_NEW": "i32", "DH": "i32", "N_SPLIT": "i32",
                     "DP": "constexpr", "BLOCK_M": "constexpr"}  # fmt: skip
-        specs.append(AotSpec(f"_decode_combine_kernel[{tag}]", _decode_combine_kernel, comb_sig, {"DP": 128, "BLOCK_M": 16}, 4, 1))
+        specs.append(AotSpec(f"_decode_combine_kernel[{tag}]", _decode_combine_kernel, comb_sig,
+                             {"DP": 128, "BLOCK_M": _DECODE_BLOCK_M}, 4, 1))  # fmt: skip
     return specs
 
 

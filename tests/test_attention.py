@@ -447,7 +447,7 @@ def test_aot_specs_cover_every_config() -> None:
                 for tag, prec in wanted:
                     assert f"{kernel}[{tag},{prec},{cfg}" in names
     for tag in ("float32", "float16", "bfloat16"):
-        assert {f"_decode_kernel[{tag},bm16,split]", f"_decode_kernel[{tag},bm64,direct]",
+        assert {f"_decode_kernel[{tag},split]", f"_decode_kernel[{tag},direct]",
                 f"_decode_combine_kernel[{tag}]"} <= names  # fmt: skip
     kernels = {s.kernel for s in A.aot_specs()}
     assert {A._attn_fwd_kernel, A._attn_bwd_delta_kernel, A._attn_bwd_dq_kernel, A._attn_bwd_dkv_kernel,
@@ -482,8 +482,8 @@ def test_aot_compile_largest_configs() -> None:
         """
         from tape_kernels._aot import SM86_MAX_SHARED, compile_spec
         from tape_kernels.attention import aot_specs
-        want = {"_attn_bwd_dq_kernel[float32,ieee,bm16,bn32,w4,s1]": (86,),
-                "_attn_fwd_kernel[float16,tf32,bm64,bn64,w8,s2]": (86,)}
+        want = {"_attn_bwd_dkv_kernel[float32,tf32,bm16,bn16,w4,s1]": (86,),
+                "_attn_fwd_kernel[float16,tf32,bm32,bn64,w8,s2]": (86,)}
         specs = [s for s in aot_specs() if s.name in want]
         assert len(specs) == len(want), sorted(set(want) - {s.name for s in specs})
         for s in specs:
