@@ -38,15 +38,15 @@ def generate(
     int8: bool = False,
     seed: int | None = None,
     *,
-    act_quant: bool = False,
+    act_quant: bool | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """prompt (B, P) or (P,) token ids -> (B, P + max_new_tokens) LongTensor.
 
-    ``int8=True`` runs every Linear of the decode path with int8 weights (weight-only; W8A8 with
-    ``act_quant=True``). ``stats``, if given, receives ``prefill_ms``, ``ms_per_token`` and
-    ``tokens``. ``on_token`` is called with each new (B,) id tensor (streaming).
+    ``int8=True`` runs every Linear of the decode path with int8 weights; ``act_quant`` picks
+    weight-only (False), W8A8 (True) or the faster per call (None). ``stats``, if given, receives
+    ``prefill_ms``, ``ms_per_token`` and ``tokens``. ``on_token`` is called with each new (B,) id tensor (streaming).
     """
     if not isinstance(model, TapeTransformer):
         raise ValueError(f"generate() needs the fused tapetransformer.TapeTransformer, got {type(model).__name__}")

@@ -119,7 +119,7 @@ class TapeTransformer(ref.TapeTransformer):
         self.skip_dead = bool(skip_dead)
         # int8 weights for inference, keyed by the float weight's name; not part of the state_dict.
         self._int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._int8_act_quant = False
+        self._int8_act_quant: bool | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -134,11 +134,13 @@ class TapeTransformer(ref.TapeTransformer):
     def _block_names(self) -> list[tuple[str, TapeHeadBlock]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, TapeHeadBlock)]
 
-    def quantize_int8_(self, act_quant: bool = False) -> TapeTransformer:
+    def quantize_int8_(self, act_quant: bool | None = None) -> TapeTransformer:
         """Build int8 copies (per-channel symmetric) of every Linear weight the eval path uses.
 
         Float weights stay in place (training and the state_dict are unaffected); call again after
-        changing weights or devices. ``act_quant=True`` uses W8A8 matmuls.
+        changing weights or devices. ``act_quant``: False weight-only, True W8A8, None (default) the
+        faster of the two per call (``tape_kernels.int8.resolve_act_quant``: W8A8 on CPU, weight-only
+        GEMV for decode on CUDA).
         """
         from tape_kernels.int8 import quantize_weight
 
@@ -152,7 +154,7 @@ class TapeTransformer(ref.TapeTransformer):
                 ("mlp.linear.weight", blk.mlp.linear.weight),
             ):
                 self._int8[f"{name}.{wname}"] = quantize_weight(w.detach().float())
-        self._int8_act_quant = bool(act_quant)
+        self._int8_act_quant = act_quant
         return self
 
     def dequantize_(self) -> TapeTransformer:
