@@ -125,7 +125,8 @@ def test_train_step_8gib(benchmark, device: torch.device, impl: str) -> None:
         mem_fraction=round(frac, 5),
         peak_reserved_mb=round(reserved, 1),
     )
-    assert reserved <= MEM_CAP_BYTES / MIB
+    # The cap is enforced by the native caching allocator only (not, e.g., by cudaMallocAsync): check.
+    assert reserved <= MEM_CAP_BYTES / MIB, f"allocator reserved {reserved:.0f} MiB despite the 8 GiB cap"
 
 
 @pytest.mark.parametrize(
