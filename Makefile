@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 NVCC ?= nvcc
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench lint aot cuda-check gpu-check clean
+.PHONY: setup test demo bench lint aot cuda-check gpu-check kernel-report clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,7 @@ lint: $(STAMP)
 
 # Ahead-of-time compile of every Triton kernel for sm_86 and sm_90 (no GPU needed).
 aot: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) -m tape_kernels._aot
+	env -u TRITON_INTERPRET TRITON_CACHE_DIR=$$(mktemp -d) $(PY) -m tape_kernels._aot
 
 # Every .cu file must compile for sm_86 and sm_90 (no GPU needed).
 cuda-check: $(STAMP)
@@ -46,6 +46,10 @@ cuda-check: $(STAMP)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# Registers, spills, shared memory and occupancy of every kernel config on sm_86 (no GPU needed).
+kernel-report: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) benchmarks/kernel_report.py --cc 86 --md benchmarks/results/kernels-sm_86.md
 
 clean:
 	rm -rf build *.egg-info tape_kernels/*.so .pytest_cache
