@@ -61,7 +61,7 @@ def _stepper(impl: str, case: str, device: torch.device, budget: int | None) -> 
     model = model.to(device).train()
     amp_dtype, need_scaler = pick_amp("off" if impl == "eager" else "auto", device)
     est = estimate_memory(mcfg, sum(p.numel() for p in model.parameters()), amp=amp_dtype is not None,
-                          fused_attention=impl != "eager")
+                          fused=impl != "eager")
     plan = plan_memory(cfg["batch"], est, budget)
     if plan.recompute:
         enable_recompute(model)

@@ -156,32 +156,88 @@ class MemoryPlan:
                 f"({b})")
 
 
+# Values autograd keeps per token and TapeHead block, in units of D, measured with
+# measure_activation_bytes (fp32, dropout 0): the Triton kernels keep ~25·D (x, qkv, attention output
+# and statistics, residual+LayerNorm outputs, the 8D MLP pre-activation and activation); the eager
+# backend ~84·D (every elementwise op of the activation keeps its 8D input) plus the (H, S)
+# attention probabilities; with recomputation ~3·D of block inputs/outputs remain.
+FUSED_D_PER_TOKEN_BLOCK = 26
+EAGER_D_PER_TOKEN_BLOCK = 86
+RECOMPUTE_D_PER_TOKEN_BLOCK = 3
+BACKWARD_SAFETY = 1.5  # gradient buffers of the largest saved tensors live next to them in backward
+
+
 def estimate_memory(
     mcfg: ModelConfig, n_params: int, *, optimizer: str = "adam", amp: bool = False, need_aux: bool = False,
-    fused_attention: bool = True, ddp: bool = False,
+    fused: bool = True, ddp: bool = False, per_block_token_bytes: float | None = None,
 ) -> MemoryEstimate:
-    """Analytic memory model of a training step of the fused model (deliberately on the high side).
+    """Memory model of a training step (deliberately on the high side).
 
-    Per token and TapeHead block the backward keeps about 30·D values (x, qkv, attention output,
-    two residual+LayerNorm outputs and their statistics, the 8D MLP pre-activation and activation,
-    the MLP output); the eager attention also keeps its (H, S) probabilities and dropout mask per
-    token. ``loss()`` runs the coda (4 blocks) and the last critic (8 blocks); ``need_aux`` runs all
-    critics. The fused NLL keeps no (S, V) log-probs; the aux path keeps ~4 fp32 (S, V) tensors.
-    Recomputation keeps each block's ~4·D inputs/outputs plus one block's internals at a time.
-    The sum is scaled by 1.5 for autograd temporaries (gradient buffers of the largest tensors).
+    ``loss()`` runs the coda (4 blocks) and the last critic (8 blocks); ``need_aux`` runs all critics.
+    Per token and block, ``per_block_token_bytes`` (measured, see :func:`calibrate_memory`) or the
+    constants above (``fused``: Triton kernels; else the eager backend, whose attention also keeps
+    its (H, S) probabilities). Autocast halves the GEMM outputs only (LayerNorm and the statistics
+    stay fp32): ×0.75. The fused NLL keeps no (S, V) log-probs; the aux path keeps ~4 fp32 (S, V)
+    tensors. Recomputation keeps ~3·D per token and block plus one block's internals at a time.
+    ``fixed``: weights and gradients (fp32), optimizer state, autocast's bf16/fp16 weight copies and
+    DDP's gradient buckets.
     """
     d, s, v = mcfg.embed_dim, mcfg.seq_len, mcfg.vocab_size
-    act = 2 if amp else 4
+    scale = 0.75 if amp else 1.0
     blocks = 4 + 8 * (mcfg.num_heads if need_aux else 1)
     attn_heads = 4  # TapeHeadBlock's attention heads
-    per_block_tok = 30 * d * act + (0 if fused_attention else 3 * attn_heads * s * 4)
+    if per_block_token_bytes is None:
+        per_block_tok = 4 * scale * (FUSED_D_PER_TOKEN_BLOCK * d if fused else EAGER_D_PER_TOKEN_BLOCK * d)
+        per_block_tok += 0 if fused else 3 * attn_heads * s * 4
+    else:
+        per_block_tok = per_block_token_bytes
     unembed_tok = (4 * v * 4) if need_aux else (2 * v * 4)
-    safety = 1.5
-    per_sample = int(safety * s * (blocks * per_block_tok + unembed_tok))
-    per_sample_rc = int(safety * s * (blocks * 4 * d * act + per_block_tok + unembed_tok))
+    boundary_tok = RECOMPUTE_D_PER_TOKEN_BLOCK * d * 4
+    per_sample = int(BACKWARD_SAFETY * s * (blocks * per_block_tok + unembed_tok))
+    per_sample_rc = int(BACKWARD_SAFETY * s * (blocks * boundary_tok + per_block_tok + unembed_tok))
     state = {"adam": 2, "wolf": 1, "wolf-eager": 2, "sgd": 0}.get(optimizer, 2)  # eager Wolf: m and its new copy
     fixed = n_params * 4 * (2 + state) + (n_params * 2 if amp else 0) + (n_params * 4 if ddp else 0)
     return MemoryEstimate(fixed=fixed, per_sample=per_sample, per_sample_recompute=per_sample_rc)
+
+
+def measure_activation_bytes(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, aux: bool = False, amp_dtype: torch.dtype | None = None,
+) -> int:
+    """Bytes autograd saves for the backward of one training forward on (x, y): every saved tensor's
+    storage, counted once, parameters excluded. Works on any device (CPU included); RNG states are
+    restored afterwards, so a probe does not change the training run."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in params and st.nbytes() > 0:
+            seen[ptr] = max(seen.get(ptr, 0), st.nbytes())
+        return t
+
+    devices = [x.device] if x.device.type == "cuda" else []
+    ctx = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        _LossNet(model)(x, y, aux)
+    return sum(seen.values())
+
+
+def calibrate_memory(
+    model: nn.Module, mcfg: ModelConfig, x: torch.Tensor, y: torch.Tensor, n_params: int, *, optimizer: str = "adam",
+    amp_dtype: torch.dtype | None = None, need_aux: bool = False, ddp: bool = False,
+) -> MemoryEstimate:
+    """:func:`estimate_memory` with the per-token-and-block bytes measured on this model, backend and
+    device: saved bytes of a 2-sample forward minus those of a 1-sample forward (the difference
+    removes per-call constants such as autocast's weight copies). ``x``, ``y``: (≥ 2, S)."""
+    m1 = measure_activation_bytes(model, x[:1], y[:1], aux=need_aux, amp_dtype=amp_dtype)
+    m2 = measure_activation_bytes(model, x[:2], y[:2], aux=need_aux, amp_dtype=amp_dtype)
+    per_sample = m2 - m1 if m2 > m1 else m2 / 2
+    blocks = 4 + 8 * (mcfg.num_heads if need_aux else 1)
+    unembed_tok = (4 * mcfg.vocab_size * 4) if need_aux else (2 * mcfg.vocab_size * 4)
+    per_block_tok = max(per_sample / x.shape[1] - unembed_tok, 0.0) / blocks
+    return estimate_memory(mcfg, n_params, optimizer=optimizer, amp=amp_dtype is not None, need_aux=need_aux,
+                           ddp=ddp, per_block_token_bytes=per_block_tok)
 
 
 def plan_memory(
@@ -480,13 +536,19 @@ def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[
 
     amp_dtype, need_scaler = pick_amp(cfg.amp, device)
     n_params = sum(p.numel() for p in model.parameters())
-    # the fused attention has no dropout: with dropout > 0 the model runs the eager attention (S×S probs kept)
-    triton_attention = (cfg.backend == "triton" or (cfg.backend == "auto" and device.type == "cuda")) and (
-        mcfg.dropout == 0.0)
-    est = estimate_memory(mcfg, n_params, optimizer=cfg.optimizer, amp=amp_dtype is not None,
-                          need_aux=cfg.viz is not None, fused_attention=triton_attention, ddp=world > 1)
     budget = int(cfg.memory_budget_gb * GIB) if cfg.memory_budget_gb else None
     local_batch = cfg.batch_size // world
+    if budget is not None and cfg.micro_batch is None:
+        # measure what this model/backend/device saves for backward (2 tiny probe forwards; a separate
+        # sampler and restored RNG states keep the training run unchanged)
+        px, py = ds.get_batch("train", 2, mcfg.seq_len, torch.Generator().manual_seed(12345))
+        model.train()
+        est = calibrate_memory(model, mcfg, px.to(device), py.to(device), n_params, optimizer=cfg.optimizer,
+                               amp_dtype=amp_dtype, need_aux=cfg.viz is not None, ddp=world > 1)
+    else:
+        triton = cfg.backend == "triton" or (cfg.backend == "auto" and device.type == "cuda")
+        est = estimate_memory(mcfg, n_params, optimizer=cfg.optimizer, amp=amp_dtype is not None,
+                              need_aux=cfg.viz is not None, fused=triton, ddp=world > 1)
     plan = plan_memory(local_batch, est, budget, micro_batch=cfg.micro_batch, recompute=cfg.recompute)
     frac = None
     if budget is not None and device.type == "cuda":
