@@ -121,7 +121,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         peak = res["peak_mem_mb"]
         mem = f"; peak memory of the last step {peak:,.0f} MiB" if a.device.startswith("cuda") else ""
-        print(f"step {res['step']}: train loss {res['train_loss']:.4f}, val loss {res['val_loss']:.4f}; "
+        val = "n/a" if res["val_loss"] != res["val_loss"] else f"{res['val_loss']:.4f}"
+        print(f"step {res['step']}: train loss {res['train_loss']:.4f}, val loss {val}; "
               f"checkpoint {res['checkpoint']}{mem}")
     return 0
 
