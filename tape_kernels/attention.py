@@ -493,8 +493,8 @@ def kernel_supports(embed_dim: int, num_heads: int) -> bool:
 # shared-memory figures are what the compiler reports for sm_86 at the largest supported head tile
 # (HP·DP = 256, causal, statistics gradients on); `python -m tape_kernels._aot attention` re-measures them
 # for sm_86 and sm_90 and fails above 101376 B. A config is only offered to the element sizes it lists.
-# Every config listed compiles without register spills for sm_86 at that head tile (checked with
-# benchmarks/kernel_report.py): larger tiles (e.g. 32×64 with 4 warps, 64×64) spill, since the 3-D tiles
+# The configs listed compile without register spills for sm_86 at that head tile (checked with
+# benchmarks/kernel_report.py; the fp32 dQ tile spills 12 B): larger tiles (e.g. 32×64 with 4 warps, 64×64) spill, since the 3-D tiles
 # keep HP·BLOCK·DP fp32 accumulators per program. fp32 with IEEE products has no tensor-core path (its
 # 3-D dots are FMA loops over fp32 tiles staged in shared memory), so it gets one small tile per kernel:
 # it is the exact path, bf16/fp16 the fast one.
