@@ -397,8 +397,9 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str
 def test_ddp_two_gloo_ranks_match_single_process(tmp_path: Path, corpus: Path) -> None:
     kw = dict(optimizer="sgd", lr=0.5, eval_every=0, batch_size=4)
     single = train(cfg_for(tmp_path / "single.ckpt", corpus, 3, **kw))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg_for(tmp_path / "ddp.ckpt", corpus, 3, **kw), str(tmp_path)),
-             nprocs=2, join=True)
+    # each rank: 2 samples as 2 micro-batches of 1 (gradients synchronised on the last only)
+    ddp_cfg = cfg_for(tmp_path / "ddp.ckpt", corpus, 3, micro_batch=1, **kw)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), ddp_cfg, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     ref = single["model"].state_dict()
