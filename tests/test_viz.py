@@ -67,6 +67,9 @@ def test_frame_writer_pngs_gif_and_smoothed_loss(tmp_path: Path) -> None:
     gif = Image.open(tmp_path / "viz" / "train.gif")
     assert gif.n_frames == 2 and gif.size == frame_size(2, 10)
     assert not [p for p in (tmp_path / "viz").iterdir() if p.name.startswith(".")]  # no temp files left
+    resumed = FrameWriter(tmp_path / "viz", VOCAB)  # a resumed run appends to the GIF
+    resumed.frame(6, x, attn)
+    assert Image.open(tmp_path / "viz" / "train.gif").n_frames == 3
 
 
 def test_loss_curve_png(tmp_path: Path) -> None:

@@ -114,8 +114,9 @@ class FrameWriter:
         self.gif_ms = gif_ms
         self.losses: list[float] = []
         self.smoothed = math.nan
-        self.frames: list[Image.Image] = []
-        self.paths: list[Path] = []
+        # a resumed run continues the GIF with the frames already on disk
+        self.paths: list[Path] = sorted(self.dir.glob("frame_*.png"))[-max_gif_frames:]
+        self.frames: list[Image.Image] = [self._palette(Image.open(p)) for p in self.paths]
 
     def observe(self, step: int, loss: float) -> None:
         """Record a step's loss; the smoothed loss is the notebook's EWMA with mixing constant 1/e."""
@@ -131,9 +132,13 @@ class FrameWriter:
         path = self.dir / f"frame_{step:06d}.png"
         _atomic_image_save(lambda p: img.save(p, format="PNG"), path)
         self.paths.append(path)
-        self.frames = (self.frames + [img.convert("P", palette=Image.Palette.ADAPTIVE)])[-self.max_gif_frames:]
+        self.frames = (self.frames + [self._palette(img)])[-self.max_gif_frames:]
         self._write_gif()
         return path
+
+    @staticmethod
+    def _palette(img: Image.Image) -> Image.Image:
+        return img.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
 
     def _write_gif(self) -> None:
         first, rest = self.frames[0], self.frames[1:]
