@@ -211,7 +211,8 @@ def fused_model_class() -> type | None:
 def build_model(case: str, impl: str, device: torch.device | str, seed: int = 0) -> torch.nn.Module:
     """The model of ``case`` for ``impl``: ``eager``/``compile`` use the eager reference,
     ``fused`` the package's Triton model (``backend="triton"``). Training mode, on ``device``."""
-    cfg = {k: v for k, v in MODEL_CASES[case].items() if k != "batch"}
+    # dropout 0, as the notebook trained (and the fused attention has no dropout kernel)
+    cfg = {k: v for k, v in MODEL_CASES[case].items() if k != "batch"} | {"dropout": 0.0}
     torch.manual_seed(seed)
     if impl == "fused":
         cls = fused_model_class()
