@@ -123,7 +123,10 @@ def test_head_counts(h: int, d: int) -> None:
 
 
 # TK_ATTN_HYPOTHESIS_EXAMPLES raises the example count for a stress run (250 pass: fp32 and fp16 mixed).
-@settings(max_examples=int(os.environ.get("TK_ATTN_HYPOTHESIS_EXAMPLES", "25")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HYPOTHESIS_EXAMPLES = int(os.environ.get("TK_ATTN_HYPOTHESIS_EXAMPLES", "25"))
+
+
+@settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     b=st.integers(1, 3),
     s=st.integers(1, 90),
