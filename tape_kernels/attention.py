@@ -963,13 +963,15 @@ def aot_specs() -> list:
         # Decode: no autotuning; BLOCK_M = 16, compiled at the largest head dim (DP = 128).
         block_n, stages, warps = _DECODE_CFG[_ELT[dtype]]
         for split in (True, False):
-            consts = {"CAUSAL": True, "SPLIT": split, "DP": 128, "BLOCK_M": _DECODE_BLOCK_M, "BLOCK_N": block_n,
-                      "PREC": prec}  # fmt: skip
-            sig = dict(dec_sig, **dict.fromkeys(consts, "constexpr"))
-            if not split:
-                sig.update(O=ptr, ML=ptr)
-            name = f"_decode_kernel[{tag},{'split' if split else 'direct'}]"
-            specs.append(AotSpec(name, _decode_kernel, sig, consts, warps, stages))
+            for dprec in ("ieee", "tf32") if dtype == torch.float32 else ("tf32",):
+                consts = {"CAUSAL": True, "SPLIT": split, "DP": 128, "BLOCK_M": _DECODE_BLOCK_M, "BLOCK_N": block_n,
+                          "PREC": dprec}  # fmt: skip
+                sig = dict(dec_sig, **dict.fromkeys(consts, "constexpr"))
+                if not split:
+                    sig.update(O=ptr, ML=ptr)
+                suffix = f",{dprec}" if dtype == torch.float32 and dprec == "tf32" else ""
+                name = f"_decode_kernel[{tag},{'split' if split else 'direct'}{suffix}]"
+                specs.append(AotSpec(name, _decode_kernel, sig, consts, warps, stages))
         comb_sig = {"ACC": "*fp32", "ML": "*fp32", "O": ptr, "T_NEW": "i32", "DH": "i32", "N_SPLIT": "i32",
                     "DP": "constexpr", "BLOCK_M": "constexpr"}  # fmt: skip
         specs.append(AotSpec(f"_decode_combine_kernel[{tag}]", _decode_combine_kernel, comb_sig,
