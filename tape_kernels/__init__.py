@@ -15,6 +15,7 @@ from tape_kernels.activation import (
 )
 from tape_kernels.attention import (
     CriticAttention,
+    attention_stats,
     critic_attention,
     critic_attention_decode,
     critic_attention_decode_ref,
@@ -46,6 +47,7 @@ __all__ = [
     "TapeHeadCombine",
     "add_layer_norm",
     "add_layer_norm_ref",
+    "attention_stats",
     "charrnn_ref",
     "charrnn_step",
     "critic_attention",
