@@ -20,27 +20,19 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from torch.optim.optimizer import Optimizer
 
-from tapetransformer.reference import WOLF_C
+from tapetransformer.reference import WOLF_C, Wolf
 
 __all__ = ["FusedWolf"]
 
 
-class FusedWolf(Optimizer):
-    """Drop-in for :class:`tapetransformer.reference.Wolf` (same arguments, state and results).
+class FusedWolf(Wolf):
+    """Drop-in for :class:`tapetransformer.reference.Wolf` (same arguments, state and results),
+    stepping with multi-tensor ``torch._foreach`` kernels, one launch set per device and dtype.
 
     Parameters whose ``grad`` is None are skipped, as in the eager optimizer. Sparse gradients
     are not supported (``ValueError``).
     """
-
-    def __init__(self, params: Any, lr: float = 0.25, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12):
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p]["p"] = torch.zeros_like(p)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
