@@ -194,3 +194,13 @@ def test_cli_train_generate_and_errors(tmp_path: Path, corpus: Path, capsys: pyt
     assert rc == 2 and "not in the vocabulary" in capsys.readouterr().err
     rc = cli.main(["generate", str(tmp_path / "none.ckpt")])
     assert rc == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_cli_demo_trains_then_samples(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = cli.main(["demo", "--data", str(corpus), "--steps", "2", "--eval-every", "2", "--seq-len", "8",
+                   "--embed-dim", "16", "--batch-size", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "d.ckpt"),
+                   "--backend", "eager", "--log-dir", "none", "--prompt", "to "])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "causal semantics" in out and "val loss" in out
+    assert out.rstrip("\n").splitlines()[-1].startswith("to ")
