@@ -1,0 +1,105 @@
+"""The fused model on a CUDA device (compiled kernels): the golden vectors in fp32, autocast fp16/bf16
+judged against PyTorch's own error in the same dtype, and the generation engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tapetransformer import reference as ref
+from tapetransformer.generate import generate
+from tapetransformer.model import TapeTransformer
+from tapetransformer.reference import nll_loss
+from tapetransformer.sampling import sample_reference
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def models(golden: dict) -> tuple[ref.TapeTransformer, TapeTransformer]:
+    vocab, seq_len, dim, heads = golden["config"].tolist()
+    plain = ref.TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0)
+    fused = TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0, backend="triton")
+    plain.load_state_dict(golden["state_dict"], strict=True)
+    fused.load_state_dict(golden["state_dict"], strict=True)
+    return plain.to(DEV).float(), fused.to(DEV).float()
+
+
+def test_cuda_fp32_golden(golden: dict) -> None:
+    _, fused = models(golden)
+    x, y = golden["x"].to(DEV), golden["y"].to(DEV)
+    logp, ent, aw = fused.train()(x)
+    assert rel(logp, golden["train_logp"]) < 2e-5
+    assert rel(ent, golden["train_entropy"]) < 2e-5
+    assert rel(aw, golden["train_attn_weights"]) < 2e-5
+    nll_loss(logp, y).backward()
+    for name, g_ref in golden["grads_nll"].items():
+        g = dict(fused.named_parameters())[name].grad
+        if torch.count_nonzero(g_ref) == 0:
+            assert torch.count_nonzero(g) == 0, name
+        else:
+            assert rel(g, g_ref) < 2e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_autocast_error_within_pytorch_error(golden: dict, dtype: torch.dtype) -> None:
+    """Under autocast, the fused model's error against float64 is at most 2x (outputs) / 3x (grads)
+    the eager reference's own error under the same autocast (FlashAttention's criterion)."""
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this device")
+    plain, fused = models(golden)
+    x, y = golden["x"].to(DEV), golden["y"].to(DEV)
+    exact = ref.TapeTransformer(*golden["config"].tolist()[:2], embed_dim=int(golden["config"][2]),
+                                num_heads=int(golden["config"][3]), dropout=0.0).double()
+    exact.load_state_dict(golden["state_dict"], strict=True)
+    exact = exact.to(DEV).train()
+
+    def run(m: torch.nn.Module, amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m.train().zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype, enabled=amp):
+            logp, _, _ = m(x)
+            loss = nll_loss(logp.float(), y)
+        loss.backward()
+        grads = {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
+        return logp.double(), grads
+
+    logp64, g64 = run(exact, False)
+    logp_e, g_e = run(plain, True)
+    logp_f, g_f = run(fused, True)
+    assert torch.isfinite(logp_f).all()
+    err_e = (logp_e - logp64).abs().max().item()
+    err_f = (logp_f - logp64).abs().max().item()
+    if torch.isfinite(torch.tensor(err_e)):
+        assert err_f <= 2 * err_e + 1e-5, f"fused {err_f:.3e} vs eager {err_e:.3e}"
+    for name, g in g64.items():
+        if torch.count_nonzero(g) == 0:
+            continue
+        ee = (g_e[name] - g).abs().max().item()
+        ef = (g_f[name] - g).abs().max().item()
+        if torch.isfinite(torch.tensor(ee)):
+            assert ef <= 3 * ee + 1e-6, f"{name}: fused {ef:.3e} vs eager {ee:.3e}"
+
+
+def test_cuda_greedy_generation_matches_reference(golden: dict) -> None:
+    plain, fused = models(golden)
+    prompt = golden["x"][:2, :5].to(DEV)
+    want, _ = sample_reference(plain, prompt, 12, greedy=True)
+    got = generate(fused, prompt, 12, greedy=True)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_half_and_int8_generation_run(golden: dict, dtype: torch.dtype) -> None:
+    _, fused = models(golden)
+    m = fused.to(dtype).eval()
+    stats: dict = {}
+    out = generate(m, golden["x"][:1, :4].to(DEV), 20, top_k=5, seed=0, stats=stats)
+    assert out.shape == (1, 24) and stats["ms_per_token"] > 0
+    out8 = generate(m, golden["x"][:1, :4].to(DEV), 20, greedy=True, int8=True)
+    assert out8.shape == (1, 24)
