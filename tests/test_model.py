@@ -246,3 +246,16 @@ def test_bad_inputs() -> None:
         generate(m, torch.tensor([0.5]), 3)
     with pytest.raises(ValueError, match="backend"):
         TapeTransformer(13, backend="cuda")
+
+
+def test_eval_under_cpu_autocast_runs_with_an_fp32_cache() -> None:
+    m = tiny_causal("eager")
+    x = torch.randint(0, 13, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, _ = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, cache = m(x[:, :3])
+            got2, _ = m(x[:, 3:], past_kv=cache)
+    assert cache.k[0].dtype == torch.float32
+    # bf16 projections through 12 blocks: measured 0.009-0.019 over five seeds
+    assert (torch.cat([got, got2], 1).float() - want).abs().max() < 0.05

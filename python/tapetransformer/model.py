@@ -328,6 +328,7 @@ class TapeTransformer(ref.TapeTransformer):
         kc, vc = cache.k[idx], cache.v[idx]
         kc[:, :, t0 : t0 + s] = k
         vc[:, :, t0 : t0 + s] = v
+        q = q.to(kc.dtype)  # under autocast the projection is half while the cache keeps its dtype
         o = critic_attention_decode(q, kc[:, :, : t0 + s], vc[:, :, : t0 + s], causal=self.causal,
                                     backend=self.backend)  # (B, H, S, dh)
         o = o.transpose(1, 2).reshape(b, s, d)
