@@ -220,9 +220,12 @@ def _notes(row: dict[str, Any]) -> str:
             bits.append(f"{k[:-3]} {_fmt(v)} ms")
     if "compile_s" in ex:
         bits.append(f"compile {_fmt(ex['compile_s'])} s")
-    for k in ("mem_cap_mb", "ms_per_token"):
-        if k in ex:
-            bits.append(f"{k} {_fmt(ex[k])}")
+    if "mem_cap_mb" in ex:
+        bits.append(f"mem_cap_mb {_fmt(ex['mem_cap_mb'])}")
+    # Generation: every impl's per-token latency (the first impl's key stays unprefixed).
+    for k, v in ex.items():
+        if k.endswith("ms_per_token"):
+            bits.append(f"{k} {_fmt(v)}")
     return "; ".join(bits)
 
 

@@ -61,7 +61,8 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     FAILED+=("no-cuda(dry run)")
     DRY_RUN=1
 fi
-if [[ -n "${OUT:-}" ]]; then RAW=$OUT/gpu-check-raw; else RAW=$ROOT/benchmarks/.gpu_check/$STAMP; fi
+# Raw files stay out of $OUT (the device tool brings back at most 8 files): they travel as one tarball.
+RAW=$ROOT/benchmarks/.gpu_check/$STAMP
 mkdir -p "$RAW"
 STEPS=$RAW/steps.tsv
 : >"$STEPS"
@@ -157,7 +158,13 @@ BENCH_OPTS=(-q -p no:cacheprovider --benchmark-only --benchmark-warmup=on --benc
 
 step env 30 bash -c envinfo
 step build 120 "$PY" setup.py build_ext --inplace
-step tests-gpu 120 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs --durations=8
+# One config per attention kernel here (TAPE_KERNELS_ATTN_AUTOTUNE=0): correctness does not need the
+# autotuner, whose every config would be compiled first; the benchmarks below autotune.
+# pytest-xdist, where installed, spreads the tests (and their Triton compiles) over 4 processes.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+step tests-gpu 150 env TAPE_KERNELS_ATTN_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs \
+    --durations=8 --junitxml="$RAW/tests-gpu.xml" "${XDIST[@]}"
 # The model file first: it holds the training step and the 8 GiB claim.
 for f in benchmarks/test_bench_model.py $(ls benchmarks/test_bench_*.py | grep -v test_bench_model.py); do
     [[ -e $f ]] || continue
@@ -191,6 +198,10 @@ first=()
 timeout 60 "$PY" benchmarks/collect_results.py "$RAW"/bench-*.json "${first[@]}" --steps "$STEPS" "${outs[@]}" ||
     FAILED+=("collect")
 
+if [[ -n "${OUT:-}" ]]; then
+    cp "$RAW/gpu_check.log" "$OUT/" 2>/dev/null
+    tar -czf "$OUT/gpu-check-raw.tar.gz" -C "$(dirname "$RAW")" "$(basename "$RAW")" || FAILED+=("tar")
+fi
 if ((${#FAILED[@]})); then
     say "gpu-check finished in $(elapsed)s with failures: ${FAILED[*]}"
     exit 1

@@ -6,8 +6,10 @@ Case ``notebook-generate-engine`` (vocab 65, seq_len 128, dim 256, 4 critics; a 
 inputs and re-projects the whole history every token, and runs all 4 critics and the prophet);
 ``fused`` = the fused model in fp32 (Triton on CUDA, eager PyTorch ops on CPU), ``fused_int8`` =
 the same with int8 weights (``act_quant=None``: W8A8 on CPU, the W8A16 GEMV on CUDA), and on CUDA
-``fused_fp16`` / ``fused_bf16``. ``ms_per_token`` counts decode steps only (the prefill is reported
-as ``prefill_ms``). No CUDA graphs yet: the decode step is not captured.
+``fused_fp16`` / ``fused_bf16``. On CUDA these capture the decode step in a CUDA graph (generate()'s
+default there); the ``*_nograph`` impls run the same step eagerly, launch by launch. ``ms_per_token``
+counts decode steps only (the prefill is reported as ``prefill_ms``, the one-off graph capture as
+``capture_ms``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from tapetransformer.sampling import sample_reference
 GROUP = "model"
 CASE = "notebook"
 PROMPT, NEW = 32, 32
-IMPLS = ["eager", "fused", "fused_int8", "fused_fp16", "fused_bf16"]
+IMPLS = ["eager", "fused", "fused_int8", "fused_fp16", "fused_bf16",
+         "fused_nograph", "fused_int8_nograph", "fused_fp16_nograph", "fused_bf16_nograph"]
 
 
 def _model(impl: str, device: torch.device) -> torch.nn.Module:
@@ -35,17 +38,17 @@ def _model(impl: str, device: torch.device) -> torch.nn.Module:
     else:
         m = TapeTransformer(**cfg, dropout=0.0)
     m = m.to(device).eval()
-    if impl == "fused_fp16":
+    if impl.startswith("fused_fp16"):
         m = m.half()
-    elif impl == "fused_bf16":
+    elif impl.startswith("fused_bf16"):
         m = m.bfloat16()
     return m
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_generate_engine(benchmark, device: torch.device, impl: str) -> None:  # noqa: ANN001
-    if impl in ("fused_fp16", "fused_bf16") and not is_cuda(device):
-        pytest.skip("half-precision generation is a GPU case")
+    if (impl.startswith(("fused_fp16", "fused_bf16")) or impl.endswith("_nograph")) and not is_cuda(device):
+        pytest.skip("half-precision generation and CUDA graphs are GPU cases")
     model = _model(impl, device)
     prompt = torch.randint(0, MODEL_CASES[CASE]["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
@@ -57,12 +60,16 @@ def test_generate_engine(benchmark, device: torch.device, impl: str) -> None:  #
             stats["ms_per_token"] = ms
     else:
         def run() -> None:
-            generate(model, prompt, NEW, greedy=True, int8=impl == "fused_int8", stats=stats)
+            generate(model, prompt, NEW, greedy=True, int8=impl.startswith("fused_int8"),
+                     cuda_graph=False if impl.endswith("_nograph") else None, stats=stats)
 
     run()  # warm-up (Triton compiles, int8 packing)
     record(benchmark, group=GROUP, case=f"{CASE}-generate-engine", impl=impl, peak_mem_mb=None, batch=1,
            prompt_len=PROMPT, new_tokens=NEW)
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info["ms_per_token"] = round(stats["ms_per_token"], 3)
-    if "prefill_ms" in stats:
-        benchmark.extra_info["prefill_ms"] = round(stats["prefill_ms"], 3)
+    for key in ("prefill_ms", "capture_ms"):
+        if key in stats:
+            benchmark.extra_info[key] = round(stats[key], 3)
+    if "cuda_graph" in stats:
+        benchmark.extra_info["cuda_graph"] = stats["cuda_graph"]

@@ -123,13 +123,27 @@ def critic_attention_decode_ref(
     v_cache: torch.Tensor,
     causal: bool = False,
     q_offset: int | None = None,
+    length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eager decode: softmax(q kᵀ/√dh) v for projected q_new (B, H, T_new, dh) against k/v (B, H, T, dh).
 
     Causal: new row r sits at position ``q_offset + r`` (default ``T − T_new``) and sees keys ≤ it.
+    ``length`` (a (1,) integer tensor): only the first ``length`` keys are filled and the new rows are
+    positions length − T_new … length − 1 (see ``critic_attention_decode``).
     """
     tn, t, dh = q_new.shape[2], k_cache.shape[2], q_new.shape[3]
     scores = torch.matmul(q_new * (1.0 / math.sqrt(dh)), k_cache.transpose(-1, -2))
+    if length is not None:
+        # Built from device tensors only (no host read), so this path can be graph-captured too.
+        kpos = torch.arange(t, device=q_new.device)[None, :]
+        last = length.to(torch.long) - 1  # position of the last new row
+        qpos = (last - (tn - 1)) + torch.arange(tn, device=q_new.device)[:, None]
+        limit = qpos if causal else last.expand(tn, 1)
+        p = torch.softmax(scores.masked_fill(kpos > limit, float("-inf")), dim=-1)
+        # Rows past the length are never written (a preallocated cache may hold NaN there): 0·NaN
+        # would leak, so they are zeroed rather than trusted.
+        unfilled = (kpos > last).view(1, 1, t, 1)
+        return torch.matmul(p, v_cache.masked_fill(unfilled, 0.0))
     if causal:
         off = t - tn if q_offset is None else q_offset
         qpos = torch.arange(tn, device=q_new.device)[:, None] + off
@@ -379,14 +393,20 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(
-        Q, K, V, O, ML,
+        Q, K, V, O, ML, LEN,
         T_NEW, T, DH, q_offset, n_split_keys, qk_scale2,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, NH,
-        CAUSAL: tl.constexpr, SPLIT: tl.constexpr, DP: tl.constexpr,
+        CAUSAL: tl.constexpr, SPLIT: tl.constexpr, DEVICE_LEN: tl.constexpr, DP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
         # One program per (row block, batch·head, key split): flash-decoding keeps a B = 1 call
         # spread over many SMs by splitting the cache length instead of the (tiny) query count.
+        if DEVICE_LEN:
+            # The filled length lives on the device (a CUDA-graph-captured decode step replays with
+            # a new length and the same launch): T is the capacity, LEN[0] the keys in use, and the
+            # new rows are the last T_NEW of them. Splits past LEN run no iteration.
+            T = tl.load(LEN)
+            q_offset = T - T_NEW
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         split = tl.program_id(2)
@@ -809,6 +829,7 @@ def critic_attention_decode(
     q_offset: int | None = None,
     backend: str = "auto",
     num_splits: int | None = None,
+    length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of a few new projected queries against a projected K/V cache (inference, no grad).
 
@@ -816,6 +837,12 @@ def critic_attention_decode(
     The 1/√dh scale is applied here. ``causal``: new row r is position ``q_offset + r`` (default
     ``T − T_new``: the new rows are the cache's last T_new positions) and sees keys at positions ≤ it.
     ``num_splits`` overrides the number of key splits (flash-decoding), e.g. for tests.
+
+    ``length``: a (1,) int32 tensor on q_new's device holding the number of filled cache rows
+    (T_new ≤ length ≤ T, not checked: reading it would synchronise). Then T is only the capacity,
+    keys at positions ≥ length are ignored and the new rows are positions length − T_new … length − 1
+    (``q_offset`` must be None). Shapes no longer depend on the length, so the call can be captured
+    in a CUDA graph and replayed as the cache fills.
     """
     check_backend(backend)
     check_tensor("q_new", q_new, ndim=4, dtypes=(*KERNEL_DTYPES, torch.float64))
@@ -827,7 +854,16 @@ def critic_attention_decode(
     check_same_dtype(q_new=q_new, k_cache=k_cache, v_cache=v_cache)
     if tn < 1 or t < 1:
         raise ValueError(f"need at least one new row and one cached key, got T_new={tn}, T={t}")
-    if causal:
+    if length is not None:
+        check_tensor("length", length, shape=(1,), dtypes=(torch.int32,))
+        check_same_device(q_new=q_new, length=length)
+        if q_offset is not None:
+            raise ValueError("q_offset and length exclude each other: with length, the new rows end at length")
+        if tn > t:
+            raise ValueError(f"T_new={tn} new rows do not fit a cache of capacity {t}")
+    if length is not None:
+        off = 0
+    elif causal:
         off = t - tn if q_offset is None else int(q_offset)
         if off < 0 or off + tn > t:
             raise ValueError(f"causal decode needs 0 ≤ q_offset and q_offset + T_new ≤ T; got {off}, {tn}, {t}")
@@ -839,8 +875,8 @@ def critic_attention_decode(
     if backend == "triton" and not kernel:
         raise ValueError(f"decode kernel supports dtypes {KERNEL_DTYPES} and dh ≤ 128, got {q_new.dtype}, dh={dh}")
     if not kernel:
-        return critic_attention_decode_ref(q_new, k_cache, v_cache, causal, off if causal else None)
-    return _decode_launch(q_new, k_cache, v_cache, causal, off, num_splits)
+        return critic_attention_decode_ref(q_new, k_cache, v_cache, causal, off if causal else None, length)
+    return _decode_launch(q_new, k_cache, v_cache, causal, off, num_splits, length)
 
 
 # Decode tiles by element size: (BLOCK_N, num_stages, num_warps); BLOCK_M is 16 (a few new rows; more
@@ -849,7 +885,7 @@ _DECODE_CFG = {4: (32, 2, 8), 2: (64, 2, 4)}
 _DECODE_BLOCK_M = 16
 
 
-def _decode_launch(q, k, v, causal: bool, off: int, num_splits: int | None) -> torch.Tensor:  # noqa: ANN001
+def _decode_launch(q, k, v, causal: bool, off: int, num_splits: int | None, length=None) -> torch.Tensor:  # noqa: ANN001
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -878,10 +914,10 @@ def _decode_launch(q, k, v, causal: bool, off: int, num_splits: int | None) -> t
     else:
         acc, ml = out, out
     _decode_kernel[(n_mb, b * h, num_splits)](
-        q, k, v, acc, ml, tn, t, dh, off, chunk, LOG2E / math.sqrt(dh),
+        q, k, v, acc, ml, length if length is not None else out, tn, t, dh, off, chunk, LOG2E / math.sqrt(dh),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), h,
-        CAUSAL=causal, SPLIT=split, DP=dp, BLOCK_M=block_m, BLOCK_N=block_n, PREC=_precision(q.dtype),
+        CAUSAL=causal, SPLIT=split, DEVICE_LEN=length is not None, DP=dp, BLOCK_M=block_m, BLOCK_N=block_n, PREC=_precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split:
@@ -959,19 +995,22 @@ def aot_specs() -> list:
                                          {a: consts[a] for a in argnames if sig[a] == "constexpr"}, warps, stages))  # fmt: skip
         prec = "ieee" if dtype == torch.float32 else "tf32"
         dec_sig = {a: "i32" for a in _jit_arg_names(_decode_kernel)}
-        dec_sig.update({"Q": ptr, "K": ptr, "V": ptr, "O": "*fp32", "ML": "*fp32", "qk_scale2": "fp32"})
-        # Decode: no autotuning; BLOCK_M = 16, compiled at the largest head dim (DP = 128).
+        dec_sig.update({"Q": ptr, "K": ptr, "V": ptr, "O": "*fp32", "ML": "*fp32", "LEN": "*i32", "qk_scale2": "fp32"})
+        # Decode: no autotuning; BLOCK_M = 16, compiled at the largest head dim (DP = 128), with the
+        # cache length from the host and from the device (the CUDA-graph decode step).
         block_n, stages, warps = _DECODE_CFG[_ELT[dtype]]
         for split in (True, False):
-            for dprec in ("ieee", "tf32") if dtype == torch.float32 else ("tf32",):
-                consts = {"CAUSAL": True, "SPLIT": split, "DP": 128, "BLOCK_M": _DECODE_BLOCK_M, "BLOCK_N": block_n,
-                          "PREC": dprec}  # fmt: skip
-                sig = dict(dec_sig, **dict.fromkeys(consts, "constexpr"))
-                if not split:
-                    sig.update(O=ptr, ML=ptr)
-                suffix = f",{dprec}" if dtype == torch.float32 and dprec == "tf32" else ""
-                name = f"_decode_kernel[{tag},{'split' if split else 'direct'}{suffix}]"
-                specs.append(AotSpec(name, _decode_kernel, sig, consts, warps, stages))
+            for dev_len in (False, True):
+                for dprec in ("ieee", "tf32") if dtype == torch.float32 else ("tf32",):
+                    consts = {"CAUSAL": True, "SPLIT": split, "DEVICE_LEN": dev_len, "DP": 128,
+                              "BLOCK_M": _DECODE_BLOCK_M, "BLOCK_N": block_n, "PREC": dprec}  # fmt: skip
+                    sig = dict(dec_sig, **dict.fromkeys(consts, "constexpr"))
+                    if not split:
+                        sig.update(O=ptr, ML=ptr)
+                    suffix = f",{dprec}" if dtype == torch.float32 and dprec == "tf32" else ""
+                    suffix += ",devlen" if dev_len else ""
+                    name = f"_decode_kernel[{tag},{'split' if split else 'direct'}{suffix}]"
+                    specs.append(AotSpec(name, _decode_kernel, sig, consts, warps, stages))
         comb_sig = {"ACC": "*fp32", "ML": "*fp32", "O": ptr, "T_NEW": "i32", "DH": "i32", "N_SPLIT": "i32",
                     "DP": "constexpr", "BLOCK_M": "constexpr"}  # fmt: skip
         specs.append(AotSpec(f"_decode_combine_kernel[{tag}]", _decode_combine_kernel, comb_sig,

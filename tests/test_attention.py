@@ -279,6 +279,28 @@ def test_decode_offset_and_auto_splits() -> None:
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("length,tn,splits", [(1, 1, None), (37, 1, None), (37, 3, 2), (64, 1, 4), (20, 2, 5)])
+def test_decode_device_length(length: int, tn: int, splits: int | None, causal: bool, backend: str) -> None:
+    """A (1,) device length over a larger cache (capacity 70, rows past ``length`` garbage) equals
+    the decode against the cache cut to ``length``: what the CUDA-graph decode step replays."""
+    torch.manual_seed(length * 7 + tn)
+    b, h, cap, dh = 2, 4, 70, 16
+    q = torch.randn(b, h, tn, dh)
+    k, v = torch.randn(b, h, cap, dh), torch.randn(b, h, cap, dh)
+    k[:, :, length:] = 1e4  # must be ignored: a visible row would swamp every softmax
+    v[:, :, length:] = float("nan")
+    lens = torch.tensor([length], dtype=torch.int32)
+    got = critic_attention_decode(q, k, v, causal=causal, backend=backend, num_splits=splits, length=lens)
+    want = critic_attention_decode_ref(q, k[:, :, :length], v[:, :, :length], causal=causal)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+    with pytest.raises(ValueError, match="length"):
+        critic_attention_decode(q, k, v, length=lens.long())
+    with pytest.raises(ValueError, match="q_offset"):
+        critic_attention_decode(q, k, v, causal=True, q_offset=0, length=lens)
+
+
 def test_bad_input_raises_value_error() -> None:
     d, h = 32, 4
     x = torch.randn(2, 5, d)
@@ -463,6 +485,7 @@ def test_aot_specs_cover_every_config() -> None:
                     assert f"{kernel}[{tag},{prec},{cfg}" in names
     for tag in ("float32", "float16", "bfloat16"):
         assert {f"_decode_kernel[{tag},split]", f"_decode_kernel[{tag},direct]",
+                f"_decode_kernel[{tag},split,devlen]", f"_decode_kernel[{tag},direct,devlen]",
                 f"_decode_combine_kernel[{tag}]"} <= names  # fmt: skip
     kernels = {s.kernel for s in A.aot_specs()}
     assert {A._attn_fwd_kernel, A._attn_bwd_delta_kernel, A._attn_bwd_dq_kernel, A._attn_bwd_dkv_kernel,

@@ -207,6 +207,32 @@ def test_greedy_generation_reproduces_the_reference_loop(golden: dict, backend: 
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["reference", "causal"])
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_static_decode_step_equals_cached_decode(backend: str, causal: bool) -> None:
+    """The CUDA-graph step (device-side position, index_copy_ cache write, decode over the whole
+    capacity with a device length) equals the dynamic cached decode, token by token, and leaves
+    the same K/V in the cache; rows past the length are NaN and must be ignored."""
+    torch.manual_seed(5)
+    m = TapeTransformer(13, seq_len=12, embed_dim=32, num_heads=2, dropout=0.0, causal=causal,
+                        backend=backend).eval()  # fmt: skip
+    x = torch.randint(0, 13, (2, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        _, dyn = m(x[:, :4], past_kv=m.new_cache(2, 12))
+        _, sta = m(x[:, :4], past_kv=m.new_cache(2, 12))
+        for c in (*sta.k, *sta.v):
+            c[:, :, 4:] = float("nan")
+        for t in range(4, 10):
+            want, dyn = m(x[:, t : t + 1], past_kv=dyn)
+            got = m._decode_step_static(x[:, t : t + 1], torch.tensor([t]), sta)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for a, b in zip(dyn.k + dyn.v, sta.k + sta.v):
+            torch.testing.assert_close(a[:, :, :10], b[:, :, :10], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        generate(m, x[:1, :3], 2, cuda_graph=True)
+
+
 def test_causal_generation_slides_past_seq_len() -> None:
     m = tiny_causal("eager")
     stats: dict = {}

@@ -103,3 +103,40 @@ def test_cuda_half_and_int8_generation_run(golden: dict, dtype: torch.dtype) -> 
     assert out.shape == (1, 24) and stats["ms_per_token"] > 0
     out8 = generate(m, golden["x"][:1, :4].to(DEV), 20, greedy=True, int8=True)
     assert out8.shape == (1, 24)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["reference", "causal"])
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_cuda_graph_decode_equals_eager_decode(golden: dict, causal: bool, int8: bool) -> None:
+    """The captured decode step replays the eager decode: same greedy tokens, also across the causal
+    window slide (seq_len 16 here, so 40 new tokens slide twice)."""
+    vocab, seq_len, dim, heads = golden["config"].tolist()
+    torch.manual_seed(0)
+    m = TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0, causal=causal,
+                        backend="triton").to(DEV).eval()  # fmt: skip
+    if not causal:
+        m.load_state_dict(golden["state_dict"], strict=True)
+    prompt = golden["x"][:2, :5].to(DEV)
+    new = 40 if causal else 12
+    st_g: dict = {}
+    st_e: dict = {}
+    g = generate(m, prompt, new, greedy=True, int8=int8, cuda_graph=True, stats=st_g)
+    e = generate(m, prompt, new, greedy=True, int8=int8, cuda_graph=False, stats=st_e)
+    assert st_g["cuda_graph"] and not st_e["cuda_graph"] and st_g["capture_ms"] > 0
+    assert torch.equal(g, e)
+
+
+def test_cuda_graph_step_logprobs_match_dynamic_decode(golden: dict) -> None:
+    _, fused = models(golden)
+    m = fused.eval()
+    x = golden["x"][:2].to(DEV)
+    with torch.no_grad():
+        _, dyn = m(x[:, :3], past_kv=m.new_cache(2, x.shape[1]))
+        _, sta = m(x[:, :3], past_kv=m.new_cache(2, x.shape[1]))
+        from tapetransformer.generate import _GraphedDecodeStep
+
+        step = _GraphedDecodeStep(m, sta, 2)
+        for t in range(3, x.shape[1]):
+            want, dyn = m(x[:, t : t + 1], past_kv=dyn)
+            got = step(x[:, t : t + 1], t)
+            assert rel(got, want) < 1e-5, t

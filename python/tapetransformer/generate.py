@@ -11,6 +11,14 @@ Semantics follow the model:
 * ``causal=True``: absolute positions. When the window is full (``seq_len`` tokens cached), the
   window slides: the cache is reset and the last ``seq_len // 2`` tokens are prefilled again, so
   generation never runs past the positional table and never raises an index error.
+
+On CUDA the decode step is captured once per call in a CUDA graph (``cuda_graph=None`` or True) and
+replayed for every token: ~200 kernel launches per token become one graph launch. The captured step
+(``TapeTransformer._decode_step_static``) has static shapes: it writes its K/V row with
+``index_copy_`` at a device-side position and the decode kernel reads the filled length from the
+device, so one capture serves every position, and the window slide (an eager re-prefill into the same
+cache) does not invalidate it. Prefill stays eager. Not captured: ``skip_dead=False`` (the prophet's
+state is not static), which runs eagerly.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any
 
 import torch
 
-from tapetransformer.model import TapeTransformer
+from tapetransformer.model import FusedCache, TapeTransformer
 from tapetransformer.sampling import pick_next
 
 __all__ = ["generate"]
@@ -39,14 +47,18 @@ def generate(
     seed: int | None = None,
     *,
     act_quant: bool | None = None,
+    cuda_graph: bool | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """prompt (B, P) or (P,) token ids -> (B, P + max_new_tokens) LongTensor.
 
     ``int8=True`` runs every Linear of the decode path with int8 weights; ``act_quant`` picks
-    weight-only (False), W8A8 (True) or the faster per call (None). ``stats``, if given, receives
-    ``prefill_ms``, ``ms_per_token`` and ``tokens``. ``on_token`` is called with each new (B,) id tensor (streaming).
+    weight-only (False), W8A8 (True) or the faster per call (None). ``cuda_graph``: capture the
+    decode step in a CUDA graph (None: on CUDA when ``skip_dead``; True on CPU is an error).
+    ``stats``, if given, receives ``prefill_ms``, ``ms_per_token``, ``tokens``, ``cuda_graph`` and,
+    when captured, ``capture_ms`` (not included in ``ms_per_token``). ``on_token`` is called with
+    each new (B,) id tensor (streaming).
     """
     if not isinstance(model, TapeTransformer):
         raise ValueError(f"generate() needs the fused tapetransformer.TapeTransformer, got {type(model).__name__}")
@@ -59,6 +71,11 @@ def generate(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     device = model.unembedding.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+    if cuda_graph and not model.skip_dead:
+        raise ValueError("cuda_graph=True needs skip_dead=True: the prophet's recurrent state is not captured")
+    use_graph = device.type == "cuda" and model.skip_dead if cuda_graph is None else bool(cuda_graph)
     prompt = prompt.to(device=device, dtype=torch.long)
     b = prompt.shape[0]
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -79,6 +96,8 @@ def generate(
         _sync(device)
         prefill_ms = (time.perf_counter() - t0) * 1e3
         out = [prompt]
+        graph: _GraphedDecodeStep | None = None
+        capture_ms = 0.0
         t1 = time.perf_counter()
         for i in range(max_new_tokens):
             nxt = pick_next(logp[:, -1], temperature=temperature, top_k=top_k, greedy=greedy, generator=gen)
@@ -92,6 +111,13 @@ def generate(
                 recent = torch.cat(out, dim=1)[:, -keep:]
                 cache.length = 0
                 logp, cache = model._forward_eval(recent, cache)
+            elif use_graph:
+                if graph is None:
+                    tc = time.perf_counter()
+                    graph = _GraphedDecodeStep(model, cache, b)
+                    capture_ms = (time.perf_counter() - tc) * 1e3
+                logp = graph(nxt[:, None], cache.length)
+                cache.length += 1
             else:
                 # Sampled ids are in range by construction: skip forward()'s validation, whose
                 # min/max reads would cost two device syncs per token on CUDA.
@@ -99,12 +125,47 @@ def generate(
         _sync(device)
         n = max(max_new_tokens, 1)
         if stats is not None:
-            stats.update(prefill_ms=prefill_ms, ms_per_token=(time.perf_counter() - t1) * 1e3 / n,
-                         tokens=max_new_tokens)
+            stats.update(prefill_ms=prefill_ms, ms_per_token=(time.perf_counter() - t1 - capture_ms / 1e3) * 1e3 / n,
+                         tokens=max_new_tokens, cuda_graph=graph is not None)
+            if graph is not None:
+                stats["capture_ms"] = capture_ms
     finally:
         model._int8, model._int8_act_quant = saved_int8
         model.train(was_training)
     return torch.cat(out, dim=1)
+
+
+class _GraphedDecodeStep:
+    """``model._decode_step_static`` captured in a CUDA graph over one cache's buffers.
+
+    Calling it copies the token ids and the position into the graph's static inputs and replays;
+    the returned log-probs (B, 1, V) are the graph's static output, overwritten by the next call.
+    """
+
+    def __init__(self, model: TapeTransformer, cache: FusedCache, batch: int) -> None:
+        dev = cache.k[0].device
+        self.capacity = cache.capacity
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.full((1,), cache.length, dtype=torch.long, device=dev)
+        # Warm-up outside the capture: Triton compiles/autotunes and the allocator settles. It writes
+        # K/V of token 0 into row cache.length, which the first replay overwrites before any read.
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model._decode_step_static(self.tok, self.pos, cache)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logp = model._decode_step_static(self.tok, self.pos, cache)
+
+    def __call__(self, tok: torch.Tensor, position: int) -> torch.Tensor:
+        if position >= self.capacity:  # the graph's buffers cannot grow; generate() sizes them
+            raise RuntimeError(f"decode position {position} is past the captured cache's capacity {self.capacity}")
+        self.tok.copy_(tok)
+        self.pos.fill_(position)
+        self.graph.replay()
+        return self.logp
 
 
 def _sync(device: torch.device) -> None:

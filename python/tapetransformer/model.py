@@ -316,21 +316,41 @@ class TapeTransformer(ref.TapeTransformer):
                    for _ in range(self.prophet.num_layers)]  # fmt: skip
         return FusedCache(ks, vs, 0, capacity, names, rnn)
 
+    def _embed_position_at(self, blk: TapeHeadBlock, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``_embed_positions`` for one token (B, 1, D) at a device-side position ``pos`` (1,) int64."""
+        if not self.causal:  # reference semantics: position 0, a single token is not rotated
+            return tok + blk.pos_emb[:, :1, :]
+        e = tok + blk.pos_emb.index_select(1, pos)
+        return apply_rope(e, blk.rope_freqs, offset=pos)
+
     def _block_eval(self, blk: TapeHeadBlock, name: str, tok: torch.Tensor, prev_h: torch.Tensor | None,
-                    cache: FusedCache, idx: int) -> torch.Tensor:
+                    cache: FusedCache, idx: int, pos: torch.Tensor | None = None,
+                    lens: torch.Tensor | None = None) -> torch.Tensor:
+        """One block over S new tokens. ``pos``/``lens`` ((1,) int64 position, (1,) int32 pos + 1 on the
+        device) select the static-shape single-token step (see ``_decode_step_static``)."""
         b, s, d = tok.shape
         t0 = cache.length
-        x = self._embed_positions(blk, tok, t0) if prev_h is None else prev_h[:, -s:, :]
+        if prev_h is not None:
+            x = prev_h[:, -s:, :]
+        elif pos is None:
+            x = self._embed_positions(blk, tok, t0)
+        else:
+            x = self._embed_position_at(blk, tok, pos)
         mha = blk.cached_attn.attn
         hh = mha.num_heads
         qkv = self._linear(x, f"{name}.cached_attn.attn.in_proj_weight", mha.in_proj_weight, mha.in_proj_bias)
         q, k, v = qkv.view(b, s, 3, hh, d // hh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, dh)
         kc, vc = cache.k[idx], cache.v[idx]
-        kc[:, :, t0 : t0 + s] = k
-        vc[:, :, t0 : t0 + s] = v
         q = q.to(kc.dtype)  # under autocast the projection is half while the cache keeps its dtype
-        o = critic_attention_decode(q, kc[:, :, : t0 + s], vc[:, :, : t0 + s], causal=self.causal,
-                                    backend=self.backend)  # (B, H, S, dh)
+        if pos is None:
+            kc[:, :, t0 : t0 + s] = k
+            vc[:, :, t0 : t0 + s] = v
+            o = critic_attention_decode(q, kc[:, :, : t0 + s], vc[:, :, : t0 + s], causal=self.causal,
+                                        backend=self.backend)  # (B, H, S, dh)
+        else:
+            kc.index_copy_(2, pos, k.to(kc.dtype))
+            vc.index_copy_(2, pos, v.to(vc.dtype))
+            o = critic_attention_decode(q, kc, vc, causal=self.causal, backend=self.backend, length=lens)
         o = o.transpose(1, 2).reshape(b, s, d)
         out = self._linear(o, f"{name}.cached_attn.attn.out_proj.weight", mha.out_proj.weight, mha.out_proj.bias)
         return self._mlp_ln(blk, name, x, out)
@@ -350,26 +370,48 @@ class TapeTransformer(ref.TapeTransformer):
             raise ValueError(f"sequence too long: cache holds {cache.length} tokens, adding {s} exceeds seq_len "
                              f"{self.seq_len} (generate() slides the window)")
         cache.ensure(s)
+        tok = self._eval_heads_through(e, cache)
+        if cache.rnn is not None:  # skip_dead=False: the reference also advances the prophet
+            _, cache.rnn = charrnn(e, self._prophet_weights(), cache.rnn, backend=self.backend)
+        cache.length += s
+        return student_t_unembedding(tok, self.unembedding, DEFAULT_DF, backend=self.backend), cache
+
+    def _eval_heads_through(self, e: torch.Tensor, cache: FusedCache, pos: torch.Tensor | None = None,
+                            lens: torch.Tensor | None = None) -> torch.Tensor:
+        """The coda and the evaluated critics over embedded tokens e (B, S, D) -> last hidden (B, S, D)."""
         idx = 0
         coda_h = None
         tok = e
         for hname, head in self._eval_heads():
-            prev = None if hname == "codahead" else coda_h
-            h = prev
+            h = None if hname == "codahead" else coda_h
             for i in range(head.num_layers):
-                hl = self._block_eval(head.blocks_left[i], f"{hname}.blocks_left.{i}", tok, h, cache, idx)
+                hl = self._block_eval(head.blocks_left[i], f"{hname}.blocks_left.{i}", tok, h, cache, idx, pos, lens)
                 hr = self._block_eval(head.blocks_right[i], f"{hname}.blocks_right.{i}", tok, h, cache,
-                                      idx + head.num_layers)
+                                      idx + head.num_layers, pos, lens)  # fmt: skip
                 h = tapehead_combine(hl, hr, head.discriminate, backend=self.backend)
                 idx += 1
             idx += head.num_layers
             if hname == "codahead":
                 coda_h = h
             tok = h
-        if cache.rnn is not None:  # skip_dead=False: the reference also advances the prophet
-            _, cache.rnn = charrnn(e, self._prophet_weights(), cache.rnn, backend=self.backend)
-        cache.length += s
-        return student_t_unembedding(tok, self.unembedding, DEFAULT_DF, backend=self.backend), cache
+        return tok
+
+    def _decode_step_static(self, x: torch.Tensor, pos: torch.Tensor, cache: FusedCache) -> torch.Tensor:
+        """One decode step with static shapes and no host synchronisation, for CUDA-graph capture.
+
+        x (B, 1) token ids, pos (1,) int64 on the device: the cache row this token fills (the number
+        of tokens already cached) -> log-probs (B, 1, V). Attends over the whole preallocated cache
+        with the length read on the device, so one capture replays for every position. Does not
+        touch ``cache.length`` (the caller tracks it) and needs ``skip_dead=True`` (no prophet
+        state) and a cache with room for the row (neither is checked on the device; ``generate``
+        guarantees both).
+        """
+        if cache.rnn is not None:
+            raise ValueError("the static decode step needs skip_dead=True (the prophet's state is not static)")
+        e = self.holistic_embed(x)  # (B, 1, D)
+        lens = (pos + 1).to(torch.int32)
+        tok = self._eval_heads_through(e, cache, pos, lens)
+        return student_t_unembedding(tok, self.unembedding, DEFAULT_DF, backend=self.backend)
 
     # ------------------------------------------------------------------ entry point
 

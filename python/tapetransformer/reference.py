@@ -159,17 +159,22 @@ def rope_frequencies(embed_dim: int) -> torch.Tensor:
     return 1.0 / (10000 ** (torch.arange(0, half, dtype=torch.float32) / half))
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """Rotate each interleaved pair (x[..., 2i], x[..., 2i+1]) of (B, S, D) by angle (offset+t)·f_i.
 
     The reference calls this with offset 0 and skips S == 1 (see TapeHeadBlock); the offset exists
-    for the causal model's cached decode.
+    for the causal model's cached decode, and may be a (1,) integer tensor on x's device (the
+    CUDA-graph decode step, whose position changes between replays).
     """
     _, s, d = x.shape
     if d % 2:
         raise ValueError(f"RoPE needs an even embedding dim, got {d}")
     freqs = freqs.to(x.dtype)
-    pos = torch.arange(offset, offset + s, device=x.device, dtype=x.dtype)
+    if isinstance(offset, torch.Tensor):
+        # Small integers are exact in every float dtype used here, so this equals the arange below.
+        pos = offset.to(x.dtype) + torch.arange(s, device=x.device, dtype=x.dtype)
+    else:
+        pos = torch.arange(offset, offset + s, device=x.device, dtype=x.dtype)
     theta = pos[:, None] * freqs[None, :]  # (S, D/2)
     sin, cos = theta.sin(), theta.cos()
     x1, x2 = x[..., 0::2], x[..., 1::2]
