@@ -165,8 +165,11 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 step tests-gpu 150 env TAPE_KERNELS_ATTN_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs \
     --durations=8 --junitxml="$RAW/tests-gpu.xml" "${XDIST[@]}"
-# The model file first: it holds the training step and the 8 GiB claim.
-for f in benchmarks/test_bench_model.py $(ls benchmarks/test_bench_*.py | grep -v test_bench_model.py); do
+# The model file first (the training step and the 8 GiB claim), then generation, then the ops; any
+# file not named here runs last.
+ORDER="model generate attention charrnn int8 train fused_ops"
+for f in $(for g in $ORDER; do echo benchmarks/test_bench_$g.py; done; ls benchmarks/test_bench_*.py |
+    grep -v -E "test_bench_($(echo $ORDER | tr ' ' '|'))\.py"); do
     [[ -e $f ]] || continue
     g=$(basename "$f" .py)
     g=${g#test_bench_}
