@@ -60,7 +60,8 @@ def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
             continue
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"benchmarks": done, "tape_kernels_env": _env(), "partial": True}, f)
+        # Parametrized benchmarks carry their params (a torch.dtype, say): written as strings.
+        json.dump({"benchmarks": done, "tape_kernels_env": _env(), "partial": True}, f, default=str)
     os.replace(tmp, path)
 
 

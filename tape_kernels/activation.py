@@ -43,6 +43,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from tape_kernels import _math
+
     @triton.jit
     def _atanh_series(w):
         # Odd Taylor series through w^11: relative truncation error < w^12/13 (≈ 5e-9 at w = 0.25).
@@ -59,7 +61,7 @@ if triton_available():
     def _act_core(x):
         """Shared intermediates of the activation at fp32 x: (y, e, w, l, r, q)."""
         a = tl.abs(x)
-        e = tl.exp(-a)
+        e = _math.exp(-a)
         # d = −expm1(−a): Taylor series (Horner, through a^9/9!) below 0.5, 1 − e above.
         a_s = tl.minimum(a, 0.5)  # keeps the unused branch finite for huge |x|
         ser = 1.0 - a_s * (1.0 / 9.0)
@@ -73,9 +75,9 @@ if triton_available():
         d = tl.where(a < 0.5, a_s * ser, 1.0 - e)
         w = 0.5 * d  # in [0, 0.5)
         w_big = tl.where(w < 0.25, 0.25, w)  # keeps the unused branch finite; NaN stays NaN
-        at_w = tl.where(w < 0.25, _atanh_series(w), 0.5 * tl.log((1.0 + w_big) / (1.0 - w_big)))
+        at_w = tl.where(w < 0.25, _atanh_series(w), 0.5 * _math.log(_math.div(1.0 + w_big, 1.0 - w_big)))
         l = 2.0 * at_w  # log1p(|s|), in [0, log 3)
-        r = 1.0 / tl.sqrt(1.0 + 24.0 * l * l)
+        r = _math.div(1.0, _math.sqrt(1.0 + 24.0 * l * l))
         q = 0.5 * l * r  # p/2, below 1/(2·sqrt(24)) ≈ 0.102: the series is exact to fp32 here
         y = 2.0 * _atanh_series(q)
         y = tl.where(x < 0, -y, y)
@@ -91,7 +93,7 @@ if triton_available():
     def _act_fwd_bwd(x):
         """(ReferenceActivation(x), its derivative) for an fp32 tensor (device function)."""
         y, e, w, l, r, q = _act_core(x)
-        dy = e / (1.0 - w * w) * (r * r * r) / (1.0 - q * q)
+        dy = _math.div(_math.div(e, 1.0 - w * w) * (r * r * r), 1.0 - q * q)
         return y, dy
 
     @triton.jit

@@ -561,11 +561,23 @@ def _prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's ea
     ptr = named_args["QKV"]
     elt = ptr.element_size()
     limit = _device_smem_limit(ptr.device)
-    kept = [c for c in configs if elt in c.tk_smem and c.tk_smem[elt] <= limit]
+    kept = [c for c in configs if elt in config_smem(c) and config_smem(c)[elt] <= limit]
     if not kept:  # a device below every measured figure: the smallest tile for this element size
-        own = [c for c in configs if elt in c.tk_smem]
-        kept = [min(own, key=lambda c: c.tk_smem[elt])]
+        own = [c for c in configs if elt in config_smem(c)]
+        kept = [min(own, key=lambda c: config_smem(c)[elt])]
     return kept
+
+
+# Shared memory per element size of each autotune config, keyed by the Config object. Not stored on
+# the Config: Triton's autotune disk cache rebuilds Configs with Config(**c.all_kwargs()), which an
+# extra attribute breaks (seen with triton 3.6 and TRITON_CACHE_AUTOTUNING=1).
+_CONFIG_SMEM: dict[int, tuple[object, dict[int, int]]] = {}
+
+
+def config_smem(config) -> dict[int, int]:  # noqa: ANN001
+    """{element size: shared bytes} measured for an autotune config of this module ({} if unknown)."""
+    hit = _CONFIG_SMEM.get(id(config))
+    return hit[1] if hit is not None and hit[0] is config else {}
 
 
 _AUTOTUNED: dict[str, object] = {}
@@ -577,7 +589,7 @@ def _tuned(name: str):  # noqa: ANN202
         configs = []
         for bm, bn, warps, stages, smem in _CONFIGS[name]:
             c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-            c.tk_smem = smem
+            _CONFIG_SMEM[id(c)] = (c, smem)
             configs.append(c)
         key = ["S", "H", "DH", "CAUSAL"] + ([] if name == "_attn_fwd_kernel" else ["HAS_ENT", "HAS_AW"])
         _AUTOTUNED[name] = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(

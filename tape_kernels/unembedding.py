@@ -78,13 +78,15 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from tape_kernels import _math
+
     @triton.jit
     def _log1p(x):
         # log1p without libdevice (absent in the interpreter): log(u)·x/(u − 1) with u = 1 + x
         # cancels the rounding of u (Goldberg), so small x keeps full relative precision.
         u = 1.0 + x
         tiny = u == 1.0
-        return tl.where(tiny, x, tl.log(u) * (x / tl.where(tiny, 1.0, u - 1.0)))
+        return tl.where(tiny, x, _math.log(u) * _math.div(x, tl.where(tiny, 1.0, u - 1.0)))
 
     @triton.jit
     def _row_sqnorm(H, rows, rmask, D, stride_hn, stride_hd, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -155,7 +157,7 @@ if triton_available():
             )
             # Max-subtracted: logits are O(−1e3), exp of them unshifted would underflow to 0.
             m = tl.max(logits, axis=1)
-            log_s = tl.log(tl.sum(tl.exp(logits - m[:, None]), axis=1))
+            log_s = _math.log(tl.sum(_math.exp(logits - m[:, None]), axis=1))
             if NLL:
                 t_logit = tl.sum(tl.where((cols[None, :] == tgt[:, None]) & (cols[None, :] < V), logits, 0.0), axis=1)
             else:
@@ -174,11 +176,11 @@ if triton_available():
                     BLOCK_M, BLOCK_V, BLOCK_D, DOT_F32, PREC,
                 )
                 m_new = tl.maximum(m, tl.max(logits, axis=1))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+                s = s * _math.exp(m - m_new) + tl.sum(_math.exp(logits - m_new[:, None]), axis=1)
                 m = m_new
                 if NLL:
                     t_logit += tl.sum(tl.where((cols[None, :] == tgt[:, None]) & (cols[None, :] < V), logits, 0.0), axis=1)
-            log_s = tl.log(s)
+            log_s = _math.log(s)
             if not NLL:
                 for v0 in range(0, V, BLOCK_V):
                     logits, raw, d2, cols = _logit_tile(
@@ -219,14 +221,14 @@ if triton_available():
                 BLOCK_M, BLOCK_V, BLOCK_D, DOT_F32, PREC,
             )
             mask = rmask[:, None] & (cols[None, :] < V)
-            p = tl.exp((logits - m[:, None]) - log_s[:, None])
+            p = _math.exp((logits - m[:, None]) - log_s[:, None])
             if NLL:
                 dlogit = grow[:, None] * (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0))
             else:
                 g = tl.load(G + rows[:, None] * stride_gn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 dlogit = g - p * gsum[:, None]
             # d logit / d d2 = coef/(df + d2); the clamp passes gradient only where raw ≥ 1e-12.
-            dd2 = tl.where(mask & (raw >= 1e-12), dlogit * coef / (df + d2), 0.0)
+            dd2 = tl.where(mask & (raw >= 1e-12), _math.div(dlogit * coef, df + d2), 0.0)
             tl.store(DD2 + rows[:, None] * stride_dn + cols[None, :], dd2, mask=mask)
             dsum += tl.sum(dd2, axis=1)
         tl.store(DSUM + rows, dsum, mask=rmask)

@@ -402,8 +402,9 @@ def test_gpu_matches_reference(no_autotune: None, dtype: torch.dtype, b: int, s:
 
 
 @pytest.mark.gpu
-def test_gpu_autotuned() -> None:
+def test_gpu_autotuned(monkeypatch: pytest.MonkeyPatch) -> None:
     """The autotuned launch (pruned configs, BLOCK_M-independent column-sum rows) at the model's size."""
+    monkeypatch.setenv("TAPE_KERNELS_ATTN_AUTOTUNE", "1")  # also where a quick GPU run switched it off
     assert A.autotune_enabled()
     _check_gpu(16, 128, 256, False, torch.bfloat16)
 
@@ -459,15 +460,15 @@ def test_autotune_pruning_by_shared_memory(monkeypatch: pytest.MonkeyPatch) -> N
     configs = tuned.configs
     for dtype, elt in ((torch.float16, 2), (torch.bfloat16, 2), (torch.float32, 4)):
         kept = A._prune(configs, {"QKV": torch.empty(1, dtype=dtype)})
-        assert kept and all(elt in c.tk_smem for c in kept)
-        assert len(kept) == sum(elt in c.tk_smem for c in configs)
+        assert kept and all(elt in A.config_smem(c) for c in kept)
+        assert len(kept) == sum(elt in A.config_smem(c) for c in configs)
     monkeypatch.setattr(A, "_device_smem_limit", lambda device: 50000)
     kept = A._prune(configs, {"QKV": torch.empty(1, dtype=torch.float16)})
-    assert kept and all(c.tk_smem[2] <= 50000 for c in kept)
-    assert len(kept) < sum(2 in c.tk_smem for c in configs)
+    assert kept and all(A.config_smem(c)[2] <= 50000 for c in kept)
+    assert len(kept) < sum(2 in A.config_smem(c) for c in configs)
     monkeypatch.setattr(A, "_device_smem_limit", lambda device: 1000)  # below every config: smallest tile
     kept = A._prune(configs, {"QKV": torch.empty(1, dtype=torch.float32)})
-    assert len(kept) == 1 and kept[0].tk_smem[4] == min(c.tk_smem[4] for c in configs if 4 in c.tk_smem)
+    assert len(kept) == 1 and A.config_smem(kept[0])[4] == min(A.config_smem(c)[4] for c in configs if 4 in A.config_smem(c))
 
 
 def test_aot_specs_cover_every_config() -> None:

@@ -303,10 +303,16 @@ def test_cuda_vs_fp64(dtype, v):
     for k, r, e in ((dh, dh_ref, dh_ex), (du, du_ref, du_ex)):
         assert _max_err(k, e) <= 3 * _max_err(r, e) + ULP[dtype] * e.abs().max().item() + 1e-6
     y = torch.randint(0, v, (16, 128), device="cuda")
-    nll = student_t_nll(h, u, y)
-    nll_ex = student_t_nll_ref(h.double(), u.double(), y)
-    nll_32 = student_t_nll_ref(h.float(), u.float(), y)
-    assert abs(nll.item() - nll_ex.item()) <= 2 * abs(nll_32.item() - nll_ex.item()) + 1e-6
+    # Per-row losses against the same 2x rule. (A single mean is no test of it: PyTorch's error on
+    # one fp32 scalar of ~30 can fall far below its ulp, 1.9e-6, by luck.) The mean is then within
+    # the worst row error plus the rounding of one fp32 mean.
+    rows = student_t_nll(h, u, y, "none")
+    rows_ex = student_t_nll_ref(h.double(), u.double(), y, "none")
+    rows_32 = student_t_nll_ref(h.float(), u.float(), y, "none")
+    row_err = _max_err(rows, rows_ex)
+    assert row_err <= 2 * _max_err(rows_32, rows_ex) + 1e-6
+    nll, nll_ex = student_t_nll(h, u, y), rows_ex.mean()
+    assert abs(nll.item() - nll_ex.item()) <= row_err + 2 * torch.finfo(torch.float32).eps * abs(nll_ex.item())
 
 
 @pytest.mark.gpu

@@ -555,7 +555,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[
         torch.cuda.empty_cache()
         frac = set_memory_budget(budget, device)
         # the cap is process-wide: lift it when training ends (tests, notebooks call train() repeatedly)
-        cleanup.append(lambda: torch.cuda.set_per_process_memory_fraction(1.0, device))
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        cleanup.append(lambda: torch.cuda.set_per_process_memory_fraction(1.0, idx))
     if plan.recompute:
         enable_recompute(model)
 
