@@ -468,7 +468,8 @@ def test_autotune_pruning_by_shared_memory(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(kept) < sum(2 in A.config_smem(c) for c in configs)
     monkeypatch.setattr(A, "_device_smem_limit", lambda device: 1000)  # below every config: smallest tile
     kept = A._prune(configs, {"QKV": torch.empty(1, dtype=torch.float32)})
-    assert len(kept) == 1 and A.config_smem(kept[0])[4] == min(A.config_smem(c)[4] for c in configs if 4 in A.config_smem(c))
+    smallest = min(A.config_smem(c)[4] for c in configs if 4 in A.config_smem(c))
+    assert len(kept) == 1 and A.config_smem(kept[0])[4] == smallest
 
 
 def test_aot_specs_cover_every_config() -> None:
