@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tape_kernels._dispatch import interpreting
 from tape_kernels.activation import reference_activation_ref
 from tape_kernels.combine import tapehead_combine_ref
+from tape_kernels.int8 import _packed
 from tape_kernels.unembedding import DEFAULT_DF, student_t_unembedding_ref
 from tapetransformer.model import FusedCache, TapeTransformer
 from tapetransformer.reference import TapeHeadBlock
@@ -103,7 +104,6 @@ class _Pair:
     ln_attn: tuple  # ((w, b, eps) left, (w, b, eps) right)
     ln_mlp: tuple
     kv: torch.Tensor  # (2 [k, v], 2 [left, right], B, H, capacity, dh): the blocks' cache storage
-    first: bool  # the coda's first layer: inputs are the token embedding + each block's position
 
 
 class LeanDecoder:
@@ -135,8 +135,10 @@ class LeanDecoder:
             for i in range(n):
                 names = (f"{hname}.blocks_left.{i}", f"{hname}.blocks_right.{i}")
                 blocks = (head.blocks_left[i], head.blocks_right[i])
-                first = hname == "codahead" and i == 0
-                pairs.append(self._pair(names, blocks, first, self._kv[(idx + i, idx + n + i)]))
+                # The coda's first layer is the only one whose blocks read different inputs (the token
+                # embedding plus each block's position); every other layer reads the shared h.
+                shared = not (hname == "codahead" and i == 0)
+                pairs.append(self._pair(names, blocks, shared, self._kv[(idx + i, idx + n + i)]))
             idx += 2 * n
             self.pairs.append(tuple(pairs))
             self.modes.append(head.discriminate)
@@ -184,38 +186,39 @@ class LeanDecoder:
             s = torch.cat([qs[0][1], qs[1][1]])
             b = None if bs is None else torch.cat(bs).float().contiguous()
             if self.kind == "w8a8":
-                packed, wsum = torch.ops.tape_kernels.pack_int8_weight(q)
+                packed, wsum = ops.pack_int8_weight(q)
                 return _Linear("w8a8", True, n, q=(packed, wsum, s, b), op=ops.w8a8_linear_packed.default)
             return _Linear("w8", True, n, q=(q, s, b), op=ops.w8_linear.default)
         s = torch.stack([qs[0][1], qs[1][1]])
         b = None if bs is None else torch.stack(bs).float().contiguous()
         if self.kind == "w8a8":
-            packs = [torch.ops.tape_kernels.pack_int8_weight(q) for q, _ in qs]
+            packs = [_packed(q) for q, _ in qs]  # int8_linear's cache: the prefill reuses them
             packed = torch.stack([p for p, _ in packs])
             wsum = torch.stack([w for _, w in packs])
             return _Linear("w8a8", False, n, q=(packed, wsum, s, b), op=ops.w8a8_linear_grouped.default)
         q = torch.stack([qs[0][0], qs[1][0]])
         return _Linear("w8", False, n, q=(q, s, b), op=ops.w8_linear_grouped.default)
 
-    def _pair(self, names: tuple[str, str], blocks: tuple[TapeHeadBlock, TapeHeadBlock], first: bool,
+    def _pair(self, names: tuple[str, str], blocks: tuple[TapeHeadBlock, TapeHeadBlock], shared: bool,
               kv: torch.Tensor) -> _Pair:
         mhas = [b.cached_attn.attn for b in blocks]
-        a, o, e, li = "cached_attn.attn.in_proj_weight", "cached_attn.attn.out_proj.weight", "mlp.expand.weight", \
-            "mlp.linear.weight"  # fmt: skip
+
+        def keys(suffix: str) -> tuple[str, str]:  # the int8 weights' names (TapeTransformer.quantize_int8_)
+            return (f"{names[0]}.{suffix}", f"{names[1]}.{suffix}")
+
         return _Pair(
-            in_proj=self._linear(tuple(f"{n}.{a}" for n in names), tuple(m.in_proj_weight for m in mhas),
-                                 tuple(m.in_proj_bias for m in mhas), shared=not first),
-            out_proj=self._linear(tuple(f"{n}.{o}" for n in names), tuple(m.out_proj.weight for m in mhas),
+            in_proj=self._linear(keys("cached_attn.attn.in_proj_weight"), tuple(m.in_proj_weight for m in mhas),
+                                 tuple(m.in_proj_bias for m in mhas), shared=shared),
+            out_proj=self._linear(keys("cached_attn.attn.out_proj.weight"), tuple(m.out_proj.weight for m in mhas),
                                   tuple(m.out_proj.bias for m in mhas), shared=False),
-            expand=self._linear(tuple(f"{n}.{e}" for n in names), tuple(b.mlp.expand.weight for b in blocks),
-                                None, shared=False),
-            linear=self._linear(tuple(f"{n}.{li}" for n in names), tuple(b.mlp.linear.weight for b in blocks),
-                                None, shared=False),
+            expand=self._linear(keys("mlp.expand.weight"), tuple(b.mlp.expand.weight for b in blocks), None,
+                                shared=False),
+            linear=self._linear(keys("mlp.linear.weight"), tuple(b.mlp.linear.weight for b in blocks), None,
+                                shared=False),
             expand_bias=torch.stack([b.mlp.expand.bias for b in blocks]).unsqueeze(1),
             ln_attn=tuple((b.ln_attn.weight, b.ln_attn.bias, b.ln_attn.eps) for b in blocks),
             ln_mlp=tuple((b.ln_mlp.weight, b.ln_mlp.bias, b.ln_mlp.eps) for b in blocks),
             kv=kv,
-            first=first,
         )
 
     # ------------------------------------------------------------------ step
