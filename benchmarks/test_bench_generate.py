@@ -1,6 +1,11 @@
 """Generation engine latency (group ``model``): ms per generated token at batch 1 through
 ``tapetransformer.generate`` against the eager reference's own cached loop.
 
+On CPU, ``generate()`` decodes each token through the lean step of ``tapetransformer.fastdecode``
+(the same math as ``_forward_eval``; its checks and int8 weight packing run once per call, before
+the prefill, and count in neither ``ms_per_token`` nor ``prefill_ms``), so that is what ``fused`` and
+``fused_int8`` measure there.
+
 Case ``notebook-generate-engine`` (vocab 65, seq_len 128, dim 256, 4 critics; a 32-token prompt, then
 32 new tokens, greedy). impls: ``eager`` = the reference model's cached loop (it keeps unprojected
 inputs and re-projects the whole history every token, and runs all 4 critics and the prophet);

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tapetransformer.fastdecode import lean_decoder
 from tapetransformer.model import FusedCache, TapeTransformer
 from tapetransformer.sampling import pick_next
 
@@ -91,6 +92,9 @@ def generate(
         # whole run; causal decode holds at most one window.
         cap = window if model.causal else ctx.shape[1] + max_new_tokens
         cache = model.new_cache(b, max(cap, 1), device, model.unembedding.dtype)
+        # CPU: a lean one-token decode step, the same math with per-call checks and packing done
+        # here once (tapetransformer.fastdecode); None where unsupported (then _forward_eval runs).
+        lean = lean_decoder(model, cache) if device.type == "cpu" else None
         t0 = time.perf_counter()
         logp, cache = model(ctx, past_kv=cache)
         _sync(device)
@@ -121,7 +125,10 @@ def generate(
             else:
                 # Sampled ids are in range by construction: skip forward()'s validation, whose
                 # min/max reads would cost two device syncs per token on CUDA.
-                logp, cache = model._forward_eval(nxt[:, None], cache)
+                if lean is not None:
+                    logp, cache = lean.step(nxt)
+                else:
+                    logp, cache = model._forward_eval(nxt[:, None], cache)
         _sync(device)
         n = max(max_new_tokens, 1)
         if stats is not None:
