@@ -326,11 +326,17 @@ def test_gpu_persistent_equals_per_step(dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_against_fp64(dtype: torch.dtype) -> None:
+    """Each output (the top layer's trajectory, every layer's last state) and each gradient is
+    judged against PyTorch's own error on that tensor in the same dtype. B = 64: a last state is
+    one step's B·Hd values, and at B = 5 PyTorch's fp32 error on it ranged 1e-7..3e-7 by luck
+    (an H200 run failed the 2x rule on a 400-value sample while the kernel's per-step errors
+    matched PyTorch's; at B = 64 the ratio stays within 0.86..1.25 over seeds, interpreter)."""
+    b, s = 64, 12
     model = _model(48, 80, 2)
-    emb, h0 = _inputs(5, 9, 48, 80, 2, True)
+    emb, h0 = _inputs(b, s, 48, 80, 2, True)
     g = torch.Generator().manual_seed(7)
-    go = torch.randn(5, 9, 80, generator=g)
-    gh = [torch.randn(5, 1, 80, generator=g) for _ in range(2)]
+    go = torch.randn(b, s, 80, generator=g)
+    gh = [torch.randn(b, 1, 80, generator=g) for _ in range(2)]
     wq = [w.detach().to(dtype) for w in model.flat_weights()]
     eq, hq = emb.to(dtype), [h.to(dtype) for h in h0]
     outs64, grads64 = _run(charrnn_ref, eq.double(), [w.double() for w in wq], [h.double() for h in hq], go.double(),
@@ -340,7 +346,8 @@ def test_gpu_against_fp64(dtype: torch.dtype) -> None:
                        go.cuda(), [x.cuda() for x in gh])  # fmt: skip
     outs_t, grads_t = _run(charrnn_ref, eq.cuda(), cuda, [h.cuda() for h in hq], go.cuda(), [x.cuda() for x in gh])
     f_out, f_grad = FLOOR[dtype]
-    assert _max_err([o.cpu() for o in outs], outs64) <= 2 * max(_max_err([o.cpu() for o in outs_t], outs64), f_out)
+    for i, (ok, ot, o64) in enumerate(zip(outs, outs_t, outs64)):
+        assert _max_err([ok.cpu()], [o64]) <= 2 * max(_max_err([ot.cpu()], [o64]), f_out), f"output {i}"
     for gk, gt, g64 in zip(grads, grads_t, grads64):
         scale = max(1.0, g64.abs().max().item())
         assert _max_err([gk.cpu()], [g64]) <= 3 * max(_max_err([gt.cpu()], [g64]), f_grad * scale)
