@@ -256,6 +256,33 @@ def test_int8_generation_stays_close_to_fp32(golden: dict) -> None:
     assert out.shape == (1, 10) and not m._int8  # int8 copies are dropped afterwards
 
 
+def test_int8_weights_are_reused_until_a_weight_changes() -> None:
+    """generate(int8=True) quantizes once; an optimizer step, load_state_dict, a .data swap or
+    dequantize_() make the next call quantize again, so stale int8 weights are never used."""
+    torch.manual_seed(0)
+    m = TapeTransformer(13, seq_len=12, embed_dim=32, num_heads=1, dropout=0.0, backend="eager")
+    prompt = torch.tensor([[1, 2, 3]])
+    generate(m, prompt, 2, int8=True, greedy=True)
+    first = dict(m._int8_cache)
+    assert first and m.int8_up_to_date()
+    generate(m, prompt, 2, int8=True, greedy=True)
+    assert all(m._int8_cache[k] is v for k, v in first.items())  # reused, not re-quantized
+    w = m.codahead.blocks_left[0].mlp.expand.weight
+    with torch.no_grad():
+        w.add_(1.0)  # what an optimizer step does
+    assert not m.int8_up_to_date()
+    generate(m, prompt, 2, int8=True, greedy=True)
+    key = "codahead.blocks_left.0.mlp.expand.weight"
+    assert m._int8_cache[key] is not first[key] and m.int8_up_to_date()
+    m.load_state_dict(m.state_dict())
+    assert not m.int8_up_to_date()
+    m.quantize_int8_()
+    w.data = w.data.clone()
+    assert not m.int8_up_to_date()
+    m.dequantize_()
+    assert not m._int8 and not m._int8_cache and not m.int8_up_to_date()
+
+
 def test_bad_inputs() -> None:
     m = tiny_causal("eager")
     with pytest.raises(ValueError, match="FusedCache"):

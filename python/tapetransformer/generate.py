@@ -54,7 +54,8 @@ def generate(
 ) -> torch.Tensor:
     """prompt (B, P) or (P,) token ids -> (B, P + max_new_tokens) LongTensor.
 
-    ``int8=True`` runs every Linear of the decode path with int8 weights; ``act_quant`` picks
+    ``int8=True`` runs every Linear of the decode path with int8 weights (quantized on the first
+    call and reused while the float weights are unchanged, see ``quantize_int8_``); ``act_quant`` picks
     weight-only (False), W8A8 (True) or the faster per call (None). ``cuda_graph``: capture the
     decode step in a CUDA graph (None: on CUDA when ``skip_dead``; True on CPU is an error).
     ``stats``, if given, receives ``prefill_ms``, ``ms_per_token``, ``tokens``, ``cuda_graph`` and,

@@ -91,6 +91,12 @@ class FusedCache:
         self.capacity = cap
 
 
+def _weight_state(w: torch.Tensor) -> tuple:
+    """What changes when a weight's values may have: in-place updates bump ``_version``; ``.data``
+    swaps (``.to()``, ``.half()``) change the storage, dtype or device."""
+    return (w._version, w.data_ptr(), w.dtype, w.device)
+
+
 class TapeTransformer(ref.TapeTransformer):
     """Fused TapeTransformer; same constructor as the reference plus ``causal``, ``backend``, ``skip_dead``.
 
@@ -120,6 +126,11 @@ class TapeTransformer(ref.TapeTransformer):
         # int8 weights for inference, keyed by the float weight's name; not part of the state_dict.
         self._int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._int8_act_quant: bool | None = None
+        # The last quantize_int8_ result and the (weight, version, device) it was made from, so that
+        # generate(int8=True) re-quantizes only after the weights changed (in-place updates such as
+        # an optimizer step bump a tensor's version; .to() or load_state_dict swap the tensors).
+        self._int8_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._int8_sources: dict[str, tuple[torch.Tensor, tuple]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -137,14 +148,25 @@ class TapeTransformer(ref.TapeTransformer):
     def quantize_int8_(self, act_quant: bool | None = None) -> TapeTransformer:
         """Build int8 copies (per-channel symmetric) of every Linear weight the eval path uses.
 
-        Float weights stay in place (training and the state_dict are unaffected); call again after
-        changing weights or devices. ``act_quant``: False weight-only, True W8A8, None (default) the
+        Float weights stay in place (training and the state_dict are unaffected). The result is
+        cached: calling again (as every ``generate(int8=True)`` does) re-quantizes only when a weight
+        changed, was replaced or moved since. ``act_quant``: False weight-only, True W8A8, None (default) the
         faster of the two per call (``tape_kernels.int8.resolve_act_quant``: W8A8 on CPU, weight-only
         GEMV for decode on CUDA).
         """
         from tape_kernels.int8 import quantize_weight
 
-        self._int8 = {}
+        if not self.int8_up_to_date():
+            self._int8_cache, self._int8_sources = {}, {}
+            for key, w in self._int8_weights():
+                self._int8_cache[key] = quantize_weight(w.detach().float())
+                self._int8_sources[key] = (w, _weight_state(w))
+        self._int8 = dict(self._int8_cache)
+        self._int8_act_quant = act_quant
+        return self
+
+    def _int8_weights(self) -> list[tuple[str, torch.Tensor]]:
+        out = []
         for name, blk in self._block_names():
             mha = blk.cached_attn.attn
             for wname, w in (
@@ -153,12 +175,24 @@ class TapeTransformer(ref.TapeTransformer):
                 ("mlp.expand.weight", blk.mlp.expand.weight),
                 ("mlp.linear.weight", blk.mlp.linear.weight),
             ):
-                self._int8[f"{name}.{wname}"] = quantize_weight(w.detach().float())
-        self._int8_act_quant = act_quant
-        return self
+                out.append((f"{name}.{wname}", w))
+        return out
+
+    def int8_up_to_date(self) -> bool:
+        """Whether the cached int8 weights were made from the current float weights (same tensors,
+        unmodified since, same storage, dtype and device)."""
+        src = self._int8_sources
+        if not src:
+            return False
+        weights = self._int8_weights()
+        return len(weights) == len(src) and all(
+            key in src and src[key][0] is w and src[key][1] == _weight_state(w) for key, w in weights
+        )
 
     def dequantize_(self) -> TapeTransformer:
+        """Drop the int8 weights (and the cache that ``generate(int8=True)`` reuses)."""
         self._int8 = {}
+        self._int8_cache, self._int8_sources = {}, {}
         return self
 
     def _embed_positions(self, blk: TapeHeadBlock, tok: torch.Tensor, start: int) -> torch.Tensor:
