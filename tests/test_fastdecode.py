@@ -166,13 +166,12 @@ def test_grouped_ops_equal_the_single_ops_bitwise(m: int, n: int, k: int, with_b
     ops = torch.ops.tape_kernels
     x, q, s, b = _grouped_case(2, m, n, k, seed=m + n + k)
     bias = b if with_bias else None
-    packs = [ops.pack_int8_weight(q[i]) for i in range(2)]
-    packed, wsum = torch.stack([p for p, _ in packs]), torch.stack([w for _, w in packs])
+    packed, wsum = _pack_group(q)
     y8 = ops.w8a8_linear_grouped(x, packed, wsum, s, bias)
     y32 = ops.w8_linear_grouped(x, q, s, bias)
     for i in range(2):
         bi = None if bias is None else bias[i]
-        assert torch.equal(y8[i], ops.w8a8_linear_packed(x[i], *packs[i], s[i], bi))
+        assert torch.equal(y8[i], ops.w8a8_linear_packed(x[i], packed[i], wsum[i], s[i], bi))
         assert torch.equal(y32[i], ops.w8_linear(x[i], q[i], s[i], bi))
         assert torch.equal(y8[i], i8.int8_linear(x[i], q[i], s[i], bi, act_quant=True))
     # strided x rows (a view into a wider buffer) are read in place
@@ -181,12 +180,17 @@ def test_grouped_ops_equal_the_single_ops_bitwise(m: int, n: int, k: int, with_b
     assert torch.equal(ops.w8a8_linear_grouped(wide[..., :k], packed, wsum, s, bias), y8)
 
 
+def _pack_group(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, N, K) int8 -> the grouped W8A8 op's stacked (packed, wsum)."""
+    packs = [torch.ops.tape_kernels.pack_int8_weight(q[i]) for i in range(q.shape[0])]
+    return torch.stack([p for p, _ in packs]), torch.stack([w for _, w in packs])
+
+
 @needs_grouped
 def test_grouped_ops_check_inputs_with_value_errors() -> None:
     ops = torch.ops.tape_kernels
     x, q, s, b = _grouped_case(2, 1, 8, 16, seed=0)
-    packs = [ops.pack_int8_weight(q[i]) for i in range(2)]
-    packed, wsum = torch.stack([p for p, _ in packs]), torch.stack([w for _, w in packs])
+    packed, wsum = _pack_group(q)
     with pytest.raises(ValueError, match="3-D"):
         ops.w8a8_linear_grouped(x[0], packed, wsum, s, b)
     with pytest.raises(ValueError, match="float32"):
@@ -209,8 +213,7 @@ def test_grouped_ops_check_inputs_with_value_errors() -> None:
 def test_grouped_ops_opcheck() -> None:
     ops = torch.ops.tape_kernels
     x, q, s, b = _grouped_case(2, 3, 70, 29, seed=1)
-    packs = [ops.pack_int8_weight(q[i]) for i in range(2)]
-    packed, wsum = torch.stack([p for p, _ in packs]), torch.stack([w for _, w in packs])
+    packed, wsum = _pack_group(q)
     for op, args in [
         (ops.w8a8_linear_grouped, (x, packed, wsum, s, b)),
         (ops.w8a8_linear_grouped, (x, packed, wsum, s, None)),
