@@ -43,6 +43,13 @@ _BLOCK_D = 32
 _NUM_WARPS = 4
 
 
+def _warps(block_v: int) -> int:
+    """4 warps for 32-wide vocab tiles; 128-wide tiles (V > 32, the model's V = 65) keep several
+    (32, 128) fp32 tiles live, which spilled up to 1.2 KB/thread at 4 warps on sm_86 (make
+    kernel-report): 8 warps halve the per-thread share."""
+    return _NUM_WARPS if block_v <= 32 else 2 * _NUM_WARPS
+
+
 def student_t_unembedding_ref(
     hidden_states: torch.Tensor, unembedding: torch.Tensor, df: float = DEFAULT_DF
 ) -> torch.Tensor:
@@ -234,6 +241,12 @@ if triton_available():
         tl.store(DSUM + rows, dsum, mask=rmask)
 
 
+def _bwd_block_m(block_v: int) -> int:
+    """Rows per backward program: 16 with 128-wide vocab tiles, whose (rows, 128) fp32 tiles of
+    logits, probabilities and distances still spilled at 32 rows × 8 warps on sm_86."""
+    return 16 if block_v > 32 else _BLOCK_M
+
+
 def _block_v(v: int) -> tuple[int, bool]:
     """(BLOCK_V, single-sweep?) for vocab size v."""
     if v <= 32:
@@ -270,7 +283,7 @@ def _launch_fwd(h2: torch.Tensor, u: torch.Tensor, df: float, targets: torch.Ten
             h2.stride(0), h2.stride(1), u.stride(0), u.stride(1), out.stride(0) if not nll else 0,
             -0.5 * (df + d), 1.0 / df,
             BLOCK_M=_BLOCK_M, BLOCK_V=block_v, BLOCK_D=_BLOCK_D, SINGLE=single, NLL=nll,
-            DOT_F32=dot_f32, PREC=prec, num_warps=_NUM_WARPS,
+            DOT_F32=dot_f32, PREC=prec, num_warps=_warps(block_v),
         )
     return (loss if nll else out), stats
 
@@ -289,13 +302,14 @@ def _launch_bwd(h2, u, stats, df, g=None, targets=None, grow=None):
     else:
         g_arg, gsum, stride_gn = g, g.sum(dim=1, dtype=torch.float32), g.stride(0)
         targets = grow = stats
+    block_m = _bwd_block_m(block_v)
     if n:
-        _unembed_bwd_kernel[(triton.cdiv(n, _BLOCK_M),)](
+        _unembed_bwd_kernel[(triton.cdiv(n, block_m),)](
             h2, u, stats[0], stats[1], g_arg, gsum, targets, grow, dd2, dsum, n, v, d,
             h2.stride(0), h2.stride(1), u.stride(0), u.stride(1), stride_gn, dd2.stride(0),
             -0.5 * (df + d), 1.0 / df, float(df),
-            BLOCK_M=_BLOCK_M, BLOCK_V=block_v, BLOCK_D=_BLOCK_D, NLL=nll,
-            DOT_F32=dot_f32, PREC=prec, num_warps=_NUM_WARPS,
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=_BLOCK_D, NLL=nll,
+            DOT_F32=dot_f32, PREC=prec, num_warps=_warps(block_v),
         )
     return dd2, dsum
 
@@ -493,7 +507,7 @@ def aot_specs() -> list:
                             "BLOCK_M": _BLOCK_M, "BLOCK_V": block_v, "BLOCK_D": _BLOCK_D,
                             "SINGLE": single, "NLL": nll, "DOT_F32": dot_f32, "PREC": prec,
                         },
-                        num_warps=_NUM_WARPS,
+                        num_warps=_warps(block_v),
                     )
                 )
             for block_v in (32, 128):
@@ -511,10 +525,10 @@ def aot_specs() -> list:
                             "NLL": "constexpr", "DOT_F32": "constexpr", "PREC": "constexpr",
                         },
                         constexprs={
-                            "BLOCK_M": _BLOCK_M, "BLOCK_V": block_v, "BLOCK_D": _BLOCK_D,
+                            "BLOCK_M": _bwd_block_m(block_v), "BLOCK_V": block_v, "BLOCK_D": _BLOCK_D,
                             "NLL": nll, "DOT_F32": dot_f32, "PREC": prec,
                         },
-                        num_warps=_NUM_WARPS,
+                        num_warps=_warps(block_v),
                     )
                 )
     return specs
