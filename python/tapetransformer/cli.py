@@ -73,6 +73,8 @@ def _add_sample_args(p: argparse.ArgumentParser, prompt: str) -> None:
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--sample-seed", type=int, default=None)
     p.add_argument("--int8", action="store_true", help="int8 weights for generation (tape_kernels._C)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the decode step in a CUDA graph (default: on for CUDA)")
 
 
 def _log_dir(a: argparse.Namespace) -> str | None:
@@ -108,11 +110,13 @@ def _generate(model: TapeTransformer, vocab: CharVocab, a: argparse.Namespace, d
 
     stats: dict = {}
     tokens = generate(model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, greedy=a.greedy,
-                      int8=a.int8, seed=a.sample_seed, on_token=stream, stats=stats)
+                      int8=a.int8, seed=a.sample_seed, cuda_graph=a.cuda_graph, on_token=stream, stats=stats)
     sys.stdout.write("\n")
     mode = "int8" if a.int8 else str(model.unembedding.dtype).replace("torch.", "")
+    graph = f", CUDA graph (capture {stats['capture_ms']:.1f} ms)" if stats.get("cuda_graph") else ""
     print(f"[{a.max_new_tokens} tokens, {stats.get('ms_per_token', 0.0):.2f} ms/token, prefill "
-          f"{stats.get('prefill_ms', 0.0):.1f} ms, {mode}, backend {model.backend} on {device}]", file=sys.stderr)
+          f"{stats.get('prefill_ms', 0.0):.1f} ms, {mode}{graph}, backend {model.backend} on {device}]",
+          file=sys.stderr)
     return vocab.decode(tokens[0])
 
 
