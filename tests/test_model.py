@@ -283,6 +283,36 @@ def test_int8_weights_are_reused_until_a_weight_changes() -> None:
     assert not m._int8 and not m._int8_cache and not m.int8_up_to_date()
 
 
+def test_graph_reuse_bookkeeping() -> None:
+    """What decides whether generate() may replay an earlier call's CUDA graph (the replay itself
+    is a GPU test): capacity buckets, and a weight fingerprint that in-place updates keep and
+    moves, .data swaps and re-quantization change."""
+    from tapetransformer.generate import _graph_capacity, _graph_key, _weights_fingerprint
+
+    assert [_graph_capacity(n) for n in (1, 37, 64, 65, 129)] == [64, 64, 64, 128, 256]
+    torch.manual_seed(0)
+    m = TapeTransformer(13, seq_len=12, embed_dim=32, num_heads=1, dropout=0.0, backend="eager").eval()
+    f0 = _weights_fingerprint(m)
+    with torch.no_grad():
+        m.unembedding.add_(1.0)
+    assert _weights_fingerprint(m) == f0
+    m.quantize_int8_()
+    f1 = _weights_fingerprint(m)
+    assert f1 != f0
+    k1 = _graph_key(m, 1, 64, torch.device("cpu"))
+    with torch.no_grad():
+        m.codahead.blocks_left[0].mlp.expand.weight.add_(1.0)
+    m.quantize_int8_()  # stale: re-quantized into new tensors
+    assert _weights_fingerprint(m) != f1
+    assert _graph_key(m, 1, 64, torch.device("cpu")) == k1
+    m.dequantize_()
+    assert _graph_key(m, 1, 64, torch.device("cpu")) != k1
+    w = m.codahead.blocks_left[0].mlp.expand.weight
+    f2 = _weights_fingerprint(m)
+    w.data = w.data.clone()
+    assert _weights_fingerprint(m) != f2
+
+
 def test_bad_inputs() -> None:
     m = tiny_causal("eager")
     with pytest.raises(ValueError, match="FusedCache"):

@@ -140,3 +140,37 @@ def test_cuda_graph_step_logprobs_match_dynamic_decode(golden: dict) -> None:
             want, dyn = m(x[:, t : t + 1], past_kv=dyn)
             got = step(x[:, t : t + 1], t)
             assert rel(got, want) < 1e-5, t
+
+
+def test_cuda_graph_is_reused_across_calls_and_follows_the_weights(golden: dict) -> None:
+    """A second generate() replays the first call's graph (no capture) with the same tokens; after an
+    in-place weight update the replay uses the new weights (equal to the eager decode); a
+    re-quantization or a .data swap captures again."""
+    from tapetransformer.generate import clear_decode_graphs
+
+    _, fused = models(golden)
+    m = fused.eval()
+    prompt = golden["x"][:2, :5].to(DEV)
+    for int8 in (False, True):
+        clear_decode_graphs(m)
+        st1: dict = {}
+        st2: dict = {}
+        a = generate(m, prompt, 12, greedy=True, int8=int8, stats=st1)
+        b = generate(m, golden["x"][:2, :7].to(DEV), 9, greedy=True, int8=int8, stats=st2)
+        assert st1["cuda_graph"] and not st1["graph_reused"] and st1["capture_ms"] > 0
+        assert st2["graph_reused"] and st2["capture_ms"] == 0.0  # capacity 64 serves both
+        assert torch.equal(a, generate(m, prompt, 12, greedy=True, int8=int8, cuda_graph=False))
+        assert torch.equal(b, generate(m, golden["x"][:2, :7].to(DEV), 9, greedy=True, int8=int8, cuda_graph=False))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        st3: dict = {}
+        c = generate(m, prompt, 12, greedy=True, int8=int8, stats=st3)
+        assert st3["graph_reused"] == (not int8)  # int8: the weights were re-quantized, so a new capture
+        assert torch.equal(c, generate(m, prompt, 12, greedy=True, int8=int8, cuda_graph=False))
+    w = m.codahead.blocks_left[0].mlp.expand.weight
+    w.data = w.data.clone()
+    st4: dict = {}
+    generate(m, prompt, 12, greedy=True, stats=st4)
+    assert not st4["graph_reused"]
+    clear_decode_graphs(m)

@@ -12,8 +12,13 @@ Semantics follow the model:
   window slides: the cache is reset and the last ``seq_len // 2`` tokens are prefilled again, so
   generation never runs past the positional table and never raises an index error.
 
-On CUDA the decode step is captured once per call in a CUDA graph (``cuda_graph=None`` or True) and
-replayed for every token: ~200 kernel launches per token become one graph launch. The captured step
+On CUDA the decode step is captured in a CUDA graph (``cuda_graph=None`` or True) and replayed for
+every token: ~200 kernel launches per token become one graph launch. The graph and its cache are
+kept (per model, batch size, capacity, dtype and int8 mode; at most four) and replayed by later calls
+while the weights stay where they were captured (in-place updates are seen by the replay; a
+``.to()`` or a re-quantization captures again); ``clear_decode_graphs(model)`` frees them. In
+reference semantics the capacity is rounded up to a power of two so that calls of different lengths
+share one graph. The captured step
 (``TapeTransformer._decode_step_static``) has static shapes: it writes its K/V row with
 ``index_copy_`` at a device-side position and the decode kernel reads the filled length from the
 device, so one capture serves every position, and the window slide (an eager re-prefill into the same
@@ -24,6 +29,7 @@ state is not static), which runs eagerly.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +39,7 @@ from tapetransformer.fastdecode import lean_decoder
 from tapetransformer.model import FusedCache, TapeTransformer
 from tapetransformer.sampling import pick_next
 
-__all__ = ["generate"]
+__all__ = ["clear_decode_graphs", "generate"]
 
 
 @torch.no_grad()
@@ -92,7 +98,18 @@ def generate(
         # Reference semantics never hits a positional limit in decode, so the cache can hold the
         # whole run; causal decode holds at most one window.
         cap = window if model.causal else ctx.shape[1] + max_new_tokens
-        cache = model.new_cache(b, max(cap, 1), device, model.unembedding.dtype)
+        graph: _GraphedDecodeStep | None = None
+        if use_graph and max_new_tokens > 1:
+            # A graph captured by an earlier call with the same shapes and weights is replayed over
+            # its own cache (the prefill rewrites the rows it reads), so the capture is paid once.
+            if not model.causal:
+                cap = _graph_capacity(cap)
+            graph = _cached_graph(model, b, cap, device)
+        if graph is not None:
+            cache = graph.cache
+            cache.length = 0
+        else:
+            cache = model.new_cache(b, max(cap, 1), device, model.unembedding.dtype)
         # CPU: a lean one-token decode step, the same math with per-call checks and packing done
         # here once (tapetransformer.fastdecode); None where unsupported (then _forward_eval runs).
         lean = lean_decoder(model, cache) if device.type == "cpu" else None
@@ -101,8 +118,8 @@ def generate(
         _sync(device)
         prefill_ms = (time.perf_counter() - t0) * 1e3
         out = [prompt]
-        graph: _GraphedDecodeStep | None = None
         capture_ms = 0.0
+        reused = graph is not None
         t1 = time.perf_counter()
         for i in range(max_new_tokens):
             nxt = pick_next(logp[:, -1], temperature=temperature, top_k=top_k, greedy=greedy, generator=gen)
@@ -120,6 +137,7 @@ def generate(
                 if graph is None:
                     tc = time.perf_counter()
                     graph = _GraphedDecodeStep(model, cache, b)
+                    _store_graph(model, graph)
                     capture_ms = (time.perf_counter() - tc) * 1e3
                 logp = graph(nxt[:, None], cache.length)
                 cache.length += 1
@@ -136,11 +154,63 @@ def generate(
             stats.update(prefill_ms=prefill_ms, ms_per_token=(time.perf_counter() - t1 - capture_ms / 1e3) * 1e3 / n,
                          tokens=max_new_tokens, cuda_graph=graph is not None)
             if graph is not None:
-                stats["capture_ms"] = capture_ms
+                stats["capture_ms"] = capture_ms  # 0.0 when an earlier call's graph was replayed
+                stats["graph_reused"] = reused
     finally:
         model._int8, model._int8_act_quant = saved_int8
         model.train(was_training)
     return torch.cat(out, dim=1)
+
+
+_MAX_GRAPHS = 4  # captured decode graphs kept per model (each holds its cache: ~4 MB at the notebook size)
+
+
+def _graph_capacity(need: int) -> int:
+    """Reference-semantics cache capacity rounded up (to a power of two, at least 64) so that calls
+    with different prompt and output lengths can share one captured graph; the decode kernel reads
+    only the filled length, so the extra rows cost little."""
+    return max(64, 1 << (max(need, 1) - 1).bit_length())
+
+
+def _graph_key(model: TapeTransformer, batch: int, capacity: int, device: torch.device) -> tuple:
+    int8 = tuple(model._int8) if model._int8 else ()
+    autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    return (batch, capacity, model.unembedding.dtype, device, model.causal, model.backend, int8,
+            model._int8_act_quant if model._int8 else None, torch.backends.cuda.matmul.allow_tf32, autocast)
+
+
+def _weights_fingerprint(model: TapeTransformer) -> tuple:
+    """The addresses a captured graph reads weights from: replaying is right while every parameter,
+    buffer and int8 tensor still lives there (in-place updates are then seen by the replay)."""
+    tensors = [*model.parameters(), *model.buffers(), *(t for pair in model._int8.values() for t in pair)]
+    return tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors)
+
+
+# model -> {key: graph}. Kept beside the model, not on it, so that copying or pickling a model never
+# meets a CUDA graph; an entry goes when its model is garbage-collected.
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached_graph(model: TapeTransformer, batch: int, capacity: int, device: torch.device) -> _GraphedDecodeStep | None:
+    graphs = _GRAPHS.setdefault(model, {})
+    key = _graph_key(model, batch, capacity, device)
+    g = graphs.get(key)
+    if g is not None and g.fingerprint != _weights_fingerprint(model):
+        del graphs[key]  # the weights moved (a .to(), a re-quantization): capture again
+        g = None
+    return g
+
+
+def _store_graph(model: TapeTransformer, graph: _GraphedDecodeStep) -> None:
+    graphs = _GRAPHS.setdefault(model, {})
+    graphs[graph.key] = graph
+    while len(graphs) > _MAX_GRAPHS:
+        graphs.pop(next(iter(graphs)))
+
+
+def clear_decode_graphs(model: TapeTransformer) -> None:
+    """Free the CUDA graphs (and their caches) that ``generate`` keeps on ``model`` for reuse."""
+    _GRAPHS.pop(model, None)
 
 
 class _GraphedDecodeStep:
@@ -148,10 +218,16 @@ class _GraphedDecodeStep:
 
     Calling it copies the token ids and the position into the graph's static inputs and replays;
     the returned log-probs (B, 1, V) are the graph's static output, overwritten by the next call.
+    It keeps its cache and the int8 tensors it reads alive, so a later ``generate`` call with the
+    same key and weights can replay it (see ``_cached_graph``).
     """
 
     def __init__(self, model: TapeTransformer, cache: FusedCache, batch: int) -> None:
         dev = cache.k[0].device
+        self.cache = cache
+        self.key = _graph_key(model, batch, cache.capacity, dev)
+        self.fingerprint = _weights_fingerprint(model)
+        self.int8 = dict(model._int8)  # the captured kernels read these tensors: keep them alive
         self.capacity = cache.capacity
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1,), cache.length, dtype=torch.long, device=dev)
