@@ -46,6 +46,19 @@ void check_packed(const Tensor& packed, const Tensor& wsum, int64_t n, int64_t k
 
 // --------------------------------------------------------------------------------------------- CPU
 
+// A linear op's output y (..., M, N) needs no kernel when it is empty or K = 0 (y = bias, broadcast
+// over the rows, or 0); fills y then and returns true. bias is (..., N) like y without its M dim.
+bool trivial_linear(Tensor& y, const c10::optional<Tensor>& bias, int64_t k) {
+  if (y.numel() == 0) return true;
+  if (k != 0) return false;
+  if (bias.has_value()) {
+    y.copy_(bias->unsqueeze(-2).expand(y.sizes()));
+  } else {
+    y.zero_();
+  }
+  return true;
+}
+
 std::tuple<Tensor, Tensor> pack_int8_weight_cpu(const Tensor& qweight) {
   check_2d(qweight, "qweight", at::kChar);
   const int64_t n = qweight.size(0), k = qweight.size(1);
@@ -119,8 +132,7 @@ Tensor w8a8_linear_packed_cpu(const Tensor& x, const Tensor& packed, const Tenso
     bp = bias->data_ptr<float>();
   }
   auto y = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->expand({m, n})) : y.zero_();
+  if (trivial_linear(y, bias, k)) return y;
   tk::w8a8_linear_f32(x.data_ptr<float>(), m, k, x.stride(0), packed.data_ptr<int8_t>(), wsum.data_ptr<int32_t>(),
                       scale.data_ptr<float>(), bp, n, y.data_ptr<float>(), n);
   return y;
@@ -148,8 +160,7 @@ Tensor w8_linear_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scale
     bp = bias->data_ptr<float>();
   }
   auto y = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->expand({m, n})) : y.zero_();
+  if (trivial_linear(y, bias, k)) return y;
   tk::w8a32_linear_f32(x.data_ptr<float>(), m, k, x.stride(0), qweight.data_ptr<int8_t>(), qweight.stride(0),
                        scale.data_ptr<float>(), bp, n, y.data_ptr<float>(), n);
   return y;
@@ -192,8 +203,7 @@ Tensor w8a8_linear_grouped_cpu(const Tensor& x, const Tensor& packed, const Tens
   check_grouped_vec(wsum, "wsum", at::kInt, g, tk::packed_n(n), x);
   if (bias.has_value()) check_grouped_vec(*bias, "bias", at::kFloat, g, n, x);
   auto y = at::empty({g, m, n}, x.options());
-  if (g == 0 || m == 0 || n == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->unsqueeze(1).expand({g, m, n})) : y.zero_();
+  if (trivial_linear(y, bias, k)) return y;
   const int64_t pstride = tiles * groups * tk::kTileN * tk::kGroupK, wstride = tk::packed_n(n);
   for (int64_t i = 0; i < g; ++i) {
     tk::w8a8_linear_f32(x.data_ptr<float>() + i * x.stride(0), m, k, x.stride(1),
@@ -217,8 +227,7 @@ Tensor w8_linear_grouped_cpu(const Tensor& x, const Tensor& qweight, const Tenso
   check_grouped_vec(scale, "scale", at::kFloat, g, n, x);
   if (bias.has_value()) check_grouped_vec(*bias, "bias", at::kFloat, g, n, x);
   auto y = at::empty({g, m, n}, x.options());
-  if (g == 0 || m == 0 || n == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->unsqueeze(1).expand({g, m, n})) : y.zero_();
+  if (trivial_linear(y, bias, k)) return y;
   for (int64_t i = 0; i < g; ++i) {
     tk::w8a32_linear_f32(x.data_ptr<float>() + i * x.stride(0), m, k, x.stride(1),
                          qweight.data_ptr<int8_t>() + i * qweight.stride(0), qweight.stride(1),
@@ -295,8 +304,7 @@ Tensor w8a8_linear_cuda(const Tensor& x, const Tensor& qweight, const Tensor& sc
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
   auto y = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->expand({m, n})) : y.zero_();
+  if (trivial_linear(y, bias, k)) return y;
   auto [xq, xs] = quantize_rows_cuda(x);
   check_cuda(tk::cuda::w8a8_gemm(xq.data_ptr<int8_t>(), k, xs.data_ptr<float>(), qweight.data_ptr<int8_t>(),
                                  qweight.stride(0), scale.data_ptr<float>(),
@@ -320,8 +328,7 @@ Tensor w8_linear_cuda(const Tensor& x, const Tensor& qweight, const Tensor& scal
     return y.to(x.scalar_type());
   }
   auto y = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return y;
-  if (k == 0) return bias.has_value() ? y.copy_(bias->expand({m, n})) : y.zero_();
+  if (trivial_linear(y, bias, k)) return y;
   check_cuda(tk::cuda::w8a16_gemv(x.data_ptr(), cuda_dtype(x, "x"), m, k, x.stride(0), qweight.data_ptr<int8_t>(),
                                   qweight.stride(0), scale.data_ptr<float>(),
                                   bias.has_value() ? bias->data_ptr() : nullptr, n, y.data_ptr(), n,
