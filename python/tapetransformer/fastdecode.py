@@ -37,7 +37,7 @@ from tape_kernels.combine import tapehead_combine_ref
 from tape_kernels.int8 import _packed
 from tape_kernels.unembedding import DEFAULT_DF, student_t_unembedding_ref
 from tapetransformer.model import FusedCache, TapeTransformer
-from tapetransformer.reference import TapeHeadBlock
+from tapetransformer.reference import TapeHeadBlock, rotate_pairs
 
 __all__ = ["LeanDecoder", "lean_decoder", "lean_supported"]
 
@@ -275,12 +275,7 @@ class LeanDecoder:
         p = t0 if self.causal else 0  # reference semantics: a one-token call sits at position 0
         x = e + self.pos[:, p, None, :]  # (2, B, D): the coda's first layer, each block its own row
         if self.causal:  # RoPE at the absolute position (reference semantics never rotate one token)
-            cos, sin = self.cos[:, :, p], self.sin[:, :, p]  # (2, 1, D/2)
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            r = torch.empty_like(x)
-            r[..., 0::2] = x1 * cos - x2 * sin
-            r[..., 1::2] = x1 * sin + x2 * cos
-            x = r
+            x = rotate_pairs(x, self.cos[:, :, p], self.sin[:, :, p])  # tables (2, 1, D/2)
         h = None
         coda_h = None
         hh, dh, d = self.heads, self.dh, self.embed_dim

@@ -176,7 +176,12 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor, offset: int | torch.Tensor 
     else:
         pos = torch.arange(offset, offset + s, device=x.device, dtype=x.dtype)
     theta = pos[:, None] * freqs[None, :]  # (S, D/2)
-    sin, cos = theta.sin(), theta.cos()
+    return rotate_pairs(x, theta.cos(), theta.sin())
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., D) with each interleaved pair (x[..., 2i], x[..., 2i+1]) rotated by the angle whose
+    cos/sin (broadcastable to (..., D/2)) are given: RoPE's rotation, shared by the decode paths."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = torch.empty_like(x)
     out[..., 0::2] = x1 * cos - x2 * sin
