@@ -131,7 +131,8 @@ def critic_attention_decode_ref(
     ``length`` (a (1,) integer tensor): only the first ``length`` keys are filled and the new rows are
     positions length − T_new … length − 1 (see ``critic_attention_decode``).
     """
-    tn, t, dh = q_new.shape[2], k_cache.shape[2], q_new.shape[3]
+    # Indexed from the end: leading dims beyond (B, H) broadcast (the lean CPU step stacks block pairs).
+    tn, t, dh = q_new.shape[-2], k_cache.shape[-2], q_new.shape[-1]
     scores = torch.matmul(q_new * (1.0 / math.sqrt(dh)), k_cache.transpose(-1, -2))
     if length is not None:
         # Built from device tensors only (no host read), so this path can be graph-captured too.
@@ -142,7 +143,7 @@ def critic_attention_decode_ref(
         p = torch.softmax(scores.masked_fill(kpos > limit, float("-inf")), dim=-1)
         # Rows past the length are never written (a preallocated cache may hold NaN there): 0·NaN
         # would leak, so they are zeroed rather than trusted.
-        unfilled = (kpos > last).view(1, 1, t, 1)
+        unfilled = (kpos > last).view(t, 1)
         return torch.matmul(p, v_cache.masked_fill(unfilled, 0.0))
     if causal:
         off = t - tn if q_offset is None else q_offset

@@ -23,7 +23,6 @@ anything else, and the caller keeps ``_forward_eval``.
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 from tape_kernels._dispatch import interpreting
 from tape_kernels.activation import reference_activation_ref
+from tape_kernels.attention import critic_attention_decode_ref
 from tape_kernels.combine import tapehead_combine_ref
 from tape_kernels.int8 import _packed
 from tape_kernels.unembedding import DEFAULT_DF, student_t_unembedding_ref
@@ -152,7 +152,6 @@ class LeanDecoder:
         self.sin = theta.sin().unsqueeze(1)
         heads = model.codahead.blocks_left[0].cached_attn.attn.num_heads
         self.heads, self.dh = heads, d // heads
-        self.scale = 1.0 / math.sqrt(self.dh)
 
     # ------------------------------------------------------------------ setup
 
@@ -288,9 +287,8 @@ class LeanDecoder:
                 kv = pr.kv
                 kv[:, :, :, :, t0] = qkv[:, :, 1:3].permute(2, 0, 1, 3, 4)  # (2 [k,v], 2, B, H, dh)
                 q = qkv[:, :, 0].unsqueeze(3)  # (2, B, H, 1, dh)
-                # critic_attention_decode_ref for one new row (it sees every cached key, causal or not)
-                s = torch.matmul(q * self.scale, kv[0, :, :, :, : t0 + 1].transpose(-1, -2))  # (2, B, H, 1, T)
-                o = torch.matmul(torch.softmax(s, dim=-1), kv[1, :, :, :, : t0 + 1])  # (2, B, H, 1, dh)
+                # One new row sees every cached key, causal or not: (2, B, H, 1, dh).
+                o = critic_attention_decode_ref(q, kv[0, :, :, :, : t0 + 1], kv[1, :, :, :, : t0 + 1])
                 o = o.transpose(2, 3).reshape(2, b, d)
                 z = x + self._run(pr.out_proj, o)  # (2, B, D)
                 (wl, bl, el), (wr, br, er) = pr.ln_attn
