@@ -17,6 +17,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e '.[test]' --no-build-isolation
+	$(PY) -c "import torch, tape_kernels.int8 as q; print('torch', torch.__version__); print(q.extension_info())"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -40,7 +41,7 @@ aot: $(STAMP)
 cuda-check: $(STAMP)
 	@set -e; n=0; for f in csrc/*.cu; do [ -e "$$f" ] || continue; n=$$((n+1)); \
 	  echo "nvcc $$f (sm_86, sm_90)"; \
-	  $(NVCC) -std=c++17 -O3 -c "$$f" -o /dev/null -Icsrc \
+	  $(NVCC) -std=c++20 -O3 -c "$$f" -o /dev/null -Icsrc \
 	    -gencode arch=compute_86,code=sm_86 -gencode arch=compute_90,code=sm_90; \
 	done; echo "cuda-check: $$n .cu file(s) compiled"
 

@@ -394,4 +394,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK_VALUE(isa <= tk::cpu_isa_best(), "this CPU does not support ", name);
     tk::set_cpu_isa(isa);
   }, "Force an instruction set (tests compare every path)");
+  // Which torch the extension was compiled against (setup.py defines these): an extension built for
+  // another torch may load and still break, so the loader refuses a mismatch with a clear message.
+  m.def("built_with_torch", []() {
+    return std::to_string(TK_TORCH_MAJOR) + "." + std::to_string(TK_TORCH_MINOR) + "." +
+           std::to_string(TK_TORCH_PATCH);
+  }, "torch version (major.minor.patch) this extension was compiled against");
+#ifdef TK_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
 }

@@ -115,17 +115,35 @@ def _load_ext() -> Any:
                 try:
                     from tape_kernels import _C  # registers torch.ops.tape_kernels.*
 
+                    built, running = _C.built_with_torch(), _torch_release()
+                    if built != running:
+                        raise ImportError(f"it was compiled against torch {built}, this is torch {running}")
                     _register_fakes()
                     _ext, _ext_state = _C, "ok"
-                except (ImportError, OSError) as e:  # not built, or built against another torch
+                except (ImportError, OSError, AttributeError) as e:  # not built, or built for another torch
                     _ext_state = "missing"
                     warnings.warn(
                         f"tape_kernels._C is not available ({e}); int8 ops run the pure-PyTorch fallback "
-                        "(build it with `python setup.py build_ext --inplace`)",
+                        "(rebuild it with `pip install -e . --no-build-isolation`)",
                         RuntimeWarning,
                         stacklevel=3,
                     )
     return _ext
+
+
+def _torch_release() -> str:
+    """major.minor.patch of the running torch, as setup.py records it in the extension."""
+    parts = (torch.__version__.split("+")[0].split(".") + ["0", "0"])[:3]
+    return ".".join(str(int("".join(c for c in p if c.isdigit()) or 0)) for p in parts)
+
+
+def extension_info() -> str:
+    """One line on the int8 extension: built or not, CPU instruction set, CUDA, torch it was built for."""
+    ext = _load_ext()
+    if ext is None:
+        return "tape_kernels._C: not available (the int8 ops run their PyTorch fallback)"
+    cuda = "CPU + CUDA" if ext.with_cuda else "CPU only"
+    return f"tape_kernels._C: {cuda}, CPU kernels {ext.cpu_isa()}, built for torch {ext.built_with_torch()}"
 
 
 def extension_available() -> bool:
