@@ -1,7 +1,7 @@
-"""The lean CPU decode step (tapetransformer.fastdecode) against _forward_eval, through generate(),
+"""The lean CPU decode step (tapetransformer.fastdecode) against the model's prefill, through generate(),
 and the grouped int8 ops it uses. No timing here: speed is measured by benchmarks/test_bench_generate.py.
 
-Tolerances: the lean step runs the same eager ops and the same int8 kernels as _forward_eval, so on
+Tolerances: the lean step runs the same eager ops and the same int8 kernels as the model's prefill, so on
 this machine its log-probs are bitwise equal (fp32, W8A8 and weight-only int8); the tests allow
 1e-5 absolute, to rounding of a kernel choice, not a different computation. The grouped int8 ops
 are compared bitwise with the single ops (each group runs the same kernel).
@@ -63,29 +63,29 @@ def test_lean_step_matches_forward_eval(cfg: str, causal: bool, int8: bool, act_
         got_cache = m.new_cache(batch, prompt_len + steps)
         lean = lean_decoder(m, got_cache)
         assert lean is not None
-        want, want_cache = m._forward_eval(x[:, :prompt_len], want_cache)
-        got, got_cache = m._forward_eval(x[:, :prompt_len], got_cache)  # prefill through the lean layout
+        want, want_cache = m.prefill(x[:, :prompt_len], want_cache)
+        got, got_cache = m.prefill(x[:, :prompt_len], got_cache)  # prefill through the lean layout
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
         for t in range(prompt_len, prompt_len + steps):
-            want, want_cache = m._forward_eval(x[:, t : t + 1], want_cache)
+            want, want_cache = m.prefill(x[:, t : t + 1], want_cache)
             got, got_cache = lean.step(x[:, t])
             assert got.shape == want.shape == (batch, 1, CONFIGS[cfg]["vocab_size"])
             torch.testing.assert_close(got, want, rtol=0, atol=ATOL, msg=f"step {t}")
         assert got_cache.length == want_cache.length == prompt_len + steps
-        for a, b in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
-            torch.testing.assert_close(a[:, :, : got_cache.length], b[:, :, : want_cache.length], rtol=0, atol=ATOL)
+        n = got_cache.length
+        torch.testing.assert_close(got_cache.kv[..., :n, :], want_cache.kv[..., :n, :], rtol=0, atol=ATOL)
 
 
 def test_lean_step_grows_a_full_cache() -> None:
     m = _model("tiny", causal=False)
     x = torch.randint(0, 13, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        want, wc = m._forward_eval(x[:, :2], m.new_cache(2, 2))
+        want, wc = m.prefill(x[:, :2], m.new_cache(2, 2))
         cache = m.new_cache(2, 2)  # full after the prefill: every step must grow it
         lean = lean_decoder(m, cache)
-        got, cache = m._forward_eval(x[:, :2], cache)
+        got, cache = m.prefill(x[:, :2], cache)
         for t in range(2, 9):
-            want, wc = m._forward_eval(x[:, t : t + 1], wc)
+            want, wc = m.prefill(x[:, t : t + 1], wc)
             got, cache = lean.step(x[:, t])
             torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
         assert cache.capacity >= 9
@@ -118,7 +118,7 @@ def test_generate_with_lean_step_equals_forward_eval_loop(monkeypatch: pytest.Mo
     assert torch.equal(got, want)
     got, want = _generate_both(monkeypatch, m, prompt, 15, top_k=5, seed=3, int8=int8, act_quant=act_quant)
     assert torch.equal(got, want)
-    assert not m._int8 and not m.training
+    assert m.int8_mode is None and not m.training
 
 
 @pytest.mark.parametrize("int8", [False, True])
@@ -142,7 +142,7 @@ def test_unsupported_models_fall_back() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not lean_supported(ok)
     assert lean_decoder(ok, ok.new_cache(1, 4, dtype=torch.float64)) is None
-    # skip_dead=False still generates, through _forward_eval
+    # skip_dead=False still generates, through the model's prefill
     m = _model("tiny", causal=False, skip_dead=False)
     assert generate(m, torch.tensor([1, 2]), 3, greedy=True).shape == (1, 5)
 

@@ -7,7 +7,7 @@ import torch
 
 from tapetransformer import reference as ref
 from tapetransformer.generate import generate
-from tapetransformer.model import FusedCache, TapeTransformer
+from tapetransformer.model import KVCache, TapeTransformer
 from tapetransformer.reference import nll_loss
 from tapetransformer.sampling import sample_reference
 
@@ -120,7 +120,7 @@ def test_eager_eval_cached_steps_match_golden(golden: dict) -> None:
             outs.append(logp)
     for ours, want in zip(outs, golden["eval_step_logp"]):
         assert rel(ours, want) < F64_OUT_RTOL
-    assert isinstance(cache, FusedCache) and cache.length == 9
+    assert isinstance(cache, KVCache) and cache.length == 9
 
 
 def test_need_aux_false_skips_critics_but_keeps_the_gradient_pattern(golden: dict) -> None:
@@ -220,15 +220,13 @@ def test_static_decode_step_equals_cached_decode(backend: str, causal: bool) -> 
     with torch.no_grad():
         _, dyn = m(x[:, :4], past_kv=m.new_cache(2, 12))
         _, sta = m(x[:, :4], past_kv=m.new_cache(2, 12))
-        for c in (*sta.k, *sta.v):
-            c[:, :, 4:] = float("nan")
+        sta.kv[:, :, :, :, 4:] = float("nan")
         for t in range(4, 10):
             want, dyn = m(x[:, t : t + 1], past_kv=dyn)
-            got = m._decode_step_static(x[:, t : t + 1], torch.tensor([t]), sta)
+            got = m.decode_step(x[:, t : t + 1], torch.tensor([t]), sta)
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        for a, b in zip(dyn.k + dyn.v, sta.k + sta.v):
-            torch.testing.assert_close(a[:, :, :10], b[:, :, :10], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(dyn.kv[:, :, :, :, :10], sta.kv[:, :, :, :, :10], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="cuda_graph"):
         generate(m, x[:1, :3], 2, cuda_graph=True)
 
@@ -253,7 +251,7 @@ def test_int8_generation_stays_close_to_fp32(golden: dict) -> None:
     kl = (p32.exp() * (p32 - p8)).sum(-1).mean()
     assert 0 < kl < 1e-2
     out = generate(m, x[:1, :4], 6, int8=True, greedy=True)
-    assert out.shape == (1, 10) and not m._int8  # int8 copies are dropped afterwards
+    assert out.shape == (1, 10) and m.int8_mode is None  # int8 copies are dropped afterwards
 
 
 def test_int8_weights_are_reused_until_a_weight_changes() -> None:
@@ -263,24 +261,24 @@ def test_int8_weights_are_reused_until_a_weight_changes() -> None:
     m = TapeTransformer(13, seq_len=12, embed_dim=32, num_heads=1, dropout=0.0, backend="eager")
     prompt = torch.tensor([[1, 2, 3]])
     generate(m, prompt, 2, int8=True, greedy=True)
-    first = dict(m._int8_cache)
-    assert first and m.int8_up_to_date()
+    first = [blk.quantized_cached() for blk in m.fused_blocks()]
+    assert all(q is not None for q in first) and m.int8_up_to_date()
     generate(m, prompt, 2, int8=True, greedy=True)
-    assert all(m._int8_cache[k] is v for k, v in first.items())  # reused, not re-quantized
+    assert all(blk.quantized_cached() is q for blk, q in zip(m.fused_blocks(), first))  # reused, not re-quantized
     w = m.codahead.blocks_left[0].mlp.expand.weight
     with torch.no_grad():
         w.add_(1.0)  # what an optimizer step does
     assert not m.int8_up_to_date()
     generate(m, prompt, 2, int8=True, greedy=True)
-    key = "codahead.blocks_left.0.mlp.expand.weight"
-    assert m._int8_cache[key] is not first[key] and m.int8_up_to_date()
+    assert m.codahead.blocks_left[0].quantized_cached() is not first[0] and m.int8_up_to_date()
     m.load_state_dict(m.state_dict())
     assert not m.int8_up_to_date()
     m.quantize_int8_()
     w.data = w.data.clone()
     assert not m.int8_up_to_date()
     m.dequantize_()
-    assert not m._int8 and not m._int8_cache and not m.int8_up_to_date()
+    assert m.int8_mode is None and all(blk.quantized_cached() is None for blk in m.fused_blocks())
+    assert not m.int8_up_to_date()
 
 
 def test_graph_reuse_bookkeeping() -> None:
@@ -315,7 +313,7 @@ def test_graph_reuse_bookkeeping() -> None:
 
 def test_bad_inputs() -> None:
     m = tiny_causal("eager")
-    with pytest.raises(ValueError, match="FusedCache"):
+    with pytest.raises(ValueError, match="KVCache"):
         m(torch.tensor([[1, 2]]), past_kv=[None])
     _, cache = m(torch.tensor([[1] * 12]))
     with pytest.raises(ValueError, match="sequence too long"):
@@ -339,6 +337,6 @@ def test_eval_under_cpu_autocast_runs_with_an_fp32_cache() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got, cache = m(x[:, :3])
             got2, _ = m(x[:, 3:], past_kv=cache)
-    assert cache.k[0].dtype == torch.float32
+    assert cache.kv.dtype == torch.float32
     # bf16 projections through 12 blocks: measured 0.009-0.019 over five seeds
     assert (torch.cat([got, got2], 1).float() - want).abs().max() < 0.05

@@ -2,19 +2,19 @@
 training, data and the CLI."""
 
 from tapetransformer.generate import generate
-from tapetransformer.model import FusedCache, TapeTransformer
+from tapetransformer.kvcache import KVCache
+from tapetransformer.model import ModelConfig, TapeTransformer
 from tapetransformer.optim import FusedWolf
 from tapetransformer.quantize import quantize_int8
-from tapetransformer.reference import TapeTransformer as ReferenceTapeTransformer
-from tapetransformer.reference import Wolf, student_t_unembedding
+from tapetransformer.reference import ReferenceTapeTransformer, Wolf
 
 __all__ = [
-    "FusedCache",
     "FusedWolf",
+    "KVCache",
+    "ModelConfig",
     "ReferenceTapeTransformer",
     "TapeTransformer",
     "Wolf",
     "generate",
     "quantize_int8",
-    "student_t_unembedding",
 ]

@@ -14,42 +14,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tapetransformer.model import ModelConfig
+
+__all__ = ["FORMAT", "ModelConfig", "atomic_save", "load_checkpoint", "save_checkpoint"]
+
 FORMAT = "tapetransformer-v1"
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    seq_len: int = 64
-    embed_dim: int = 64
-    num_heads: int = 2
-    dropout: float = 0.0
-    causal: bool = False  # the repaired semantics of the fused model (False: the reference's)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {k: d[k] for k in ("vocab_size", "seq_len", "embed_dim", "num_heads", "dropout", "causal") if k in d}
-        return cls(**known)
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> ModelConfig:
-        """Infer the config of a reference-layout state_dict (e.g. one saved by the notebook)."""
-        try:
-            embed_dim, vocab = sd["unembedding"].shape
-            seq_len = sd["codahead.blocks_left.0.pos_emb"].shape[1]
-        except KeyError as e:
-            raise ValueError(f"not a TapeTransformer state_dict: missing {e.args[0]!r}") from None
-        heads = {k.split(".")[1] for k in sd if k.startswith("residualheads.")}
-        return cls(vocab_size=int(vocab), seq_len=int(seq_len), embed_dim=int(embed_dim), num_heads=len(heads))
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -1,6 +1,6 @@
 """Lean CPU decode step: one new token (S = 1) through the fused model with few eager ops.
 
-``TapeTransformer._forward_eval`` is general (any S, Triton or eager, autocast, validation on every
+``TapeTransformer.prefill`` is general (any S, Triton or eager, autocast, validation on every
 op). At decode size on a CPU its cost is per-op overhead, not arithmetic: 12 blocks × ~40 small ops
 plus the Python checks in every ``tape_kernels`` wrapper. :class:`LeanDecoder` runs the same math
 for S = 1 with the checks done once per ``generate()`` call:
@@ -13,17 +13,16 @@ for S = 1 with the checks done once per ``generate()`` call:
 * positional rows and RoPE tables are precomputed; weights are packed once;
 * every elementwise op, LayerNorm, attention product and combine is the *same* eager op the
   reference path runs on CPU (stacking only adds a batch dim), and each group of the grouped int8
-  op runs the single op's kernel, so the log-probs equal ``_forward_eval``'s bitwise in fp32 and
+  op runs the single op's kernel, so the log-probs equal ``prefill``'s bitwise in fp32 and
   with int8 weights (W8A8 and weight-only) — the tests assert this.
 
 Used by ``generate()`` for CPU models whose eval path is eager (``backend="eager"``, or ``"auto"``
 without ``TRITON_INTERPRET``), fp32, ``skip_dead=True``; :func:`lean_decoder` returns None for
-anything else, and the caller keeps ``_forward_eval``.
+anything else, and the caller keeps the model's own decode.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +35,9 @@ from tape_kernels.attention import critic_attention_decode_ref
 from tape_kernels.combine import tapehead_combine_ref
 from tape_kernels.int8 import _packed
 from tape_kernels.unembedding import DEFAULT_DF, student_t_unembedding_ref
-from tapetransformer.model import FusedCache, TapeTransformer
-from tapetransformer.reference import TapeHeadBlock, rotate_pairs
+from tapetransformer.blocks import FusedTapeHeadBlock
+from tapetransformer.model import KVCache, TapeTransformer
+from tapetransformer.reference import rotate_pairs
 
 __all__ = ["LeanDecoder", "lean_decoder", "lean_supported"]
 
@@ -50,7 +50,7 @@ def _grouped_ops_available() -> bool:
 
 
 def lean_supported(model: TapeTransformer) -> bool:
-    """Whether :class:`LeanDecoder` computes exactly what ``model._forward_eval`` computes for it."""
+    """Whether :class:`LeanDecoder` computes exactly what the model's own decode computes for it."""
     if not isinstance(model, TapeTransformer) or model.training or not model.skip_dead:
         return False
     # The lean step is the eager math; a model that would run Triton kernels keeps them.
@@ -60,17 +60,17 @@ def lean_supported(model: TapeTransformer) -> bool:
         return False
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         return False
-    if model._int8:
-        if not _grouped_ops_available() or any(q.device.type != "cpu" for q, _ in model._int8.values()):
+    if model.int8_mode is not None:
+        if not _grouped_ops_available() or any(t.device.type != "cpu" for t in model.int8_tensors()):
             return False
     return True
 
 
-def lean_decoder(model: TapeTransformer, cache: FusedCache) -> LeanDecoder | None:
+def lean_decoder(model: TapeTransformer, cache: KVCache) -> LeanDecoder | None:
     """A :class:`LeanDecoder` for ``model`` decoding into ``cache``, or None when unsupported."""
-    if not lean_supported(model) or not isinstance(cache, FusedCache) or not cache.k:
+    if not lean_supported(model) or not isinstance(cache, KVCache):
         return None
-    if cache.k[0].dtype != torch.float32 or cache.k[0].device.type != "cpu":
+    if cache.kv.dtype != torch.float32 or cache.kv.device.type != "cpu":
         return None
     return LeanDecoder(model, cache)
 
@@ -103,43 +103,35 @@ class _Pair:
     expand_bias: torch.Tensor  # (2, 1, 8D)
     ln_attn: tuple  # ((w, b, eps) left, (w, b, eps) right)
     ln_mlp: tuple
-    kv: torch.Tensor  # (2 [k, v], 2 [left, right], B, H, capacity, dh): the blocks' cache storage
+    index: int  # the left block's index in the cache; the right block's is index + 1
 
 
 class LeanDecoder:
     """Decode one token per :meth:`step` with the model's current weights (int8 if quantized).
 
-    Built once per ``generate()`` call, after ``quantize_int8_`` and before the prefill: it re-lays
-    ``cache``'s K/V so that each left/right pair shares one tensor (``cache.k[i]`` / ``cache.v[i]``
-    become views into it, so ``_forward_eval`` prefills and slides through them unchanged).
+    Built once per ``generate()`` call, after the int8 weights are set. A layer's left and right blocks
+    are adjacent in the cache (``KVCache`` layout), so ``kv[i : i + 2]`` is the pair's storage.
     """
 
-    def __init__(self, model: TapeTransformer, cache: FusedCache) -> None:
+    def __init__(self, model: TapeTransformer, cache: KVCache) -> None:
         self.model = model
         self.cache = cache
         self.causal = model.causal
         self.seq_len = model.seq_len
         d = model.embed_dim
         self.embed_dim = d
-        int8 = bool(model._int8)
-        act_quant = model._int8_act_quant
+        mode = model.int8_mode
         # resolve_act_quant on CPU: W8A8 (the faster mode there).
-        self.kind = "f32" if not int8 else ("w8" if act_quant is False else "w8a8")
+        self.kind = "f32" if mode is None else ("w8" if mode[1] is False else "w8a8")
         self.pairs: list[tuple[_Pair, ...]] = []
         self.modes: list[int] = []
-        self._adopt_cache()
-        idx = 0
-        for hname, head in model._eval_heads():
-            n = head.num_layers
+        for hi, head in enumerate(model.eval_heads()):
             pairs = []
-            for i in range(n):
-                names = (f"{hname}.blocks_left.{i}", f"{hname}.blocks_right.{i}")
-                blocks = (head.blocks_left[i], head.blocks_right[i])
+            for i, blocks in enumerate(zip(head.blocks_left, head.blocks_right)):
                 # The coda's first layer is the only one whose blocks read different inputs (the token
                 # embedding plus each block's position); every other layer reads the shared h.
-                shared = not (hname == "codahead" and i == 0)
-                pairs.append(self._pair(names, blocks, shared, self._kv[(idx + i, idx + n + i)]))
-            idx += 2 * n
+                shared = not (hi == 0 and i == 0)
+                pairs.append(self._pair(blocks, shared, cache.index(hi, i, 0)))
             self.pairs.append(tuple(pairs))
             self.modes.append(head.discriminate)
         coda = (model.codahead.blocks_left[0], model.codahead.blocks_right[0])
@@ -150,35 +142,15 @@ class LeanDecoder:
         theta = torch.stack([pos_t[:, None] * b.rope_freqs.float()[None, :] for b in coda])  # (2, seq_len, D/2)
         self.cos = theta.cos().unsqueeze(1)
         self.sin = theta.sin().unsqueeze(1)
-        heads = model.codahead.blocks_left[0].cached_attn.attn.num_heads
+        heads = coda[0].attention.num_heads
         self.heads, self.dh = heads, d // heads
 
     # ------------------------------------------------------------------ setup
 
-    def _adopt_cache(self) -> None:
-        """Give each left/right block pair one (2, 2, B, H, cap, dh) K/V tensor; cache.k/v[i] view it."""
-        c = self.cache
-        self._kv: dict[tuple[int, int], torch.Tensor] = {}
-        idx = 0
-        for _, head in self.model._eval_heads():
-            n = head.num_layers
-            for i in range(n):
-                il, ir = idx + i, idx + n + i
-                k = c.k[il]
-                kv = k.new_empty(2, 2, *k.shape)  # (2, 2, B, H, cap, dh)
-                for s, j in enumerate((il, ir)):
-                    kv[0, s, :, :, : c.length] = c.k[j][:, :, : c.length]
-                    kv[1, s, :, :, : c.length] = c.v[j][:, :, : c.length]
-                    c.k[j], c.v[j] = kv[0, s], kv[1, s]
-                self._kv[(il, ir)] = kv
-            idx += 2 * n
-        self._views = (tuple(c.k), tuple(c.v), c.capacity)
-
-    def _linear(self, names: tuple[str, str], ws: tuple, bs: tuple | None, shared: bool) -> _Linear:
+    def _linear(self, qs: tuple | None, ws: tuple, bs: tuple | None, shared: bool) -> _Linear:
         n = ws[0].shape[0]
         if self.kind == "f32":
             return _Linear("f32", shared, n, w=ws, b=bs)
-        qs = [self.model._int8[name] for name in names]
         ops = torch.ops.tape_kernels
         if shared:  # one (2N, K) weight: the W8A8 kernel's integer accumulation is per column
             q = torch.cat([qs[0][0], qs[1][0]])
@@ -198,26 +170,23 @@ class LeanDecoder:
         q = torch.stack([qs[0][0], qs[1][0]])
         return _Linear("w8", False, n, q=(q, s, b), op=ops.w8_linear_grouped.default)
 
-    def _pair(self, names: tuple[str, str], blocks: tuple[TapeHeadBlock, TapeHeadBlock], shared: bool,
-              kv: torch.Tensor) -> _Pair:
-        mhas = [b.cached_attn.attn for b in blocks]
+    def _pair(self, blocks: tuple[FusedTapeHeadBlock, FusedTapeHeadBlock], shared: bool, index: int) -> _Pair:
+        mhas = [b.attention for b in blocks]
 
-        def keys(suffix: str) -> tuple[str, str]:  # the int8 weights' names (TapeTransformer.quantize_int8_)
-            return (f"{names[0]}.{suffix}", f"{names[1]}.{suffix}")
+        def q8(which: str) -> tuple | None:  # the blocks' int8 copies of one weight
+            return None if self.kind == "f32" else tuple(getattr(b.int8, which) for b in blocks)
 
         return _Pair(
-            in_proj=self._linear(keys("cached_attn.attn.in_proj_weight"), tuple(m.in_proj_weight for m in mhas),
+            in_proj=self._linear(q8("in_proj"), tuple(m.in_proj_weight for m in mhas),
                                  tuple(m.in_proj_bias for m in mhas), shared=shared),
-            out_proj=self._linear(keys("cached_attn.attn.out_proj.weight"), tuple(m.out_proj.weight for m in mhas),
+            out_proj=self._linear(q8("out_proj"), tuple(m.out_proj.weight for m in mhas),
                                   tuple(m.out_proj.bias for m in mhas), shared=False),
-            expand=self._linear(keys("mlp.expand.weight"), tuple(b.mlp.expand.weight for b in blocks), None,
-                                shared=False),
-            linear=self._linear(keys("mlp.linear.weight"), tuple(b.mlp.linear.weight for b in blocks), None,
-                                shared=False),
+            expand=self._linear(q8("expand"), tuple(b.mlp.expand.weight for b in blocks), None, shared=False),
+            linear=self._linear(q8("linear"), tuple(b.mlp.linear.weight for b in blocks), None, shared=False),
             expand_bias=torch.stack([b.mlp.expand.bias for b in blocks]).unsqueeze(1),
             ln_attn=tuple((b.ln_attn.weight, b.ln_attn.bias, b.ln_attn.eps) for b in blocks),
             ln_mlp=tuple((b.ln_mlp.weight, b.ln_mlp.bias, b.ln_mlp.eps) for b in blocks),
-            kv=kv,
+            index=index,
         )
 
     # ------------------------------------------------------------------ step
@@ -243,29 +212,15 @@ class LeanDecoder:
 
     def _check_cache(self) -> int:
         c = self.cache
-        k, v, cap = self._views
-        if c.capacity != cap or not all(map(operator.is_, c.k, k)) or not all(map(operator.is_, c.v, v)):
-            # The cache was grown (or swapped) since: lay it out again (copies what it holds).
-            self._adopt_cache()
-            self._rebind_kv()
         t0 = c.length
-        if t0 >= c.capacity:
-            c.ensure(1)
-            self._adopt_cache()
-            self._rebind_kv()
+        c.ensure(1)  # a no-op unless generate() sized the cache too small
         if self.causal and t0 + 1 > self.seq_len:
             raise ValueError(f"sequence too long: cache holds {t0} tokens, adding 1 exceeds seq_len {self.seq_len} "
                              "(generate() slides the window)")
         return t0
 
-    def _rebind_kv(self) -> None:
-        kvs = iter(self._kv.values())
-        for pairs in self.pairs:
-            for p in pairs:
-                p.kv = next(kvs)
-
     @torch.no_grad()
-    def step(self, tok: torch.Tensor) -> tuple[torch.Tensor, FusedCache]:
+    def step(self, tok: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
         """tok (B,) int64 ids, assumed in range -> (log-probs (B, 1, V), the cache advanced by one)."""
         t0 = self._check_cache()
         m = self.model
@@ -284,8 +239,8 @@ class LeanDecoder:
             for pr in pairs:
                 # x: (2, B, D) for the coda's first layer, else the shared (B, D) input h.
                 qkv = self._run(pr.in_proj, x).view(2, b, 3, hh, dh)  # (2, B, 3, H, dh)
-                kv = pr.kv
-                kv[:, :, :, :, t0] = qkv[:, :, 1:3].permute(2, 0, 1, 3, 4)  # (2 [k,v], 2, B, H, dh)
+                kv = self.cache.kv[pr.index : pr.index + 2].transpose(0, 1)  # (2 [k, v], 2 [l, r], B, H, cap, dh)
+                kv[:, :, :, :, t0] = qkv[:, :, 1:3].permute(2, 0, 1, 3, 4)
                 q = qkv[:, :, 0].unsqueeze(3)  # (2, B, H, 1, dh)
                 # One new row sees every cached key, causal or not: (2, B, H, 1, dh).
                 o = critic_attention_decode_ref(q, kv[0, :, :, :, : t0 + 1], kv[1, :, :, :, : t0 + 1])

@@ -19,7 +19,7 @@ while the weights stay where they were captured (in-place updates are seen by th
 ``.to()`` or a re-quantization captures again); ``clear_decode_graphs(model)`` frees them. In
 reference semantics the capacity is rounded up to a power of two so that calls of different lengths
 share one graph. The captured step
-(``TapeTransformer._decode_step_static``) has static shapes: it writes its K/V row with
+(``TapeTransformer.decode_step``) has static shapes: it writes its K/V row with
 ``index_copy_`` at a device-side position and the decode kernel reads the filled length from the
 device, so one capture serves every position, and the window slide (an eager re-prefill into the same
 cache) does not invalidate it. Prefill stays eager. Not captured: ``skip_dead=False`` (the prophet's
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from tapetransformer.fastdecode import lean_decoder
-from tapetransformer.model import FusedCache, TapeTransformer
+from tapetransformer.model import KVCache, TapeTransformer
 from tapetransformer.sampling import pick_next
 
 __all__ = ["clear_decode_graphs", "generate"]
@@ -85,80 +85,84 @@ def generate(
         raise ValueError("cuda_graph=True needs skip_dead=True: the prophet's recurrent state is not captured")
     use_graph = device.type == "cuda" and model.skip_dead if cuda_graph is None else bool(cuda_graph)
     prompt = prompt.to(device=device, dtype=torch.long)
-    b = prompt.shape[0]
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training
-    saved_int8 = (model._int8, model._int8_act_quant)
     model.eval()
-    if int8:
-        model.quantize_int8_(act_quant=act_quant)
     window = model.seq_len
     try:
-        ctx = prompt[:, -window:]
-        # Reference semantics never hits a positional limit in decode, so the cache can hold the
-        # whole run; causal decode holds at most one window.
-        cap = window if model.causal else ctx.shape[1] + max_new_tokens
-        graph: _GraphedDecodeStep | None = None
-        if use_graph and max_new_tokens > 1:
-            # A graph captured by an earlier call with the same shapes and weights is replayed over
-            # its own cache (the prefill rewrites the rows it reads), so the capture is paid once.
-            if not model.causal:
-                cap = _graph_capacity(cap)
-            graph = _cached_graph(model, b, cap, device)
-        if graph is not None:
-            cache = graph.cache
-            cache.length = 0
-        else:
-            cache = model.new_cache(b, max(cap, 1), device, model.unembedding.dtype)
-        # CPU: a lean one-token decode step, the same math with per-call checks and packing done
-        # here once (tapetransformer.fastdecode); None where unsupported (then _forward_eval runs).
-        lean = lean_decoder(model, cache) if device.type == "cpu" else None
-        t0 = time.perf_counter()
-        logp, cache = model(ctx, past_kv=cache)
-        _sync(device)
-        prefill_ms = (time.perf_counter() - t0) * 1e3
-        out = [prompt]
-        capture_ms = 0.0
-        reused = graph is not None
-        t1 = time.perf_counter()
-        for i in range(max_new_tokens):
-            nxt = pick_next(logp[:, -1], temperature=temperature, top_k=top_k, greedy=greedy, generator=gen)
-            out.append(nxt[:, None])
-            if on_token is not None:
-                on_token(nxt)
-            if i + 1 == max_new_tokens:
-                break
-            if model.causal and cache.length >= window:
-                keep = max(window // 2, 1)
-                recent = torch.cat(out, dim=1)[:, -keep:]
-                cache.length = 0
-                logp, cache = model._forward_eval(recent, cache)
-            elif use_graph:
-                if graph is None:
-                    tc = time.perf_counter()
-                    graph = _GraphedDecodeStep(model, cache, b)
-                    _store_graph(model, graph)
-                    capture_ms = (time.perf_counter() - tc) * 1e3
-                logp = graph(nxt[:, None], cache.length)
-                cache.length += 1
-            else:
-                # Sampled ids are in range by construction: skip forward()'s validation, whose
-                # min/max reads would cost two device syncs per token on CUDA.
-                if lean is not None:
-                    logp, cache = lean.step(nxt)
-                else:
-                    logp, cache = model._forward_eval(nxt[:, None], cache)
-        _sync(device)
-        n = max(max_new_tokens, 1)
-        if stats is not None:
-            stats.update(prefill_ms=prefill_ms, ms_per_token=(time.perf_counter() - t1 - capture_ms / 1e3) * 1e3 / n,
-                         tokens=max_new_tokens, cuda_graph=graph is not None)
-            if graph is not None:
-                stats["capture_ms"] = capture_ms  # 0.0 when an earlier call's graph was replayed
-                stats["graph_reused"] = reused
+        with model.int8_weights(enabled=int8, act_quant=act_quant):
+            return _generate(model, prompt, max_new_tokens, window, use_graph, gen, temperature, top_k, greedy,
+                             on_token, stats)
     finally:
-        model._int8, model._int8_act_quant = saved_int8
         model.train(was_training)
+
+
+def _generate(
+    model: TapeTransformer, prompt: torch.Tensor, max_new_tokens: int, window: int, use_graph: bool,
+    gen: torch.Generator | None, temperature: float, top_k: int | None, greedy: bool,
+    on_token: Callable[[torch.Tensor], None] | None, stats: dict[str, Any] | None,
+) -> torch.Tensor:
+    device, b = prompt.device, prompt.shape[0]
+    ctx = prompt[:, -window:]
+    # Reference semantics never hits a positional limit in decode, so the cache can hold the whole
+    # run; causal decode holds at most one window.
+    cap = window if model.causal else ctx.shape[1] + max_new_tokens
+    graph: _GraphedDecodeStep | None = None
+    if use_graph and max_new_tokens > 1:
+        # A graph captured by an earlier call with the same shapes and weights is replayed over its
+        # own cache (the prefill rewrites the rows it reads), so the capture is paid once.
+        if not model.causal:
+            cap = _graph_capacity(cap)
+        graph = _cached_graph(model, b, cap, device)
+    if graph is not None:
+        cache = graph.cache
+        cache.reset()
+    else:
+        cache = model.new_cache(b, max(cap, 1), device, model.unembedding.dtype)
+    # CPU: a lean one-token decode step, the same math with the checks and packing done here once
+    # (tapetransformer.fastdecode); None where unsupported (then the model's prefill runs per token).
+    lean = lean_decoder(model, cache) if device.type == "cpu" else None
+    t0 = time.perf_counter()
+    logp, cache = model(ctx, past_kv=cache)
+    _sync(device)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    out = [prompt]
+    capture_ms = 0.0
+    reused = graph is not None
+    t1 = time.perf_counter()
+    for i in range(max_new_tokens):
+        nxt = pick_next(logp[:, -1], temperature=temperature, top_k=top_k, greedy=greedy, generator=gen)
+        out.append(nxt[:, None])
+        if on_token is not None:
+            on_token(nxt)
+        if i + 1 == max_new_tokens:
+            break
+        # Sampled ids are in range by construction: no token check, whose min/max reads would cost
+        # two device syncs per token on CUDA.
+        if model.causal and cache.length >= window:
+            keep = max(window // 2, 1)
+            cache.reset()
+            logp, cache = model.prefill(torch.cat(out, dim=1)[:, -keep:], cache, check=False)
+        elif use_graph:
+            if graph is None:
+                tc = time.perf_counter()
+                graph = _GraphedDecodeStep(model, cache, b)
+                _store_graph(model, graph)
+                capture_ms = (time.perf_counter() - tc) * 1e3
+            logp = graph(nxt[:, None], cache.length)
+            cache.length += 1
+        elif lean is not None:
+            logp, cache = lean.step(nxt)
+        else:
+            logp, cache = model.prefill(nxt[:, None], cache, check=False)
+    _sync(device)
+    n = max(max_new_tokens, 1)
+    if stats is not None:
+        stats.update(prefill_ms=prefill_ms, ms_per_token=(time.perf_counter() - t1 - capture_ms / 1e3) * 1e3 / n,
+                     tokens=max_new_tokens, cuda_graph=graph is not None)
+        if graph is not None:
+            stats["capture_ms"] = capture_ms  # 0.0 when an earlier call's graph was replayed
+            stats["graph_reused"] = reused
     return torch.cat(out, dim=1)
 
 
@@ -173,16 +177,15 @@ def _graph_capacity(need: int) -> int:
 
 
 def _graph_key(model: TapeTransformer, batch: int, capacity: int, device: torch.device) -> tuple:
-    int8 = tuple(model._int8) if model._int8 else ()
     autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-    return (batch, capacity, model.unembedding.dtype, device, model.causal, model.backend, int8,
-            model._int8_act_quant if model._int8 else None, torch.backends.cuda.matmul.allow_tf32, autocast)
+    return (batch, capacity, model.unembedding.dtype, device, model.causal, model.backend, model.int8_mode,
+            torch.backends.cuda.matmul.allow_tf32, autocast)
 
 
 def _weights_fingerprint(model: TapeTransformer) -> tuple:
     """The addresses a captured graph reads weights from: replaying is right while every parameter,
     buffer and int8 tensor still lives there (in-place updates are then seen by the replay)."""
-    tensors = [*model.parameters(), *model.buffers(), *(t for pair in model._int8.values() for t in pair)]
+    tensors = [*model.parameters(), *model.buffers(), *model.int8_tensors()]
     return tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors)
 
 
@@ -214,7 +217,7 @@ def clear_decode_graphs(model: TapeTransformer) -> None:
 
 
 class _GraphedDecodeStep:
-    """``model._decode_step_static`` captured in a CUDA graph over one cache's buffers.
+    """``model.decode_step`` captured in a CUDA graph over one cache's buffers.
 
     Calling it copies the token ids and the position into the graph's static inputs and replays;
     the returned log-probs (B, 1, V) are the graph's static output, overwritten by the next call.
@@ -222,12 +225,12 @@ class _GraphedDecodeStep:
     same key and weights can replay it (see ``_cached_graph``).
     """
 
-    def __init__(self, model: TapeTransformer, cache: FusedCache, batch: int) -> None:
-        dev = cache.k[0].device
+    def __init__(self, model: TapeTransformer, cache: KVCache, batch: int) -> None:
+        dev = cache.kv.device
         self.cache = cache
         self.key = _graph_key(model, batch, cache.capacity, dev)
         self.fingerprint = _weights_fingerprint(model)
-        self.int8 = dict(model._int8)  # the captured kernels read these tensors: keep them alive
+        self.int8 = model.int8_tensors()  # the captured kernels read these tensors: keep them alive
         self.capacity = cache.capacity
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1,), cache.length, dtype=torch.long, device=dev)
@@ -237,11 +240,11 @@ class _GraphedDecodeStep:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):
-                model._decode_step_static(self.tok, self.pos, cache)
+                model.decode_step(self.tok, self.pos, cache)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logp = model._decode_step_static(self.tok, self.pos, cache)
+            self.logp = model.decode_step(self.tok, self.pos, cache)
 
     def __call__(self, tok: torch.Tensor, position: int) -> torch.Tensor:
         if position >= self.capacity:  # the graph's buffers cannot grow; generate() sizes them

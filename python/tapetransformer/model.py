@@ -1,110 +1,122 @@
 """The fused TapeTransformer: the reference's module tree and state_dict, computed with tape_kernels.
 
-``TapeTransformer`` subclasses the reference module, so parameter names, shapes, order and
-initialisation are the original's and checkpoints load both ways with ``strict=True``. Only the
-forward passes differ:
+``TapeTransformer`` subclasses the reference module and builds its TapeHeads from
+:class:`~tapetransformer.blocks.FusedTapeHead` / ``FusedTapeHeadBlock``, which own the dataflow
+(training forward, prefill, one-token decode). Parameter names, shapes, order and initialisation are
+the original's, so checkpoints load both ways with ``strict=True``. This module only wires the heads
+together, keeps the reference's gradient pattern, and manages the generation cache and int8 weights:
 
-* every critic attention runs the fused Triton attention (with its entropy / attention-weight
-  statistics), every residual+LayerNorm, MLP bias+activation, TapeHead combine and the Student-t
+* every critic attention, residual+LayerNorm, MLP bias+activation, TapeHead combine and the Student-t
   unembedding run fused kernels (``backend="triton"``; ``"eager"`` runs the same dataflow in plain
   PyTorch; ``"auto"`` picks Triton on CUDA and eager on CPU unless ``TRITON_INTERPRET=1``);
-* ``skip_dead=True`` (default) skips what provably cannot change an output (spec findings 1–3):
-  the prophet and ``rnn_projection`` never run, the concatenation that only kept them in the graph
-  is gone, and with ``need_aux=False`` critics 0..n−2 do not run either. The parameters the
-  reference reaches only through those dead paths still receive exact zero gradients (not None)
-  through :class:`_ZeroGradLink`. ``skip_dead=False`` runs the reference's full dataflow (the
-  prophet through the Char-RNN kernel), for like-for-like benchmarks;
+* ``skip_dead=True`` (default) skips what provably cannot change an output (spec findings 1–3): the
+  prophet and ``rnn_projection`` never run, the concatenation that only kept them in the graph is gone,
+  and with ``need_aux=False`` critics 0..n−2 do not run either. The parameters the reference reaches
+  only through those dead paths still receive exact zero gradients (not None) through
+  :class:`_ZeroGradLink`. ``skip_dead=False`` runs the reference's full dataflow (the prophet through
+  the Char-RNN kernel), for like-for-like benchmarks;
 * ``causal=True`` repairs the semantics: causal masks in every attention, and absolute positions
   (pos_emb and RoPE, a single token rotated at its position) in cached decode, so that prefill +
   one-token decode reproduces the full causal forward.
 
-Eval-mode caches are :class:`FusedCache` objects holding *projected* K/V per block (the reference
-keeps unprojected inputs and re-projects the whole history on every call; projecting is linear, so
-the results agree to rounding).
+Eval-mode caches are :class:`~tapetransformer.kvcache.KVCache` objects holding *projected* K/V.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from tape_kernels._dispatch import check_backend
-from tape_kernels.activation import reference_activation
-from tape_kernels.attention import critic_attention, critic_attention_decode
 from tape_kernels.charrnn import charrnn
-from tape_kernels.combine import tapehead_combine
-from tape_kernels.layernorm import add_layer_norm
 from tape_kernels.unembedding import DEFAULT_DF, student_t_nll, student_t_unembedding
-from tapetransformer import reference as ref
-from tapetransformer.reference import TapeHead, TapeHeadBlock, apply_rope, check_tokens
+from tapetransformer.blocks import FusedOptions, FusedTapeHead, FusedTapeHeadBlock
+from tapetransformer.kvcache import KVCache
+from tapetransformer.reference import ATTENTION_HEADS, ReferenceTapeTransformer, check_tokens
 
-__all__ = ["FusedCache", "TapeTransformer"]
+__all__ = ["KVCache", "ModelConfig", "TapeTransformer"]
+
+
+@dataclass
+class ModelConfig:
+    """What a checkpoint records to rebuild a model. ``num_heads`` counts critics (the reference's name)."""
+
+    vocab_size: int
+    seq_len: int = 64
+    embed_dim: int = 64
+    num_heads: int = 2
+    dropout: float = 0.0
+    causal: bool = False  # the repaired semantics of the fused model (False: the reference's)
+
+    @property
+    def num_critics(self) -> int:
+        return self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {k: d[k] for k in ("vocab_size", "seq_len", "embed_dim", "num_heads", "dropout", "causal") if k in d}
+        return cls(**known)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> ModelConfig:
+        """Infer the config of a reference-layout state_dict (e.g. one saved by the notebook)."""
+        try:
+            embed_dim, vocab = sd["unembedding"].shape
+            seq_len = sd["codahead.blocks_left.0.pos_emb"].shape[1]
+        except KeyError as e:
+            raise ValueError(f"not a TapeTransformer state_dict: missing {e.args[0]!r}") from None
+        heads = {k.split(".")[1] for k in sd if k.startswith("residualheads.")}
+        return cls(vocab_size=int(vocab), seq_len=int(seq_len), embed_dim=int(embed_dim), num_heads=len(heads))
 
 
 class _ZeroGradLink(torch.autograd.Function):
     """Identity on ``out`` whose backward hands exact zero gradients to ``params``.
 
-    The reference reaches the prophet, ``rnn_projection`` and (for the log-probs) critics 0..n−2
-    only through a concatenation whose slice discards them, so autograd gives them zero tensors.
-    Skipping that work must not turn those zeros into None.
+    The reference reaches the prophet, ``rnn_projection`` and (for the log-probs) critics 0..n−2 only
+    through a concatenation whose slice discards them, so autograd gives them zero tensors. Skipping
+    that work must not turn those zeros into None. The zeros are views into one buffer (one fill for
+    all of them, not one per parameter).
     """
 
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.meta = [(p.shape, p.dtype, p.device) for p in params]
-        return out.clone()
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return (grad, *(torch.zeros(s, dtype=dt, device=dev) for s, dt, dev in ctx.meta))
+        zeros: list[torch.Tensor | None] = [None] * len(ctx.meta)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, dt, dev) in enumerate(ctx.meta):
+            groups.setdefault((dt, dev), []).append(i)
+        for (dt, dev), idx in groups.items():
+            sizes = [ctx.meta[i][0].numel() for i in idx]
+            flat = torch.zeros(sum(sizes), dtype=dt, device=dev)
+            for i, z in zip(idx, flat.split(sizes)):
+                zeros[i] = z.view(ctx.meta[i][0])
+        return (grad, *zeros)
 
 
-@dataclass
-class FusedCache:
-    """Per-block projected K/V, preallocated: k[i], v[i] (B, H, capacity, dh); ``length`` tokens filled.
+class TapeTransformer(ReferenceTapeTransformer):
+    """Fused TapeTransformer; the reference's constructor plus ``causal``, ``backend``, ``skip_dead``.
 
-    ``blocks`` names the cached blocks in order; ``rnn`` is the prophet's per-layer (B, 1, Hd) state
-    (None when the prophet is skipped, as it never affects an output).
-    """
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    length: int
-    capacity: int
-    blocks: list[str] = field(default_factory=list)
-    rnn: list[torch.Tensor] | None = None
-
-    def ensure(self, extra: int) -> None:
-        """Grow (amortised doubling) so that ``extra`` more tokens fit."""
-        need = self.length + extra
-        if need <= self.capacity:
-            return
-        cap = max(need, 2 * self.capacity)
-        for lst in (self.k, self.v):
-            for i, t in enumerate(lst):
-                bigger = t.new_empty(*t.shape[:2], cap, t.shape[3])
-                bigger[:, :, : self.length] = t[:, :, : self.length]
-                lst[i] = bigger
-        self.capacity = cap
-
-
-def _weight_state(w: torch.Tensor) -> tuple:
-    """What changes when a weight's values may have: in-place updates bump ``_version``; ``.data``
-    swaps (``.to()``, ``.half()``) change the storage, dtype or device."""
-    return (w._version, w.data_ptr(), w.dtype, w.device)
-
-
-class TapeTransformer(ref.TapeTransformer):
-    """Fused TapeTransformer; same constructor as the reference plus ``causal``, ``backend``, ``skip_dead``.
+    ``num_critics`` is the clear name of the reference's ``num_heads`` (residual TapeHeads, not
+    attention heads); give either.
 
     training: ``forward(x (B,S)) -> (logp (B,S,V), entropy (), attn_weights (B,S))``;
               ``need_aux=False`` returns ``(logp, None, None)`` and skips critics 0..n−2.
-    eval:     ``forward(x, past_kv=None) -> (logp (B,S,V), FusedCache)``.
+    eval:     ``forward(x, past_kv=None) -> (logp (B,S,V), KVCache)``.
     ``loss(x, targets)``: mean NLL through the fused Student-t NLL (no (B,S,V) log-probs stored).
+    ``prefill(x, cache)`` / ``decode_step(x, pos, cache)``: generation (see ``tapetransformer.generate``).
     """
+
+    head_cls = FusedTapeHead
 
     def __init__(
         self,
@@ -112,158 +124,117 @@ class TapeTransformer(ref.TapeTransformer):
         seq_len: int = 128,
         num_layers: int = 4,
         embed_dim: int = 128,
-        num_heads: int = 2,
+        num_heads: int | None = None,
         dropout: float = 0.1,
         *,
+        num_critics: int | None = None,
         causal: bool = False,
         backend: str = "auto",
         skip_dead: bool = True,
     ) -> None:
-        super().__init__(vocab_size, seq_len, num_layers, embed_dim, num_heads, dropout)
-        self.causal = bool(causal)
-        self.backend = check_backend(backend)
-        self.skip_dead = bool(skip_dead)
-        # int8 weights for inference, keyed by the float weight's name; not part of the state_dict.
-        self._int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._int8_act_quant: bool | None = None
-        # The last quantize_int8_ result and the (weight, version, device) it was made from, so that
-        # generate(int8=True) re-quantizes only after the weights changed (in-place updates such as
-        # an optimizer step bump a tensor's version; .to() or load_state_dict swap the tensors).
-        self._int8_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._int8_sources: dict[str, tuple[torch.Tensor, tuple]] = {}
+        if num_heads is not None and num_critics is not None and num_heads != num_critics:
+            raise ValueError(f"num_heads={num_heads} and num_critics={num_critics} disagree (they are one setting: "
+                             "the number of residual TapeHeads)")
+        critics = num_critics if num_critics is not None else (num_heads if num_heads is not None else 2)
+        if not isinstance(critics, int) or critics < 1:
+            raise ValueError(f"num_critics must be an int >= 1, got {critics!r}")
+        super().__init__(vocab_size, seq_len, num_layers, embed_dim, critics, dropout)
+        self.opts = FusedOptions(causal=bool(causal), backend=backend, skip_dead=bool(skip_dead))
+        for blk in self.fused_blocks():
+            blk.opts = self.opts
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ options
 
-    def _linear(self, x: torch.Tensor, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        q = self._int8.get(name) if not torch.is_grad_enabled() else None
-        if q is not None and q[0].device == x.device:
-            from tape_kernels.int8 import int8_linear
+    @property
+    def num_critics(self) -> int:
+        return self.num_heads
 
-            return int8_linear(x, q[0], q[1], bias, act_quant=self._int8_act_quant)
-        return F.linear(x, weight, bias)
+    @property
+    def causal(self) -> bool:
+        return self.opts.causal
 
-    def _block_names(self) -> list[tuple[str, TapeHeadBlock]]:
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, TapeHeadBlock)]
+    @causal.setter
+    def causal(self, value: bool) -> None:
+        self.opts.causal = bool(value)
+
+    @property
+    def backend(self) -> str:
+        return self.opts.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.opts.backend = FusedOptions(backend=value).backend
+
+    @property
+    def skip_dead(self) -> bool:
+        return self.opts.skip_dead
+
+    @property
+    def recompute(self) -> bool:
+        """Activation recomputation around every TapeHead block in training."""
+        return self.opts.recompute
+
+    @recompute.setter
+    def recompute(self, value: bool) -> None:
+        self.opts.recompute = bool(value)
+
+    def fused_blocks(self) -> Iterator[FusedTapeHeadBlock]:
+        return (m for m in self.modules() if isinstance(m, FusedTapeHeadBlock))
+
+    def eval_heads(self) -> list[FusedTapeHead]:
+        """The heads an eval/decode pass runs, in order: the coda, then the critics that can reach the
+        output (only the last with ``skip_dead``)."""
+        critics = list(self.residualheads) if not self.skip_dead else [self.residualheads[-1]]
+        return [self.codahead, *critics]
+
+    # ------------------------------------------------------------------ int8 inference weights
 
     def quantize_int8_(self, act_quant: bool | None = None) -> TapeTransformer:
-        """Build int8 copies (per-channel symmetric) of every Linear weight the eval path uses.
+        """Give every block int8 copies (per-channel symmetric) of its four Linear weights, used by eval
+        paths while autograd is off (training keeps the float weights; the state_dict is unaffected).
 
-        Float weights stay in place (training and the state_dict are unaffected). The result is
-        cached: calling again (as every ``generate(int8=True)`` does) re-quantizes only when a weight
-        changed, was replaced or moved since. ``act_quant``: False weight-only, True W8A8, None (default) the
-        faster of the two per call (``tape_kernels.int8.resolve_act_quant``: W8A8 on CPU, weight-only
-        GEMV for decode on CUDA).
+        Cached per block: calling again (as every ``generate(int8=True)`` does) re-quantizes only a
+        block whose weights changed, were replaced or moved since. ``act_quant``: False weight-only,
+        True W8A8, None the faster of the two per call (``tape_kernels.int8.resolve_act_quant``).
         """
-        from tape_kernels.int8 import quantize_weight
-
-        if not self.int8_up_to_date():
-            self._int8_cache, self._int8_sources = {}, {}
-            for key, w in self._int8_weights():
-                self._int8_cache[key] = quantize_weight(w.detach().float())
-                self._int8_sources[key] = (w, _weight_state(w))
-        self._int8 = dict(self._int8_cache)
-        self._int8_act_quant = act_quant
+        for blk in self.fused_blocks():
+            blk.int8 = blk.quantized()
+            blk.int8_act_quant = act_quant
         return self
-
-    def _int8_weights(self) -> list[tuple[str, torch.Tensor]]:
-        out = []
-        for name, blk in self._block_names():
-            mha = blk.cached_attn.attn
-            for wname, w in (
-                ("cached_attn.attn.in_proj_weight", mha.in_proj_weight),
-                ("cached_attn.attn.out_proj.weight", mha.out_proj.weight),
-                ("mlp.expand.weight", blk.mlp.expand.weight),
-                ("mlp.linear.weight", blk.mlp.linear.weight),
-            ):
-                out.append((f"{name}.{wname}", w))
-        return out
-
-    def int8_up_to_date(self) -> bool:
-        """Whether the cached int8 weights were made from the current float weights (same tensors,
-        unmodified since, same storage, dtype and device)."""
-        src = self._int8_sources
-        if not src:
-            return False
-        weights = self._int8_weights()
-        return len(weights) == len(src) and all(
-            key in src and src[key][0] is w and src[key][1] == _weight_state(w) for key, w in weights
-        )
 
     def dequantize_(self) -> TapeTransformer:
-        """Drop the int8 weights (and the cache that ``generate(int8=True)`` reuses)."""
-        self._int8 = {}
-        self._int8_cache, self._int8_sources = {}, {}
+        """Drop the int8 weights (and the cached copies ``generate(int8=True)`` reuses)."""
+        for blk in self.fused_blocks():
+            blk.drop_int8()
         return self
 
-    def _embed_positions(self, blk: TapeHeadBlock, tok: torch.Tensor, start: int) -> torch.Tensor:
-        """tok + pos_emb, then RoPE. Reference semantics: positions restart at 0 on every call and a
-        single token is not rotated; causal: absolute positions ``start..start+S-1``, always rotated."""
-        s = tok.shape[1]
-        if not self.causal:
-            start = 0
-        if start + s > blk.pos_emb.shape[1]:
-            raise ValueError(f"sequence too long: positions up to {start + s} > seq_len {blk.pos_emb.shape[1]}")
-        e = tok + blk.pos_emb[:, start : start + s, :]
-        if self.causal or s > 1:
-            e = apply_rope(e, blk.rope_freqs, offset=start)
-        return e
+    def int8_up_to_date(self) -> bool:
+        """Whether every block's cached int8 weights were made from its current float weights."""
+        return all(blk.quantized_cached() is not None for blk in self.fused_blocks())
 
-    def _mlp_ln(self, blk: TapeHeadBlock, name: str, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """LN_mlp(h + MLP(h)), h = LN_attn(x + attn_out); the expand bias is fused into the activation."""
-        be = self.backend
-        h = add_layer_norm(x, attn_out, blk.ln_attn.weight, blk.ln_attn.bias, blk.ln_attn.eps, backend=be)
-        z = self._linear(h, f"{name}.mlp.expand.weight", blk.mlp.expand.weight, None)  # (B, S, 8D)
-        a = reference_activation(z, blk.mlp.expand.bias, backend=be)
-        m = self._linear(a, f"{name}.mlp.linear.weight", blk.mlp.linear.weight, None)  # (B, S, D)
-        m = F.dropout(m, blk.mlp.dropout.p, self.training)
-        return add_layer_norm(h, m, blk.ln_mlp.weight, blk.ln_mlp.bias, blk.ln_mlp.eps, backend=be)
+    @property
+    def int8_mode(self) -> tuple[str, bool | None] | None:
+        """None when the blocks use float weights, else ("int8", act_quant)."""
+        blk = next(self.fused_blocks())
+        return None if blk.int8 is None else ("int8", blk.int8_act_quant)
+
+    def int8_tensors(self) -> list[torch.Tensor]:
+        """Every int8 tensor the blocks use now (what a captured graph must keep alive)."""
+        return [t for blk in self.fused_blocks() if blk.int8 is not None for pair in blk.int8 for t in pair]
+
+    @contextlib.contextmanager
+    def int8_weights(self, enabled: bool = True, act_quant: bool | None = None) -> Iterator[TapeTransformer]:
+        """Within the block, eval paths use int8 weights (``enabled``); the previous setting returns after."""
+        saved = [(blk.int8, blk.int8_act_quant) for blk in self.fused_blocks()]
+        try:
+            if enabled:
+                self.quantize_int8_(act_quant)
+            yield self
+        finally:
+            for blk, (q, aq) in zip(self.fused_blocks(), saved):
+                blk.int8, blk.int8_act_quant = q, aq
 
     # ------------------------------------------------------------------ training
-
-    def _block_train(
-        self, blk: TapeHeadBlock, name: str, tok: torch.Tensor, prev_h: torch.Tensor | None,
-        prev_emb: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        s = tok.shape[1]
-        if prev_h is None:
-            layer_emb = self._embed_positions(blk, tok, 0)
-            x = layer_emb
-        elif self.skip_dead:
-            layer_emb = None  # only ever feeds the discarded part of the concatenation
-            x = prev_h[:, -s:, :]
-        else:
-            layer_emb = self._embed_positions(blk, tok, 0)
-            parts = ([prev_emb] if prev_emb is not None else []) + [layer_emb, prev_h[:, -s:, :]]
-            x = torch.cat(parts, dim=1)[:, -s:, :]
-        mha = blk.cached_attn.attn
-        out, ent, aw = critic_attention(
-            x, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias, mha.num_heads,
-            causal=self.causal, dropout_p=mha.dropout, training=self.training, backend=self.backend,
-        )  # fmt: skip
-        h = self._mlp_ln(blk, name, x, out)
-        return h, layer_emb, ent, torch.softmax(aw, dim=-1)
-
-    def _head_train(
-        self, head: TapeHead, name: str, tok: torch.Tensor, prev_h: torch.Tensor | None,
-        prev_emb: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        prev_h_l = prev_h_r = prev_h
-        prev_emb_l = prev_emb_r = prev_emb
-        ents, aws = [], []
-        h = prev_h
-        for i in range(head.num_layers):
-            hl, prev_emb_l, ent_l, aw_l = self._block_train(
-                head.blocks_left[i], f"{name}.blocks_left.{i}", tok, prev_h_l, prev_emb_l)
-            hr, prev_emb_r, ent_r, aw_r = self._block_train(
-                head.blocks_right[i], f"{name}.blocks_right.{i}", tok, prev_h_r, prev_emb_r)
-            h = tapehead_combine(hl, hr, head.discriminate, backend=self.backend)
-            prev_h_l = prev_h_r = h
-            ents.append((ent_l + ent_r) / 2.0)
-            aws.append((aw_l + aw_r) / 2.0)
-        attn = (torch.stack(aws, dim=0) * head.layer_weights.view(-1, 1, 1).to(aws[0].dtype)).sum(dim=0)  # (B, S)
-        entropy = torch.stack(ents).sum() / head.num_layers
-        out_emb = None if prev_emb_r is None else 0.5 * (prev_emb_r + prev_emb_l)
-        return h, out_emb, entropy, attn
 
     def _prophet_weights(self) -> list[torch.Tensor]:
         w: list[torch.Tensor] = []
@@ -279,7 +250,7 @@ class TapeTransformer(ref.TapeTransformer):
 
     def _forward_train(self, x: torch.Tensor, need_aux: bool) -> tuple[Any, ...]:
         e = self.holistic_embed(x)  # (B, S, D)
-        coda_h, _, ent, attn = self._head_train(self.codahead, "codahead", e, None, None)
+        coda_h, _, ent, attn = self.codahead(e, None, None)
         n = self.num_heads
         if self.skip_dead:
             prophecy = None
@@ -291,7 +262,7 @@ class TapeTransformer(ref.TapeTransformer):
         ents = [ent]
         tok = e
         for i in run:
-            tok, _, ent_i, attn_i = self._head_train(self.residualheads[i], f"residualheads.{i}", tok, coda_h, prophecy)
+            tok, _, ent_i, attn_i = self.residualheads[i](tok, coda_h, prophecy)
             attn = attn + attn_i
             ents.append(ent_i)
         logp = student_t_unembedding(tok, self.unembedding, DEFAULT_DF, backend=self.backend)
@@ -313,146 +284,95 @@ class TapeTransformer(ref.TapeTransformer):
         """Mean NLL of ``targets`` (B, S) through the fused Student-t NLL; runs only the coda and the
         last critic. Gradients equal those of ``nll(forward(x)[0], targets)``."""
         x = check_tokens(x, self.vocab_size, self.seq_len)
-        if targets.shape != x.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(x.shape)}")
+        if not isinstance(targets, torch.Tensor) or targets.shape != x.shape:
+            got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"targets shape {got} != tokens shape {tuple(x.shape)}")
         e = self.holistic_embed(x)
-        coda_h, _, _, _ = self._head_train(self.codahead, "codahead", e, None, None)
-        n = self.num_heads
-        h, _, _, _ = self._head_train(self.residualheads[n - 1], f"residualheads.{n - 1}", e, coda_h, None)
+        coda_h, _, _, _ = self.codahead(e, None, None)
+        h, _, _, _ = self.residualheads[-1](e, coda_h, None)
         nll = student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend)
-        dead = self._dead_params(list(range(n - 1)))
+        dead = self._dead_params(list(range(self.num_heads - 1)))
         return _ZeroGradLink.apply(nll, *dead) if torch.is_grad_enabled() and dead else nll
 
-    # ------------------------------------------------------------------ eval / decode
-
-    def _eval_heads(self) -> list[tuple[str, TapeHead]]:
-        heads = [("codahead", self.codahead)]
-        idx = range(self.num_heads) if not self.skip_dead else [self.num_heads - 1]
-        return heads + [(f"residualheads.{i}", self.residualheads[i]) for i in idx]
+    # ------------------------------------------------------------------ eval / generation
 
     def new_cache(self, batch_size: int, capacity: int, device: torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> FusedCache:
-        """An empty preallocated cache for ``capacity`` tokens."""
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """An empty preallocated cache for ``capacity`` tokens of the heads ``eval_heads()`` runs."""
         device = device or self.unembedding.device
         dtype = dtype or self.unembedding.dtype
-        ks, vs, names = [], [], []
-        for hname, head in self._eval_heads():
-            for side in ("left", "right"):
-                for i, blk in enumerate(getattr(head, f"blocks_{side}")):
-                    mha = blk.cached_attn.attn
-                    dh = self.embed_dim // mha.num_heads
-                    ks.append(torch.empty(batch_size, mha.num_heads, capacity, dh, device=device, dtype=dtype))
-                    vs.append(torch.empty_like(ks[-1]))
-                    names.append(f"{hname}.blocks_{side}.{i}")
         rnn = None
-        if not self.skip_dead:
+        if not self.skip_dead:  # the reference also advances the prophet in eval (its output is unused)
             rnn = [torch.zeros(batch_size, 1, self.prophet.hidden_size, device=device, dtype=dtype)
                    for _ in range(self.prophet.num_layers)]  # fmt: skip
-        return FusedCache(ks, vs, 0, capacity, names, rnn)
+        return KVCache([h.num_layers for h in self.eval_heads()], batch_size, ATTENTION_HEADS,
+                       self.embed_dim // ATTENTION_HEADS, capacity, device=device, dtype=dtype, rnn=rnn)
 
-    def _embed_position_at(self, blk: TapeHeadBlock, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``_embed_positions`` for one token (B, 1, D) at a device-side position ``pos`` (1,) int64."""
-        if not self.causal:  # reference semantics: position 0, a single token is not rotated
-            return tok + blk.pos_emb[:, :1, :]
-        e = tok + blk.pos_emb.index_select(1, pos)
-        return apply_rope(e, blk.rope_freqs, offset=pos)
+    def _check_cache(self, cache: Any, b: int, s: int, e: torch.Tensor) -> KVCache:
+        if cache is None:
+            return self.new_cache(b, s, e.device, e.dtype)
+        if not isinstance(cache, KVCache):
+            raise ValueError("past_kv must be a KVCache returned by this model (reference caches are not accepted)")
+        want = [h.num_layers for h in self.eval_heads()]
+        if list(cache.layers_per_head) != want:
+            raise ValueError(f"past_kv holds heads of {list(cache.layers_per_head)} layers; this model evaluates "
+                             f"{want}")
+        kv = cache.kv
+        if kv.shape[2] != b or kv.dtype != e.dtype or kv.device != e.device:
+            raise ValueError(f"past_kv was built for batch {kv.shape[2]}, {kv.dtype} on {kv.device}; "
+                             f"got batch {b}, {e.dtype} on {e.device}")
+        if self.causal and cache.length + s > self.seq_len:
+            raise ValueError(f"sequence too long: the cache holds {cache.length} tokens, adding {s} exceeds seq_len "
+                             f"{self.seq_len} (generate() slides the window)")
+        return cache
 
-    def _block_eval(self, blk: TapeHeadBlock, name: str, tok: torch.Tensor, prev_h: torch.Tensor | None,
-                    cache: FusedCache, idx: int, pos: torch.Tensor | None = None,
-                    lens: torch.Tensor | None = None) -> torch.Tensor:
-        """One block over S new tokens. ``pos``/``lens`` ((1,) int64 position, (1,) int32 pos + 1 on the
-        device) select the static-shape single-token step (see ``_decode_step_static``)."""
-        b, s, d = tok.shape
-        t0 = cache.length
-        if prev_h is not None:
-            x = prev_h[:, -s:, :]
-        elif pos is None:
-            x = self._embed_positions(blk, tok, t0)
-        else:
-            x = self._embed_position_at(blk, tok, pos)
-        mha = blk.cached_attn.attn
-        hh = mha.num_heads
-        qkv = self._linear(x, f"{name}.cached_attn.attn.in_proj_weight", mha.in_proj_weight, mha.in_proj_bias)
-        q, k, v = qkv.view(b, s, 3, hh, d // hh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, dh)
-        kc, vc = cache.k[idx], cache.v[idx]
-        q = q.to(kc.dtype)  # under autocast the projection is half while the cache keeps its dtype
-        if pos is None:
-            kc[:, :, t0 : t0 + s] = k
-            vc[:, :, t0 : t0 + s] = v
-            o = critic_attention_decode(q, kc[:, :, : t0 + s], vc[:, :, : t0 + s], causal=self.causal,
-                                        backend=self.backend)  # (B, H, S, dh)
-        else:
-            kc.index_copy_(2, pos, k.to(kc.dtype))
-            vc.index_copy_(2, pos, v.to(vc.dtype))
-            o = critic_attention_decode(q, kc, vc, causal=self.causal, backend=self.backend, length=lens)
-        o = o.transpose(1, 2).reshape(b, s, d)
-        out = self._linear(o, f"{name}.cached_attn.attn.out_proj.weight", mha.out_proj.weight, mha.out_proj.bias)
-        return self._mlp_ln(blk, name, x, out)
-
-    def _forward_eval(self, x: torch.Tensor, cache: FusedCache | None) -> tuple[torch.Tensor, FusedCache]:
+    def prefill(
+        self, x: torch.Tensor, cache: KVCache | None = None, *, check: bool = True
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Eval forward of S new tokens x (B, S) after the ``cache.length`` cached ones -> (log-probs
+        (B, S, V), the cache advanced by S). ``check=False`` skips the token-range check (two device
+        reads on CUDA), for ids known to be valid."""
+        if check:
+            x = check_tokens(x, self.vocab_size, self.seq_len)
         b, s = x.shape
         e = self.holistic_embed(x)  # (B, S, D)
-        if cache is None:
-            cache = self.new_cache(b, s, e.device, e.dtype)
-        elif not isinstance(cache, FusedCache):
-            raise ValueError("past_kv must be a FusedCache returned by this model (reference caches are not accepted)")
-        elif cache.k and (cache.k[0].shape[0] != b or cache.k[0].dtype != e.dtype or cache.k[0].device != e.device):
-            raise ValueError(
-                f"cache was built for batch {cache.k[0].shape[0]}, {cache.k[0].dtype} on {cache.k[0].device}; "
-                f"got batch {b}, {e.dtype} on {e.device}")
-        if self.causal and cache.length + s > self.seq_len:
-            raise ValueError(f"sequence too long: cache holds {cache.length} tokens, adding {s} exceeds seq_len "
-                             f"{self.seq_len} (generate() slides the window)")
+        cache = self._check_cache(cache, b, s, e)
         cache.ensure(s)
-        tok = self._eval_heads_through(e, cache)
+        h, coda_h = e, None
+        for i, head in enumerate(self.eval_heads()):
+            h = head.prefill(e, coda_h, cache, i)
+            coda_h = h if coda_h is None else coda_h
         if cache.rnn is not None:  # skip_dead=False: the reference also advances the prophet
             _, cache.rnn = charrnn(e, self._prophet_weights(), cache.rnn, backend=self.backend)
         cache.length += s
-        return student_t_unembedding(tok, self.unembedding, DEFAULT_DF, backend=self.backend), cache
+        return student_t_unembedding(h, self.unembedding, DEFAULT_DF, backend=self.backend), cache
 
-    def _eval_heads_through(self, e: torch.Tensor, cache: FusedCache, pos: torch.Tensor | None = None,
-                            lens: torch.Tensor | None = None) -> torch.Tensor:
-        """The coda and the evaluated critics over embedded tokens e (B, S, D) -> last hidden (B, S, D)."""
-        idx = 0
-        coda_h = None
-        tok = e
-        for hname, head in self._eval_heads():
-            h = None if hname == "codahead" else coda_h
-            for i in range(head.num_layers):
-                hl = self._block_eval(head.blocks_left[i], f"{hname}.blocks_left.{i}", tok, h, cache, idx, pos, lens)
-                hr = self._block_eval(head.blocks_right[i], f"{hname}.blocks_right.{i}", tok, h, cache,
-                                      idx + head.num_layers, pos, lens)  # fmt: skip
-                h = tapehead_combine(hl, hr, head.discriminate, backend=self.backend)
-                idx += 1
-            idx += head.num_layers
-            if hname == "codahead":
-                coda_h = h
-            tok = h
-        return tok
-
-    def _decode_step_static(self, x: torch.Tensor, pos: torch.Tensor, cache: FusedCache) -> torch.Tensor:
+    def decode_step(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step with static shapes and no host synchronisation, for CUDA-graph capture.
 
-        x (B, 1) token ids, pos (1,) int64 on the device: the cache row this token fills (the number
-        of tokens already cached) -> log-probs (B, 1, V). Attends over the whole preallocated cache
-        with the length read on the device, so one capture replays for every position. Does not
-        touch ``cache.length`` (the caller tracks it) and needs ``skip_dead=True`` (no prophet
-        state) and a cache with room for the row (neither is checked on the device; ``generate``
-        guarantees both).
+        x (B, 1) token ids, pos (1,) int64 on the device: the cache row this token fills (the number of
+        tokens already cached) -> log-probs (B, 1, V). Attends over the whole preallocated cache with
+        the length read on the device, so one capture replays for every position. Does not touch
+        ``cache.length`` (the caller tracks it) and needs ``skip_dead=True`` (no prophet state) and a
+        cache with room for the row (neither is checked on the device; ``generate`` guarantees both).
         """
         if cache.rnn is not None:
             raise ValueError("the static decode step needs skip_dead=True (the prophet's state is not static)")
         e = self.holistic_embed(x)  # (B, 1, D)
         lens = (pos + 1).to(torch.int32)
-        tok = self._eval_heads_through(e, cache, pos, lens)
-        return student_t_unembedding(tok, self.unembedding, DEFAULT_DF, backend=self.backend)
+        h, coda_h = e, None
+        for i, head in enumerate(self.eval_heads()):
+            h = head.decode_step(e, coda_h, cache, i, pos, lens)
+            coda_h = h if coda_h is None else coda_h
+        return student_t_unembedding(h, self.unembedding, DEFAULT_DF, backend=self.backend)
 
     # ------------------------------------------------------------------ entry point
 
-    def forward(self, x: torch.Tensor, past_kv: FusedCache | None = None, *, need_aux: bool = True) -> tuple[Any, ...]:
+    def forward(self, x: torch.Tensor, past_kv: KVCache | None = None, *, need_aux: bool = True) -> tuple[Any, ...]:
         x = check_tokens(x, self.vocab_size, self.seq_len)
         if self.training:
             if past_kv is not None:
                 raise ValueError("past_kv is for eval mode; call model.eval() first")
             return self._forward_train(x, need_aux)
-        return self._forward_eval(x, past_kv)
+        return self.prefill(x, past_kv, check=False)
+

@@ -33,18 +33,32 @@ def _is_block(m: nn.Module) -> bool:
 
 
 def quantize_int8(model: nn.Module, act_quant: bool | None = None, inplace: bool = False) -> nn.Module:
-    """Return ``model`` with int8 attention projections and MLP Linears in every TapeHeadBlock and
-int8 Char-RNN cells.
+    """Return ``model`` with int8 weights for inference; works on the fused and the reference model.
+
+    * the fused ``tapetransformer.TapeTransformer``: a copy (or ``model`` itself with ``inplace``) whose
+      blocks carry int8 copies of their four Linear weights (``quantize_int8_``). Eval paths without
+      autograd (``forward`` in eval mode, ``generate``) use them; the float weights stay, so training,
+      ``loss`` and backward work as before (on the float weights) and the state_dict is unchanged;
+    * the reference (or any module with TapeHeadBlock-shaped children): the attention projections and
+      MLP Linears of every TapeHeadBlock and the Char-RNN cells are replaced by int8 modules
+      (``tape_kernels.int8``); forward runs int8, and gradients flow to the inputs (not to the frozen
+      int8 weights).
 
     ``act_quant=None`` (default): the faster mode per call (W8A8 on CPU; on CUDA the weight-only
     GEMV for decode, ≤ 16 rows, and W8A8 for prefill — see ``tape_kernels.int8.resolve_act_quant``);
     ``False``: weight-only int8 everywhere (accuracy of the dequantized weights);
     ``True``: W8A8 everywhere (dynamic per-row activation quantization).
-    The result is for inference (``eval()``); by default the input model is left untouched.
+    The result is in eval mode; by default the input model is left untouched.
     """
+    from tapetransformer.model import TapeTransformer
+
     if not isinstance(model, nn.Module):
         raise ValueError(f"quantize_int8 expects an nn.Module, got {type(model).__name__}")
+    if act_quant not in (None, True, False):
+        raise ValueError(f"act_quant must be None, True or False, got {act_quant!r}")
     out = model if inplace else copy.deepcopy(model)
+    if isinstance(out, TapeTransformer):
+        return out.quantize_int8_(act_quant).eval()
     blocks = [m for m in out.modules() if _is_block(m)]
     if not blocks:
         raise ValueError("quantize_int8 found no TapeHeadBlock (cached_attn.attn + mlp.expand/linear) in the model")

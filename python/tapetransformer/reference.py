@@ -34,22 +34,19 @@ __all__ = [
     "RMSNorm",
     "RectifiedKAN",
     "ReferenceActivation",
+    "ATTENTION_HEADS",
+    "ReferenceTapeTransformer",
     "TapeHead",
     "TapeHeadBlock",
-    "TapeTransformer",
     "Wolf",
-    "student_t_unembedding",
 ]
 
 # The Wolf optimizer's (and the visualization's EWMA's) mixing constant, 1/e.
 WOLF_C = 0.367879441
 
-
-def student_t_unembedding(
-    hidden_states: torch.Tensor, unembedding: torch.Tensor, df: float = DEFAULT_DF, eps: float = 1e-9
-) -> torch.Tensor:
-    """(B, S, D) x (D, V) -> (B, S, V) log-probs. ``eps`` is accepted and unused, as in the original."""
-    return student_t_unembedding_ref(hidden_states, unembedding, df)
+# Attention heads in every TapeHeadBlock. The original fixes them at 4 inside TapeHead; its
+# constructor's ``num_heads`` counts residual TapeHeads ("critics") instead.
+ATTENTION_HEADS = 4
 
 
 class Wolf(Optimizer):
@@ -309,6 +306,10 @@ def combine_heads(hl: torch.Tensor, hr: torch.Tensor, discriminate: int) -> torc
 class TapeHead(nn.Module):
     """Paired left/right TapeHeadBlock stacks whose outputs are combined after every layer."""
 
+    # The block class the stacks are built from: the fused model's heads build fused blocks, with the
+    # same parameters in the same order (so state_dicts are interchangeable).
+    block_cls: type[TapeHeadBlock] = TapeHeadBlock
+
     def __init__(
         self,
         seq_len: int,
@@ -327,7 +328,8 @@ class TapeHead(nn.Module):
 
         def blocks() -> nn.ModuleList:
             return nn.ModuleList(
-                [TapeHeadBlock(seq_len, embed_dim, vocab_size, num_heads=4, dropout=dropout) for _ in range(num_layers)]
+                [self.block_cls(seq_len, embed_dim, vocab_size, num_heads=ATTENTION_HEADS, dropout=dropout)
+                 for _ in range(num_layers)]
             )
 
         self.blocks_left = blocks()
@@ -412,12 +414,16 @@ def check_tokens(x: Any, vocab_size: int, seq_len: int) -> torch.Tensor:
     return x
 
 
-class TapeTransformer(nn.Module):
-    """The reference model. ``num_layers`` is unused; ``num_heads`` counts residual TapeHeads ("critics").
+class ReferenceTapeTransformer(nn.Module):
+    """The reference model (the notebook's ``TapeTransformer``). ``num_layers`` is unused; ``num_heads``
+    counts residual TapeHeads ("critics"), not attention heads (those are ``ATTENTION_HEADS``).
 
     training: ``forward(x) -> (logp (B,S,V), entropy (), attn_weights (B,S))``
     eval:     ``forward(x, past_kv=None) -> (logp (B,S,V), cache)``
     """
+
+    # The head class the coda and the critics are built from (the fused model substitutes its own).
+    head_cls: type[TapeHead] = TapeHead
 
     def __init__(
         self,
@@ -430,7 +436,8 @@ class TapeTransformer(nn.Module):
     ) -> None:
         super().__init__()
         if embed_dim % 8:
-            raise ValueError(f"embed_dim must be a multiple of 8 (4 attention heads, RoPE pairs), got {embed_dim}")
+            raise ValueError(f"embed_dim must be a multiple of 8 ({ATTENTION_HEADS} attention heads, RoPE pairs), "
+                             f"got {embed_dim}")
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.embed_dim = embed_dim
@@ -441,10 +448,10 @@ class TapeTransformer(nn.Module):
         self.prophet = CharRNNModel(seq_len, vocab_size, embed_dim=embed_dim, hidden_size=embed_dim * 2)
         self.rnn_projection = nn.Linear(embed_dim * 2, embed_dim)
         self.embed_ln = nn.LayerNorm(embed_dim)
-        self.codahead = TapeHead(seq_len, embed_dim, vocab_size, num_layers=2, dropout=dropout, discriminate=0)
+        self.codahead = self.head_cls(seq_len, embed_dim, vocab_size, num_layers=2, dropout=dropout, discriminate=0)
         self.residualheads = nn.ModuleList(
             [
-                TapeHead(seq_len, embed_dim, vocab_size, num_layers=4, dropout=dropout, discriminate=1)
+                self.head_cls(seq_len, embed_dim, vocab_size, num_layers=4, dropout=dropout, discriminate=1)
                 for _ in range(num_heads)
             ]
         )
@@ -482,7 +489,7 @@ class TapeTransformer(nn.Module):
             for i, head in enumerate(self.residualheads):
                 e, _, ci = head(e, coda_h, prev_emb, past_kv=past_kv[2 + i])
                 caches.append(ci)
-            return student_t_unembedding(e, self.unembedding, df=DEFAULT_DF), caches
+            return student_t_unembedding_ref(e, self.unembedding, DEFAULT_DF), caches
 
         coda_h, _, ent, attn = self.codahead(e, None, None)
         ents = [ent]
@@ -493,10 +500,15 @@ class TapeTransformer(nn.Module):
             attn = attn + attn_i
             ents.append(ent_i)
         attn = attn / self.num_heads
-        logp = student_t_unembedding(e, self.unembedding, df=DEFAULT_DF)
+        logp = student_t_unembedding_ref(e, self.unembedding, DEFAULT_DF)
         return logp, torch.sum(torch.stack(ents)) / self.num_heads + 1, attn
 
 
 def nll_loss(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of ``targets`` (B, S) under ``logp`` (B, S, V)."""
     return F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1))
+
+
+# Transitional alias, removed once every caller uses ReferenceTapeTransformer: the package has one
+# ``TapeTransformer`` (the fused one, ``tapetransformer.TapeTransformer``).
+TapeTransformer = ReferenceTapeTransformer

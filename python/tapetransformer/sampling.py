@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from tapetransformer.reference import TapeTransformer
+from tapetransformer.reference import ReferenceTapeTransformer
 
 
 def pick_next(
@@ -42,7 +42,7 @@ def pick_next(
 
 @torch.no_grad()
 def sample_reference(
-    model: TapeTransformer,
+    model: ReferenceTapeTransformer,
     prompt: torch.Tensor,
     max_new_tokens: int,
     *,

@@ -115,16 +115,9 @@ def pick_amp(amp: str, device: str | torch.device) -> tuple[torch.dtype | None, 
 def enable_recompute(model: TapeTransformer) -> None:
     """Activation recomputation around every TapeHead block: only each block's inputs are kept;
     its internals are recomputed in the backward pass (dropout RNG state is replayed)."""
-    from torch.utils.checkpoint import checkpoint
-
     if not isinstance(model, TapeTransformer):
         raise ValueError("activation recomputation needs the fused tapetransformer.TapeTransformer")
-    orig = type(model)._block_train
-
-    def block_train(blk: Any, name: str, tok: Any, prev_h: Any, prev_emb: Any) -> Any:
-        return checkpoint(orig, model, blk, name, tok, prev_h, prev_emb, use_reentrant=False)
-
-    model._block_train = block_train  # type: ignore[method-assign]
+    model.recompute = True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,266 @@
+"""The fused TapeHead and its blocks: each module owns its forward, its prefill and its decode step.
+
+:class:`FusedTapeHeadBlock` subclasses the reference ``TapeHeadBlock`` (same parameters, buffers and
+order, so state_dicts are interchangeable) and computes it with ``tape_kernels``:
+
+* ``forward`` (training, full sequences): the fused critic attention with its entropy / attention-weight
+  statistics, residual + LayerNorm, the MLP's bias + activation, dropout as the reference;
+* ``prefill`` (eval, S new tokens): projects K/V into the generation cache and attends over it;
+* ``decode_step`` (eval, one token, static shapes, no host synchronisation: CUDA-graph capturable).
+
+:class:`FusedTapeHead` runs its left/right block stacks and combines them, in the same three modes.
+
+Options shared by every block of a model (``FusedOptions``: causal semantics, kernel backend, dead-work
+skipping, activation recomputation) live in one object the model owns. A block's int8 weights for
+inference (``BlockInt8``) live on the block, outside the state_dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from tape_kernels._dispatch import check_backend
+from tape_kernels.activation import reference_activation
+from tape_kernels.attention import critic_attention, critic_attention_decode
+from tape_kernels.combine import tapehead_combine
+from tape_kernels.layernorm import add_layer_norm
+from tapetransformer.kvcache import BlockKV, KVCache
+from tapetransformer.reference import TapeHead, TapeHeadBlock, apply_rope
+
+__all__ = ["BlockInt8", "FusedOptions", "FusedTapeHead", "FusedTapeHeadBlock"]
+
+
+@dataclass
+class FusedOptions:
+    """How a fused model computes; one instance is shared by the model and all its blocks.
+
+    causal:    causal masks and absolute positions (``False``: the reference's semantics);
+    backend:   "auto" (Triton on CUDA, or on CPU under TRITON_INTERPRET=1), "triton", "eager";
+    skip_dead: skip what provably cannot change an output (the reference's discarded concatenation);
+    recompute: activation recomputation around every block in training (torch.utils.checkpoint).
+    """
+
+    causal: bool = False
+    backend: str = "auto"
+    skip_dead: bool = True
+    recompute: bool = False
+
+    def __post_init__(self) -> None:
+        self.backend = check_backend(self.backend)
+
+
+class BlockInt8(NamedTuple):
+    """Per-channel int8 copies (qweight (N, K) int8, scale (N,) fp32) of a block's four Linear weights."""
+
+    in_proj: tuple[torch.Tensor, torch.Tensor]
+    out_proj: tuple[torch.Tensor, torch.Tensor]
+    expand: tuple[torch.Tensor, torch.Tensor]
+    linear: tuple[torch.Tensor, torch.Tensor]
+
+
+def _weight_state(w: torch.Tensor) -> tuple:
+    """What changes when a weight's values may have: in-place updates bump ``_version``; ``.data``
+    swaps (``.to()``, ``.half()``) change the storage, dtype or device."""
+    return (w._version, w.data_ptr(), w.dtype, w.device)
+
+
+class FusedTapeHeadBlock(TapeHeadBlock):
+    """A TapeHeadBlock computed with fused kernels. Shapes: tok (B, S, D) token embeddings, prev_h
+    (B, ≥S, D) the previous layer's output (None for a head's first layer fed by tokens)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opts = FusedOptions()  # replaced by the owning model's shared options
+        self.int8: BlockInt8 | None = None  # inference weights, used only when autograd is off
+        self.int8_act_quant: bool | None = None
+
+    @property
+    def attention(self) -> torch.nn.MultiheadAttention:
+        return self.cached_attn.attn
+
+    # ------------------------------------------------------------------ int8 weights
+
+    def _int8_sources(self) -> tuple[torch.Tensor, ...]:
+        mha = self.attention
+        return (mha.in_proj_weight, mha.out_proj.weight, self.mlp.expand.weight, self.mlp.linear.weight)
+
+    def quantized_cached(self) -> BlockInt8 | None:
+        """The cached int8 copies if the float weights are still those they were made from."""
+        made = self.__dict__.get("_int8_made")
+        if made is None:
+            return None
+        q, sources = made
+        ok = all(w is src and _weight_state(w) == st for w, (src, st) in zip(self._int8_sources(), sources))
+        return q if ok else None
+
+    def quantized(self) -> BlockInt8:
+        """int8 copies of the four Linear weights, re-made only after a weight changed or moved."""
+        q = self.quantized_cached()
+        if q is None:
+            from tape_kernels.int8 import quantize_weight
+
+            ws = self._int8_sources()
+            q = BlockInt8(*(quantize_weight(w.detach().float()) for w in ws))
+            # Kept out of nn.Module's registries: a cache, not state.
+            self.__dict__["_int8_made"] = (q, [(w, _weight_state(w)) for w in ws])
+        return q
+
+    def drop_int8(self) -> None:
+        self.int8, self.int8_act_quant = None, None
+        self.__dict__.pop("_int8_made", None)
+
+    # ------------------------------------------------------------------ pieces
+
+    def embed(self, tok: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """tok + pos_emb, then RoPE. Reference semantics: positions restart at 0 on every call and a
+        single token is not rotated. Causal: absolute positions ``start .. start+S-1``, always rotated;
+        ``start`` may be a (1,) int64 device tensor (one token, the static decode step)."""
+        s = tok.shape[1]
+        if not self.opts.causal:
+            e = tok + self.pos_emb[:, :s, :]
+            return apply_rope(e, self.rope_freqs) if s > 1 else e
+        if isinstance(start, torch.Tensor):
+            return apply_rope(tok + self.pos_emb.index_select(1, start), self.rope_freqs, offset=start)
+        if start + s > self.pos_emb.shape[1]:
+            raise ValueError(f"sequence too long: positions up to {start + s} > seq_len {self.pos_emb.shape[1]}")
+        return apply_rope(tok + self.pos_emb[:, start : start + s, :], self.rope_freqs, offset=start)
+
+    def _linear(self, x: torch.Tensor, which: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear``, or the int8 copy of ``which``'s weight when one is set and autograd is off."""
+        q = getattr(self.int8, which) if self.int8 is not None and not torch.is_grad_enabled() else None
+        if q is not None and q[0].device == x.device:
+            from tape_kernels.int8 import int8_linear
+
+            return int8_linear(x, q[0], q[1], bias, act_quant=self.int8_act_quant)
+        return F.linear(x, weight, bias)
+
+    def mlp_ln(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """LN_mlp(h + MLP(h)), h = LN_attn(x + attn_out); the expand bias is fused into the activation."""
+        be = self.opts.backend
+        h = add_layer_norm(x, attn_out, self.ln_attn.weight, self.ln_attn.bias, self.ln_attn.eps, backend=be)
+        z = self._linear(h, "expand", self.mlp.expand.weight, None)  # (B, S, 8D)
+        a = reference_activation(z, self.mlp.expand.bias, backend=be)
+        m = self._linear(a, "linear", self.mlp.linear.weight, None)  # (B, S, D)
+        m = F.dropout(m, self.mlp.dropout.p, self.training)
+        return add_layer_norm(h, m, self.ln_mlp.weight, self.ln_mlp.bias, self.ln_mlp.eps, backend=be)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(
+        self, tok: torch.Tensor, prev_h: torch.Tensor | None, prev_emb: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Full-sequence forward with statistics -> (h, layer_emb or None, entropy (B, S), softmax(aw) (B, S))."""
+        s = tok.shape[1]
+        if prev_h is None:
+            layer_emb = self.embed(tok, 0)
+            x = layer_emb
+        elif self.opts.skip_dead:
+            layer_emb = None  # it only ever feeds the discarded part of the reference's concatenation
+            x = prev_h[:, -s:, :]
+        else:  # the reference's concatenation, kept in the graph (zero gradients for what it discards)
+            layer_emb = self.embed(tok, 0)
+            parts = ([prev_emb] if prev_emb is not None else []) + [layer_emb, prev_h[:, -s:, :]]
+            x = torch.cat(parts, dim=1)[:, -s:, :]
+        mha = self.attention
+        out, ent, aw = critic_attention(
+            x, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias, mha.num_heads,
+            causal=self.opts.causal, dropout_p=mha.dropout, training=self.training, backend=self.opts.backend,
+        )  # fmt: skip
+        return self.mlp_ln(x, out), layer_emb, ent, torch.softmax(aw, dim=-1)
+
+    # ------------------------------------------------------------------ generation
+
+    def _attend(self, x: torch.Tensor, kv: BlockKV, pos: int | torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
+        """Project x (B, S, D), write its K/V at ``pos``, attend over the cache, out-project -> (B, S, D)."""
+        b, s, d = x.shape
+        mha = self.attention
+        hh = mha.num_heads
+        qkv = self._linear(x, "in_proj", mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.view(b, s, 3, hh, d // hh).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, dh)
+        kc, vc = kv.update(pos, k, v)
+        q = q.to(kc.dtype)  # under autocast the projection is half while the cache keeps its dtype
+        o = critic_attention_decode(q, kc, vc, causal=self.opts.causal, backend=self.opts.backend, length=lens)
+        o = o.transpose(1, 2).reshape(b, s, d)
+        return self._linear(o, "out_proj", mha.out_proj.weight, mha.out_proj.bias)
+
+    def prefill(self, tok: torch.Tensor, prev_h: torch.Tensor | None, kv: BlockKV) -> torch.Tensor:
+        """S new tokens at cache rows ``length .. length+S-1`` (the caller advances the length)."""
+        start = kv.cache.length
+        x = prev_h[:, -tok.shape[1]:, :] if prev_h is not None else self.embed(tok, start)
+        return self.mlp_ln(x, self._attend(x, kv, start, None))
+
+    def decode_step(
+        self, tok: torch.Tensor, prev_h: torch.Tensor | None, kv: BlockKV, pos: torch.Tensor, lens: torch.Tensor
+    ) -> torch.Tensor:
+        """One token (B, 1, D) at the device-side position ``pos`` ((1,) int64; ``lens`` = pos + 1 as
+        int32): static shapes, no host read, so the step can be captured in a CUDA graph."""
+        x = prev_h[:, -1:, :] if prev_h is not None else self.embed(tok, pos)
+        return self.mlp_ln(x, self._attend(x, kv, pos, lens))
+
+
+class FusedTapeHead(TapeHead):
+    """A TapeHead of fused blocks: left/right stacks combined after every layer (``discriminate``:
+    0 sigmoid-XOR, 1 pair softmax, otherwise sum)."""
+
+    block_cls = FusedTapeHeadBlock
+
+    @property
+    def opts(self) -> FusedOptions:
+        return self.blocks_left[0].opts
+
+    def combine(self, hl: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        return tapehead_combine(hl, hr, self.discriminate, backend=self.opts.backend)
+
+    def _block(self, blk: FusedTapeHeadBlock, *args: Any) -> tuple[Any, ...]:
+        if self.opts.recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            # Only the block's inputs are kept; its internals are recomputed in backward (dropout's
+            # RNG state is replayed).
+            return checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
+
+    def forward(
+        self, tok: torch.Tensor, prev_h: torch.Tensor | None, prev_emb: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Training forward -> (h (B, S, D), prev_emb for the next head or None, entropy (), attn (B, S))."""
+        prev_h_l = prev_h_r = prev_h
+        prev_emb_l = prev_emb_r = prev_emb
+        ents, aws = [], []
+        h = prev_h
+        for left, right in zip(self.blocks_left, self.blocks_right):
+            hl, prev_emb_l, ent_l, aw_l = self._block(left, tok, prev_h_l, prev_emb_l)
+            hr, prev_emb_r, ent_r, aw_r = self._block(right, tok, prev_h_r, prev_emb_r)
+            h = self.combine(hl, hr)
+            prev_h_l = prev_h_r = h
+            ents.append((ent_l + ent_r) / 2.0)
+            aws.append((aw_l + aw_r) / 2.0)
+        attn = (torch.stack(aws, dim=0) * self.layer_weights.view(-1, 1, 1).to(aws[0].dtype)).sum(dim=0)  # (B, S)
+        entropy = torch.stack(ents).sum() / self.num_layers
+        out_emb = None if prev_emb_r is None else 0.5 * (prev_emb_r + prev_emb_l)
+        return h, out_emb, entropy, attn
+
+    def prefill(self, tok: torch.Tensor, prev_h: torch.Tensor | None, cache: KVCache, head: int) -> torch.Tensor:
+        """S new tokens through every layer, K/V into ``cache``'s blocks of head number ``head``."""
+        h = prev_h
+        for i, (left, right) in enumerate(zip(self.blocks_left, self.blocks_right)):
+            hl = left.prefill(tok, h, cache.block(head, i, 0))
+            hr = right.prefill(tok, h, cache.block(head, i, 1))
+            h = self.combine(hl, hr)
+        return h
+
+    def decode_step(
+        self, tok: torch.Tensor, prev_h: torch.Tensor | None, cache: KVCache, head: int, pos: torch.Tensor,
+        lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token through every layer with static shapes (see ``FusedTapeHeadBlock.decode_step``)."""
+        h = prev_h
+        for i, (left, right) in enumerate(zip(self.blocks_left, self.blocks_right)):
+            hl = left.decode_step(tok, h, cache.block(head, i, 0), pos, lens)
+            hr = right.decode_step(tok, h, cache.block(head, i, 1), pos, lens)
+            h = self.combine(hl, hr)
+        return h
