@@ -62,7 +62,7 @@ class BlockInt8(NamedTuple):
     linear: tuple[torch.Tensor, torch.Tensor]
 
 
-def _weight_state(w: torch.Tensor) -> tuple:
+def weight_state(w: torch.Tensor) -> tuple:
     """What changes when a weight's values may have: in-place updates bump ``_version``; ``.data``
     swaps (``.to()``, ``.half()``) change the storage, dtype or device."""
     return (w._version, w.data_ptr(), w.dtype, w.device)
@@ -94,7 +94,7 @@ class FusedTapeHeadBlock(TapeHeadBlock):
         if made is None:
             return None
         q, sources = made
-        ok = all(w is src and _weight_state(w) == st for w, (src, st) in zip(self._int8_sources(), sources))
+        ok = all(w is src and weight_state(w) == st for w, (src, st) in zip(self._int8_sources(), sources))
         return q if ok else None
 
     def quantized(self) -> BlockInt8:
@@ -106,7 +106,7 @@ class FusedTapeHeadBlock(TapeHeadBlock):
             ws = self._int8_sources()
             q = BlockInt8(*(quantize_weight(w.detach().float()) for w in ws))
             # Kept out of nn.Module's registries: a cache, not state.
-            self.__dict__["_int8_made"] = (q, [(w, _weight_state(w)) for w in ws])
+            self.__dict__["_int8_made"] = (q, [(w, weight_state(w)) for w in ws])
         return q
 
     def drop_int8(self) -> None:

@@ -51,7 +51,7 @@ def _grouped_ops_available() -> bool:
 
 def lean_supported(model: TapeTransformer) -> bool:
     """Whether :class:`LeanDecoder` computes exactly what the model's own decode computes for it."""
-    if not isinstance(model, TapeTransformer) or model.training or not model.skip_dead:
+    if not isinstance(model, TapeTransformer) or model.training or model.runs_prophet:
         return False
     # The lean step is the eager math; a model that would run Triton kernels keeps them.
     if model.backend == "triton" or (model.backend == "auto" and interpreting()):

@@ -22,8 +22,8 @@ share one graph. The captured step
 (``TapeTransformer.decode_step``) has static shapes: it writes its K/V row with
 ``index_copy_`` at a device-side position and the decode kernel reads the filled length from the
 device, so one capture serves every position, and the window slide (an eager re-prefill into the same
-cache) does not invalidate it. Prefill stays eager. Not captured: ``skip_dead=False`` (the prophet's
-state is not static), which runs eagerly.
+cache) does not invalidate it. Where the prophet runs (the seed design, or ``skip_dead=False``), its
+recurrent state is a cache buffer the step advances in place, so it is captured too. Prefill stays eager.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def generate(
     ``int8=True`` runs every Linear of the decode path with int8 weights (quantized on the first
     call and reused while the float weights are unchanged, see ``quantize_int8_``); ``act_quant`` picks
     weight-only (False), W8A8 (True) or the faster per call (None). ``cuda_graph``: capture the
-    decode step in a CUDA graph (None: on CUDA when ``skip_dead``; True on CPU is an error).
+    decode step in a CUDA graph (None: on CUDA; True on CPU is an error).
     ``stats``, if given, receives ``prefill_ms``, ``ms_per_token``, ``tokens``, ``cuda_graph`` and,
     when captured, ``capture_ms`` (not included in ``ms_per_token``). ``on_token`` is called with
     each new (B,) id tensor (streaming).
@@ -81,9 +81,7 @@ def generate(
     device = model.unembedding.device
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
-    if cuda_graph and not model.skip_dead:
-        raise ValueError("cuda_graph=True needs skip_dead=True: the prophet's recurrent state is not captured")
-    use_graph = device.type == "cuda" and model.skip_dead if cuda_graph is None else bool(cuda_graph)
+    use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
     prompt = prompt.to(device=device, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training
@@ -103,6 +101,7 @@ def _generate(
     on_token: Callable[[torch.Tensor], None] | None, stats: dict[str, Any] | None,
 ) -> torch.Tensor:
     device, b = prompt.device, prompt.shape[0]
+    model.prepare_decode()
     ctx = prompt[:, -window:]
     # Reference semantics never hits a positional limit in decode, so the cache can hold the whole
     # run; causal decode holds at most one window.
@@ -185,7 +184,7 @@ def _graph_key(model: TapeTransformer, batch: int, capacity: int, device: torch.
 def _weights_fingerprint(model: TapeTransformer) -> tuple:
     """The addresses a captured graph reads weights from: replaying is right while every parameter,
     buffer and int8 tensor still lives there (in-place updates are then seen by the replay)."""
-    tensors = [*model.parameters(), *model.buffers(), *model.int8_tensors()]
+    tensors = [*model.parameters(), *model.buffers(), *model.derived_tensors()]
     return tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors)
 
 
@@ -230,7 +229,7 @@ class _GraphedDecodeStep:
         self.cache = cache
         self.key = _graph_key(model, batch, cache.capacity, dev)
         self.fingerprint = _weights_fingerprint(model)
-        self.int8 = model.int8_tensors()  # the captured kernels read these tensors: keep them alive
+        self.derived = model.derived_tensors()  # the captured kernels read these tensors: keep them alive
         self.capacity = cache.capacity
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1,), cache.length, dtype=torch.long, device=dev)

@@ -19,7 +19,14 @@ together, keeps the reference's gradient pattern, and manages the generation cac
   (pos_emb and RoPE, a single token rotated at its position) in cached decode, so that prefill +
   one-token decode reproduces the full causal forward.
 
-Eval-mode caches are :class:`~tapetransformer.kvcache.KVCache` objects holding *projected* K/V.
+* ``design="seed"`` computes the design the seed README describes and the notebook never runs: the
+  critics all read a mixture of the coda and the prophet (``merge_projection``), and a moderator
+  (``final_norm`` + ``merge_projection_final``) curates the critics, merged with the coda by
+  ``merger.proj``; always causal; the prophet's recurrent state lives in the generation cache. Its
+  oracle is ``reference.seed_forward``.
+
+Eval-mode caches are :class:`~tapetransformer.kvcache.KVCache` objects holding *projected* K/V (and
+the prophet's state where it runs).
 """
 
 from __future__ import annotations
@@ -31,13 +38,15 @@ from typing import Any
 
 import torch
 
-from tape_kernels.charrnn import charrnn
+from tape_kernels.charrnn import DecodeWeights, charrnn, charrnn_step, pack_decode_weights
 from tape_kernels.unembedding import DEFAULT_DF, student_t_nll, student_t_unembedding
-from tapetransformer.blocks import FusedOptions, FusedTapeHead, FusedTapeHeadBlock
+from tapetransformer.blocks import FusedOptions, FusedTapeHead, FusedTapeHeadBlock, weight_state
 from tapetransformer.kvcache import KVCache
 from tapetransformer.reference import ATTENTION_HEADS, ReferenceTapeTransformer, check_tokens
 
-__all__ = ["KVCache", "ModelConfig", "TapeTransformer"]
+__all__ = ["DESIGNS", "KVCache", "ModelConfig", "TapeTransformer"]
+
+DESIGNS = ("reference", "seed")
 
 
 @dataclass
@@ -50,6 +59,7 @@ class ModelConfig:
     num_heads: int = 2
     dropout: float = 0.0
     causal: bool = False  # the repaired semantics of the fused model (False: the reference's)
+    design: str = "reference"  # "seed": prophet and moderator wired in (always causal)
 
     @property
     def num_critics(self) -> int:
@@ -60,7 +70,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {k: d[k] for k in ("vocab_size", "seq_len", "embed_dim", "num_heads", "dropout", "causal") if k in d}
+        keys = ("vocab_size", "seq_len", "embed_dim", "num_heads", "dropout", "causal", "design")
+        known = {k: d[k] for k in keys if k in d}
         return cls(**known)
 
     @classmethod
@@ -104,7 +115,7 @@ class _ZeroGradLink(torch.autograd.Function):
 
 
 class TapeTransformer(ReferenceTapeTransformer):
-    """Fused TapeTransformer; the reference's constructor plus ``causal``, ``backend``, ``skip_dead``.
+    """Fused TapeTransformer; the reference's constructor plus ``causal``, ``backend``, ``skip_dead``, ``design``.
 
     ``num_critics`` is the clear name of the reference's ``num_heads`` (residual TapeHeads, not
     attention heads); give either.
@@ -128,10 +139,15 @@ class TapeTransformer(ReferenceTapeTransformer):
         dropout: float = 0.1,
         *,
         num_critics: int | None = None,
-        causal: bool = False,
+        causal: bool | None = None,
         backend: str = "auto",
         skip_dead: bool = True,
+        design: str = "reference",
     ) -> None:
+        if design not in DESIGNS:
+            raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
+        if design == "seed" and causal is False:
+            raise ValueError("design='seed' always uses the causal semantics; drop causal=False")
         if num_heads is not None and num_critics is not None and num_heads != num_critics:
             raise ValueError(f"num_heads={num_heads} and num_critics={num_critics} disagree (they are one setting: "
                              "the number of residual TapeHeads)")
@@ -139,7 +155,9 @@ class TapeTransformer(ReferenceTapeTransformer):
         if not isinstance(critics, int) or critics < 1:
             raise ValueError(f"num_critics must be an int >= 1, got {critics!r}")
         super().__init__(vocab_size, seq_len, num_layers, embed_dim, critics, dropout)
-        self.opts = FusedOptions(causal=bool(causal), backend=backend, skip_dead=bool(skip_dead))
+        self.design = design
+        causal = design == "seed" if causal is None else bool(causal)
+        self.opts = FusedOptions(causal=causal, backend=backend, skip_dead=bool(skip_dead))
         for blk in self.fused_blocks():
             blk.opts = self.opts
 
@@ -155,6 +173,8 @@ class TapeTransformer(ReferenceTapeTransformer):
 
     @causal.setter
     def causal(self, value: bool) -> None:
+        if self.design == "seed" and not value:
+            raise ValueError("design='seed' always uses the causal semantics")
         self.opts.causal = bool(value)
 
     @property
@@ -181,10 +201,16 @@ class TapeTransformer(ReferenceTapeTransformer):
     def fused_blocks(self) -> Iterator[FusedTapeHeadBlock]:
         return (m for m in self.modules() if isinstance(m, FusedTapeHeadBlock))
 
+    @property
+    def runs_prophet(self) -> bool:
+        """Whether eval runs the prophet: its output feeds the seed design; the reference design runs it
+        only with ``skip_dead=False`` (its output never reaches an output there)."""
+        return self.design == "seed" or not self.skip_dead
+
     def eval_heads(self) -> list[FusedTapeHead]:
         """The heads an eval/decode pass runs, in order: the coda, then the critics that can reach the
-        output (only the last with ``skip_dead``)."""
-        critics = list(self.residualheads) if not self.skip_dead else [self.residualheads[-1]]
+        output (all of them in the seed design; only the last with ``skip_dead`` in the reference's)."""
+        critics = list(self.residualheads) if self.design == "seed" or not self.skip_dead else [self.residualheads[-1]]
         return [self.codahead, *critics]
 
     # ------------------------------------------------------------------ int8 inference weights
@@ -248,7 +274,37 @@ class TapeTransformer(ReferenceTapeTransformer):
         mods = [self.prophet, self.rnn_projection] + [self.residualheads[i] for i in skipped_heads]
         return [p for m in mods for p in m.parameters() if p.requires_grad]
 
+    def _seed_hidden(self, coda: torch.Tensor, p: torch.Tensor, critic: Any) -> torch.Tensor:
+        """The seed design after the coda (B, S, D) and the projected prophecy p (B, S, D): the critics'
+        shared input, the critics (``critic(i, head, mix) -> c_i``), the moderator and the merger."""
+        mix = self.merge_projection(torch.cat([coda, p], dim=-1))
+        cs = [critic(i, head, mix) for i, head in enumerate(self.residualheads)]
+        mod = self.merge_projection_final(self.final_norm(torch.cat(cs, dim=-1)))
+        return self.merger.proj(torch.cat([coda, mod], dim=-1))
+
+    def _seed_train(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Seed design, training: -> (last hidden (B, S, D), [(entropy, attn) of the coda and each critic])."""
+        e = self.holistic_embed(x)
+        coda, _, ent, attn = self.codahead(e, None, None)
+        p = self.rnn_projection(charrnn(e, self._prophet_weights(), None, backend=self.backend)[0])
+        stats = [(ent, attn)]
+
+        def critic(i: int, head: FusedTapeHead, mix: torch.Tensor) -> torch.Tensor:
+            c, _, ent_i, attn_i = head(e, mix, None)
+            stats.append((ent_i, attn_i))
+            return c
+
+        return self._seed_hidden(coda, p, critic), stats
+
     def _forward_train(self, x: torch.Tensor, need_aux: bool) -> tuple[Any, ...]:
+        if self.design == "seed":
+            h, stats = self._seed_train(x)
+            logp = student_t_unembedding(h, self.unembedding, DEFAULT_DF, backend=self.backend)
+            if not need_aux:
+                return logp, None, None
+            n = self.num_heads
+            attn = torch.stack([a for _, a in stats]).sum(dim=0)
+            return logp, torch.stack([en for en, _ in stats]).sum() / n + 1, attn / n
         e = self.holistic_embed(x)  # (B, S, D)
         coda_h, _, ent, attn = self.codahead(e, None, None)
         n = self.num_heads
@@ -287,6 +343,9 @@ class TapeTransformer(ReferenceTapeTransformer):
         if not isinstance(targets, torch.Tensor) or targets.shape != x.shape:
             got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
             raise ValueError(f"targets shape {got} != tokens shape {tuple(x.shape)}")
+        if self.design == "seed":
+            h, _ = self._seed_train(x)
+            return student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend)
         e = self.holistic_embed(x)
         coda_h, _, _, _ = self.codahead(e, None, None)
         h, _, _, _ = self.residualheads[-1](e, coda_h, None)
@@ -302,7 +361,7 @@ class TapeTransformer(ReferenceTapeTransformer):
         device = device or self.unembedding.device
         dtype = dtype or self.unembedding.dtype
         rnn = None
-        if not self.skip_dead:  # the reference also advances the prophet in eval (its output is unused)
+        if self.runs_prophet:
             rnn = [torch.zeros(batch_size, 1, self.prophet.hidden_size, device=device, dtype=dtype)
                    for _ in range(self.prophet.num_layers)]  # fmt: skip
         return KVCache([h.num_layers for h in self.eval_heads()], batch_size, ATTENTION_HEADS,
@@ -338,12 +397,17 @@ class TapeTransformer(ReferenceTapeTransformer):
         e = self.holistic_embed(x)  # (B, S, D)
         cache = self._check_cache(cache, b, s, e)
         cache.ensure(s)
-        h, coda_h = e, None
-        for i, head in enumerate(self.eval_heads()):
-            h = head.prefill(e, coda_h, cache, i)
-            coda_h = h if coda_h is None else coda_h
-        if cache.rnn is not None:  # skip_dead=False: the reference also advances the prophet
-            _, cache.rnn = charrnn(e, self._prophet_weights(), cache.rnn, backend=self.backend)
+        if self.design == "seed":
+            coda = self.codahead.prefill(e, None, cache, 0)
+            p = self.rnn_projection(self._advance_prophet(e, cache))
+            h = self._seed_hidden(coda, p, lambda i, head, mix: head.prefill(e, mix, cache, 1 + i))
+        else:
+            h, coda_h = e, None
+            for i, head in enumerate(self.eval_heads()):
+                h = head.prefill(e, coda_h, cache, i)
+                coda_h = h if coda_h is None else coda_h
+            if cache.rnn is not None:  # skip_dead=False: the reference also advances the prophet
+                self._advance_prophet(e, cache)
         cache.length += s
         return student_t_unembedding(h, self.unembedding, DEFAULT_DF, backend=self.backend), cache
 
@@ -353,18 +417,59 @@ class TapeTransformer(ReferenceTapeTransformer):
         x (B, 1) token ids, pos (1,) int64 on the device: the cache row this token fills (the number of
         tokens already cached) -> log-probs (B, 1, V). Attends over the whole preallocated cache with
         the length read on the device, so one capture replays for every position. Does not touch
-        ``cache.length`` (the caller tracks it) and needs ``skip_dead=True`` (no prophet state) and a
-        cache with room for the row (neither is checked on the device; ``generate`` guarantees both).
+        ``cache.length`` (the caller tracks it) and needs a cache with room for the row (not checked on
+        the device; ``generate`` guarantees it). The prophet's state, where it runs, is advanced in
+        place in the cache (the one-launch Char-RNN step kernel).
         """
-        if cache.rnn is not None:
-            raise ValueError("the static decode step needs skip_dead=True (the prophet's state is not static)")
         e = self.holistic_embed(x)  # (B, 1, D)
         lens = (pos + 1).to(torch.int32)
-        h, coda_h = e, None
-        for i, head in enumerate(self.eval_heads()):
-            h = head.decode_step(e, coda_h, cache, i, pos, lens)
-            coda_h = h if coda_h is None else coda_h
+        if self.design == "seed":
+            coda = self.codahead.decode_step(e, None, cache, 0, pos, lens)
+            p = self.rnn_projection(self._advance_prophet(e, cache, step=True))
+            h = self._seed_hidden(coda, p, lambda i, head, mix: head.decode_step(e, mix, cache, 1 + i, pos, lens))
+        else:
+            h, coda_h = e, None
+            for i, head in enumerate(self.eval_heads()):
+                h = head.decode_step(e, coda_h, cache, i, pos, lens)
+                coda_h = h if coda_h is None else coda_h
+            if cache.rnn is not None:
+                self._advance_prophet(e, cache, step=True)
         return student_t_unembedding(h, self.unembedding, DEFAULT_DF, backend=self.backend)
+
+    def _advance_prophet(self, e: torch.Tensor, cache: KVCache, step: bool = False) -> torch.Tensor:
+        """Run the prophet over e (B, S, D) from the cache's state and store the new state *in place*
+        (a captured graph keeps reading the same buffers) -> its output (B, S, Hd). ``step``: S = 1
+        through the one-launch decode kernel with weights packed once (``prepare_decode``)."""
+        weights = self._prophet_weights()
+        if step:
+            out, states = charrnn_step(e, weights, cache.rnn, backend=self.backend, packed=self.prophet_packed())
+        else:
+            out, states = charrnn(e, weights, cache.rnn, backend=self.backend)
+        for old, new in zip(cache.rnn, states):
+            old.copy_(new)
+        return out
+
+    def prophet_packed(self) -> DecodeWeights:
+        """The prophet's weights stacked for the Char-RNN decode kernel, re-made only after they changed."""
+        weights = self._prophet_weights()
+        made = self.__dict__.get("_prophet_packed")
+        if made is not None and all(w is src and weight_state(w) == st for w, (src, st) in zip(weights, made[1])):
+            return made[0]
+        packed = pack_decode_weights(weights)
+        self.__dict__["_prophet_packed"] = (packed, [(w, weight_state(w)) for w in weights])
+        return packed
+
+    def prepare_decode(self) -> None:
+        """Refresh what decode steps read besides the parameters (the prophet's packed weights), so a
+        captured graph's fingerprint (``derived_tensors``) sees a weight update."""
+        if self.runs_prophet:
+            self.prophet_packed()
+
+    def derived_tensors(self) -> list[torch.Tensor]:
+        """Tensors made from the parameters that decode steps read: int8 copies, packed prophet weights."""
+        made = self.__dict__.get("_prophet_packed")
+        packed = list(made[0]) if made is not None and self.runs_prophet else []
+        return [*self.int8_tensors(), *packed]
 
     # ------------------------------------------------------------------ entry point
 

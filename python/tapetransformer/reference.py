@@ -39,6 +39,7 @@ __all__ = [
     "TapeHead",
     "TapeHeadBlock",
     "Wolf",
+    "seed_forward",
 ]
 
 # The Wolf optimizer's (and the visualization's EWMA's) mixing constant, 1/e.
@@ -502,6 +503,63 @@ class ReferenceTapeTransformer(nn.Module):
         attn = attn / self.num_heads
         logp = student_t_unembedding_ref(e, self.unembedding, DEFAULT_DF)
         return logp, torch.sum(torch.stack(ents)) / self.num_heads + 1, attn
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed README's design, which the notebook registers the modules for but never computes. Plain
+# eager equations, the oracle of the fused model's ``design="seed"`` (causal semantics throughout).
+
+
+def _causal_block(blk: TapeHeadBlock, tok: torch.Tensor, prev_h: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """A TapeHeadBlock with a causal mask: -> (h, entropy (B, S), softmax(aw) (B, S))."""
+    s = tok.shape[1]
+    x = prev_h[:, -s:, :] if prev_h is not None else apply_rope(tok + blk.pos_emb[:, :s, :], blk.rope_freqs)
+    mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)  # True = not attended
+    out, w = blk.cached_attn.attn(x, x, x, attn_mask=mask, need_weights=True, average_attn_weights=True)
+    entropy = -torch.sum(w * torch.log(w + 1e-12), dim=-1)
+    aw = (w.sum(dim=-1) + w.sum(dim=-2)) / 2
+    h = blk.ln_attn(x + out)
+    return blk.ln_mlp(h + blk.mlp(h)), entropy, torch.softmax(aw, dim=-1)
+
+
+def _causal_head(head: TapeHead, tok: torch.Tensor, prev_h: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """A TapeHead of causal blocks: -> (h, entropy (), attn (B, S)), aggregated as TapeHead does."""
+    h, ents, aws = prev_h, [], []
+    for left, right in zip(head.blocks_left, head.blocks_right):
+        hl, ent_l, aw_l = _causal_block(left, tok, h)
+        hr, ent_r, aw_r = _causal_block(right, tok, h)
+        h = combine_heads(hl, hr, head.discriminate)
+        ents.append((ent_l + ent_r) / 2.0)
+        aws.append((aw_l + aw_r) / 2.0)
+    attn = (torch.stack(aws, dim=0) * head.layer_weights.view(-1, 1, 1)).sum(dim=0)
+    return h, torch.sum(torch.stack(ents)) / head.num_layers, attn
+
+
+def seed_forward(model: ReferenceTapeTransformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seed design on the reference's modules, causal: x (B, S) -> (logp, entropy (), attn (B, S)).
+
+        coda = codahead(e);  p = rnn_projection(prophet(e));  mix = merge_projection([coda, p])
+        c_i  = residualheads[i](e, prev_h=mix);  mod = merge_projection_final(final_norm([c_1..c_n]))
+        logp = student_t_unembedding(merger.proj([coda, mod]))
+    """
+    x = check_tokens(x, model.vocab_size, model.seq_len)
+    e = model.holistic_embed(x)
+    coda, ent, attn = _causal_head(model.codahead, e, None)
+    was = model.prophet.training
+    model.prophet.train()  # its training-mode forward: zero initial state, no cache
+    p = model.rnn_projection(model.prophet(e)[0])
+    model.prophet.train(was)
+    mix = model.merge_projection(torch.cat([coda, p], dim=-1))
+    ents, critics = [ent], []
+    for head in model.residualheads:
+        c, ent_i, attn_i = _causal_head(head, e, mix)
+        critics.append(c)
+        ents.append(ent_i)
+        attn = attn + attn_i
+    mod = model.merge_projection_final(model.final_norm(torch.cat(critics, dim=-1)))
+    h = model.merger.proj(torch.cat([coda, mod], dim=-1))
+    logp = student_t_unembedding_ref(h, model.unembedding, DEFAULT_DF)
+    return logp, torch.sum(torch.stack(ents)) / model.num_heads + 1, attn / model.num_heads
 
 
 def nll_loss(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
