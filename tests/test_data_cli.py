@@ -191,7 +191,7 @@ def test_cli_train_generate_and_errors(tmp_path: Path, corpus: Path, capsys: pyt
     out = capsys.readouterr()
     assert rc == 0 and "int8" in out.err and len(out.out.rstrip("\n")) == 5
     rc = cli.main(["generate", str(ck), "--prompt", "to", "--max-new-tokens", "2", "--cuda-graph"])
-    assert rc == 2 and "cuda_graph=True needs the model on a CUDA device" in capsys.readouterr().err
+    assert rc == 2 and "--cuda-graph: needs --device cuda" in capsys.readouterr().err
     rc = cli.main(["generate", str(ck), "--prompt", "QQQ", "--max-new-tokens", "2", "--backend", "eager"])
     assert rc == 2 and "not in the vocabulary" in capsys.readouterr().err
     rc = cli.main(["generate", str(tmp_path / "none.ckpt")])
