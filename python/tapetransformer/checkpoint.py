@@ -127,12 +127,15 @@ def _load_error(e: BaseException) -> str:
     """torch.load's reason in one line, without its advice to retry with ``weights_only=False``: that
     would run whatever code the file carries, the one thing never to do with a file of unknown origin."""
     msg = " ".join(str(e).split())
+    not_torch = "it is not in torch.save's format, or it is truncated"
     if "weights_only" in msg or "Weights only load failed" in msg:
         m = re.search(r"GLOBAL ([\w.]+)", msg)
+        if m is None and "Unsupported operand" in msg:  # not a pickle at all
+            return not_torch
         what = f"it refers to the Python object {m.group(1)}" if m else "it holds objects other than tensors and values"
         return f"the safe (weights_only) loader refused it: {what}, so it may carry code (nothing was run)"
     if isinstance(e, (KeyError, EOFError, pickle.UnpicklingError)) or len(msg) < 8:
-        return "it is not in torch.save's format, or it is truncated"
+        return not_torch
     first = msg.split(". ")[0].rstrip(".")
     return f"{first} (the file is damaged or truncated)" if "zip archive" in first else first
 
@@ -183,14 +186,13 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, Any], source: str
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing (first {missing[0]!r})")
+        problems.append(f"{len(missing)} tensor(s) missing (first {missing[0]!r})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected (first {unexpected[0]!r})")
     if shapes:
-        problems.append(f"{len(shapes)} with another shape (first {shapes[0]})")
+        problems.append(f"{len(shapes)} of another shape (first {shapes[0]})")
     if problems:
-        raise ValueError(f"{source}: its weights do not match the model its config describes: "
-                         f"{'; '.join(problems)} tensor(s)")
+        raise ValueError(f"{source}: its weights do not match the model its config describes: {'; '.join(problems)}")
     try:
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, TypeError) as e:

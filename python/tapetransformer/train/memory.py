@@ -166,9 +166,13 @@ def plan_memory(
         if mb >= 1:
             return make(mb, rc)
     raise ValueError(
-        f"a training step does not fit a {budget_bytes / GIB:.2f} GiB budget even with micro-batch 1"
-        f"{'' if recompute is False else ' and recomputation'} (estimated {peak(1, True) / GIB:.2f} GiB); "
+        f"a training step does not fit a {_size(budget_bytes)} budget even with micro-batch 1"
+        f"{'' if recompute is False else ' and recomputation'} (estimated {_size(peak(1, True))}); "
         "use a smaller model or a larger budget")
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= 0.1 * GIB else f"{n / MIB:.2f} MiB"
 
 
 def set_memory_budget(budget_bytes: int, device: torch.device) -> float:
