@@ -356,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.func(a)
     except TrainingInterrupted as e:
-        print(f"{where}: interrupted at step {e.step} of {e.steps}; checkpoint {e.checkpoint} and the logs are "
-              "written (continue with --resume)", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank stops; rank 0 reports
+            print(f"{where}: interrupted at step {e.step} of {e.steps}; checkpoint {e.checkpoint} and the logs are "
+                  "written (continue with --resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"{where}: interrupted; the last checkpoint written, if any, is intact", file=sys.stderr)

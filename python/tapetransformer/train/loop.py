@@ -121,21 +121,29 @@ def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[
 # set-up: everything that can fail on bad input runs here, before any file is written
 
 
+def _start(cfg: TrainConfig) -> tuple[ckpt.StartPoint, CharDataset]:
+    """Where the run starts and its data; the checks a checkpoint settles run before the corpus is read."""
+    opened = ckpt.open_start(cfg)
+    text = load_text(cfg.data)
+    start = ckpt.start_point(cfg, text, opened)
+    ds = CharDataset(text, start.vocab)
+    seq_len = start.model.seq_len
+    if len(ds.train) < seq_len + 2:
+        raise ConfigError("data", f"{{name}}: the corpus's training split has {len(ds.train)} characters, too few "
+                                  f"for windows of seq_len {seq_len} (need {seq_len + 2})")
+    return start, ds
+
+
 def _setup(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> Run:
+    """Device, data, model, memory plan, optimizer and, for ``resume``, the restored state."""
     device = _rank_device(torch.device(cfg.device), world)
     if cfg.batch_size % world:
         raise ConfigError("batch_size", f"{{name}} {cfg.batch_size} must be divisible by the {world} DDP ranks")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    opened = ckpt.open_start(cfg)  # the checks a checkpoint settles run before the corpus is read
-    text = load_text(cfg.data)
-    start = ckpt.start_point(cfg, text, opened)
+    start, ds = _start(cfg)
     mcfg = start.model
-    ds = CharDataset(text, start.vocab)
-    if len(ds.train) < mcfg.seq_len + 2:
-        raise ConfigError("data", f"{{name}}: the corpus's training split has {len(ds.train)} characters, too few "
-                                  f"for windows of seq_len {mcfg.seq_len} (need {mcfg.seq_len + 2})")
     model = build_model(mcfg, cfg.backend)
     if start.init is not None:  # casts a float64 notebook state_dict to fp32
         load_weights(model, start.init["model"], cfg.init_from)
