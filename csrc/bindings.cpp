@@ -306,8 +306,8 @@ Tensor w8a8_linear_cuda(const Tensor& x, const Tensor& qweight, const Tensor& sc
   auto y = at::empty({m, n}, x.options());
   if (trivial_linear(y, bias, k)) return y;
   auto [xq, xs] = quantize_rows_cuda(x);
-  check_cuda(tk::cuda::w8a8_gemm(xq.data_ptr<int8_t>(), k, xs.data_ptr<float>(), qweight.data_ptr<int8_t>(),
-                                 qweight.stride(0), scale.data_ptr<float>(),
+  check_cuda(tk::cuda::w8a8_gemm(xq.data_ptr<int8_t>(), k, xs.data_ptr<float>(), x.data_ptr(), x.stride(0),
+                                 qweight.data_ptr<int8_t>(), qweight.stride(0), scale.data_ptr<float>(),
                                  bias.has_value() ? bias->data_ptr() : nullptr, cuda_dtype(x, "x"), m, n, k,
                                  y.data_ptr(), n, c10::cuda::getCurrentCUDAStream().stream()),
              "w8a8_gemm");

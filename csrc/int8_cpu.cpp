@@ -15,7 +15,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cfloat>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace tk {
@@ -97,8 +99,24 @@ void quantize_rows_f32(const float* x, int64_t m, int64_t k, int64_t ldx, int8_t
     const float* xr = x + r * ldx;
     int8_t* qr = xq + r * ldq;
     float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(xr[i]));
+    // std::max drops a NaN operand, so non-finite values are flagged apart: !(|v| <= FLT_MAX) holds
+    // for ±inf and NaN alike.
+    int bad = 0;
+#pragma omp simd reduction(max : amax) reduction(| : bad)
+    for (int64_t i = 0; i < k; ++i) {
+      const float a = std::fabs(xr[i]);
+      amax = std::max(amax, a);
+      bad |= !(a <= FLT_MAX);
+    }
+    if (bad) {
+      // A row with inf or NaN has no int8 image: xq is zero and xs is max|x| / 127 as torch.amax
+      // gives it (NaN if the row holds one, else inf); the linear ops compute such rows in float.
+      bool has_nan = false;
+      for (int64_t i = 0; i < k && !has_nan; ++i) has_nan = std::isnan(xr[i]);
+      xs[r] = has_nan ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+      std::memset(qr, 0, static_cast<size_t>(ldq));
+      continue;
+    }
     const float inv = amax > 0.f ? 127.0f / amax : 0.f;
     xs[r] = amax / 127.0f;
 #pragma omp simd
@@ -108,6 +126,49 @@ void quantize_rows_f32(const float* x, int64_t m, int64_t k, int64_t ldx, int8_t
       qr[i] = static_cast<int8_t>(static_cast<int32_t>(v));
     }
     for (int64_t i = k; i < ldq; ++i) qr[i] = 0;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-finite inputs: the float path's answer
+// ---------------------------------------------------------------------------------------------
+//
+// Where an input is inf or NaN, the factored int8 forms (acc · xs · s, or (Σ x·q) · s) put inf and NaN
+// in other places than F.linear(x, q·s, b) does: W8A8 has no int8 image of a non-finite row, and an
+// inf (or overflowing) scale multiplies a sum of terms instead of every term. Those outputs are
+// recomputed here as Σ_k x[m, k] · (q[n, k] · s[n]) + b[n], whose inf/NaN pattern does not depend on
+// the summation order. They are found in O(M + N) per call, so finite inputs pay nothing else.
+
+static inline bool scale_needs_float_path(float s) { return !(std::fabs(s) <= kMaxFastScale); }
+
+// Columns whose scale needs the float path; empty in any sane model.
+static std::vector<int64_t> float_path_columns(const float* ws, int64_t n) {
+  std::vector<int64_t> cols;
+  for (int64_t c = 0; c < n; ++c)
+    if (scale_needs_float_path(ws[c])) cols.push_back(c);
+  return cols;
+}
+
+// Recomputes y[r, c] = Σ_k x[r, k] · (q(c, k) · s[c]) + b[c] for every column of the rows in `rows` and
+// for the columns `cols` of every other row; q(c, k) reads the weights in whatever layout they are.
+template <class Q>
+static void float_path_fixup(const float* x, int64_t m, int64_t k, int64_t ldx, const float* ws, const float* bias,
+                             int64_t n, float* y, int64_t ldy, const std::vector<char>& rows,
+                             const std::vector<int64_t>& cols, Q q) {
+  auto one = [&](int64_t r, int64_t c) {
+    const float* xr = x + r * ldx;
+    const float s = ws[c];
+    float t = 0.f;
+    for (int64_t i = 0; i < k; ++i) t += xr[i] * (static_cast<float>(q(c, i)) * s);
+    y[r * ldy + c] = t + (bias ? bias[c] : 0.f);
+  };
+#pragma omp parallel for schedule(static) if (m * k * (cols.empty() ? n : int64_t(cols.size())) > kParallelMacs)
+  for (int64_t r = 0; r < m; ++r) {
+    if (rows[r]) {
+      for (int64_t c = 0; c < n; ++c) one(r, c);
+    } else {
+      for (const int64_t c : cols) one(r, c);
+    }
   }
 }
 
@@ -255,6 +316,17 @@ void w8a8_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const in
                            yr[c] = static_cast<float>(ar[c]) * (sx * ws[n0 + c]) + (bias ? bias[n0 + c] : 0.f);
                        }
                      });
+  // Rows with inf/NaN (xs non-finite, xq zero) and columns with a non-finite or huge scale.
+  std::vector<char> rows(static_cast<size_t>(m), 0);
+  bool any_row = false;
+  for (int64_t r = 0; r < m; ++r) any_row |= (rows[r] = !std::isfinite(xs[r])) != 0;
+  const std::vector<int64_t> cols = float_path_columns(ws, n);
+  if (!any_row && cols.empty()) return;
+  const int64_t groups = packed_k(k) / kGroupK;
+  float_path_fixup(x, m, k, ldx, ws, bias, n, y, ldy, rows, cols, [&](int64_t c, int64_t i) {
+    return packed[(c / kTileN) * groups * kTileN * kGroupK + (i / kGroupK) * kTileN * kGroupK + (c % kTileN) * kGroupK +
+                  i % kGroupK];
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -353,6 +425,12 @@ void w8a32_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const i
       for (int64_t j = 0; j < cols; ++j)
         y[(m0 + r) * ldy + n0 + j] = out[r * NR + j] * ws[n0 + j] + (bias ? bias[n0 + j] : 0.f);
   }
+  // fp32 sums of x·q already put inf/NaN where x·(q·s) does for a finite scale (a common factor s of
+  // every term, 0 included); only columns whose scale is non-finite or makes q·s overflow differ.
+  const std::vector<int64_t> cols = float_path_columns(ws, n);
+  if (cols.empty()) return;
+  const std::vector<char> rows(static_cast<size_t>(m), 0);
+  float_path_fixup(x, m, k, ldx, ws, bias, n, y, ldy, rows, cols, [&](int64_t c, int64_t i) { return q[c * ldw + i]; });
 }
 
 }  // namespace tk

@@ -30,6 +30,11 @@ CpuIsa cpu_isa();                // currently selected (defaults to the best)
 void set_cpu_isa(CpuIsa isa);    // caller guarantees the CPU supports it
 const char* cpu_isa_name(CpuIsa isa);
 
+// Largest |scale| the factored kernels handle: 128 · s stays finite, so every q · s does. Outputs of a
+// channel with a larger or non-finite scale, and of a row of x holding inf or NaN, are computed as
+// F.linear(x, q·s, b) computes them, so non-finite values land where the float path puts them.
+constexpr float kMaxFastScale = 3.40282347e+38f / 128.0f;
+
 // Largest |q| allowed in a packed weight: the AVX2 path's vpmaddubsw pairs must not saturate int16.
 constexpr int kWeightMin = -127;
 
@@ -38,7 +43,8 @@ constexpr int kWeightMin = -127;
 bool pack_w8(const int8_t* q, int64_t n, int64_t k, int64_t ldw, int8_t* packed, int32_t* wsum);
 
 // Per-row symmetric quantization: xs[m] = max|x[m, :]| / 127, xq = round_half_even(x · (127 / max|x|)).
-// xq has row stride ldq >= packed_k(K); the columns K..packed_k(K)-1 are zero-filled.
+// xq has row stride ldq >= packed_k(K); the columns K..packed_k(K)-1 are zero-filled. A row holding
+// inf or NaN gets xq = 0 and xs = NaN if it holds a NaN, else inf.
 void quantize_rows_f32(const float* x, int64_t m, int64_t k, int64_t ldx, int8_t* xq, int64_t ldq, float* xs);
 
 // out[m, n] = Σ_k xq[m, k] · q[n, k] exactly in int32; xq rows hold packed_k(K) bytes (zero padded).

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math_constants.h>
 
 #include <cstdint>
 
@@ -53,7 +54,14 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int64_t k, int64_t
   const int64_t row = blockIdx.x;
   const T* xr = x + row * ldx;
   float amax = 0.f;
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(to_f32(xr[i])));
+  // fmaxf drops a NaN operand, so inf/NaN are flagged apart (the row then has no int8 image).
+  int nonfinite = 0, has_nan = 0;
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    const float v = to_f32(xr[i]);
+    amax = fmaxf(amax, fabsf(v));
+    nonfinite |= !isfinite(v);
+    has_nan |= isnan(v);
+  }
   amax = warp_max(amax);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) red[warp] = amax;
@@ -65,16 +73,37 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int64_t k, int64_t
   }
   __syncthreads();
   amax = red[0];
+  // A row holding inf or NaN: xq = 0 and xs = NaN if it holds a NaN, else inf (as torch.amax); the
+  // W8A8 GEMM computes such rows in float. __syncthreads_or also orders the reads of red[0].
+  const bool row_nan = __syncthreads_or(has_nan) != 0;
+  const bool row_ok = __syncthreads_or(nonfinite) == 0;
   // Correctly rounded division and product (immune to --use_fast_math), so the quantized values
   // match the CPU kernel and the PyTorch reference bit for bit.
-  const float inv = amax > 0.f ? __fdiv_rn(127.0f, amax) : 0.f;
-  if (threadIdx.x == 0) xs[row] = __fdiv_rn(amax, 127.0f);
+  const float inv = row_ok && amax > 0.f ? __fdiv_rn(127.0f, amax) : 0.f;
+  if (threadIdx.x == 0) xs[row] = row_ok ? __fdiv_rn(amax, 127.0f) : (row_nan ? CUDART_NAN_F : CUDART_INF_F);
   int8_t* qr = xq + row * ldq;
   for (int64_t i = threadIdx.x; i < ldq; i += blockDim.x) {
     int v = 0;
-    if (i < k) v = __float2int_rn(fminf(fmaxf(__fmul_rn(to_f32(xr[i]), inv), -127.f), 127.f));
+    if (row_ok && i < k) v = __float2int_rn(fminf(fmaxf(__fmul_rn(to_f32(xr[i]), inv), -127.f), 127.f));
     qr[i] = static_cast<int8_t>(v);
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Non-finite inputs get the float path's answer (see int8_cpu.h, kMaxFastScale): outputs of a row of
+// x holding inf/NaN (W8A8: xs non-finite) or of a channel whose scale is non-finite or makes q·s
+// overflow are Σ_k x·(q·s) + b, as F.linear(x, q·s, b) computes them. Finite inputs never take it.
+// ------------------------------------------------------------------------------------------------
+
+constexpr float kMaxFastScale = 3.40282347e+38f / 128.0f;
+
+__device__ __forceinline__ bool scale_needs_float_path(float s) { return !(fabsf(s) <= kMaxFastScale); }
+
+template <typename T>
+__device__ float float_path_dot(const T* __restrict__ xr, const int8_t* __restrict__ qr, int64_t k, float s) {
+  float t = 0.f;
+  for (int64_t i = 0; i < k; ++i) t = fmaf(to_f32(xr[i]), static_cast<float>(qr[i]) * s, t);
+  return t;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -149,9 +178,25 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   const int64_t ch = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
   if (ch >= n) return;
   const int8_t* qr = q + ch * ldw;
+  const float s = ws[ch];
+  const float b = bias != nullptr ? to_f32(bias[ch]) : 0.f;
   float acc[MT];
 #pragma unroll
   for (int r = 0; r < MT; ++r) acc[r] = 0.f;
+  if (scale_needs_float_path(s)) {  // warp-uniform; fp32 sums of x·q already match elsewhere
+    for (int64_t i = lane; i < k; i += 32) {
+      const float wf = static_cast<float>(qr[i]) * s;
+#pragma unroll
+      for (int r = 0; r < MT; ++r)
+        if (r < m) acc[r] = fmaf(to_f32(x[r * ldx + i]), wf, acc[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < MT; ++r) {
+      const float v = warp_sum(acc[r]);
+      if (lane == 0 && r < m) y[r * ldy + ch] = from_f32<T>(v + b);
+    }
+    return;
+  }
   if (VEC) {
 #pragma unroll 4
     for (int64_t i = lane * 16; i < k; i += 32 * 16) {
@@ -176,8 +221,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
         if (r < m) acc[r] = fmaf(to_f32(x[r * ldx + i]), wf, acc[r]);
     }
   }
-  const float s = ws[ch];
-  const float b = bias != nullptr ? to_f32(bias[ch]) : 0.f;
 #pragma unroll
   for (int r = 0; r < MT; ++r) {
     const float v = warp_sum(acc[r]);
@@ -236,9 +279,9 @@ __device__ __forceinline__ int load_word(const int8_t* __restrict__ base, int64_
 template <typename T, bool VEC, bool INT_OUT>
 __global__ void __launch_bounds__(256)
     w8a8_gemm_kernel(const int8_t* __restrict__ xq, int64_t ldq, const float* __restrict__ xs,
-                     const int8_t* __restrict__ q, int64_t ldw, const float* __restrict__ ws,
-                     const T* __restrict__ bias, int64_t m, int64_t n, int64_t k, void* __restrict__ out,
-                     int64_t ldo) {
+                     const T* __restrict__ x, int64_t ldx, const int8_t* __restrict__ q, int64_t ldw,
+                     const float* __restrict__ ws, const T* __restrict__ bias, int64_t m, int64_t n, int64_t k,
+                     void* __restrict__ out, int64_t ldo) {
   __shared__ __align__(16) int as[kWords][kPitch];
   __shared__ __align__(16) int bs[kWords][kPitch];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -278,22 +321,29 @@ __global__ void __launch_bounds__(256)
         static_cast<int32_t*>(out)[row * ldo + col] = acc[i][j];
       } else {
         const float b = bias != nullptr ? to_f32(bias[col]) : 0.f;
-        static_cast<T*>(out)[row * ldo + col] = from_f32<T>(static_cast<float>(acc[i][j]) * (xs[row] * ws[col]) + b);
+        const float sx = xs[row], sc = ws[col];
+        const float v = !isfinite(sx) || scale_needs_float_path(sc)
+                            ? float_path_dot(x + row * ldx, q + col * ldw, k, sc) + b
+                            : static_cast<float>(acc[i][j]) * (sx * sc) + b;
+        static_cast<T*>(out)[row * ldo + col] = from_f32<T>(v);
       }
     }
   }
 }
 
 template <typename T, bool INT_OUT>
-cudaError_t launch_gemm(const int8_t* xq, int64_t ldq, const float* xs, const int8_t* q, int64_t ldw, const float* ws,
-                        const T* bias, int64_t m, int64_t n, int64_t k, void* out, int64_t ldo, cudaStream_t st) {
+cudaError_t launch_gemm(const int8_t* xq, int64_t ldq, const float* xs, const T* x, int64_t ldx, const int8_t* q,
+                        int64_t ldw, const float* ws, const T* bias, int64_t m, int64_t n, int64_t k, void* out,
+                        int64_t ldo, cudaStream_t st) {
   const bool vec = k % 4 == 0 && ldq % 4 == 0 && ldw % 4 == 0 && reinterpret_cast<uintptr_t>(xq) % 4 == 0 &&
                    reinterpret_cast<uintptr_t>(q) % 4 == 0;
   const dim3 grid(static_cast<unsigned>((n + kBN - 1) / kBN), static_cast<unsigned>((m + kBM - 1) / kBM));
   if (vec)
-    w8a8_gemm_kernel<T, true, INT_OUT><<<grid, 256, 0, st>>>(xq, ldq, xs, q, ldw, ws, bias, m, n, k, out, ldo);
+    w8a8_gemm_kernel<T, true, INT_OUT>
+        <<<grid, 256, 0, st>>>(xq, ldq, xs, x, ldx, q, ldw, ws, bias, m, n, k, out, ldo);
   else
-    w8a8_gemm_kernel<T, false, INT_OUT><<<grid, 256, 0, st>>>(xq, ldq, xs, q, ldw, ws, bias, m, n, k, out, ldo);
+    w8a8_gemm_kernel<T, false, INT_OUT>
+        <<<grid, 256, 0, st>>>(xq, ldq, xs, x, ldx, q, ldw, ws, bias, m, n, k, out, ldo);
   return cudaGetLastError();
 }
 
@@ -340,24 +390,26 @@ int w8a16_gemv(const void* x, int dtype, int64_t m, int64_t k, int64_t ldx, cons
 int int8_gemm_s32(const int8_t* xq, int64_t ldq, const int8_t* q, int64_t ldw, int64_t m, int64_t n, int64_t k,
                   int32_t* out, int64_t ldo, void* stream) {
   if (m == 0 || n == 0) return 0;
-  return static_cast<int>(launch_gemm<float, true>(xq, ldq, nullptr, q, ldw, nullptr, nullptr, m, n, k, out, ldo,
-                                                   static_cast<cudaStream_t>(stream)));
+  return static_cast<int>(launch_gemm<float, true>(xq, ldq, nullptr, nullptr, 0, q, ldw, nullptr, nullptr, m, n, k,
+                                                   out, ldo, static_cast<cudaStream_t>(stream)));
 }
 
-int w8a8_gemm(const int8_t* xq, int64_t ldq, const float* xs, const int8_t* q, int64_t ldw, const float* ws,
-              const void* bias, int dtype, int64_t m, int64_t n, int64_t k, void* y, int64_t ldy, void* stream) {
+int w8a8_gemm(const int8_t* xq, int64_t ldq, const float* xs, const void* x, int64_t ldx, const int8_t* q,
+              int64_t ldw, const float* ws, const void* bias, int dtype, int64_t m, int64_t n, int64_t k, void* y,
+              int64_t ldy, void* stream) {
   if (m == 0 || n == 0) return 0;
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kF32:
-      return static_cast<int>(launch_gemm<float, false>(xq, ldq, xs, q, ldw, ws, static_cast<const float*>(bias), m, n,
-                                                        k, y, ldy, st));
+      return static_cast<int>(launch_gemm<float, false>(xq, ldq, xs, static_cast<const float*>(x), ldx, q, ldw, ws,
+                                                        static_cast<const float*>(bias), m, n, k, y, ldy, st));
     case kF16:
-      return static_cast<int>(launch_gemm<__half, false>(xq, ldq, xs, q, ldw, ws, static_cast<const __half*>(bias), m,
-                                                         n, k, y, ldy, st));
+      return static_cast<int>(launch_gemm<__half, false>(xq, ldq, xs, static_cast<const __half*>(x), ldx, q, ldw, ws,
+                                                         static_cast<const __half*>(bias), m, n, k, y, ldy, st));
     case kBF16:
-      return static_cast<int>(launch_gemm<__nv_bfloat16, false>(
-          xq, ldq, xs, q, ldw, ws, static_cast<const __nv_bfloat16*>(bias), m, n, k, y, ldy, st));
+      return static_cast<int>(launch_gemm<__nv_bfloat16, false>(xq, ldq, xs, static_cast<const __nv_bfloat16*>(x), ldx,
+                                                                 q, ldw, ws, static_cast<const __nv_bfloat16*>(bias),
+                                                                 m, n, k, y, ldy, st));
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

@@ -2,6 +2,7 @@
 // this header needs no CUDA include); no ATen. Each launcher returns a cudaError_t as int (0 = ok).
 //
 //   quantize_rows  per-row symmetric activation quantization, xs = max|x| / 127, xq ∈ [-127, 127]
+//                  (a row holding inf/NaN: xq = 0, xs = NaN if it holds a NaN, else inf)
 //   w8a16_gemv     y = x · (q · s)ᵀ + b for M ≤ 16 (decode): q streamed once, dequantized in
 //                  registers, fp32 accumulation; the weight read is the whole cost
 //   int8_gemm_s32  out = xq · qᵀ in int32 (dp4a), for tests
@@ -27,8 +28,11 @@ int w8a16_gemv(const void* x, int dtype, int64_t m, int64_t k, int64_t ldx, cons
 int int8_gemm_s32(const int8_t* xq, int64_t ldq, const int8_t* q, int64_t ldw, int64_t m, int64_t n, int64_t k,
                   int32_t* out, int64_t ldo, void* stream);
 
-int w8a8_gemm(const int8_t* xq, int64_t ldq, const float* xs, const int8_t* q, int64_t ldw, const float* ws,
-              const void* bias, int dtype, int64_t m, int64_t n, int64_t k, void* y, int64_t ldy, void* stream);
+// x (dtype, row stride ldx) is the unquantized input: rows whose xs is non-finite (x holds inf/NaN)
+// and channels with a non-finite or huge scale are computed from it in float (see int8_cpu.h).
+int w8a8_gemm(const int8_t* xq, int64_t ldq, const float* xs, const void* x, int64_t ldx, const int8_t* q,
+              int64_t ldw, const float* ws, const void* bias, int dtype, int64_t m, int64_t n, int64_t k, void* y,
+              int64_t ldy, void* stream);
 
 }  // namespace cuda
 }  // namespace tk

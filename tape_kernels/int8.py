@@ -10,6 +10,8 @@ Two modes of ``int8_linear``:
 * ``act_quant=True`` (W8A8): each row of x is quantized on the fly (``xs = max|x_m|/127``,
   ``xq = round(x·127/max|x_m|)``), dot products accumulate exactly in int32 (AVX-512 VNNI or AVX2
   on CPU, dp4a on CUDA) and ``y = acc·xs[m]·s[n] + b``. Faster on CPU; adds activation rounding.
+  A row of x holding inf or NaN, and a channel whose scale is non-finite or above ``MAX_FAST_SCALE``,
+  is computed in float instead, so NaN and inf land where ``F.linear(x, q·s, b)`` puts them.
 * ``act_quant=None``: whichever is faster for the call: W8A8 on CPU; on CUDA weight-only for
   M ≤ 16 (decode GEMV) and W8A8 for larger M (prefill).
 
@@ -186,12 +188,30 @@ def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row dynamic activation quantization, the kernels' exact rule.
 
     x (M, K) float -> xq (M, K) int8 = round_half_even(x·(127/max|x_m|)) clamped to ±127, xs (M,) = max|x_m|/127.
+    A row holding inf or NaN has no int8 image: its xq is 0 and its xs is non-finite (NaN if the row
+    holds a NaN, else inf, as ``amax`` gives it); the linear ops compute such rows in float.
     """
     x32 = x.float()
     amax = x32.abs().amax(dim=1) if x32.shape[1] > 0 else x32.new_zeros(x32.shape[0])
-    inv = _inv_scale(amax)
-    xq = torch.round(x32 * inv[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    finite = torch.isfinite(amax)
+    inv = torch.where(finite, _inv_scale(amax), torch.zeros_like(amax))
+    xq = torch.round(torch.where(finite[:, None], x32, 0.0) * inv[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return xq, amax / QMAX
+
+
+# Largest |scale| the factored int8 forms handle: 128·s stays finite, so every q·s does (csrc's kMaxFastScale).
+MAX_FAST_SCALE = torch.finfo(torch.float32).max / 128
+
+
+def _float_path_mask(x2: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """(M, N) mask of the outputs whose inputs the factored int8 forms cannot reproduce in float
+    semantics: rows of x holding inf/NaN and channels whose scale is non-finite or makes q·s
+    overflow; None when there are none (the usual case)."""
+    bad_rows = ~torch.isfinite(x2).all(dim=1) if x2.shape[1] > 0 else torch.zeros(x2.shape[0], dtype=torch.bool)
+    bad_cols = ~(scale.float().abs() <= MAX_FAST_SCALE)
+    if not bool(bad_rows.any()) and not bool(bad_cols.any()):
+        return None
+    return bad_rows.to(x2.device)[:, None] | bad_cols[None, :]
 
 
 def int8_linear_ref(
@@ -201,10 +221,15 @@ def int8_linear_ref(
     bias: torch.Tensor | None = None,
     act_quant: bool = False,
 ) -> torch.Tensor:
-    """Pure-PyTorch int8 linear (the test oracle's math and the fallback). x (..., K) -> (..., N) in x's dtype."""
+    """Pure-PyTorch int8 linear (the test oracle's math and the fallback). x (..., K) -> (..., N) in x's dtype.
+
+    Non-finite inputs give the float path's answer: where a row of x holds inf/NaN or a scale is
+    non-finite (or makes q·s overflow), W8A8 outputs are those of ``F.linear(x, q·s, b)``.
+    """
     n, k = qweight.shape
     x2 = x.reshape(-1, k)
     b32 = bias.float() if bias is not None else None
+    float_path = _float_path_mask(x2, scale) if act_quant else None
     if act_quant:
         xq, xs = quantize_rows_ref(x2)
         # float64 holds every int32-range dot product exactly, so this is the integer accumulation.
@@ -212,8 +237,9 @@ def int8_linear_ref(
         y = acc * (xs[:, None] * scale.float()[None, :])
         if b32 is not None:
             y = y + b32
-    else:
-        y = F.linear(x2.float(), qweight.float() * scale.float()[:, None], b32)
+    if not act_quant or float_path is not None:
+        y_float = F.linear(x2.float(), qweight.float() * scale.float()[:, None], b32)
+        y = y_float if float_path is None else torch.where(float_path, y_float, y)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

@@ -122,6 +122,7 @@ def test_bare_notebook_state_dict_loads_with_inferred_config(tmp_path: Path, gol
     torch.save(golden["state_dict"], path)
     ck = load_checkpoint(path)
     assert ck["config"] == {"vocab_size": 37, "seq_len": 16, "embed_dim": 32, "num_heads": 2, "dropout": 0.0,
+                            "design": "reference",
                             "causal": False}
     model = TapeTransformer(37, seq_len=16, embed_dim=32, num_heads=2).double()
     model.load_state_dict(ck["model"], strict=True)
@@ -191,7 +192,7 @@ def test_cli_train_generate_and_errors(tmp_path: Path, corpus: Path, capsys: pyt
     out = capsys.readouterr()
     assert rc == 0 and "int8" in out.err and len(out.out.rstrip("\n")) == 5
     rc = cli.main(["generate", str(ck), "--prompt", "to", "--max-new-tokens", "2", "--cuda-graph"])
-    assert rc == 2 and "cuda_graph=True needs the model on a CUDA device" in capsys.readouterr().err
+    assert rc == 2 and "--cuda-graph: needs --device cuda" in capsys.readouterr().err
     rc = cli.main(["generate", str(ck), "--prompt", "QQQ", "--max-new-tokens", "2", "--backend", "eager"])
     assert rc == 2 and "not in the vocabulary" in capsys.readouterr().err
     rc = cli.main(["generate", str(tmp_path / "none.ckpt")])

@@ -150,3 +150,32 @@ def test_bad_design_arguments() -> None:
     m = TapeTransformer(**CFG, design="seed")
     with pytest.raises(ValueError, match="causal"):
         m.causal = False
+
+
+def test_cli_trains_generates_and_demos_the_seed_design(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from tapetransformer import cli
+    from tapetransformer.checkpoint import load_checkpoint
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question. " * 20)
+    ck = tmp_path / "seed.ckpt"
+    common = ["--data", str(corpus), "--batch-size", "2", "--seq-len", "8", "--embed-dim", "16", "--num-heads", "2",
+              "--backend", "eager"]
+    rc = cli.main(["train", *common, "--steps", "2", "--eval-every", "2", "--design", "seed", "--out", str(ck)])
+    assert rc == 0 and load_checkpoint(ck)["config"]["design"] == "seed"
+    capsys.readouterr()
+    rc = cli.main(["generate", str(ck), "--prompt", "to", "--max-new-tokens", "12", "--greedy", "--backend", "eager"])
+    out = capsys.readouterr()
+    assert rc == 0 and len(out.out.rstrip("\n")) == 14  # the window (8) slides with the prophet's state
+    rc = cli.main(["train", *common, "--steps", "2", "--design", "seed", "--reference-semantics",
+                   "--out", str(tmp_path / "x.ckpt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--design" in err and "causal" in err and not (tmp_path / "x.ckpt").exists()
+    rc = cli.main(["train", *common, "--steps", "4", "--resume", "--design", "reference", "--out", str(ck)])
+    assert rc == 2 and "--design" in capsys.readouterr().err
+    rc = cli.main(["demo", *common, "--steps", "2", "--design", "seed", "--max-new-tokens", "4",
+                   "--out", str(tmp_path / "demo.ckpt")])  # its default prompt "The " is not in this corpus
+    assert rc == 2 and "--prompt" in capsys.readouterr().err and not (tmp_path / "demo.ckpt").exists()
+    rc = cli.main(["demo", *common, "--steps", "2", "--design", "seed", "--max-new-tokens", "4", "--prompt", "to",
+                   "--out", str(tmp_path / "demo.ckpt")])
+    assert rc == 0 and load_checkpoint(tmp_path / "demo.ckpt")["config"]["design"] == "seed"

@@ -322,18 +322,24 @@ def test_init_from_notebook_state_dict(tmp_path: Path, golden: dict) -> None:
     text = "abcdefghijklmnopqrstuvwxyz0123456789 " * 30  # 37 distinct characters, as the golden vocab
     corpus = tmp_path / "c.txt"
     corpus.write_text(text, encoding="utf-8")
+    # model=None: the architecture (and the reference semantics) come from the state_dict
     res = train(cfg_for(tmp_path / "ft.ckpt", corpus, 1, init_from=str(sd_path), optimizer="sgd", lr=0.0,
-                        eval_every=0, batch_size=2))
+                        eval_every=0, batch_size=2, model=None))
     sd = res["model"].state_dict()
     for k, v in golden["state_dict"].items():
         assert torch.equal(sd[k], v.to(sd[k].dtype)), k
     assert res["model"].seq_len == 16 and res["model"].embed_dim == 32
-    res = train(cfg_for(tmp_path / "ft2.ckpt", corpus, 2, init_from=str(sd_path), lr=1e-3, batch_size=2))
+    assert res["model"].causal is False
+    res = train(cfg_for(tmp_path / "ft2.ckpt", corpus, 2, init_from=str(sd_path), lr=1e-3, batch_size=2,
+                        model={"causal": True, "dropout": 0.1}))  # fine-tuning may change the semantics
+    assert res["model"].causal is True
     assert torch.isfinite(torch.tensor(res["train_loss"]))
     bad = tmp_path / "bad.txt"
     bad.write_text("only a few letters here", encoding="utf-8")
     with pytest.raises(ValueError, match="distinct characters"):
-        train(cfg_for(tmp_path / "x.ckpt", bad, 1, init_from=str(sd_path)))
+        train(cfg_for(tmp_path / "x.ckpt", bad, 1, init_from=str(sd_path), model=None))
+    with pytest.raises(ValueError, match="seq_len 8 conflicts with .*model_dict.pth, which has seq_len=16"):
+        train(cfg_for(tmp_path / "y.ckpt", corpus, 1, init_from=str(sd_path)))  # TINY's architecture
 
 
 def test_cpu_bf16_autocast_step_trains(tmp_path: Path, corpus: Path) -> None:

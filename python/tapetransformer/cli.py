@@ -1,80 +1,220 @@
-"""Command line: ``tapetransformer train | generate | demo``."""
+"""Command line: ``tapetransformer train | generate | demo``.
+
+Every flag is checked before any work starts. A user error prints one line,
+``tapetransformer <command>: error: <flag or file>: <problem>``, and exits with status 2: no
+traceback, no file written. Ctrl-C during training finishes the step, writes a checkpoint and the
+logs, prints one line and exits with status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
-from tapetransformer.checkpoint import ModelConfig, load_checkpoint
+from tapetransformer.checkpoint import load_checkpoint, load_weights
 from tapetransformer.data import CharVocab, load_text
-from tapetransformer.generate import generate
-from tapetransformer.model import TapeTransformer
-from tapetransformer.train import AMP_MODES, OPTIMIZERS, TrainConfig, build_model, train
+from tapetransformer.model import DESIGNS, ModelConfig
+from tapetransformer.train import (
+    AMP_MODES,
+    BACKENDS,
+    DEFAULT_MODEL,
+    OPTIMIZERS,
+    ConfigError,
+    TrainConfig,
+    TrainingInterrupted,
+    build_model,
+    train,
+)
+from tapetransformer.train.config import CORPORA, check_backend, check_device, check_input_file, validate_config
+
+PROG = "tapetransformer"
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+# The demo trains a smaller model than `train` (about a minute on 2 CPU cores).
+DEMO_MODEL = ModelConfig(vocab_size=0, seq_len=32, embed_dim=32, num_heads=1, dropout=0.0, causal=True)
+MODEL_FLAGS = {"seq_len": "--seq-len", "embed_dim": "--embed-dim", "num_heads": "--num-heads", "dropout": "--dropout",
+               "design": "--design"}
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (a small CPU-friendly reference model by default)")
-    g.add_argument("--seq-len", type=int, default=64)
-    g.add_argument("--embed-dim", type=int, default=64)
-    g.add_argument("--num-heads", type=int, default=2, help="residual TapeHeads ('critics')")
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--causal", action="store_true",
-                   help="repaired semantics: causal attention, absolute positions in cached decode")
+class UsageError(Exception):
+    """A bad flag found by the CLI's own checks (``flag``: what to name in the message)."""
+
+    def __init__(self, flag: str, problem: str) -> None:
+        super().__init__(f"{flag}: {problem}" if flag else problem)
 
 
-def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--data", default=None,
-                   help="text file, 'shakespeare' (downloaded once, cached) or 'embedded' (default: pydoc topics)")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
-                   help="wolf: the notebook's optimizer as one multi-tensor step; wolf-eager: its reference loop")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--out", default="runs/tapetransformer.ckpt", help="checkpoint path (written atomically)")
-    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", choices=("auto", "triton", "eager"), default="auto",
-                   help="auto: Triton kernels on CUDA, eager PyTorch on CPU")
-    p.add_argument("--log-csv", default=None)
-    p.add_argument("--log-dir", default="auto",
-                   help="write log.csv, log.json and loss.png (Pillow) there at the end; 'auto' (default): "
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not the usage block
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends every flag's default, unless its help states it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None:
+            return text + " (default: none)"
+        return text + " (default: %(default)s)"
+
+
+# ---------------------------------------------------------------------------------------------
+# flags
+
+
+def _add_model_args(p: argparse.ArgumentParser, d: ModelConfig) -> None:
+    # Defaults of None tell flags the user gave from those left out: with --resume/--init-from the
+    # left-out ones come from the checkpoint, and a given one that conflicts with it is an error.
+    from_ckpt = "with --resume/--init-from: the checkpoint's"
+    g = p.add_argument_group("model (with --resume or --init-from, taken from the checkpoint)")
+    g.add_argument("--seq-len", type=int, metavar="N", help=f"context length (default: {d.seq_len}; {from_ckpt})")
+    g.add_argument("--embed-dim", type=int, metavar="D",
+                   help=f"embedding width, a multiple of 4 (default: {d.embed_dim}; {from_ckpt})")
+    g.add_argument("--num-heads", type=int, metavar="H",
+                   help=f"residual TapeHeads ('critics') (default: {d.num_heads}; {from_ckpt})")
+    g.add_argument("--dropout", type=float, metavar="P", help=f"dropout in [0, 1) (default: {d.dropout}; {from_ckpt})")
+    g.add_argument("--design", choices=DESIGNS,
+                   help="reference: the notebook's dataflow; seed: the seed README's design, the critics fed "
+                        "coda + prophet and a moderator curating them (always causal) "
+                        f"(default: {d.design}; {from_ckpt})")
+    sem = g.add_mutually_exclusive_group()
+    sem.add_argument("--reference-semantics", dest="causal", action="store_false", default=None,
+                     help="train the original notebook's semantics (positions restart at every cached decode "
+                          f"call, so its samples are noise-like) (default: causal semantics; {from_ckpt})")
+    sem.add_argument("--causal", dest="causal", action="store_true", default=None,
+                     help="the repaired causal semantics, already the default (kept so older scripts run) "
+                          f"(default: on; {from_ckpt})")
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_every: int, batch_size: int,
+                    model: ModelConfig) -> None:
+    p.add_argument("--data", default="embedded", metavar="FILE",
+                   help="UTF-8 text file, 'shakespeare' (downloaded once, cached) or 'embedded' (CPython's pydoc "
+                        "topics, no network)")
+    p.add_argument("--steps", type=int, default=steps, metavar="N",
+                   help="train up to this step (with --resume: the target beyond the checkpoint's step)")
+    p.add_argument("--batch-size", type=int, default=batch_size, metavar="B",
+                   help="sequences per optimizer step (all DDP ranks and micro-batches together)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="wolf: the notebook's optimizer as one multi-tensor step; wolf-eager: its reference loop "
+                        "(default: adam; with --resume: the checkpoint's)")
+    p.add_argument("--grad-clip", type=float, default=1.0, metavar="NORM", help="gradient norm clip; 0 disables")
+    p.add_argument("--eval-every", type=int, default=eval_every, metavar="N",
+                   help="validate, checkpoint and write log.json/loss.png every N steps (0: only at the end)")
+    p.add_argument("--eval-batches", type=int, default=4, metavar="N", help="batches per validation")
+    p.add_argument("--out", default=out, metavar="FILE", help="checkpoint path (written atomically)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint at --out (it must exist) up to --steps, appending to its logs")
+    p.add_argument("--init-from", default=None, metavar="FILE",
+                   help="fine-tune from a checkpoint or a bare notebook state_dict (its architecture is kept)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data sampler")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="kernels: auto (Triton on CUDA, eager PyTorch on CPU), triton or eager")
+    p.add_argument("--log-dir", default="auto", metavar="DIR",
+                   help="where log.csv (every step), log.json and loss.png (every checkpoint) go; 'auto': "
                         "<out without suffix>-logs next to the checkpoint; 'none': no logs")
+    p.add_argument("--log-csv", default=None, metavar="FILE", help="also append the per-step rows to this CSV")
     g = p.add_argument_group("precision and memory")
     g.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="auto: bf16 autocast on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
-    g.add_argument("--memory-budget-gb", type=float, default=None,
+    g.add_argument("--memory-budget-gb", type=float, default=None, metavar="GB",
                    help="per-process memory budget: sets the CUDA memory fraction and picks micro-batch x "
-                        "gradient accumulation (and activation recomputation if needed)")
-    g.add_argument("--micro-batch", type=int, default=None, help="force the micro-batch size (accumulate the rest)")
+                        "gradient accumulation (and activation recomputation if needed) (default: no budget)")
+    g.add_argument("--micro-batch", type=int, default=None, metavar="B",
+                   help="force the micro-batch size and accumulate the rest (default: the planner's)")
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
-                   help="force activation recomputation per TapeHead block on/off (default: the planner)")
-    p.add_argument("--init-from", default=None,
-                   help="fine-tune from a checkpoint or a bare notebook state_dict (config taken from it)")
+                   help="force activation recomputation per TapeHead block on or off (default: the planner's)")
     g = p.add_argument_group("attention visualization (needs Pillow)")
-    g.add_argument("--viz", default=None, metavar="DIR", help="write attention frames (PNG) and train.gif to DIR")
-    g.add_argument("--viz-every", type=int, default=50)
-    g.add_argument("--viz-rows", type=int, default=4, help="batch rows drawn per frame")
-    _add_model_args(p)
+    g.add_argument("--viz", default=None, metavar="DIR",
+                   help="write attention frames (PNG) and train.gif to DIR (default: none)")
+    g.add_argument("--viz-every", type=int, default=50, metavar="N", help="draw a frame every N steps")
+    g.add_argument("--viz-rows", type=int, default=4, metavar="R", help="batch rows drawn per frame")
+    _add_model_args(p, model)
 
 
 def _add_sample_args(p: argparse.ArgumentParser, prompt: str) -> None:
-    p.add_argument("--prompt", default=prompt)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--sample-seed", type=int, default=None)
-    p.add_argument("--int8", action="store_true", help="int8 weights for generation (tape_kernels._C)")
-    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the decode step in a CUDA graph (default: on for CUDA)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--prompt", default=prompt,
+                   help="text to continue; every character must be in the model's vocabulary "
+                        "('' : the vocabulary's first character)")
+    g.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="characters to generate")
+    g.add_argument("--temperature", type=float, default=0.8, metavar="T", help="softmax temperature, > 0")
+    g.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample among the K likeliest characters (default: all)")
+    g.add_argument("--greedy", action="store_true", help="always take the likeliest character")
+    g.add_argument("--sample-seed", type=int, default=None, metavar="S",
+                   help="seed of the sampler (default: unseeded)")
+    g.add_argument("--int8", action="store_true", help="int8 weights for generation (tape_kernels._C)")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the decode step in a CUDA graph (default: on for CUDA, off on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog=PROG, description=__doc__, formatter_class=_Help)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{train,generate,demo}")
+    p = sub.add_parser("train", help="train a model and write checkpoints", formatter_class=_Help,
+                       description="Train a TapeTransformer; checkpoints and logs are written as it goes.")
+    _add_train_args(p, steps=200, out="runs/tapetransformer.ckpt", eval_every=50, batch_size=8, model=DEFAULT_MODEL)
+    p.set_defaults(func=cmd_train, model_defaults=DEFAULT_MODEL)
+    p = sub.add_parser("generate", help="sample text from a checkpoint", formatter_class=_Help,
+                       description="Sample text from a checkpoint (or a bare notebook state_dict).")
+    p.add_argument("checkpoint", help="a checkpoint written by train, or a notebook state_dict")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="corpus whose characters are a bare notebook state_dict's vocabulary (default: shakespeare)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="kernels: auto, triton or eager")
+    _add_sample_args(p, prompt="")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("demo", help="train briefly on the embedded corpus, then generate", formatter_class=_Help,
+                       description="Train a small model for about a minute on CPU, then sample from it.")
+    _add_train_args(p, steps=600, out="runs/demo.ckpt", eval_every=200, batch_size=16, model=DEMO_MODEL)
+    _add_sample_args(p, prompt="The ")
+    p.set_defaults(func=cmd_demo, model_defaults=DEMO_MODEL)
+    return ap
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and config
+
+
+def _flag(a: argparse.Namespace, field: str) -> str:
+    """The flag that sets a TrainConfig field (for messages)."""
+    name = field.removeprefix("model.")
+    if name == "causal":
+        return "--causal" if a.causal else "--reference-semantics"
+    if name == "checkpoint":  # generate's positional argument
+        return name
+    return "--" + name.replace("_", "-")
+
+
+def _check_sampling(a: argparse.Namespace) -> None:
+    if a.max_new_tokens < 0:
+        raise UsageError("--max-new-tokens", f"must be >= 0, got {a.max_new_tokens}")
+    if not (math.isfinite(a.temperature) and a.temperature > 0):
+        raise UsageError("--temperature", f"must be a finite number > 0 (use --greedy for argmax), got {a.temperature}")
+    if a.top_k is not None and a.top_k < 1:
+        raise UsageError("--top-k", f"must be >= 1, got {a.top_k}")
+    if a.sample_seed is not None and not 0 <= a.sample_seed < 2**63:
+        raise UsageError("--sample-seed", f"must be in [0, 2^63), got {a.sample_seed}")
+
+
+def _check_runtime(a: argparse.Namespace) -> torch.device:
+    device = check_device("device", a.device)
+    check_backend("backend", a.backend, device)
+    if a.cuda_graph and device.type != "cuda":
+        raise UsageError("--cuda-graph", f"needs --device cuda (the model runs on {device})")
+    return device
 
 
 def _log_dir(a: argparse.Namespace) -> str | None:
@@ -86,21 +226,41 @@ def _log_dir(a: argparse.Namespace) -> str | None:
     return a.log_dir
 
 
+def _optimizer(a: argparse.Namespace) -> str:
+    if a.optimizer is not None:
+        return a.optimizer
+    if a.resume and Path(a.out).is_file():  # continue with the optimizer whose state the checkpoint holds
+        saved = load_checkpoint(a.out)["extra"].get("optimizer_name")
+        if saved in OPTIMIZERS:
+            return saved
+    return "adam"
+
+
 def _train_config(a: argparse.Namespace) -> TrainConfig:
+    given: dict[str, Any] = {f: getattr(a, f) for f in (*MODEL_FLAGS, "causal") if getattr(a, f) is not None}
+    if not (a.resume or a.init_from):  # a new run: this command's defaults, then the flags given
+        given = {**a.model_defaults.to_dict(), **given}
     return TrainConfig(
-        data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, grad_clip=a.grad_clip,
-        eval_every=a.eval_every, out=a.out, resume=a.resume, seed=a.seed, device=a.device, backend=a.backend,
-        log_csv=a.log_csv, log_dir=_log_dir(a), amp=a.amp, memory_budget_gb=a.memory_budget_gb,
-        micro_batch=a.micro_batch, recompute=a.recompute, init_from=a.init_from, viz=a.viz, viz_every=a.viz_every,
-        viz_rows=a.viz_rows,
-        model=ModelConfig(vocab_size=0, seq_len=a.seq_len, embed_dim=a.embed_dim, num_heads=a.num_heads,
-                          dropout=a.dropout, causal=a.causal),
+        data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr, optimizer=_optimizer(a), grad_clip=a.grad_clip,
+        eval_every=a.eval_every, eval_batches=a.eval_batches, out=a.out, resume=a.resume, seed=a.seed,
+        device=a.device, backend=a.backend, log_csv=a.log_csv, log_dir=_log_dir(a), model=given or None, amp=a.amp,
+        memory_budget_gb=a.memory_budget_gb, micro_batch=a.micro_batch, recompute=a.recompute,
+        init_from=a.init_from, viz=a.viz, viz_every=a.viz_every, viz_rows=a.viz_rows,
     )
 
 
-def _generate(model: TapeTransformer, vocab: CharVocab, a: argparse.Namespace, device: str) -> str:
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def _generate(model: torch.nn.Module, vocab: CharVocab, a: argparse.Namespace, device: torch.device) -> str:
+    from tapetransformer.generate import generate
+
     prompt = a.prompt or vocab.chars[0]
-    ids = torch.tensor(vocab.encode(prompt), dtype=torch.long, device=device)
+    try:
+        ids = torch.tensor(vocab.encode(prompt), dtype=torch.long, device=device)
+    except ValueError as e:
+        raise UsageError("--prompt", str(e)) from None
     sys.stdout.write(prompt)
     sys.stdout.flush()
 
@@ -132,76 +292,99 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def load_model(
-    path: str, device: str, data: str | None = None, backend: str = "auto"
-) -> tuple[TapeTransformer, CharVocab]:
-    ckpt = load_checkpoint(path, map_location=device)
+    path: str, device: str | torch.device, data: str | None = None, backend: str = "auto"
+) -> tuple[torch.nn.Module, CharVocab]:
+    """The model and vocabulary of a checkpoint (or of a bare notebook state_dict and its corpus)."""
+    ckpt = load_checkpoint(path, map_location="cpu")
     cfg = ModelConfig.from_dict(ckpt["config"])
     if ckpt["vocab"]:
         vocab = CharVocab(ckpt["vocab"])
     else:  # a bare notebook state_dict: the vocabulary comes from the corpus it was trained on
         vocab = CharVocab.from_text(load_text(data if data else "shakespeare"))
     if vocab.size != cfg.vocab_size:
-        raise ValueError(f"vocabulary has {vocab.size} characters but the model expects {cfg.vocab_size}")
-    model = build_model(cfg, backend)
-    model.load_state_dict(ckpt["model"], strict=True)
+        raise ValueError(f"{path}: the vocabulary has {vocab.size} characters but the model expects {cfg.vocab_size}"
+                         + ("" if ckpt["vocab"] else " (pass the corpus it was trained on with --data)"))
+    try:
+        model = build_model(cfg, backend)
+    except ValueError as e:
+        raise ValueError(f"{path}: its config cannot build a model ({e})") from None
+    load_weights(model, ckpt["model"], path)
     return model.to(device).eval(), vocab
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    model, vocab = load_model(a.checkpoint, a.device, a.data, a.backend)
-    _generate(model, vocab, a, a.device)
+    _check_sampling(a)
+    device = _check_runtime(a)
+    check_input_file("checkpoint", a.checkpoint, "checkpoint")
+    if a.data is not None and a.data not in CORPORA:
+        check_input_file("data", a.data, "corpus file")
+    model, vocab = load_model(a.checkpoint, device, a.data, a.backend)
+    if not model.causal:
+        print(f"{PROG} generate: warning: {a.checkpoint} has the reference semantics, whose cached generation "
+              "restarts positions at every step, so its samples are not meaningful text; train with the default "
+              "causal semantics for text", file=sys.stderr)
+    _generate(model, vocab, a, device)
     return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    _check_sampling(a)
+    device = _check_runtime(a)
+    cfg = _train_config(a)
+    validate_config(cfg)  # the flags first, then the prompt against the corpus, then the work
+    if a.prompt and not (a.resume or a.init_from):  # the vocabulary will be the corpus's: check before training
+        missing = sorted(set(a.prompt) - set(load_text(a.data)))
+        if missing:
+            raise UsageError("--prompt", f"character {missing[0]!r} is not in the corpus {a.data}, so not in the "
+                                         "vocabulary the demo trains")
     t0 = time.perf_counter()
-    sem = "causal" if a.causal else "reference"
-    print(f"demo: training a small TapeTransformer ({sem} semantics, backend {a.backend}) for {a.steps} steps "
-          f"on the {'embedded pydoc' if a.data in (None, 'embedded') else a.data} corpus (CPU-friendly size)")
-    res = train(_train_config(a))
+    causal = a.causal if a.causal is not None else DEMO_MODEL.causal
+    corpus = "embedded pydoc" if a.data in (None, "embedded") else a.data
+    print(f"demo: training a small TapeTransformer ({'causal' if causal else 'reference'} semantics, backend "
+          f"{a.backend}) for {a.steps} steps on the {corpus} corpus (CPU-friendly size)")
+    res = train(cfg)
     print(f"trained in {time.perf_counter() - t0:.0f}s: train loss {res['train_loss']:.3f}, "
           f"val loss {res['val_loss']:.3f} (uniform over {res['vocab'].size} chars would be "
-          f"{torch.log(torch.tensor(float(res['vocab'].size))):.3f})")
-    if a.causal:
+          f"{math.log(res['vocab'].size):.3f})")
+    if res["model"].causal:
         print("sample (causal semantics):")
     else:
         print("sample (reference semantics: positions restart every call, so expect noise-like text):")
-    _generate(res["model"], res["vocab"], a, a.device)
+    _generate(res["model"].eval(), res["vocab"], a, device)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tapetransformer", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("train", help="train a model and write checkpoints")
-    _add_train_args(p, steps=200)
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("generate", help="sample text from a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data", default=None, help="corpus for the vocabulary of a bare notebook state_dict")
-    p.add_argument("--backend", choices=("auto", "triton", "eager"), default="auto")
-    _add_sample_args(p, prompt="")
-    p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("demo", help="train briefly on the embedded corpus, then generate")
-    _add_train_args(p, steps=600)
-    _add_sample_args(p, prompt="The ")
-    p.add_argument("--reference-semantics", dest="causal", action="store_false",
-                   help="train the reference's semantics instead of the causal ones (its samples are noise)")
-    # Smaller than `train`'s defaults: about a minute on 2 CPU cores. The demo uses the repaired causal
-    # semantics by default because the reference's cached generation cannot produce text.
-    p.set_defaults(func=cmd_demo, out="runs/demo.ckpt", eval_every=200, seq_len=32, embed_dim=32, num_heads=1,
-                   batch_size=16, causal=True)
-    return ap
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tapetransformer: error: {e}", file=sys.stderr)
-        return 2
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a flag argparse rejected (one line, status 2)
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_ERROR
+    where = f"{PROG} {a.cmd}"
+    try:
+        return a.func(a)
+    except TrainingInterrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank stops; rank 0 reports
+            print(f"{where}: interrupted at step {e.step} of {e.steps}; checkpoint {e.checkpoint} and the logs are "
+                  "written (continue with --resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted; the last checkpoint written, if any, is intact", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ConfigError as e:
+        print(f"{where}: error: {_one_line(ValueError(e.render(_flag(a, e.field))))}", file=sys.stderr)
+        return EXIT_ERROR
+    except (UsageError, ValueError, OSError) as e:  # OSError: missing files, a failed download, a full disk
+        print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except torch.OutOfMemoryError as e:
+        print(f"{where}: error: out of memory ({_one_line(e)[:200]}); use --memory-budget-gb, a smaller "
+              "--batch-size or --micro-batch", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ default — CPython's pydoc topics (~465 KB of English), which needs no network.
 from __future__ import annotations
 
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
+
+from tapetransformer.fileio import atomic_write
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DEFAULT_CACHE_DIR = Path(os.environ.get("TAPETRANSFORMER_CACHE", Path.home() / ".cache" / "tapetransformer"))
@@ -22,31 +24,41 @@ def embedded_corpus() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+class DownloadError(OSError):
+    """A corpus could not be downloaded (offline, blocked, or the server failed)."""
+
+
 def download_tiny_shakespeare(
     cache_dir: str | os.PathLike | None = None, url: str = TINY_SHAKESPEARE_URL, timeout: float = 60.0
 ) -> Path:
     """Return the path of tiny-shakespeare, downloading it on first use.
 
     The download goes to a temp file in the cache directory and is renamed into place, so an
-    interrupted download never leaves a truncated corpus behind.
+    interrupted download never leaves a truncated corpus behind. Raises :class:`DownloadError`
+    naming the URL when it cannot be fetched.
     """
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     target = cache / "tinyshakespeare.txt"
     if target.is_file() and target.stat().st_size > 0:
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".download-", suffix=".txt")
+
+    def copy(out: BinaryIO) -> None:
+        n = 0
+        while chunk := resp.read(1 << 16):
+            out.write(chunk)
+            n += len(chunk)
+        if n == 0:
+            raise DownloadError(f"empty download from {url}")
+
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while chunk := resp.read(1 << 16):
-                out.write(chunk)
-        if os.path.getsize(tmp) == 0:
-            raise OSError(f"empty download from {url}")
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            atomic_write(target, copy)
+    except DownloadError:
         raise
+    except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors; a malformed URL a ValueError
+        reason = getattr(e, "reason", None) or e
+        raise DownloadError(f"could not download tiny-shakespeare from {url} ({reason}); without network access, "
+                            "pass a local copy with --data FILE (data=FILE in Python)") from None
     return target
 
 
@@ -57,9 +69,15 @@ def load_text(data: str | os.PathLike | None = None, cache_dir: str | os.PathLik
     if str(data) == "shakespeare":
         return download_tiny_shakespeare(cache_dir).read_text(encoding="utf-8")
     path = Path(data)
+    if path.is_dir():
+        raise ValueError(f"corpus {path} is a directory, not a text file")
     if not path.is_file():
         raise FileNotFoundError(f"no corpus file at {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start]
+        raise ValueError(f"corpus {path} is not UTF-8 text (byte {bad:#04x} at offset {e.start})") from None
     if len(text) < 2:
         raise ValueError(f"corpus {path} has fewer than 2 characters")
     return text

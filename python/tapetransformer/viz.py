@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from tapetransformer.fileio import atomic_write, remove_stale_temp
 from tapetransformer.reference import WOLF_C
 
 __all__ = ["FrameWriter", "frame_size", "plot_loss_curve", "render_frame", "weight_colour"]
@@ -88,16 +88,16 @@ def render_frame(
     return img
 
 
-def _atomic_image_save(save: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+def _atomic_image_save(img: Image.Image, path: Path, **kw: Any) -> None:
+    """Save through a temp file and a rename, with the user's umask (see :mod:`tapetransformer.fileio`)."""
+    atomic_write(path, lambda f: img.save(f, **kw))
+
+
+def _frame_step(p: Path) -> int | None:
     try:
-        save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return int(p.stem.removeprefix("frame_"))
+    except ValueError:
+        return None
 
 
 class FrameWriter:
@@ -105,7 +105,7 @@ class FrameWriter:
     ``train.gif`` (the last ``max_gif_frames`` frames) after each one, so a crash keeps the GIF."""
 
     def __init__(self, out_dir: str | os.PathLike, vocab: str, ticker: int = 200, max_gif_frames: int = 200,
-                 gif_ms: int = 250) -> None:
+                 gif_ms: int = 250, start_step: int | None = None) -> None:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.vocab = vocab
@@ -114,8 +114,18 @@ class FrameWriter:
         self.gif_ms = gif_ms
         self.losses: list[float] = []
         self.smoothed = math.nan
-        # a resumed run continues the GIF with the frames already on disk
-        self.paths: list[Path] = sorted(self.dir.glob("frame_*.png"))[-max_gif_frames:]
+        remove_stale_temp(self.dir / "train.gif")
+        # A resumed run continues the GIF with the frames already on disk. With ``start_step``, frames
+        # of later steps (drawn by a killed run after its last checkpoint, or by an earlier run in
+        # this directory) are removed: the run draws them again.
+        frames = sorted(self.dir.glob("frame_*.png"))
+        if start_step is not None:
+            stale = [p for p in frames if _frame_step(p) is None or _frame_step(p) > start_step]
+            for p in stale:
+                remove_stale_temp(p)
+                p.unlink(missing_ok=True)
+            frames = [p for p in frames if p not in stale]
+        self.paths: list[Path] = frames[-max_gif_frames:]
         self.frames: list[Image.Image] = [self._palette(Image.open(p)) for p in self.paths]
 
     def observe(self, step: int, loss: float) -> None:
@@ -130,7 +140,7 @@ class FrameWriter:
         chars = ["".join(self.vocab[int(i)] for i in row) for row in tokens.tolist()]
         img = render_frame(chars, weights, self.losses, self.smoothed, step)
         path = self.dir / f"frame_{step:06d}.png"
-        _atomic_image_save(lambda p: img.save(p, format="PNG"), path)
+        _atomic_image_save(img, path, format="PNG")
         self.paths.append(path)
         self.frames = (self.frames + [self._palette(img)])[-self.max_gif_frames:]
         self._write_gif()
@@ -142,24 +152,45 @@ class FrameWriter:
 
     def _write_gif(self) -> None:
         first, rest = self.frames[0], self.frames[1:]
-        _atomic_image_save(lambda p: first.save(p, format="GIF", save_all=True, append_images=rest,
-                                                duration=self.gif_ms, loop=0), self.dir / "train.gif")
+        _atomic_image_save(first, self.dir / "train.gif", format="GIF", save_all=True, append_images=rest,
+                           duration=self.gif_ms, loop=0)
 
     def close(self) -> None:
         pass
 
 
+# Loss-curve layout: margins leave room for the tick labels and the axis titles.
+PLOT_LEFT, PLOT_RIGHT, PLOT_TOP, PLOT_BOTTOM = 74, 14, 22, 42
+INK = (0, 0, 0)
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    return x1 - x0, y1 - y0
+
+
+def _vertical_text(img: Image.Image, text: str, centre: tuple[float, float], font: Any) -> None:
+    """Draw ``text`` rotated 90° (reading upwards) centred on ``centre``."""
+    probe = ImageDraw.Draw(img)
+    w, h = _text_size(probe, text, font)
+    label = Image.new("RGB", (w + 2, h + 4), (255, 255, 255))
+    ImageDraw.Draw(label).text((1, 0), text, fill=INK, font=font)
+    label = label.rotate(90, expand=True)
+    img.paste(label, (int(centre[0] - label.width / 2), int(centre[1] - label.height / 2)))
+
+
 def plot_loss_curve(
-    rows: Sequence[dict[str, Any]], path: str | os.PathLike, size: tuple[int, int] = (640, 360)
+    rows: Sequence[dict[str, Any]], path: str | os.PathLike, size: tuple[int, int] = (640, 360), *,
+    xlabel: str = "training step", ylabel: str = "loss (nats per character)",
 ) -> Path:
-    """Train loss (thin), its 1/e-EWMA (thick) and validation loss (dots) against the step."""
+    """Train loss (thin), its 1/e-EWMA (thick) and validation loss (dots) against the step, with
+    labelled axes (ticks at both ends and the middle); written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
     img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    left, right, top, bottom = 56, 12, 12, 28
+    left, right, top, bottom = PLOT_LEFT, PLOT_RIGHT, PLOT_TOP, PLOT_BOTTOM
     steps = [r["step"] for r in rows]
     train = [r["loss"] for r in rows]
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
@@ -167,10 +198,13 @@ def plot_loss_curve(
     for v in train:
         smooth.append(v if not smooth else (1 - WOLF_C) * smooth[-1] + WOLF_C * v)
     ys = [v for v in train + [v for _, v in val] if math.isfinite(v)]
-    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+    draw.rectangle([left, top, w - right, h - bottom], outline=INK)
+    tw, th = _text_size(draw, xlabel, font)
+    draw.text(((left + w - right - tw) / 2, h - th - 6), xlabel, fill=INK, font=font)
+    _vertical_text(img, ylabel, (8, (top + h - bottom) / 2), font)
     if not steps or not ys:
-        draw.text((left + 8, top + 8), "no data", fill=(0, 0, 0), font=font)
-        img.save(path)
+        draw.text((left + 8, top + 8), "no data", fill=INK, font=font)
+        _atomic_image_save(img, path, format="PNG")
         return path
     x0, x1 = min(steps), max(max(steps), min(steps) + 1)
     y0, y1 = min(ys), max(max(ys), min(ys) + 1e-6)
@@ -182,10 +216,15 @@ def plot_loss_curve(
     for frac in (0.0, 0.5, 1.0):
         yv = y0 + frac * (y1 - y0)
         _, py = pt(x0, yv)
-        draw.line([(left - 4, py), (left, py)], fill=(0, 0, 0))
-        draw.text((4, py - 6), f"{yv:.3f}", fill=(0, 0, 0), font=font)
-    draw.text((left, h - bottom + 6), f"step {x0}", fill=(0, 0, 0), font=font)
-    draw.text((w - right - 70, h - bottom + 6), f"step {x1}", fill=(0, 0, 0), font=font)
+        draw.line([(left - 4, py), (left, py)], fill=INK)
+        label = f"{yv:.3f}"
+        draw.text((left - 6 - _text_size(draw, label, font)[0], py - 6), label, fill=INK, font=font)
+        xv = x0 + frac * (x1 - x0)
+        px, _ = pt(xv, y0)
+        draw.line([(px, h - bottom), (px, h - bottom + 4)], fill=INK)
+        label = f"{xv:.0f}"
+        lw = _text_size(draw, label, font)[0]
+        draw.text((min(max(px - lw / 2, left - lw / 2), w - right - lw), h - bottom + 6), label, fill=INK, font=font)
     finite = [(s, v) for s, v in zip(steps, train) if math.isfinite(v)]
     if len(finite) >= 2:
         draw.line([pt(s, v) for s, v in finite], fill=(150, 180, 230), width=1)
@@ -193,6 +232,6 @@ def plot_loss_curve(
     for s, v in val:
         px, py = pt(s, v)
         draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(220, 60, 30))
-    draw.text((left + 8, top + 4), "train (thin), smoothed (thick), val (dots)", fill=(0, 0, 0), font=font)
-    img.save(path)
+    draw.text((left + 8, 6), "train loss (thin), smoothed (thick), validation (dots)", fill=INK, font=font)
+    _atomic_image_save(img, path, format="PNG")
     return path

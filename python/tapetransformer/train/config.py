@@ -1,0 +1,271 @@
+"""What a training run is asked to do (:class:`TrainConfig`), and the checks that run before any work.
+
+:func:`validate_config` checks every field (type, range, that devices and kernels exist here, that
+output paths can be written, that input files exist) without creating or touching any file, so a bad
+value fails in a second with a message naming the field, never after minutes of training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tapetransformer.model import DESIGNS, ModelConfig
+
+OPTIMIZERS = ("adam", "wolf", "wolf-eager", "sgd")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+BACKENDS = ("auto", "triton", "eager")
+CORPORA = ("embedded", "shakespeare")
+# The repaired (causal) semantics by default: the reference's cached generation cannot produce text.
+DEFAULT_MODEL = ModelConfig(vocab_size=0, seq_len=64, embed_dim=64, num_heads=2, dropout=0.0, causal=True)
+# TapeHeadBlock's attention has 4 heads and RoPE rotates pairs: embed_dim must be a multiple of 4.
+ATTENTION_HEADS = 4
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None  # None/"embedded", "shakespeare", or a text file
+    steps: int = 200  # the target step count (a resumed run continues up to it)
+    batch_size: int = 8  # the global batch (summed over DDP ranks and accumulation micro-batches)
+    lr: float = 3e-3
+    optimizer: str = "adam"  # "adam" | "wolf" (multi-tensor) | "wolf-eager" (the reference's) | "sgd"
+    grad_clip: float = 1.0
+    eval_every: int = 50  # also the checkpoint interval; 0: only at the end
+    eval_batches: int = 4
+    out: str = "runs/tapetransformer.ckpt"
+    resume: bool = False  # continue from ``out``, which must exist
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"  # kernels: "auto" (Triton on CUDA), "triton", "eager"
+    log_csv: str | None = None
+    # The model: a ModelConfig, or a dict of some of its fields (the rest: DEFAULT_MODEL for a new run,
+    # the checkpoint's for ``resume``/``init_from``), or None. With ``resume`` every given field must
+    # match the checkpoint (a ModelConfig's vocab_size 0 matches any); with ``init_from`` the
+    # architecture must (dropout and causal may change for fine-tuning).
+    model: ModelConfig | dict[str, Any] | None = None
+    progress: bool = True
+    amp: str = "auto"  # "auto": bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU
+    memory_budget_gb: float | None = None
+    micro_batch: int | None = None  # overrides the planner
+    recompute: bool | None = None  # None: the planner decides
+    init_from: str | None = None  # a checkpoint or a bare notebook state_dict to fine-tune
+    log_dir: str | None = None  # log.csv (appended every step), log.json and loss.png (every checkpoint)
+    viz: str | None = None  # directory for attention frames (PNG) and train.gif
+    viz_every: int = 50
+    viz_rows: int = 4
+    catch_sigint: bool = True  # Ctrl-C: finish the step, checkpoint, write the logs, raise TrainingInterrupted
+
+
+class ConfigError(ValueError):
+    """A bad value for one field. ``str(e)`` names it as the API does (``batch_size``);
+    :meth:`render` names it as a caller does (``--batch-size``)."""
+
+    def __init__(self, field: str, template: str) -> None:
+        self.field = field
+        self.template = template  # "{name}" stands for the field's name
+        super().__init__(template.replace("{name}", field))
+
+    def render(self, name: str) -> str:
+        return self.template.replace("{name}", name)
+
+
+# ---------------------------------------------------------------------------------------------
+# field checks
+
+
+def check_int(field: str, v: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{field} must be an int, got {type(v).__name__} {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(field, f"{{name}} must be {rng}, got {v}")
+
+
+def check_float(field: str, v: Any, lo: float, *, lo_open: bool = False, hi: float | None = None,
+                hi_open: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{field} must be a number, got {type(v).__name__} {v!r}")
+    bad = not math.isfinite(v) or v < lo or (lo_open and v == lo)
+    bad = bad or (hi is not None and (v > hi or (hi_open and v == hi)))
+    if bad:
+        lower = f"> {lo}" if lo_open else f">= {lo}"
+        upper = "" if hi is None else (f" and < {hi}" if hi_open else f" and <= {hi}")
+        raise ConfigError(field, f"{{name}} must be a finite number {lower}{upper}, got {v}")
+
+
+def check_bool(field: str, v: Any, optional: bool = False) -> None:
+    if not (isinstance(v, bool) or (optional and v is None)):
+        raise TypeError(f"{field} must be a bool{' or None' if optional else ''}, got {type(v).__name__} {v!r}")
+
+
+def check_choice(field: str, v: Any, choices: tuple[str, ...]) -> None:
+    if v not in choices:
+        raise ConfigError(field, f"{{name}} must be one of {', '.join(choices)}; got {v!r}")
+
+
+def _check_path_type(field: str, v: Any) -> Path:
+    if not isinstance(v, (str, os.PathLike)):
+        raise TypeError(f"{field} must be a path (str or os.PathLike), got {type(v).__name__}")
+    if str(v) == "":
+        raise ConfigError(field, "{name} must not be empty")
+    return Path(v)
+
+
+def _check_creatable(field: str, d: Path) -> None:
+    """Directory ``d`` exists or can be created: its nearest existing ancestor is a writable directory."""
+    a = d
+    while not a.exists() and a != a.parent:
+        a = a.parent
+    if not a.is_dir():
+        raise ConfigError(field, f"{{name}}: cannot create directory {d}: {a} is a file")
+    if not os.access(a, os.W_OK | os.X_OK):
+        raise ConfigError(field, f"{{name}}: cannot write to {a} (permission denied)")
+
+
+def check_output_file(field: str, v: Any) -> None:
+    """``v`` can be written (its directory exists or can be created) and is not a directory."""
+    p = _check_path_type(field, v)
+    if p.is_dir():
+        raise ConfigError(field, f"{{name}} {p} is a directory; give a file path")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ConfigError(field, f"{{name}} {p} is not writable (permission denied)")
+    _check_creatable(field, p.parent)
+
+
+def check_output_dir(field: str, v: Any) -> None:
+    p = _check_path_type(field, v)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(field, f"{{name}} {p} is a file; give a directory")
+    _check_creatable(field, p)
+
+
+def check_input_file(field: str, v: Any, what: str = "file") -> None:
+    p = _check_path_type(field, v)
+    if p.is_dir():
+        raise ConfigError(field, f"{{name}} {p} is a directory, not a {what}")
+    if not p.is_file():
+        raise ConfigError(field, f"{{name}}: no {what} at {p}")
+    if not os.access(p, os.R_OK):
+        raise ConfigError(field, f"{{name}} {p} is not readable (permission denied)")
+
+
+def check_device(field: str, v: Any) -> torch.device:
+    """The device, if this machine has it."""
+    if not isinstance(v, (str, torch.device)):
+        raise TypeError(f"{field} must be a str or torch.device, got {type(v).__name__}")
+    try:
+        dev = torch.device(v)
+    except (RuntimeError, ValueError):
+        raise ConfigError(field, f"{{name}} {v!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(field, f"{{name}} {v}: this machine has no CUDA device (or this torch build has no "
+                                     "CUDA support); use cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(field, f"{{name}} {v}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(field, f"{{name}} {v}: this machine has no MPS device; use cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(field, f"{{name}} {v}: {dev.type} devices are not supported; use cpu or cuda")
+    return dev
+
+
+def check_backend(field: str, backend: Any, device: torch.device) -> None:
+    """``backend`` is known and, for ``"triton"``, can run its kernels on ``device`` here."""
+    from tape_kernels._dispatch import interpreting, triton_available
+
+    check_choice(field, backend, BACKENDS)
+    if backend != "triton":
+        return
+    if not triton_available():
+        raise ConfigError(field, "{name} triton: Triton is not installed or cannot load here; use eager or auto")
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ConfigError(field, f"{{name}} triton: Triton kernels need a CUDA device, not {device}; use eager or "
+                                 "auto (or set TRITON_INTERPRET=1 to run them in Triton's slow CPU interpreter)")
+
+
+def check_model_config(m: Any, prefix: str = "model.") -> None:
+    """Sizes a TapeTransformer can be built with (``vocab_size`` 0: taken from the corpus)."""
+    if not isinstance(m, ModelConfig):
+        raise TypeError(f"{prefix.rstrip('.')} must be a ModelConfig, got {type(m).__name__}")
+    check_int(prefix + "vocab_size", m.vocab_size, 0)
+    check_int(prefix + "seq_len", m.seq_len, 1)
+    check_int(prefix + "embed_dim", m.embed_dim, ATTENTION_HEADS)
+    if m.embed_dim % ATTENTION_HEADS:
+        raise ConfigError(prefix + "embed_dim", f"{{name}} must be a multiple of {ATTENTION_HEADS} (the attention "
+                                                f"heads of a TapeHead block), got {m.embed_dim}")
+    check_int(prefix + "num_heads", m.num_heads, 1)
+    check_float(prefix + "dropout", m.dropout, 0.0, hi=1.0, hi_open=True)
+    check_bool(prefix + "causal", m.causal)
+    if m.design not in DESIGNS:
+        raise ConfigError(prefix + "design", f"{{name}} must be one of {', '.join(DESIGNS)}, got {m.design!r}")
+    if m.design == "seed" and not m.causal:
+        raise ConfigError(prefix + "design", "{name} seed always uses the causal semantics; drop "
+                                             "--reference-semantics (causal=False)")
+
+
+def validate_config(cfg: TrainConfig) -> torch.device:
+    """Check every field; returns the device. Raises TypeError/ConfigError (a ValueError) naming the
+    first bad field. Creates, opens and changes no file."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train() needs a TrainConfig, got {type(cfg).__name__}")
+    if cfg.data is not None and str(cfg.data) not in CORPORA:
+        check_input_file("data", cfg.data, "corpus file")
+    check_int("steps", cfg.steps, 1)
+    check_int("batch_size", cfg.batch_size, 1)
+    check_float("lr", cfg.lr, 0.0)
+    check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    check_float("grad_clip", cfg.grad_clip, 0.0)
+    check_int("eval_every", cfg.eval_every, 0)
+    check_int("eval_batches", cfg.eval_batches, 1)
+    check_output_file("out", cfg.out)
+    check_bool("resume", cfg.resume)
+    if cfg.init_from is not None:
+        check_input_file("init_from", cfg.init_from, "checkpoint")
+        if cfg.resume:
+            raise ConfigError("init_from", "{name} cannot be combined with resume: a resumed run continues its own "
+                                           "checkpoint")
+    if cfg.resume and not Path(cfg.out).is_file():
+        raise ConfigError("resume", f"{{name}}: there is no checkpoint at {cfg.out} to continue (leave out resume "
+                                    "to start a new run there)")
+    check_int("seed", cfg.seed, 0, 2**63 - 1)
+    device = check_device("device", cfg.device)
+    check_backend("backend", cfg.backend, device)
+    if cfg.log_csv is not None:
+        check_output_file("log_csv", cfg.log_csv)
+    if cfg.log_dir is not None:
+        check_output_dir("log_dir", cfg.log_dir)
+    check_choice("amp", cfg.amp, AMP_MODES)
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("amp", "{name} fp16 needs a CUDA device; use bf16 or off on CPU")
+    if cfg.memory_budget_gb is not None:
+        check_float("memory_budget_gb", cfg.memory_budget_gb, 0.0, lo_open=True)
+    if cfg.micro_batch is not None:
+        check_int("micro_batch", cfg.micro_batch, 1)
+    check_bool("recompute", cfg.recompute, optional=True)
+    if cfg.viz is not None:
+        check_output_dir("viz", cfg.viz)
+        try:
+            import PIL  # noqa: F401
+        except ImportError:
+            raise ConfigError("viz", "{name} draws with Pillow, which is not installed: pip install pillow") from None
+    check_int("viz_every", cfg.viz_every, 1)
+    check_int("viz_rows", cfg.viz_rows, 1)
+    check_bool("progress", cfg.progress)
+    check_bool("catch_sigint", cfg.catch_sigint)
+    if isinstance(cfg.model, dict):
+        unknown = sorted(set(cfg.model) - set(DEFAULT_MODEL.to_dict()))
+        if unknown:
+            raise ConfigError("model", f"{{name}} has unknown field(s) {', '.join(map(repr, unknown))}; ModelConfig "
+                                       f"has {', '.join(DEFAULT_MODEL.to_dict())}")
+        check_model_config(ModelConfig.from_dict({**DEFAULT_MODEL.to_dict(), **cfg.model}))
+    elif cfg.model is not None:
+        check_model_config(cfg.model)
+    return device

@@ -1,0 +1,398 @@
+"""The training loop: :func:`train` checks the config, resolves where the run starts, builds the model
+and its memory plan, then runs steps, evaluating and checkpointing every ``eval_every`` steps.
+
+``TrainConfig`` is never modified: what a run derives from it (the device of this rank, the model
+config taken from a checkpoint, the plan) lives in a :class:`Run`. Ctrl-C finishes the current step,
+writes a checkpoint and the logs, and raises :class:`TrainingInterrupted`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from tapetransformer.checkpoint import ModelConfig, load_weights
+from tapetransformer.data import CharDataset, CharVocab, load_text
+from tapetransformer.fileio import remove_stale_temp
+from tapetransformer.train import checkpointing as ckpt
+from tapetransformer.train.config import ConfigError, TrainConfig, validate_config
+from tapetransformer.train.logs import RunLog
+from tapetransformer.train.memory import (
+    GIB,
+    MIB,
+    MemoryEstimate,
+    MemoryPlan,
+    calibrate_memory,
+    estimate_memory,
+    plan_memory,
+    set_memory_budget,
+)
+from tapetransformer.train.step import Stepper, build_model, enable_recompute, make_optimizer, pick_amp
+
+__all__ = ["Run", "TrainingInterrupted", "train"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: the run stopped after ``step``; its checkpoint and logs are written."""
+
+    def __init__(self, step: int, steps: int, checkpoint: str) -> None:
+        super().__init__(f"interrupted at step {step} of {steps}; checkpoint {checkpoint}")
+        self.step, self.steps, self.checkpoint = step, steps, checkpoint
+
+
+@dataclass
+class Run:
+    """What a run derives from its config and holds while it trains."""
+
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    mcfg: ModelConfig
+    vocab: CharVocab
+    ds: CharDataset
+    model: torch.nn.Module
+    stepper: Stepper
+    gen: torch.Generator
+    eval_gen: torch.Generator
+    start_step: int
+    n_params: int
+    memory_fraction: float | None = None
+    val_loss: float = math.nan
+    loss: float = math.nan
+    peak_mb: float = math.nan
+    rows: list[dict[str, Any]] = field(default_factory=list)  # ranks > 0 keep theirs here
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def local_batch(self) -> int:
+        return self.cfg.batch_size // self.world
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train; returns {"step", "train_loss", "val_loss", "checkpoint", "vocab", "model", "log", "plan",
+    "peak_mem_mb"} ("log": every row of the run, resumed ones included). Under ``torchrun``
+    (WORLD_SIZE > 1) every rank calls this; rank 0 writes files.
+
+    Raises TypeError/ValueError naming the field for a bad config before any work, and
+    :class:`TrainingInterrupted` (a KeyboardInterrupt) after Ctrl-C has been handled."""
+    device = validate_config(cfg)
+    rank, world, own_group = _dist_setup(device)
+    cleanup: list[Any] = []
+    try:
+        return _train(cfg, rank, world, cleanup)
+    finally:
+        for fn in reversed(cleanup):
+            fn()
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[str, Any]:
+    run = _setup(cfg, rank, world, cleanup)
+    log = _open_log(run) if run.main else None
+    viz = _open_viz(run) if run.main and cfg.viz else None
+    _announce(run)
+    try:
+        with _SigintDeferral(cfg.catch_sigint) as stop:
+            _loop(run, log, viz, stop)
+    finally:
+        if log is not None:
+            log.close()
+    rows = log.rows if log is not None else run.rows
+    return {"step": cfg.steps, "train_loss": run.loss, "val_loss": run.val_loss, "checkpoint": cfg.out,
+            "vocab": run.vocab, "model": run.model, "log": rows, "plan": run.stepper.plan, "peak_mem_mb": run.peak_mb}
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up: everything that can fail on bad input runs here, before any file is written
+
+
+def _start(cfg: TrainConfig) -> tuple[ckpt.StartPoint, CharDataset]:
+    """Where the run starts and its data; the checks a checkpoint settles run before the corpus is read."""
+    opened = ckpt.open_start(cfg)
+    text = load_text(cfg.data)
+    start = ckpt.start_point(cfg, text, opened)
+    ds = CharDataset(text, start.vocab)
+    seq_len = start.model.seq_len
+    if len(ds.train) < seq_len + 2:
+        raise ConfigError("data", f"{{name}}: the corpus's training split has {len(ds.train)} characters, too few "
+                                  f"for windows of seq_len {seq_len} (need {seq_len + 2})")
+    return start, ds
+
+
+def _setup(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> Run:
+    """Device, data, model, memory plan, optimizer and, for ``resume``, the restored state."""
+    device = _rank_device(torch.device(cfg.device), world)
+    if cfg.batch_size % world:
+        raise ConfigError("batch_size", f"{{name}} {cfg.batch_size} must be divisible by the {world} DDP ranks")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    start, ds = _start(cfg)
+    mcfg = start.model
+    model = build_model(mcfg, cfg.backend)
+    if start.init is not None:  # casts a float64 notebook state_dict to fp32
+        load_weights(model, start.init["model"], cfg.init_from)
+    model.to(device)
+    amp_dtype, need_scaler = pick_amp(cfg.amp, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    plan = _plan(cfg, model, mcfg, ds, device, world, n_params, amp_dtype)
+    frac = _apply_budget(plan, device, cleanup)
+    if plan.recompute:
+        enable_recompute(model)
+    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=True) if need_scaler else None
+    val_loss = math.nan
+    if start.resume is not None:
+        ckpt.restore(start.resume, cfg.out, model, opt, scaler, gen, eval_gen)
+        val_loss = float(start.resume["extra"].get("val_loss", math.nan))
+    stepper = Stepper(model, opt, plan, device=device, amp_dtype=amp_dtype, scaler=scaler, grad_clip=cfg.grad_clip,
+                      ddp=world > 1)
+    return Run(cfg=cfg, device=device, rank=rank, world=world, mcfg=mcfg, vocab=start.vocab, ds=ds, model=model,
+               stepper=stepper, gen=gen, eval_gen=eval_gen, start_step=start.step, n_params=n_params,
+               memory_fraction=frac, val_loss=val_loss)
+
+
+def _plan(cfg: TrainConfig, model: torch.nn.Module, mcfg: ModelConfig, ds: CharDataset, device: torch.device,
+          world: int, n_params: int, amp_dtype: torch.dtype | None) -> MemoryPlan:
+    budget = int(cfg.memory_budget_gb * GIB) if cfg.memory_budget_gb else None
+    est: MemoryEstimate
+    if budget is not None and cfg.micro_batch is None:
+        # measure what this model/backend/device saves for backward (2 tiny probe forwards; a separate
+        # sampler and restored RNG states keep the training run unchanged)
+        px, py = ds.get_batch("train", 2, mcfg.seq_len, torch.Generator().manual_seed(12345))
+        model.train()
+        est = calibrate_memory(model, mcfg, px.to(device), py.to(device), n_params, optimizer=cfg.optimizer,
+                               amp_dtype=amp_dtype, need_aux=cfg.viz is not None, ddp=world > 1)
+    else:
+        triton = cfg.backend == "triton" or (cfg.backend == "auto" and device.type == "cuda")
+        est = estimate_memory(mcfg, n_params, optimizer=cfg.optimizer, amp=amp_dtype is not None,
+                              need_aux=cfg.viz is not None, fused=triton, ddp=world > 1)
+    try:
+        return plan_memory(cfg.batch_size // world, est, budget, micro_batch=cfg.micro_batch, recompute=cfg.recompute)
+    except ValueError as e:
+        raise ConfigError("memory_budget_gb", f"{{name}}: {e}") from None
+
+
+def _apply_budget(plan: MemoryPlan, device: torch.device, cleanup: list[Any]) -> float | None:
+    """Cap the CUDA allocator at the plan's budget; the cap is process-wide, so it is lifted when
+    training ends (tests and notebooks call train() repeatedly)."""
+    if plan.budget_bytes is None or device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    frac = set_memory_budget(plan.budget_bytes, device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cleanup.append(lambda: torch.cuda.set_per_process_memory_fraction(1.0, idx))
+    return frac
+
+
+def _open_log(run: Run) -> RunLog:
+    cfg = run.cfg
+    paths = ([cfg.log_csv] if cfg.log_csv else []) + ([os.path.join(cfg.log_dir, "log.csv")] if cfg.log_dir else [])
+    summary = {"config": {k: v for k, v in asdict(cfg).items() if k != "model"}, "model": run.mcfg.to_dict(),
+               "parameters": run.n_params, "world_size": run.world, "plan": asdict(run.stepper.plan)}
+    remove_stale_temp(cfg.out)
+    return RunLog(paths, cfg.log_dir, summary=summary, resume_step=run.start_step if cfg.resume else None)
+
+
+def _open_viz(run: Run) -> Any:
+    from tapetransformer.viz import FrameWriter
+
+    return FrameWriter(run.cfg.viz, run.vocab.chars, start_step=run.start_step)
+
+
+def _announce(run: Run) -> None:
+    cfg = run.cfg
+    if not (run.main and cfg.progress):
+        return
+    st = run.stepper
+    amp = "fp32" if st.amp_dtype is None else str(st.amp_dtype).replace("torch.", "") + (
+        " + GradScaler" if st.scaler else "")
+    frac = f", memory fraction {run.memory_fraction:.4f}" if run.memory_fraction is not None else ""
+    sem = "causal" if run.mcfg.causal else "reference (its samples are not meaningful text)"
+    resume = f"; resuming at step {run.start_step}" if run.start_step else ""
+    tqdm.write(f"train: {run.n_params / 1e6:.2f}M parameters on {run.device} x{run.world}, {amp}, {cfg.optimizer}; "
+               f"{sem} semantics; {st.plan.describe()}{frac}{resume}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def _loop(run: Run, log: RunLog | None, viz: Any, stop: _SigintDeferral) -> None:
+    cfg = run.cfg
+    bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps,
+               disable=not (cfg.progress and run.main), desc="train", dynamic_ncols=True, file=sys.stderr)
+    run.model.train()
+    saved_at = run.start_step
+    try:
+        for step in bar:
+            done = step + 1
+            row, tok_s, mem_kind = _step(run, done, viz)
+            evaluate_now = cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.steps)
+            if evaluate_now:
+                _evaluate(run, row)
+            _record(run, log, row)
+            if evaluate_now or done == cfg.steps:  # checkpoints at validations and at the end
+                saved_at = _checkpoint(run, log, done, "finished" if done == cfg.steps else "running")
+            post = {"loss": f"{run.loss:.4f}"}
+            if math.isfinite(run.val_loss):
+                post["val"] = f"{run.val_loss:.4f}"
+            bar.set_postfix(**post, tok_s=f"{tok_s:,.0f}",
+                            mem=f"{run.peak_mb:,.0f}MB" + ("" if mem_kind == "cuda" else " rss"))
+            if done < cfg.steps and _stop_agreed(stop, run):
+                if saved_at != done:
+                    _checkpoint(run, log, done, "interrupted")
+                elif log is not None:
+                    log.snapshot("interrupted")
+                raise TrainingInterrupted(done, cfg.steps, cfg.out)
+    finally:
+        bar.close()
+
+
+def _step(run: Run, done: int, viz: Any) -> tuple[dict[str, Any], float, str]:
+    """One training step on this rank's slice of the global batch; retried with a smaller
+    micro-batch after a CUDA out-of-memory error. Returns its log row, tokens/s, memory kind."""
+    cfg, dev = run.cfg, run.device
+    x, y = run.ds.get_batch("train", cfg.batch_size, run.mcfg.seq_len, run.gen)  # same global batch on every rank
+    lo, hi = run.rank * run.local_batch, (run.rank + 1) * run.local_batch
+    x, y = x[lo:hi].to(dev), y[lo:hi].to(dev)
+    # every rank runs the same (aux) graph on frame steps; rank 0 draws
+    want_frame = bool(cfg.viz) and (done % cfg.viz_every == 0 or done == cfg.steps)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    while True:
+        try:
+            loss, attn = run.stepper.step(x, y, aux=want_frame)
+            break
+        except torch.OutOfMemoryError:
+            if dev.type != "cuda" or run.world > 1 or not run.stepper.shrink():
+                raise
+            torch.cuda.empty_cache()
+            if run.main:
+                tqdm.write(f"out of memory: retrying with {run.stepper.plan.describe()}", file=sys.stderr)
+    run.loss = loss.item()  # synchronises, so the step's time is complete
+    tok_s = cfg.batch_size * run.mcfg.seq_len / max(time.perf_counter() - t0, 1e-9)
+    run.peak_mb, mem_kind = _peak_mem_mb(dev)
+    if viz is not None:
+        viz.observe(done, run.loss)
+        if want_frame and attn is not None:  # attention of the first micro-batch's rows
+            r = min(cfg.viz_rows, attn.shape[0])
+            viz.frame(done, x[:r].cpu(), attn[:r].float().cpu())
+    return {"step": done, "loss": run.loss, "tokens_per_s": tok_s, "peak_mem_mb": run.peak_mb}, tok_s, mem_kind
+
+
+def _evaluate(run: Run, row: dict[str, Any]) -> None:
+    cfg = run.cfg
+    if run.main:  # fp32: rare, and the reference's precision
+        run.val_loss = ckpt.evaluate(run.model, run.ds, run.eval_gen, batch_size=cfg.batch_size,
+                                     batches=cfg.eval_batches)
+        row["val_loss"] = run.val_loss
+    else:  # other ranks advance the validation sampler too, so a resumed run is the same everywhere
+        ckpt.skip_evaluation(run.ds, run.eval_gen, seq_len=run.mcfg.seq_len, batch_size=cfg.batch_size,
+                             batches=cfg.eval_batches)
+
+
+def _record(run: Run, log: RunLog | None, row: dict[str, Any]) -> None:
+    if log is not None:
+        log.append(row)
+    else:
+        run.rows.append(row)
+
+
+def _checkpoint(run: Run, log: RunLog | None, done: int, status: str) -> int:
+    """Write the checkpoint (rank 0), then log.json and loss.png; returns the step saved."""
+    if run.main:
+        st = run.stepper
+        ckpt.save(run.cfg, model=run.model, mcfg=run.mcfg, vocab=run.vocab, opt=st.opt, scaler=st.scaler, step=done,
+                  gen=run.gen, eval_gen=run.eval_gen, val_loss=run.val_loss, plan=st.plan, world=run.world)
+    if log is not None:
+        log.snapshot(status)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C, distributed, memory
+
+
+class _SigintDeferral:
+    """While active (main thread only), a first Ctrl-C only asks the loop to stop after the current
+    step, so the checkpoint it then writes is never of a half-applied optimizer step; a second one
+    raises KeyboardInterrupt at once (the last checkpoint stays as it was)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigintDeferral:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: stopping after this step to write a checkpoint and the logs (again: abort at once)",
+                   file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _stop_agreed(stop: _SigintDeferral, run: Run) -> bool:
+    """Whether to stop now; under DDP every rank must stop at the same step, so the ranks agree."""
+    if run.world == 1:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _dist_setup(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call initialised the process group) from torchrun's env."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _rank_device(device: torch.device, world: int) -> torch.device:
+    if world > 1 and device.type == "cuda" and device.index is None:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return device
+
+
+def _peak_mem_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory of the last step: CUDA allocator peak, or the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MIB, "cuda"
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (rss / MIB if sys.platform == "darwin" else rss / 1024), "rss"
+    except ImportError:  # Windows
+        return math.nan, "rss"

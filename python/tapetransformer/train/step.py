@@ -1,0 +1,179 @@
+"""One optimisation step: the model, optimizer and precision it runs with (:func:`build_model`,
+:func:`make_optimizer`, :func:`pick_amp`, :func:`enable_recompute`) and the :class:`Stepper`, which
+splits a batch into micro-batches (size-weighted losses, DDP gradient sync on the last only) under
+autocast and a GradScaler, clips gradients and steps the optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from tapetransformer.model import ModelConfig, TapeTransformer
+from tapetransformer.optim import FusedWolf
+from tapetransformer.reference import Wolf, nll_loss
+from tapetransformer.train.config import AMP_MODES, OPTIMIZERS, check_model_config
+
+if TYPE_CHECKING:
+    from tapetransformer.train.memory import MemoryPlan
+
+__all__ = ["LossNet", "Stepper", "build_model", "enable_recompute", "make_optimizer", "pick_amp"]
+
+
+def build_model(mcfg: ModelConfig, backend: str = "auto") -> TapeTransformer:
+    """The fused model a checkpoint's config describes (``vocab_size`` must be known by now)."""
+    check_model_config(mcfg, prefix="")
+    if mcfg.vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1 to build a model, got {mcfg.vocab_size}")
+    return TapeTransformer(mcfg.vocab_size, seq_len=mcfg.seq_len, embed_dim=mcfg.embed_dim,
+                           num_heads=mcfg.num_heads, dropout=mcfg.dropout, causal=mcfg.causal, backend=backend,
+                           design=mcfg.design)
+
+
+def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "wolf":
+        return FusedWolf(params, lr=lr)
+    if name == "wolf-eager":
+        return Wolf(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def pick_amp(amp: str, device: str | torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a GradScaler is needed) for ``amp`` on ``device``."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    dev = torch.device(device)
+    if amp == "off":
+        return None, False
+    if dev.type != "cuda":
+        if amp == "auto":
+            return None, False  # CPU autocast is slower than fp32 for this model
+        if amp == "bf16":
+            return torch.bfloat16, False
+        raise ValueError("fp16 mixed precision needs a CUDA device (use --amp bf16 or off on CPU)")
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def enable_recompute(model: TapeTransformer) -> None:
+    """Activation recomputation around every TapeHead block: only each block's inputs are kept;
+    its internals are recomputed in the backward pass (dropout RNG state is replayed)."""
+    if not isinstance(model, TapeTransformer):
+        raise ValueError("activation recomputation needs the fused tapetransformer.TapeTransformer")
+    model.recompute = True
+
+
+# ---------------------------------------------------------------------------------------------
+# the step
+
+
+class LossNet(nn.Module):
+    """forward(x, y, aux) -> (mean NLL, attention weights (B, S) or None): the unit DDP wraps.
+
+    Without ``aux`` the fused ``model.loss`` (only the modules the loss depends on); with ``aux``
+    the full training forward, whose attention weights feed the visualization (returned detached:
+    they are not part of the loss, so DDP must not wait for gradients through them).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, Any]:
+        if aux:
+            if isinstance(self.model, TapeTransformer):
+                logp, _, attn = self.model(x, need_aux=True)
+            else:
+                logp, _, attn = self.model(x)
+            return nll_loss(logp, y), attn.detach()
+        if hasattr(self.model, "loss"):
+            return self.model.loss(x, y), None
+        return nll_loss(self.model(x)[0], y), None
+
+
+class Stepper:
+    """One optimisation step over a batch: micro-batches (size-weighted losses, DDP gradient sync
+    on the last only), autocast, GradScaler, gradient clipping, optimizer step."""
+
+    def __init__(
+        self, model: nn.Module, opt: torch.optim.Optimizer, plan: MemoryPlan, *, device: str | torch.device = "cpu",
+        amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0,
+        ddp: bool = False,
+    ) -> None:
+        self.model = model
+        self.opt = opt
+        self.plan = plan
+        self.device = torch.device(device)
+        self.amp_dtype = amp_dtype
+        self.scaler = scaler
+        self.grad_clip = grad_clip
+        self.net: nn.Module = LossNet(model)
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # the reference's never-used modules (embed_ln, merger, ...) get no gradient at all
+            self.net = DDP(self.net, device_ids=ids, find_unused_parameters=True)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, Any]:
+        """Backward of the batch's mean loss into ``.grad`` (not zeroed first); returns the detached
+        loss and, with ``aux``, the attention weights of the first micro-batch."""
+        n = x.shape[0]
+        xs, ys = x.split(self.plan.micro_batch), y.split(self.plan.micro_batch)
+        total = torch.zeros((), device=x.device)
+        first_attn = None
+        for i, (xc, yc) in enumerate(zip(xs, ys)):
+            last = i == len(xs) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, attn = self.net(xc, yc, aux and i == 0)
+                # mean over the micro-batch × its share of the batch = the batch mean's gradient
+                weighted = loss.float() * (xc.shape[0] / n)
+                (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
+            total += weighted.detach()
+            if attn is not None:
+                first_attn = attn
+        return total, first_attn
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, Any]:
+        self.opt.zero_grad(set_to_none=True)
+        loss, attn = self.accumulate(x, y, aux)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        return loss, attn
+
+    def shrink(self) -> bool:
+        """After an out-of-memory error: halve the micro-batch (at 1, turn recomputation on)."""
+        p = self.plan
+        if p.micro_batch > 1:
+            mb = p.micro_batch // 2
+            self.plan = replace(p, micro_batch=mb, accum_steps=math.ceil(p.micro_batch * p.accum_steps / mb))
+            return True
+        if not p.recompute and isinstance(self.model, TapeTransformer):
+            enable_recompute(self.model)
+            self.plan = replace(p, recompute=True)
+            return True
+        return False
