@@ -58,7 +58,8 @@ def err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
 
 
-def check(got: torch.Tensor, want64: torch.Tensor, torch_lp: torch.Tensor | None, dtype: torch.dtype, what: str) -> None:
+def check(got: torch.Tensor, want64: torch.Tensor, torch_lp: torch.Tensor | None, dtype: torch.dtype,
+          what: str) -> None:
     e = err(got, want64)
     if dtype == torch.float32:
         assert e < 2e-5, f"{what}: {e:.2e}"
@@ -155,7 +156,8 @@ def test_cuda_layer_matches_reference(b: int, dtype: torch.dtype, int8: bool) ->
     kv = torch.randn(2, 2, b, H, seq, d // H, generator=gen).to(dtype)
 
     def on(w: db.BlockDecodeWeights) -> db.BlockDecodeWeights:
-        return db.BlockDecodeWeights(**{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in w.__dict__.items()})
+        moved = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in w.__dict__.items()}
+        return db.BlockDecodeWeights(**moved)
 
     inp = db.DecodeInput(db.PAIR, prev=tuple(on(p) for p in prev), combine=1)
     ws = db.Workspace(2, b, d, 8 * d, dev)

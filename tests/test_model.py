@@ -212,21 +212,36 @@ def test_greedy_generation_reproduces_the_reference_loop(golden: dict, backend: 
 def test_static_decode_step_equals_cached_decode(backend: str, causal: bool) -> None:
     """The CUDA-graph step (device-side position, index_copy_ cache write, decode over the whole
     capacity with a device length) equals the dynamic cached decode, token by token, and leaves
-    the same K/V in the cache; rows past the length are NaN and must be ignored."""
+    the same K/V in the cache; rows past the length are NaN and must be ignored.
+
+    With the Triton backend the step runs the fused decode kernels (tape_kernels.decode_block), whose
+    GEMVs sum in another order than the dynamic path's ops: their K/V rows are judged against a
+    float64 model, within twice the dynamic fp32 path's own error (both are ~1e-6 of |kv| ≈ 3 here)."""
     torch.manual_seed(5)
     m = TapeTransformer(13, seq_len=12, embed_dim=32, num_heads=2, dropout=0.0, causal=causal,
                         backend=backend).eval()  # fmt: skip
+    m64 = TapeTransformer(13, seq_len=12, embed_dim=32, num_heads=2, dropout=0.0, causal=causal,
+                          backend="eager").double().eval()  # fmt: skip
+    m64.load_state_dict(m.state_dict())
     x = torch.randint(0, 13, (2, 10), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         _, dyn = m(x[:, :4], past_kv=m.new_cache(2, 12))
         _, sta = m(x[:, :4], past_kv=m.new_cache(2, 12))
+        _, d64 = m64(x[:, :4], past_kv=m64.new_cache(2, 12))
         sta.kv[:, :, :, :, 4:] = float("nan")
         for t in range(4, 10):
             want, dyn = m(x[:, t : t + 1], past_kv=dyn)
+            _, d64 = m64(x[:, t : t + 1], past_kv=d64)
             got = m.decode_step(x[:, t : t + 1], torch.tensor([t]), sta)
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(dyn.kv[:, :, :, :, :10], sta.kv[:, :, :, :, :10], atol=1e-6, rtol=1e-6)
+        if backend == "eager":  # the same ops in the same order
+            torch.testing.assert_close(dyn.kv[:, :, :, :, :10], sta.kv[:, :, :, :, :10], atol=1e-6, rtol=1e-6)
+        else:
+            exact = d64.kv[:, :, :, :, :10]
+            e_dyn = float((dyn.kv[:, :, :, :, :10].double() - exact).abs().max())
+            e_sta = float((sta.kv[:, :, :, :, :10].double() - exact).abs().max())
+            assert e_sta <= 2 * e_dyn + 1e-7, (e_sta, e_dyn)
     with pytest.raises(ValueError, match="cuda_graph"):
         generate(m, x[:1, :3], 2, cuda_graph=True)
 

@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from tape_kernels._dispatch import check_backend
+from tape_kernels import decode_block as db
+from tape_kernels._dispatch import check_backend, use_triton
 from tape_kernels.activation import reference_activation
 from tape_kernels.attention import critic_attention, critic_attention_decode
 from tape_kernels.combine import tapehead_combine
@@ -31,7 +32,9 @@ from tape_kernels.layernorm import add_layer_norm
 from tapetransformer.kvcache import BlockKV, KVCache
 from tapetransformer.reference import TapeHead, TapeHeadBlock, apply_rope
 
-__all__ = ["BlockInt8", "FusedOptions", "FusedTapeHead", "FusedTapeHeadBlock"]
+__all__ = ["DECODE_MODES", "BlockInt8", "FusedOptions", "FusedTapeHead", "FusedTapeHeadBlock"]
+
+DECODE_MODES = ("block", "ops")
 
 
 @dataclass
@@ -41,16 +44,23 @@ class FusedOptions:
     causal:    causal masks and absolute positions (``False``: the reference's semantics);
     backend:   "auto" (Triton on CUDA, or on CPU under TRITON_INTERPRET=1), "triton", "eager";
     skip_dead: skip what provably cannot change an output (the reference's discarded concatenation);
-    recompute: activation recomputation around every block in training (torch.utils.checkpoint).
+    recompute: activation recomputation around every block in training (torch.utils.checkpoint);
+    decode:    how the static one-token decode step runs on the Triton path: "block" (default) the
+               fused decode kernels, three launches per layer of a TapeHead (``tape_kernels.decode_block``);
+               "ops" one kernel per op (attention, LayerNorm, activation, combine, cuBLAS GEMVs), kept
+               for comparison.
     """
 
     causal: bool = False
     backend: str = "auto"
     skip_dead: bool = True
     recompute: bool = False
+    decode: str = "block"
 
     def __post_init__(self) -> None:
         self.backend = check_backend(self.backend)
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
 
 
 class BlockInt8(NamedTuple):
@@ -193,11 +203,50 @@ class FusedTapeHeadBlock(TapeHeadBlock):
         x = prev_h[:, -tok.shape[1]:, :] if prev_h is not None else self.embed(tok, start)
         return self.mlp_ln(x, self._attend(x, kv, start, None))
 
+    def decode_weights(self) -> db.BlockDecodeWeights | None:
+        """What the fused decode kernels read for this block: its float weights, or its int8 copies
+        (weight-only) when they are set and autograd is off; None where they do not apply (W8A8
+        requested with ``act_quant=True``: that mode runs the ops path)."""
+        mha = self.attention
+        w = dict(
+            w_in=mha.in_proj_weight, b_in=mha.in_proj_bias, w_out=mha.out_proj.weight, b_out=mha.out_proj.bias,
+            ln1_w=self.ln_attn.weight, ln1_b=self.ln_attn.bias, ln1_eps=self.ln_attn.eps,
+            w_exp=self.mlp.expand.weight, b_exp=self.mlp.expand.bias, w_down=self.mlp.linear.weight,
+            ln2_w=self.ln_mlp.weight, ln2_b=self.ln_mlp.bias, ln2_eps=self.ln_mlp.eps,
+            pos_emb=self.pos_emb[0], rope_freqs=self.rope_freqs,
+        )  # fmt: skip
+        if any(t is None for t in w.values()):
+            return None
+        if self.int8 is not None and not torch.is_grad_enabled():
+            if self.int8_act_quant:
+                return None
+            q = self.int8
+            w.update(w_in=q.in_proj[0], s_in=q.in_proj[1], w_out=q.out_proj[0], s_out=q.out_proj[1],
+                     w_exp=q.expand[0], s_exp=q.expand[1], w_down=q.linear[0], s_down=q.linear[1])  # fmt: skip
+        return db.BlockDecodeWeights(**{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in w.items()})
+
+    def fused_decode_ok(self, x: torch.Tensor) -> bool:
+        """Whether the static decode step of input ``x`` may run the fused decode kernels: the "block"
+        decode mode on the Triton path, eval, no autograd graph to build and no autocast (whose
+        per-op casts the ops path reproduces)."""
+        if self.opts.decode != "block" or self.training or not use_triton(x, backend=self.opts.backend):
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
     def decode_step(
         self, tok: torch.Tensor, prev_h: torch.Tensor | None, kv: BlockKV, pos: torch.Tensor, lens: torch.Tensor
     ) -> torch.Tensor:
         """One token (B, 1, D) at the device-side position ``pos`` ((1,) int64; ``lens`` = pos + 1 as
-        int32): static shapes, no host read, so the step can be captured in a CUDA graph."""
+        int32): static shapes, no host read, so the step can be captured in a CUDA graph. On the
+        Triton path (``opts.decode == "block"``) four launches of ``tape_kernels.decode_block``."""
+        src = prev_h if prev_h is not None else tok
+        if self.fused_decode_ok(src):
+            w = self.decode_weights()
+            if w is not None and _fused_fits([w], src, kv.cache.kv, self.attention.num_heads):
+                inp = _layer_input(tok, prev_h)
+                return _fused_decode([self], [[w]], inp, kv.cache.kv, kv.index, pos, 2, src)
         x = prev_h[:, -1:, :] if prev_h is not None else self.embed(tok, pos)
         return self.mlp_ln(x, self._attend(x, kv, pos, lens))
 
@@ -257,10 +306,60 @@ class FusedTapeHead(TapeHead):
         self, tok: torch.Tensor, prev_h: torch.Tensor | None, cache: KVCache, head: int, pos: torch.Tensor,
         lens: torch.Tensor,
     ) -> torch.Tensor:
-        """One token through every layer with static shapes (see ``FusedTapeHeadBlock.decode_step``)."""
+        """One token through every layer with static shapes (see ``FusedTapeHeadBlock.decode_step``).
+        On the Triton path (``opts.decode == "block"``) each layer's left and right blocks run together
+        in three launches of ``tape_kernels.decode_block``, the combine folded into the next layer's
+        first launch, plus one launch for the last layer's LayerNorm and combine."""
+        src = prev_h if prev_h is not None else tok
+        lefts, rights = list(self.blocks_left), list(self.blocks_right)
+        if lefts and lefts[0].fused_decode_ok(src):
+            layers = [[left.decode_weights(), right.decode_weights()] for left, right in zip(lefts, rights)]
+            flat = [w for pair in layers for w in pair]
+            if all(w is not None for w in flat) and _fused_fits(flat, src, cache.kv, lefts[0].attention.num_heads):
+                mode = self.discriminate if self.discriminate in (0, 1) else 2
+                return _fused_decode(lefts, layers, _layer_input(tok, prev_h), cache.kv, cache.index(head, 0, 0),
+                                     pos, mode, src)  # fmt: skip
         h = prev_h
         for i, (left, right) in enumerate(zip(self.blocks_left, self.blocks_right)):
             hl = left.decode_step(tok, h, cache.block(head, i, 0), pos, lens)
             hr = right.decode_step(tok, h, cache.block(head, i, 1), pos, lens)
             h = self.combine(hl, hr)
         return h
+
+
+# ---------------------------------------------------------------------------------- fused decode
+
+
+def _layer_input(tok: torch.Tensor, prev_h: torch.Tensor | None) -> db.DecodeInput:
+    """A head's (or a block's) first-layer input: the previous output's last row, else the token
+    embeddings (each block adds its positional row)."""
+    if prev_h is not None:
+        return db.DecodeInput(db.PLAIN, x=prev_h[:, -1, :])
+    return db.DecodeInput(db.EMBED, x=tok[:, -1, :])
+
+
+def _fused_fits(ws: list[db.BlockDecodeWeights], src: torch.Tensor, kv: torch.Tensor, num_heads: int) -> bool:
+    """The inputs, cache and weights share one dtype and device the kernels serve."""
+    return src.dtype == kv.dtype and src.device == kv.device and src.stride(-1) == 1 and \
+        db.decode_supported(ws, kv, num_heads)
+
+
+def _fused_decode(
+    blocks: list[FusedTapeHeadBlock], layers: list[list[db.BlockDecodeWeights]], inp: db.DecodeInput,
+    kv: torch.Tensor, blk0: int, pos: torch.Tensor, combine: int, src: torch.Tensor,
+) -> torch.Tensor:
+    """Run ``layers`` (each a list of 1 or 2 blocks side by side, cache blocks ``blk0 + ns·i + side``)
+    for one token -> (B, 1, D) in the input's dtype."""
+    b, d = src.shape[0], src.shape[-1]
+    ns = len(layers[0])
+    w0 = layers[0][0]
+    ws = db.Workspace(ns, b, d, w0.w_exp.shape[0], src.device)
+    causal = blocks[0].opts.causal
+    heads = blocks[0].attention.num_heads
+    for i, sides in enumerate(layers):
+        if i > 0:
+            inp = db.DecodeInput(db.PAIR, prev=tuple(layers[i - 1]), combine=combine)
+        db.decode_layer(inp, sides, kv, blk0 + ns * i, pos, ws, causal, heads)
+    out = torch.empty(b, 1, d, device=src.device, dtype=src.dtype)
+    db.decode_finish(ws, layers[-1], combine, out[:, 0])
+    return out

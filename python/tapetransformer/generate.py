@@ -35,9 +35,10 @@ from typing import Any
 
 import torch
 
+from tape_kernels import sampling as _ks
 from tapetransformer.fastdecode import lean_decoder
 from tapetransformer.model import KVCache, TapeTransformer
-from tapetransformer.sampling import pick_next
+from tapetransformer.sampling import DeviceRNG, pick_next, topk_threshold
 
 __all__ = ["clear_decode_graphs", "generate"]
 
@@ -83,13 +84,19 @@ def generate(
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
     prompt = prompt.to(device=device, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    if not greedy:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
     was_training = model.training
     model.eval()
     window = model.seq_len
     try:
         with model.int8_weights(enabled=int8, act_quant=act_quant):
-            return _generate(model, prompt, max_new_tokens, window, use_graph, gen, temperature, top_k, greedy,
+            return _generate(model, prompt, max_new_tokens, window, use_graph, seed, temperature, top_k, greedy,
                              on_token, stats)
     finally:
         model.train(was_training)
@@ -97,12 +104,13 @@ def generate(
 
 def _generate(
     model: TapeTransformer, prompt: torch.Tensor, max_new_tokens: int, window: int, use_graph: bool,
-    gen: torch.Generator | None, temperature: float, top_k: int | None, greedy: bool,
+    seed: int | None, temperature: float, top_k: int | None, greedy: bool,
     on_token: Callable[[torch.Tensor], None] | None, stats: dict[str, Any] | None,
 ) -> torch.Tensor:
     device, b = prompt.device, prompt.shape[0]
     model.prepare_decode()
     ctx = prompt[:, -window:]
+    sampling = _sampling_key(greedy, top_k)
     # Reference semantics never hits a positional limit in decode, so the cache can hold the whole
     # run; causal decode holds at most one window.
     cap = window if model.causal else ctx.shape[1] + max_new_tokens
@@ -112,25 +120,38 @@ def _generate(
         # own cache (the prefill rewrites the rows it reads), so the capture is paid once.
         if not model.causal:
             cap = _graph_capacity(cap)
-        graph = _cached_graph(model, b, cap, device)
+        graph = _cached_graph(model, b, cap, device, sampling)
     if graph is not None:
         cache = graph.cache
         cache.reset()
+        graph.release()
     else:
         cache = model.new_cache(b, max(cap, 1), device, model.unembedding.dtype)
+    # The sampler's state lives on the device (a captured graph's own tensor when there is one), so
+    # draws never wait for the host.
+    rng = None if greedy else DeviceRNG(seed, device, state=graph.rng_state if graph is not None else None)
     # CPU: a lean one-token decode step, the same math with the checks and packing done here once
-    # (tapetransformer.fastdecode); None where unsupported (then the model's prefill runs per token).
+    # (tapetransformer.fastdecode); None where unsupported. Else, where the static step runs the
+    # fused decode kernels (Triton: CUDA without a graph, or the interpreter), that step; else the
+    # model's prefill per token.
     lean = lean_decoder(model, cache) if device.type == "cpu" else None
+    static = lean is None and not use_graph and _fused_static_step(model, device)
+    pos = torch.zeros(1, dtype=torch.long, device=device) if static else None
     t0 = time.perf_counter()
     logp, cache = model(ctx, past_kv=cache)
     _sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
+
+    def pick(lp: torch.Tensor) -> torch.Tensor:
+        return pick_next(lp[:, -1], temperature=temperature, top_k=top_k, greedy=greedy, generator=rng,
+                         backend=model.backend)  # fmt: skip
+
     out = [prompt]
     capture_ms = 0.0
     reused = graph is not None
     t1 = time.perf_counter()
+    nxt = pick(logp)
     for i in range(max_new_tokens):
-        nxt = pick_next(logp[:, -1], temperature=temperature, top_k=top_k, greedy=greedy, generator=gen)
         out.append(nxt[:, None])
         if on_token is not None:
             on_token(nxt)
@@ -142,18 +163,30 @@ def _generate(
             keep = max(window // 2, 1)
             cache.reset()
             logp, cache = model.prefill(torch.cat(out, dim=1)[:, -keep:], cache, check=False)
+            nxt = pick(logp)
+            if graph is not None:
+                graph.release()  # its token and position buffers no longer hold the next step's inputs
         elif use_graph:
             if graph is None:
                 tc = time.perf_counter()
-                graph = _GraphedDecodeStep(model, cache, b)
+                graph = _GraphedDecodeStep(model, cache, b, sampling, rng.state if rng is not None else None)
                 _store_graph(model, graph)
                 capture_ms = (time.perf_counter() - tc) * 1e3
-            logp = graph(nxt[:, None], cache.length)
+            # One replay: the decode step and the draw; the next token stays on the device.
+            nxt = graph.advance(nxt, cache.length, temperature)
             cache.length += 1
         elif lean is not None:
             logp, cache = lean.step(nxt)
+            nxt = pick(logp)
+        elif static:
+            cache.ensure(1)
+            pos.fill_(cache.length)
+            logp = model.decode_step(nxt[:, None], pos, cache)
+            cache.length += 1
+            nxt = pick(logp)
         else:
             logp, cache = model.prefill(nxt[:, None], cache, check=False)
+            nxt = pick(logp)
     _sync(device)
     n = max(max_new_tokens, 1)
     if stats is not None:
@@ -163,6 +196,19 @@ def _generate(
             stats["capture_ms"] = capture_ms  # 0.0 when an earlier call's graph was replayed
             stats["graph_reused"] = reused
     return torch.cat(out, dim=1)
+
+
+def _fused_static_step(model: TapeTransformer, device: torch.device) -> bool:
+    """Whether ``model.decode_step`` runs the fused decode kernels here (then it, not a prefill of
+    one token, is the eager decode step)."""
+    blk = next(model.fused_blocks(), None)
+    return blk is not None and blk.fused_decode_ok(model.unembedding) and model.unembedding.device == device
+
+
+def _sampling_key(greedy: bool, top_k: int | None) -> tuple:
+    """What a captured draw bakes in: greedy, or sampling with this top-k (the temperature is a
+    device tensor the graph reads, so it may change between replays)."""
+    return ("greedy",) if greedy else ("sample", top_k)
 
 
 _MAX_GRAPHS = 4  # captured decode graphs kept per model (each holds its cache: ~4 MB at the notebook size)
@@ -175,10 +221,11 @@ def _graph_capacity(need: int) -> int:
     return max(64, 1 << (max(need, 1) - 1).bit_length())
 
 
-def _graph_key(model: TapeTransformer, batch: int, capacity: int, device: torch.device) -> tuple:
+def _graph_key(model: TapeTransformer, batch: int, capacity: int, device: torch.device,
+               sampling: tuple = ("greedy",)) -> tuple:
     autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     return (batch, capacity, model.unembedding.dtype, device, model.causal, model.backend, model.int8_mode,
-            torch.backends.cuda.matmul.allow_tf32, autocast)
+            model.opts.decode, torch.backends.cuda.matmul.allow_tf32, autocast, sampling)
 
 
 def _weights_fingerprint(model: TapeTransformer) -> tuple:
@@ -193,9 +240,10 @@ def _weights_fingerprint(model: TapeTransformer) -> tuple:
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _cached_graph(model: TapeTransformer, batch: int, capacity: int, device: torch.device) -> _GraphedDecodeStep | None:
+def _cached_graph(model: TapeTransformer, batch: int, capacity: int, device: torch.device,
+                  sampling: tuple = ("greedy",)) -> _GraphedDecodeStep | None:
     graphs = _GRAPHS.setdefault(model, {})
-    key = _graph_key(model, batch, capacity, device)
+    key = _graph_key(model, batch, capacity, device, sampling)
     g = graphs.get(key)
     if g is not None and g.fingerprint != _weights_fingerprint(model):
         del graphs[key]  # the weights moved (a .to(), a re-quantization): capture again
@@ -216,42 +264,97 @@ def clear_decode_graphs(model: TapeTransformer) -> None:
 
 
 class _GraphedDecodeStep:
-    """``model.decode_step`` captured in a CUDA graph over one cache's buffers.
+    """``model.decode_step`` and the next token's draw, captured in one CUDA graph over one cache's
+    buffers.
 
-    Calling it copies the token ids and the position into the graph's static inputs and replays;
-    the returned log-probs (B, 1, V) are the graph's static output, overwritten by the next call.
-    It keeps its cache and the int8 tensors it reads alive, so a later ``generate`` call with the
-    same key and weights can replay it (see ``_cached_graph``).
+    Static buffers: the token ids ``tok`` (B, 1), the position ``pos`` (1,), the temperature ``temp``
+    (1,) and the sampler state ``rng_state`` ((2,) ``[seed, step]``, see ``DeviceRNG``). One replay
+    runs the decode step, draws the next ids into ``tok`` (argmax, or the exponential race with the
+    baked-in top-k) and advances ``pos``, so consecutive replays need no host work at all; the host
+    only copies a fresh token or position in after a prefill. ``logp`` (B, 1, V) is the static output,
+    overwritten by every replay. The graph keeps its cache and the int8 tensors it reads alive, so a
+    later ``generate`` call with the same key and weights can replay it (see ``_cached_graph``).
     """
 
-    def __init__(self, model: TapeTransformer, cache: KVCache, batch: int) -> None:
+    def __init__(self, model: TapeTransformer, cache: KVCache, batch: int, sampling: tuple = ("greedy",),
+                 rng_state: torch.Tensor | None = None) -> None:
         dev = cache.kv.device
         self.cache = cache
-        self.key = _graph_key(model, batch, cache.capacity, dev)
+        self.sampling = sampling
+        self.key = _graph_key(model, batch, cache.capacity, dev, sampling)
         self.fingerprint = _weights_fingerprint(model)
         self.derived = model.derived_tensors()  # the captured kernels read these tensors: keep them alive
         self.capacity = cache.capacity
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1,), cache.length, dtype=torch.long, device=dev)
+        self.temp = torch.ones(1, dtype=torch.float32, device=dev)
+        self.rng_state = rng_state if rng_state is not None else _ks.new_state(0, dev)
+        self.next_pos = -1  # the position ``pos`` holds after the last replay (-1: unknown)
+        self.tok_fresh = False  # whether ``tok`` holds the token the last replay drew
+        backend = model.backend
         # Warm-up outside the capture: Triton compiles/autotunes and the allocator settles. It writes
-        # K/V of token 0 into row cache.length, which the first replay overwrites before any read.
+        # K/V of token 0 into row cache.length, which the first replay overwrites before any read,
+        # and advances the sampler state, which the caller re-seeds or continues.
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
+        saved = (self.pos.clone(), self.rng_state.clone())
         with torch.cuda.stream(side):
             for _ in range(2):
-                model.decode_step(self.tok, self.pos, cache)
+                self._step(model, backend)
+                self.pos.copy_(saved[0])
+                self.tok.zero_()
         torch.cuda.current_stream(dev).wait_stream(side)
+        self.rng_state.copy_(saved[1])
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logp = model.decode_step(self.tok, self.pos, cache)
+            self.logp = self._step(model, backend)
+        self.pos.copy_(saved[0])
+
+    def _step(self, model: TapeTransformer, backend: str) -> torch.Tensor:
+        """The captured work: decode step, draw into ``tok``, position + 1."""
+        logp = model.decode_step(self.tok, self.pos, self.cache)
+        last = logp[:, -1]
+        if self.sampling[0] == "greedy":
+            nxt = last.argmax(dim=-1)
+        else:
+            scores = last.float() / self.temp  # the same IEEE division as pick_next's by a float
+            nxt = _ks.sample(scores, self.rng_state, topk_threshold(scores, self.sampling[1]), backend=backend)
+        self.tok.copy_(nxt[:, None])
+        self.pos.add_(1)
+        return logp
 
     def __call__(self, tok: torch.Tensor, position: int) -> torch.Tensor:
+        """Decode ``tok`` (B, 1) at ``position`` -> log-probs (B, 1, V) (the draw also runs)."""
         if position >= self.capacity:  # the graph's buffers cannot grow; generate() sizes them
             raise RuntimeError(f"decode position {position} is past the captured cache's capacity {self.capacity}")
         self.tok.copy_(tok)
         self.pos.fill_(position)
         self.graph.replay()
+        self.next_pos, self.tok_fresh = position + 1, False
         return self.logp
+
+    def advance(self, tok: torch.Tensor, position: int, temperature: float = 1.0) -> torch.Tensor:
+        """Decode ``tok`` (B,) at ``position`` and draw the next ids -> (B,) (a copy: the next replay
+        overwrites ``tok``). After a replay ``tok`` and ``pos`` already hold the next step's inputs,
+        so nothing is copied in."""
+        if position >= self.capacity:
+            raise RuntimeError(f"decode position {position} is past the captured cache's capacity {self.capacity}")
+        if not self.tok_fresh:
+            self.tok.copy_(tok[:, None])
+        if self.next_pos != position:
+            self.pos.fill_(position)
+        if self.sampling[0] != "greedy" and self._temp_set != temperature:
+            self.temp.fill_(temperature)
+            self._temp_set = temperature
+        self.graph.replay()
+        self.next_pos, self.tok_fresh = position + 1, True
+        return self.tok[:, 0].clone()
+
+    _temp_set: float | None = None
+
+    def release(self) -> None:
+        """Forget what the buffers hold (a new generate() call starts over)."""
+        self.next_pos, self.tok_fresh, self._temp_set = -1, False, None
 
 
 def _sync(device: torch.device) -> None:

@@ -1,9 +1,15 @@
-"""Sampling from the reference model with its own cache (reference semantics).
+"""Next-token choice on the device, and sampling from the reference model with its own cache.
 
-Unlike the notebook, which fed only the prompt's last character, the whole prompt is prefilled
-(its last ``seq_len`` characters), then one token is fed per call with the cache. The reference's
-cached decode restarts positions at 0 on every call (spec finding 4), so this reproduces what the
-original computes, not a left-to-right language model.
+``pick_next`` draws with the exponential race (Gumbel-max, ``tape_kernels.sampling``): temperature,
+top-k and the draw run on the logits' device with a counter-based generator (:class:`DeviceRNG`), so
+a sampled token costs no host synchronisation and the draw can be captured in a CUDA graph. A
+seed's samples differ from ``torch.multinomial``'s (another algorithm and generator; the same
+distribution). Greedy is ``argmax``.
+
+``sample_reference``: unlike the notebook, which fed only the prompt's last character, the whole
+prompt is prefilled (its last ``seq_len`` characters), then one token is fed per call with the
+cache. The reference's cached decode restarts positions at 0 on every call (spec finding 4), so this
+reproduces what the original computes, not a left-to-right language model.
 """
 
 from __future__ import annotations
@@ -13,7 +19,43 @@ from collections.abc import Callable
 
 import torch
 
+from tape_kernels import sampling as _ks
 from tapetransformer.reference import ReferenceTapeTransformer
+
+__all__ = ["DeviceRNG", "pick_next", "sample_reference", "topk_threshold"]
+
+
+class DeviceRNG:
+    """The sampler's generator: a (2,) int64 tensor ``[seed, step]`` on the device. Every draw reads
+    it and advances ``step`` in place (on the device), so draws need no host synchronisation and a
+    CUDA graph that captured one keeps drawing fresh samples on replay.
+
+    ``seed`` None draws one from torch's default CPU generator (so ``torch.manual_seed`` governs it).
+    ``state``: use this tensor (e.g. a captured graph's) as the state, re-seeded.
+    """
+
+    def __init__(self, seed: int | None = None, device: torch.device | str | None = None,
+                 state: torch.Tensor | None = None) -> None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())  # host generator: no device read
+        fresh = _ks.new_state(seed)
+        if state is None:
+            self.state = fresh.to(device)
+        else:
+            self.state = state
+            state.copy_(fresh)  # host -> device copy, no synchronisation with the device's queue
+
+    @classmethod
+    def from_generator(cls, gen: torch.Generator | None, device: torch.device | str | None) -> DeviceRNG:
+        """A state seeded from a host ``torch.Generator`` (one 62-bit draw from it)."""
+        return cls(int(torch.randint(0, 2**62, (1,), generator=gen).item()), device)
+
+
+def topk_threshold(scores: torch.Tensor, top_k: int | None) -> torch.Tensor | None:
+    """The k-th largest score per row (B, 1), or None without top-k (a device op, no host read)."""
+    if top_k is None:
+        return None
+    return torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
 
 
 def pick_next(
@@ -22,22 +64,26 @@ def pick_next(
     temperature: float = 1.0,
     top_k: int | None = None,
     greedy: bool = False,
-    generator: torch.Generator | None = None,
+    generator: DeviceRNG | torch.Generator | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """logp (B, V) -> next ids (B,)."""
+    """logp (B, V) -> next ids (B,) on logp's device.
+
+    Sampling: softmax(logp / temperature), restricted to the ``top_k`` largest (ties at the k-th
+    kept), drawn by the exponential race. ``generator``: a :class:`DeviceRNG` (advanced in place on
+    the device), or a host ``torch.Generator`` / None from which a fresh seed is drawn for this call.
+    ``backend``: the draw's kernel ("auto": Triton on CUDA or under TRITON_INTERPRET=1, else PyTorch
+    ops; both give the same samples).
+    """
     if greedy:
         return logp.argmax(dim=-1)
-    if temperature <= 0:
+    if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
-    logits = logp.float() / temperature
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        k = min(top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logp.device)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    rng = generator if isinstance(generator, DeviceRNG) else DeviceRNG.from_generator(generator, logp.device)
+    scores = logp.float() / temperature
+    return _ks.sample(scores, rng.state, topk_threshold(scores, top_k), backend=backend)
 
 
 @torch.no_grad()
