@@ -73,6 +73,9 @@ MAX_D = 1024
 # Elements of one broadcast-product tile [BB, BN, BK]: 32 fp32 registers a thread at 8 warps.
 _TILE = 8192
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Under TRITON_INTERPRET=1 use the compact tiles (see ``tiles``); tests set it False to run the
+# GPU tiling through the interpreter.
+COMPACT_WHEN_INTERPRETING = True
 # Input kinds of a layer's first launch.
 EMBED, PLAIN, PAIR = 0, 1, 2
 
@@ -561,34 +564,44 @@ class _Tiles:
     warps: int
 
 
-def tiles(b: int, d: int, dh: int, f: int, dtype: torch.dtype) -> _Tiles:
-    """Tile sizes for batch b, embedding dim d, head dim dh, expand width f."""
+def tiles(b: int, d: int, dh: int, f: int, dtype: torch.dtype, compact: bool | None = None) -> _Tiles:
+    """Tile sizes for batch b, embedding dim d, head dim dh, expand width f.
+
+    ``compact`` (default: under the interpreter, see ``COMPACT_WHEN_INTERPRETING``): the fewest
+    programs and loop steps (one program per side in launches 2 and 3, whole-row tiles): the
+    interpreter pays per program and per device-function call, not per element. The GPU tiles keep
+    each broadcast product within ``_TILE`` elements (registers) and spread a side over many SMs."""
+    if compact is None:
+        compact = COMPACT_WHEN_INTERPRETING and interpreting()
     bb = 1 if b == 1 else min(16, _p2(b))
     # tl.dot wants ≥ 16 rows; the interpreter's bf16 dot is wrong, so it keeps the broadcast form there.
     use_dot = bb >= 16 and not (dtype == torch.bfloat16 and interpreting())
     bd = max(16, _p2(d)) if use_dot else _p2(d)
     bdh = max(16, _p2(dh)) if use_dot else _p2(dh)
+    budget = _TILE * 64 if compact else _TILE
 
     def fit(*fixed: int, lo: int = 1, hi: int = 1 << 30) -> int:
-        # The largest power of two with prod(fixed)·n ≤ _TILE, within [lo, hi].
-        n = _TILE
+        # The largest power of two with prod(fixed)·n ≤ budget, within [lo, hi].
+        n = budget
         for v in fixed:
             n //= v
         return max(lo, min(hi, _p2(n + 1) // 2 if n >= 1 else 1))
 
-    if use_dot:
+    if use_dot and not compact:
         bn1, bk2, bn2, bk3, bn3 = min(bdh, 64), 32, 32, 64, 16
+    elif use_dot:
+        bn1, bk2, bn2, bk3, bn3 = bdh, bd, min(_p2(f), 256), min(_p2(f), 256), bd
     else:
         bn1 = fit(bb, bd, hi=bdh)
         bk2 = fit(bb, bd, hi=bd)
-        bn2 = bn1
-        bn3 = min(16, _p2(d))
+        bn2 = fit(bb, bd, hi=_p2(f)) if compact else bn1
+        bn3 = bd if compact else min(16, _p2(d))
         bk3 = fit(bb, bn3, hi=_p2(f))
     bt = fit(bb, bdh, hi=64)
     # Expand rows a program: as many as the out-projection has weights (D² ≈ f_per_prog·D), so the
     # redundant out-projection at most doubles launch 2's L2 traffic while the side spreads over
     # f/D programs.
-    f_per_prog = max(bn2, _p2(d))
+    f_per_prog = f if compact else max(bn2, _p2(d))
     f_per_prog = triton_cdiv(f_per_prog, bn2) * bn2
     warps = 8 if bd >= 256 or bb >= 16 else 4
     return _Tiles(bb, use_dot, bd, bdh, bn1, bt, bk2, bn2, f_per_prog, bn3, bk3, warps)
@@ -740,7 +753,7 @@ def aot_specs() -> list:
         for i8 in (False, True):
             wptr = "*i8" if i8 else act
             for b in (1, 16):
-                t = tiles(b, d, dh, f, dtype)
+                t = tiles(b, d, dh, f, dtype, compact=False)
                 prec = _prec(dtype)
                 tag = f"{_TL[dtype]},{'int8' if i8 else 'float'},B{b}"
 

@@ -73,10 +73,18 @@ CASES = [(1, torch.float32, False), (3, torch.float32, False), (16, torch.float3
          (1, torch.bfloat16, False)]  # fmt: skip
 
 
+@pytest.fixture(params=[True, False], ids=["compact", "gpu-tiles"])
+def tiling(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both tilings through the interpreter: the compact one it uses by default and the GPU's."""
+    monkeypatch.setattr(db, "COMPACT_WHEN_INTERPRETING", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("b, dtype, int8", CASES, ids=[f"B{b}-{str(d)[6:]}{'-int8' if i else ''}" for b, d, i in CASES])
 @pytest.mark.parametrize("kind, causal", [(db.EMBED, True), (db.EMBED, False), (db.PLAIN, False), (db.PAIR, True)],
                          ids=["embed-rope", "embed-ref", "plain", "pair"])
-def test_layer_launches_match_references(b: int, dtype: torch.dtype, int8: bool, kind: int, causal: bool) -> None:
+def test_layer_launches_match_references(b: int, dtype: torch.dtype, int8: bool, kind: int, causal: bool,
+                                         tiling: bool) -> None:
     d, seq, pos = 32, 12, 6
     gen = torch.Generator().manual_seed(b * 7 + kind)
     sides = [make_block(d, seq, gen, dtype, int8) for _ in range(2)]
@@ -120,7 +128,7 @@ def test_layer_launches_match_references(b: int, dtype: torch.dtype, int8: bool,
           db.decode_finish_ref(ws.r.to(dtype), sides, 0, dtype), dtype, "LN_mlp + combine")  # fmt: skip
 
 
-def test_single_block_and_long_cache() -> None:
+def test_single_block_and_long_cache(tiling: bool) -> None:
     """One block (grid side dim 1, no combine) over a cache longer than one key step, B = 2."""
     d, seq, pos, b = 64, 200, 150, 2
     gen = torch.Generator().manual_seed(3)
@@ -177,3 +185,73 @@ def test_cuda_layer_matches_reference(b: int, dtype: torch.dtype, int8: bool) ->
     h_lp, a_lp = db.mlp_in_ref(o_lp, x_lp, sides, dtype)
     torch_lp = db.decode_finish_ref(db.mlp_out_ref(a_lp, h_lp, sides, dtype), sides, 1, dtype)
     check(out.cpu(), want, torch_lp, dtype, f"layer B={b}")
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+def _tiny(causal: bool) -> tuple:
+    from tapetransformer.model import TapeTransformer
+
+    torch.manual_seed(2)
+    kw = dict(seq_len=12, embed_dim=32, num_heads=1, dropout=0.0, causal=causal)
+    m = TapeTransformer(13, backend="triton", **kw).eval()
+    m64 = TapeTransformer(13, backend="eager", **kw).double().eval()
+    m64.load_state_dict(m.state_dict())
+    return m, m64
+
+
+@pytest.mark.parametrize("b", [1, 4, 16])
+@pytest.mark.parametrize("causal", [False, True], ids=["reference", "causal"])
+def test_model_decode_step_in_batches(b: int, causal: bool) -> None:
+    """The model's static step through the fused kernels at B = 1, 4, 16 against float64: within
+    twice the error of the per-op static step (``opts.decode = "ops"``); the same K/V rows."""
+    m, m64 = _tiny(causal)
+    x = torch.randint(0, 13, (b, 8), generator=torch.Generator().manual_seed(b))
+    with torch.no_grad():
+        _, c_fused = m.prefill(x[:, :5], m.new_cache(b, 12))
+        _, c_ops = m.prefill(x[:, :5], m.new_cache(b, 12))
+        _, c64 = m64.prefill(x[:, :5], m64.new_cache(b, 12))
+        for t in range(5, 7):
+            got = m.decode_step(x[:, t : t + 1], torch.tensor([t]), c_fused)
+            m.opts.decode = "ops"
+            try:
+                ops = m.decode_step(x[:, t : t + 1], torch.tensor([t]), c_ops)
+            finally:
+                m.opts.decode = "block"
+            want, c64 = m64.prefill(x[:, t : t + 1], c64)
+            e_fused, e_ops = err(got, want), err(ops, want)
+            assert got.shape == (b, 1, 13) and e_fused <= 2 * e_ops + 1e-6, (t, e_fused, e_ops)
+        kv64 = c64.kv[..., :7, :]
+        assert err(c_fused.kv[..., :7, :], kv64) <= 2 * err(c_ops.kv[..., :7, :], kv64) + 1e-7
+
+
+def test_model_int8_decode_step_matches_the_int8_ops_path() -> None:
+    """int8 weights (weight-only both ways): the fused step and the per-op step agree to fp32 rounding."""
+    m, _ = _tiny(True)
+    x = torch.randint(0, 13, (4, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), m.int8_weights(act_quant=False):
+        _, c1 = m.prefill(x[:, :6], m.new_cache(4, 12))
+        _, c2 = m.prefill(x[:, :6], m.new_cache(4, 12))
+        got = m.decode_step(x[:, 6:], torch.tensor([6]), c1)
+        m.opts.decode = "ops"
+        try:
+            want = m.decode_step(x[:, 6:], torch.tensor([6]), c2)
+        finally:
+            m.opts.decode = "block"
+    assert err(got, want) < 2e-5
+
+
+def test_batched_greedy_generation_equals_the_ops_path() -> None:
+    """generate() on the fused static step (CPU, interpreter) and on the per-op path: same tokens."""
+    from tapetransformer.generate import generate
+
+    m, _ = _tiny(True)
+    prompt = torch.randint(0, 13, (4, 3), generator=torch.Generator().manual_seed(4))
+    got = generate(m, prompt, 6, greedy=True)
+    m.opts.decode = "ops"
+    try:
+        want = generate(m, prompt, 6, greedy=True)
+    finally:
+        m.opts.decode = "block"
+    assert torch.equal(got, want)
