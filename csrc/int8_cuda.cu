@@ -107,8 +107,7 @@ __device__ float float_path_dot(const T* __restrict__ xr, const int8_t* __restri
 }
 
 // ------------------------------------------------------------------------------------------------
-// W8A16 GEMV / skinny GEMM (M ≤ 16): one warp per output channel. Each lane streams 16 weight
-// bytes per step (one 128-bit load) and reuses them for all MT rows of x, which stay in L1/L2.
+// W8A16 GEMV / skinny GEMM (M ≤ 16), at memory bandwidth: the weight stream is the whole cost.
 // ------------------------------------------------------------------------------------------------
 
 template <typename T>
@@ -167,64 +166,163 @@ __device__ __forceinline__ void decode16(const int4 wv, float* out) {
   }
 }
 
-constexpr int kGemvWarps = 8;
+// Block shape: 8 warps = WN row groups × WK slices of K. A warp owns R consecutive output channels
+// of one K slice: per step each lane issues R independent 128-bit weight loads (16 int8 each, R rows
+// in flight), decodes them with decode16 and multiplies them with 16 values of each of the MT rows
+// of x, loaded and converted once per step and reused for all R channels (x's L1 traffic and
+// conversions shrink R-fold against one warp per channel). WK > 1 splits K among the block's warps
+// when N alone gives too few blocks to fill the GPU (the partial sums meet in shared memory, summed
+// in a fixed order: deterministic).
+//
+// Traffic at M = 1, N = K = 8192: 64 MiB of weights streamed once from DRAM — the cost; x (16 KiB
+// in fp16) read once from DRAM and then from L1/L2 by every warp (K·2 bytes per R channels: 1/8 of
+// the weight bytes at R = 4), scales 32 KiB, y 16 KiB. At ≥ 70 % of an H200's 4.8 TB/s that is
+// ≤ 20 µs; the arithmetic (decode: 2 ops a weight, 1 FMA a weight and row) stays well below the
+// SM's issue rate, and R·2 loads of 16 B in flight per lane (the loop is unrolled twice) with 16
+// warps an SM cover the DRAM latency.
+// ------------------------------------------------------------------------------------------------
 
-template <typename T, int MT, bool VEC>
-__global__ void __launch_bounds__(kGemvWarps * 32)
+constexpr int kGemvWarps = 8;
+constexpr int kGemvThreads = kGemvWarps * 32;
+
+template <typename T, int MT, int R, int WK, bool VEC>
+__global__ void __launch_bounds__(kGemvThreads)
     w8a16_gemv_kernel(const T* __restrict__ x, int m, int64_t k, int64_t ldx, const int8_t* __restrict__ q,
                       int64_t ldw, const float* __restrict__ ws, const T* __restrict__ bias, int64_t n,
-                      T* __restrict__ y, int64_t ldy) {
-  const int lane = threadIdx.x & 31;
-  const int64_t ch = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
-  if (ch >= n) return;
-  const int8_t* qr = q + ch * ldw;
-  const float s = ws[ch];
-  const float b = bias != nullptr ? to_f32(bias[ch]) : 0.f;
-  float acc[MT];
+                      T* __restrict__ y, int64_t ldy, int64_t kslice) {
+  static_assert(MT * R <= 32, "one lane writes one (row, channel) result");
+  constexpr int WN = kGemvWarps / WK;
+  __shared__ float red[WK][WN * MT * R];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int64_t ch0 = (static_cast<int64_t>(blockIdx.x) * WN + wn) * R;
+  const int64_t k_lo = wk * kslice;
+  const int64_t k_hi = k_lo + kslice < k ? k_lo + kslice : k;
+  float s[R];
+  bool valid[R], bad[R];
+  bool any_bad = false;
 #pragma unroll
-  for (int r = 0; r < MT; ++r) acc[r] = 0.f;
-  if (scale_needs_float_path(s)) {  // warp-uniform; fp32 sums of x·q already match elsewhere
-    for (int64_t i = lane; i < k; i += 32) {
-      const float wf = static_cast<float>(qr[i]) * s;
-#pragma unroll
-      for (int r = 0; r < MT; ++r)
-        if (r < m) acc[r] = fmaf(to_f32(x[r * ldx + i]), wf, acc[r]);
-    }
-#pragma unroll
-    for (int r = 0; r < MT; ++r) {
-      const float v = warp_sum(acc[r]);
-      if (lane == 0 && r < m) y[r * ldy + ch] = from_f32<T>(v + b);
-    }
-    return;
+  for (int r = 0; r < R; ++r) {
+    valid[r] = ch0 + r < n;
+    s[r] = valid[r] ? ws[ch0 + r] : 0.f;
+    bad[r] = valid[r] && scale_needs_float_path(s[r]);
+    any_bad |= bad[r];
   }
-  if (VEC) {
-#pragma unroll 4
-    for (int64_t i = lane * 16; i < k; i += 32 * 16) {
-      const int4 wv = __ldg(reinterpret_cast<const int4*>(qr + i));
-      float wf[16];
-      decode16(wv, wf);
+  float acc[MT][R];
 #pragma unroll
-      for (int r = 0; r < MT; ++r) {
-        if (r < m) {
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[i][r] = 0.f;
+  if (VEC && !any_bad) {  // warp-uniform
+#pragma unroll 2
+    for (int64_t i = k_lo + lane * 16; i < k_hi; i += 32 * 16) {  // k_lo, kslice: multiples of 16
+      int4 wv[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        wv[r] = valid[r] ? __ldg(reinterpret_cast<const int4*>(q + (ch0 + r) * ldw + i)) : make_int4(0, 0, 0, 0);
+      float wf[R][16];
+#pragma unroll
+      for (int r = 0; r < R; ++r) decode16(wv[r], wf[r]);
+#pragma unroll
+      for (int row = 0; row < MT; ++row) {
+        if (row < m) {
           float xf[16];
-          load16<T>(x + r * ldx + i, xf);
+          load16<T>(x + row * ldx + i, xf);
 #pragma unroll
-          for (int j = 0; j < 16; ++j) acc[r] = fmaf(xf[j], wf[j], acc[r]);
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int j = 0; j < 16; ++j) acc[row][r] = fmaf(xf[j], wf[r][j], acc[row][r]);
         }
       }
     }
   } else {
-    for (int64_t i = lane; i < k; i += 32) {
-      const float wf = static_cast<float>(qr[i]);
+    // Unaligned operands, or a channel whose scale needs the float path (Σ x·(q·s), the product
+    // rounded as F.linear's weight; 1 for the other channels: exact).
+    float wscale[R];
 #pragma unroll
-      for (int r = 0; r < MT; ++r)
-        if (r < m) acc[r] = fmaf(to_f32(x[r * ldx + i]), wf, acc[r]);
+    for (int r = 0; r < R; ++r) wscale[r] = bad[r] ? s[r] : 1.f;
+    for (int64_t i = k_lo + lane; i < k_hi; i += 32) {
+      float wf[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) wf[r] = valid[r] ? static_cast<float>(q[(ch0 + r) * ldw + i]) * wscale[r] : 0.f;
+#pragma unroll
+      for (int row = 0; row < MT; ++row) {
+        if (row < m) {
+          const float xv = to_f32(x[row * ldx + i]);
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[row][r] = fmaf(xv, wf[r], acc[row][r]);
+        }
+      }
     }
   }
 #pragma unroll
-  for (int r = 0; r < MT; ++r) {
-    const float v = warp_sum(acc[r]);
-    if (lane == 0 && r < m) y[r * ldy + ch] = from_f32<T>(fmaf(v, s, b));
+  for (int row = 0; row < MT; ++row)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[row][r] = warp_sum(acc[row][r]);  // every lane holds the sums
+  if (WK > 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int row = 0; row < MT; ++row)
+#pragma unroll
+        for (int r = 0; r < R; ++r) red[wk][(wn * MT + row) * R + r] = acc[row][r];
+    }
+    __syncthreads();
+    if (wk != 0) return;
+#pragma unroll
+    for (int row = 0; row < MT; ++row)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < WK; ++w) v += red[w][(wn * MT + row) * R + r];
+        acc[row][r] = v;
+      }
+  }
+  // Lane row·R + r writes y[row, ch0 + r]: the dequantization scale and the bias in the epilogue.
+#pragma unroll
+  for (int row = 0; row < MT; ++row)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (lane == row * R + r && row < m && valid[r]) {
+        const float b = bias != nullptr ? to_f32(bias[ch0 + r]) : 0.f;
+        const float v = acc[row][r];
+        y[row * ldy + ch0 + r] = from_f32<T>(bad[r] ? v + b : fmaf(v, s[r], b));
+      }
+    }
+}
+
+int sm_count() {
+  // Cached per device (a benign race writes the same value).
+  static int counts[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 80;
+  if (counts[dev] == 0) {
+    int c = 0;
+    cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev);
+    counts[dev] = c > 0 ? c : 80;
+  }
+  return counts[dev];
+}
+
+template <typename T, int MT, int R, int WK>
+cudaError_t launch_gemv_cfg(const T* x, int m, int64_t k, int64_t ldx, const int8_t* q, int64_t ldw, const float* ws,
+                            const T* bias, int64_t n, T* y, int64_t ldy, cudaStream_t st) {
+  constexpr int rows = (kGemvWarps / WK) * R;
+  const int64_t kslice = ((k + WK - 1) / WK + 15) / 16 * 16;
+  const dim3 grid(static_cast<unsigned>((n + rows - 1) / rows));
+  w8a16_gemv_kernel<T, MT, R, WK, true><<<grid, kGemvThreads, 0, st>>>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy,
+                                                                        kslice);
+  return cudaGetLastError();
+}
+
+template <typename T, int MT, int R>
+cudaError_t launch_gemv_r(const T* x, int m, int64_t k, int64_t ldx, const int8_t* q, int64_t ldw, const float* ws,
+                          const T* bias, int64_t n, T* y, int64_t ldy, cudaStream_t st, int wk) {
+  switch (wk) {
+    case 1: return launch_gemv_cfg<T, MT, R, 1>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy, st);
+    case 2: return launch_gemv_cfg<T, MT, R, 2>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy, st);
+    case 4: return launch_gemv_cfg<T, MT, R, 4>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy, st);
+    default: return launch_gemv_cfg<T, MT, R, 8>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy, st);
   }
 }
 
@@ -233,12 +331,25 @@ cudaError_t launch_gemv_mt(const T* x, int m, int64_t k, int64_t ldx, const int8
                            const T* bias, int64_t n, T* y, int64_t ldy, cudaStream_t st) {
   const bool vec = k % 16 == 0 && ldw % 16 == 0 && ldx % 16 == 0 && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  const dim3 grid(static_cast<unsigned>((n + kGemvWarps - 1) / kGemvWarps));
-  if (vec)
-    w8a16_gemv_kernel<T, MT, true><<<grid, kGemvWarps * 32, 0, st>>>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy);
-  else
-    w8a16_gemv_kernel<T, MT, false><<<grid, kGemvWarps * 32, 0, st>>>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy);
-  return cudaGetLastError();
+  if (!vec) {  // scalar loads: one channel a warp, no K split
+    const dim3 grid(static_cast<unsigned>((n + kGemvWarps - 1) / kGemvWarps));
+    w8a16_gemv_kernel<T, MT, 1, 1, false><<<grid, kGemvThreads, 0, st>>>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy,
+                                                                          k);
+    return cudaGetLastError();
+  }
+  // R channels a warp (fewer registers for the wider x tiles of MT > 4); one channel a warp when
+  // N is too small to give every SM a block. Then split K (WK warps a channel group) until there
+  // are two blocks an SM, while each slice keeps at least two 512-byte passes of the warp.
+  constexpr int kRBig = MT <= 4 ? 4 : 2;
+  const int64_t target = 2 * static_cast<int64_t>(sm_count());
+  const bool wide = (n + kGemvWarps * kRBig - 1) / (kGemvWarps * kRBig) >= target / 2;
+  const int r = wide ? kRBig : 1;
+  int wk = 1;
+  while (wk < kGemvWarps && (n + (kGemvWarps / wk) * r - 1) / ((kGemvWarps / wk) * r) < target &&
+         k / (2 * wk) >= 2 * 512)
+    wk *= 2;
+  if (wide) return launch_gemv_r<T, MT, kRBig>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy, st, wk);
+  return launch_gemv_r<T, MT, 1>(x, m, k, ldx, q, ldw, ws, bias, n, y, ldy, st, wk);
 }
 
 template <typename T>
