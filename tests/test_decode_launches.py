@@ -41,7 +41,7 @@ class LaunchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         name = func.overloadpacket.__name__
-        if not self._inside_triton and name not in _FREE:
+        if not self._inside_triton and not func.is_view and name not in _FREE:
             self.aten.append(name)
         return func(*args, **(kwargs or {}))
 
