@@ -602,12 +602,12 @@ def tiles(b: int, d: int, dh: int, f: int, dtype: torch.dtype, compact: bool | N
     # redundant out-projection at most doubles launch 2's L2 traffic while the side spreads over
     # f/D programs.
     f_per_prog = f if compact else max(bn2, _p2(d))
-    f_per_prog = triton_cdiv(f_per_prog, bn2) * bn2
+    f_per_prog = _cdiv(f_per_prog, bn2) * bn2
     warps = 8 if bd >= 256 or bb >= 16 else 4
     return _Tiles(bb, use_dot, bd, bdh, bn1, bt, bk2, bn2, f_per_prog, bn3, bk3, warps)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -668,7 +668,7 @@ def decode_layer(inp: DecodeInput, sides: Sequence[BlockDecodeWeights], kv: torc
     dh = d // num_heads
     dt = kv.dtype
     t = tiles(b, d, dh, f, dt)
-    nbt = triton_cdiv(b, t.bb)
+    nbt = _cdiv(b, t.bb)
     prec = _prec(dt)
     i8 = l_.int8
     if inp.kind == PAIR:
@@ -694,7 +694,7 @@ def decode_layer(inp: DecodeInput, sides: Sequence[BlockDecodeWeights], kv: torc
         num_warps=t.warps,
     )  # fmt: skip
     ddt = _tl_dtype(dt)
-    _mlp_in_kernel[(ns, triton_cdiv(f, t.f_per_prog), nbt)](
+    _mlp_in_kernel[(ns, _cdiv(f, t.f_per_prog), nbt)](
         ws.o, ws.x, ws.h, ws.a,
         l_.w_out, r_.w_out, _scale(l_.s_out, l_.b_out), _scale(r_.s_out, r_.b_out), l_.b_out, r_.b_out,
         l_.ln1_w, r_.ln1_w, l_.ln1_b, r_.ln1_b, l_.ln1_eps, r_.ln1_eps,
@@ -703,7 +703,7 @@ def decode_layer(inp: DecodeInput, sides: Sequence[BlockDecodeWeights], kv: torc
         IS_INT8=i8, BB=t.bb, BD=t.bd, BK=t.bk2, BN=t.bn2, USE_DOT=t.use_dot, PREC=prec, DDT=ddt,
         num_warps=t.warps,
     )  # fmt: skip
-    _mlp_out_kernel[(ns, triton_cdiv(d, t.bn3), nbt)](
+    _mlp_out_kernel[(ns, _cdiv(d, t.bn3), nbt)](
         ws.a, ws.h, ws.r, l_.w_down, r_.w_down, _scale(l_.s_down, l_.b_out), _scale(r_.s_down, r_.b_out),
         b, d, f,
         IS_INT8=i8, BB=t.bb, BN=t.bn3, BK=t.bk3, USE_DOT=t.use_dot, PREC=prec, DDT=ddt,
@@ -716,7 +716,7 @@ def decode_finish(ws: Workspace, sides: Sequence[BlockDecodeWeights], combine: i
     b, d = ws.b, ws.d
     bb = 1 if b == 1 else min(16, _p2(b))
     p0, p1 = sides[0], sides[-1]
-    _pair_out_kernel[(triton_cdiv(b, bb),)](
+    _pair_out_kernel[(_cdiv(b, bb),)](
         ws.r, p0.ln2_w, p0.ln2_b, p1.ln2_w, p1.ln2_b, p0.ln2_eps, p1.ln2_eps, out, out.stride(0), b, d,
         NS_PREV=len(sides), COMBINE=combine, BB=bb, BD=_p2(d), RTNE_BF16=_rtne(out.dtype),
         num_warps=8 if d >= 256 else 4,

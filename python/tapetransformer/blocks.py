@@ -223,7 +223,7 @@ class FusedTapeHeadBlock(TapeHeadBlock):
             q = self.int8
             w.update(w_in=q.in_proj[0], s_in=q.in_proj[1], w_out=q.out_proj[0], s_out=q.out_proj[1],
                      w_exp=q.expand[0], s_exp=q.expand[1], w_down=q.linear[0], s_down=q.linear[1])  # fmt: skip
-        return db.BlockDecodeWeights(**{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in w.items()})
+        return db.BlockDecodeWeights(**w)  # the kernels read raw pointers: no autograd (see fused_decode_ok)
 
     def fused_decode_ok(self, x: torch.Tensor) -> bool:
         """Whether the static decode step of input ``x`` may run the fused decode kernels: the "block"

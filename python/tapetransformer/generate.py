@@ -12,18 +12,27 @@ Semantics follow the model:
   window slides: the cache is reset and the last ``seq_len // 2`` tokens are prefilled again, so
   generation never runs past the positional table and never raises an index error.
 
-On CUDA the decode step is captured in a CUDA graph (``cuda_graph=None`` or True) and replayed for
-every token: ~200 kernel launches per token become one graph launch. The graph and its cache are
-kept (per model, batch size, capacity, dtype and int8 mode; at most four) and replayed by later calls
-while the weights stay where they were captured (in-place updates are seen by the replay; a
-``.to()`` or a re-quantization captures again); ``clear_decode_graphs(model)`` frees them. In
-reference semantics the capacity is rounded up to a power of two so that calls of different lengths
-share one graph. The captured step
-(``TapeTransformer.decode_step``) has static shapes: it writes its K/V row with
-``index_copy_`` at a device-side position and the decode kernel reads the filled length from the
-device, so one capture serves every position, and the window slide (an eager re-prefill into the same
-cache) does not invalidate it. Where the prophet runs (the seed design, or ``skip_dead=False``), its
-recurrent state is a cache buffer the step advances in place, so it is captured too. Prefill stays eager.
+The one-token decode step (``TapeTransformer.decode_step``) runs the fused decode kernels on the
+Triton path (``tape_kernels.decode_block``: three launches per TapeHead layer, 24 per token at the
+notebook size instead of ~130). On CUDA it is captured in a CUDA graph (``cuda_graph=None`` or True)
+together with the next token's draw, and replayed for every token: one graph launch per token, and
+the host never waits for the device (the drawn ids stay on the device and feed the next replay;
+``on_token`` receives them as device tensors). Sampling is the exponential race with a counter-based
+generator whose state lives on the device (``tapetransformer.sampling``); a seed's samples differ from
+``torch.multinomial``'s. Without a graph (CPU under the interpreter, or ``cuda_graph=False``) the same
+static step runs eagerly; the CPU eager path uses the lean step of ``tapetransformer.fastdecode``.
+
+The graph and its cache are kept (per model, batch size, capacity, dtype, int8 mode, decode mode and
+sampling mode — greedy, or sampling with a given top-k; the temperature is a device tensor; at most
+four graphs) and replayed by later calls while the weights stay where they were captured (in-place
+updates are seen by the replay; a ``.to()`` or a re-quantization captures again);
+``clear_decode_graphs(model)`` frees them. In reference semantics the capacity is rounded up to a
+power of two so that calls of different lengths share one graph. The captured step has static
+shapes: it writes its K/V row at a device-side position and the decode kernels read the filled length
+from the device, so one capture serves every position, and the window slide (an eager re-prefill
+into the same cache) does not invalidate it. Where the prophet runs (the seed design, or
+``skip_dead=False``), its recurrent state is a cache buffer the step advances in place, so it is
+captured too. Prefill stays eager.
 """
 
 from __future__ import annotations
@@ -63,11 +72,13 @@ def generate(
 
     ``int8=True`` runs every Linear of the decode path with int8 weights (quantized on the first
     call and reused while the float weights are unchanged, see ``quantize_int8_``); ``act_quant`` picks
-    weight-only (False), W8A8 (True) or the faster per call (None). ``cuda_graph``: capture the
-    decode step in a CUDA graph (None: on CUDA; True on CPU is an error).
+    weight-only (False), W8A8 (True) or the faster per call (None); the fused decode kernels run
+    int8 weight-only (with ``act_quant=True`` the decode takes the per-op path). ``cuda_graph``:
+    capture the decode step and the draw in a CUDA graph (None: on CUDA; True on CPU is an error).
+    ``seed`` (in [0, 2^63)) fixes the samples; None draws one from torch's default generator.
     ``stats``, if given, receives ``prefill_ms``, ``ms_per_token``, ``tokens``, ``cuda_graph`` and,
     when captured, ``capture_ms`` (not included in ``ms_per_token``). ``on_token`` is called with
-    each new (B,) id tensor (streaming).
+    each new (B,) id tensor, on the model's device (streaming; reading it back synchronises).
     """
     if not isinstance(model, TapeTransformer):
         raise ValueError(f"generate() needs the fused tapetransformer.TapeTransformer, got {type(model).__name__}")
@@ -291,13 +302,14 @@ class _GraphedDecodeStep:
         self.rng_state = rng_state if rng_state is not None else _ks.new_state(0, dev)
         self.next_pos = -1  # the position ``pos`` holds after the last replay (-1: unknown)
         self.tok_fresh = False  # whether ``tok`` holds the token the last replay drew
+        self._temp_set: float | None = None  # the temperature ``temp`` holds
         backend = model.backend
         # Warm-up outside the capture: Triton compiles/autotunes and the allocator settles. It writes
         # K/V of token 0 into row cache.length, which the first replay overwrites before any read,
         # and advances the sampler state, which the caller re-seeds or continues.
+        saved = (self.pos.clone(), self.rng_state.clone())  # queued before the side stream's wait
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        saved = (self.pos.clone(), self.rng_state.clone())
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._step(model, backend)
@@ -349,8 +361,6 @@ class _GraphedDecodeStep:
         self.graph.replay()
         self.next_pos, self.tok_fresh = position + 1, True
         return self.tok[:, 0].clone()
-
-    _temp_set: float | None = None
 
     def release(self) -> None:
         """Forget what the buffers hold (a new generate() call starts over)."""
