@@ -255,3 +255,27 @@ def test_batched_greedy_generation_equals_the_ops_path() -> None:
     finally:
         m.opts.decode = "block"
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["embedding", "prev_h"])
+def test_block_decode_step_matches_the_ops_path(first: bool) -> None:
+    """One block's own static step (one side: four launches) against its per-op step."""
+    m, _ = _tiny(True)
+    blk = m.residualheads[-1].blocks_right[2]
+    gen = torch.Generator().manual_seed(8)
+    c1 = m.new_cache(3, 12)
+    c1.kv.copy_(torch.randn(c1.kv.shape, generator=gen))
+    c2 = m.new_cache(3, 12)
+    c2.kv.copy_(c1.kv)
+    tok = torch.randn(3, 1, 32, generator=gen)
+    prev = None if first else torch.randn(3, 2, 32, generator=gen)
+    pos = torch.tensor([7])
+    with torch.no_grad():
+        got = blk.decode_step(tok, prev, c1.block(1, 2, 1), pos, (pos + 1).int())
+        m.opts.decode = "ops"
+        try:
+            want = blk.decode_step(tok, prev, c2.block(1, 2, 1), pos, (pos + 1).int())
+        finally:
+            m.opts.decode = "block"
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(c1.kv, c2.kv, atol=2e-6, rtol=2e-5)

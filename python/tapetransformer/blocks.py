@@ -339,9 +339,10 @@ def _layer_input(tok: torch.Tensor, prev_h: torch.Tensor | None) -> db.DecodeInp
 
 
 def _fused_fits(ws: list[db.BlockDecodeWeights], src: torch.Tensor, kv: torch.Tensor, num_heads: int) -> bool:
-    """The inputs, cache and weights share one dtype and device the kernels serve."""
+    """The inputs, cache and weights share one dtype, device and batch the kernels serve (else the
+    per-op path runs, and reports a mismatch)."""
     return src.dtype == kv.dtype and src.device == kv.device and src.stride(-1) == 1 and \
-        db.decode_supported(ws, kv, num_heads)
+        kv.shape[2] == src.shape[0] and db.decode_supported(ws, kv, num_heads)
 
 
 def _fused_decode(

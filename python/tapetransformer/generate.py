@@ -278,9 +278,9 @@ class _GraphedDecodeStep:
     """``model.decode_step`` and the next token's draw, captured in one CUDA graph over one cache's
     buffers.
 
-    Static buffers: the token ids ``tok`` (B, 1), the position ``pos`` (1,), the temperature ``temp``
-    (1,) and the sampler state ``rng_state`` ((2,) ``[seed, step]``, see ``DeviceRNG``). One replay
-    runs the decode step, draws the next ids into ``tok`` (argmax, or the exponential race with the
+    Static buffers: the token ids ``tok`` (B, 1), the position ``pos`` (1,), 1 / temperature
+    ``inv_temp`` (1,) and the sampler state ``rng_state`` ((2,) ``[seed, step]``, see ``DeviceRNG``).
+    One replay runs the decode step, draws the next ids into ``tok`` (argmax, or the exponential race with the
     baked-in top-k) and advances ``pos``, so consecutive replays need no host work at all; the host
     only copies a fresh token or position in after a prefill. ``logp`` (B, 1, V) is the static output,
     overwritten by every replay. The graph keeps its cache and the int8 tensors it reads alive, so a
@@ -298,11 +298,11 @@ class _GraphedDecodeStep:
         self.capacity = cache.capacity
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1,), cache.length, dtype=torch.long, device=dev)
-        self.temp = torch.ones(1, dtype=torch.float32, device=dev)
+        self.inv_temp = torch.ones(1, dtype=torch.float32, device=dev)
         self.rng_state = rng_state if rng_state is not None else _ks.new_state(0, dev)
         self.next_pos = -1  # the position ``pos`` holds after the last replay (-1: unknown)
         self.tok_fresh = False  # whether ``tok`` holds the token the last replay drew
-        self._temp_set: float | None = None  # the temperature ``temp`` holds
+        self._temp_set: float | None = None  # the temperature ``inv_temp`` was set for
         backend = model.backend
         # Warm-up outside the capture: Triton compiles/autotunes and the allocator settles. It writes
         # K/V of token 0 into row cache.length, which the first replay overwrites before any read,
@@ -329,7 +329,7 @@ class _GraphedDecodeStep:
         if self.sampling[0] == "greedy":
             nxt = last.argmax(dim=-1)
         else:
-            scores = last.float() / self.temp  # the same IEEE division as pick_next's by a float
+            scores = last.float() * self.inv_temp  # pick_next's product: the same fp32 scores
             nxt = _ks.sample(scores, self.rng_state, topk_threshold(scores, self.sampling[1]), backend=backend)
         self.tok.copy_(nxt[:, None])
         self.pos.add_(1)
@@ -356,7 +356,7 @@ class _GraphedDecodeStep:
         if self.next_pos != position:
             self.pos.fill_(position)
         if self.sampling[0] != "greedy" and self._temp_set != temperature:
-            self.temp.fill_(temperature)
+            self.inv_temp.fill_(1.0 / temperature)
             self._temp_set = temperature
         self.graph.replay()
         self.next_pos, self.tok_fresh = position + 1, True

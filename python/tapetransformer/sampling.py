@@ -82,7 +82,9 @@ def pick_next(
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
     rng = generator if isinstance(generator, DeviceRNG) else DeviceRNG.from_generator(generator, logp.device)
-    scores = logp.float() / temperature
+    # logp · fp32(1/T): the product a captured graph computes with its device-side 1/T (a division
+    # by a host scalar would run as this product on CUDA but as a true division on the CPU).
+    scores = logp.float() * (1.0 / temperature)
     return _ks.sample(scores, rng.state, topk_threshold(scores, top_k), backend=backend)
 
 
