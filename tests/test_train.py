@@ -459,7 +459,7 @@ def test_cli_train_writes_logs_viz_and_reports_plan(tmp_path: Path, corpus: Path
     summary = json.loads((logs / "log.json").read_text())
     assert summary["plan"]["micro_batch"] == 4 and len(summary["log"]) == 4
     assert summary["log"][1]["val_loss"] is not None and summary["log"][0]["peak_mem_mb"] > 0
-    assert (logs / "log.csv").read_text().startswith("step,loss,tokens_per_s,peak_mem_mb,val_loss")
+    assert (logs / "log.csv").read_text().startswith("step,loss,tokens_per_s,step_s,peak_mem_mb,val_loss")
     from PIL import Image
 
     assert Image.open(logs / "loss.png").size == (640, 360)

@@ -336,20 +336,27 @@ class TapeTransformer(ReferenceTapeTransformer):
             attn = _ZeroGradLink.apply(attn, *dead)
         return logp, entropy, attn
 
-    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, targets: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """Mean NLL of ``targets`` (B, S) through the fused Student-t NLL; runs only the coda and the
-        last critic. Gradients equal those of ``nll(forward(x)[0], targets)``."""
-        x = check_tokens(x, self.vocab_size, self.seq_len)
-        if not isinstance(targets, torch.Tensor) or targets.shape != x.shape:
-            got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-            raise ValueError(f"targets shape {got} != tokens shape {tuple(x.shape)}")
+        last critic (the reference design). Gradients equal those of ``nll(forward(x)[0], targets)``.
+
+        ``check=False`` skips the token-range checks (a host read on CUDA, a graph break under
+        ``torch.compile``): for callers that validated the batch already, outside a captured region."""
+        if check:
+            x = check_tokens(x, self.vocab_size, self.seq_len)
+            if not isinstance(targets, torch.Tensor) or targets.shape != x.shape:
+                got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+                raise ValueError(f"targets shape {got} != tokens shape {tuple(x.shape)}")
+            check_tokens(targets, self.vocab_size, self.seq_len, name="targets")
         if self.design == "seed":
             h, _ = self._seed_train(x)
-            return student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend)
+            return student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend,
+                            check_targets=False)  # checked above, or by the caller
         e = self.holistic_embed(x)
         coda_h, _, _, _ = self.codahead(e, None, None)
         h, _, _, _ = self.residualheads[-1](e, coda_h, None)
-        nll = student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend)
+        nll = student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend,
+                            check_targets=False)  # checked above, or by the caller
         dead = self._dead_params(list(range(self.num_heads - 1)))
         return _ZeroGradLink.apply(nll, *dead) if torch.is_grad_enabled() and dead else nll
 
