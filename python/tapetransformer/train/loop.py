@@ -94,7 +94,8 @@ class Run:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns {"step", "train_loss", "val_loss", "checkpoint", "vocab", "model", "log", "plan",
-    "peak_mem_mb"} ("log": every row of the run, resumed ones included). Under ``torchrun``
+    "peak_mem_mb", "compiled", "cuda_graph", "first_step_s"} ("log": every row of the run, resumed ones
+    included; "first_step_s": the run's first step, a compile or graph capture included). Under ``torchrun``
     (WORLD_SIZE > 1) every rank calls this; rank 0 writes files.
 
     Raises TypeError/ValueError naming the field for a bad config before any work, and
@@ -124,7 +125,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[
             log.close()
     rows = log.rows if log is not None else run.rows
     return {"step": cfg.steps, "train_loss": run.loss, "val_loss": run.val_loss, "checkpoint": cfg.out,
-            "vocab": run.vocab, "model": run.model, "log": rows, "plan": run.stepper.plan, "peak_mem_mb": run.peak_mb}
+            "vocab": run.vocab, "model": run.model, "log": rows, "plan": run.stepper.plan, "peak_mem_mb": run.peak_mb,
+            "compiled": run.stepper.compiled, "cuda_graph": run.graph_note is None, "first_step_s": run.first_step_s}
 
 
 # ---------------------------------------------------------------------------------------------
