@@ -98,7 +98,7 @@ def load_benchmarks(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, A
 
 # Per-variant figures: always ``<impl>_<key>`` in a row's extra for impls not named after a role.
 PER_IMPL_KEYS = frozenset(["ms_per_token", "tokens_per_s", "prefill_ms", "capture_ms", "compile_s", "cuda_graph",
-                           "compile_backend", "amp"])  # fmt: skip
+                           "compile_backend", "graph_breaks", "amp"])  # fmt: skip
 # What each attribution ratio measures (the markdown legend; README wording).
 RATIOS = {
     "package_vs_reference": "(a) / fastest of (b), (c): what a user gains over the notebook's module",
@@ -156,6 +156,8 @@ def attribution(impls: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         backend = att[best]["info"].get("compile_backend")
         if backend not in (None, "inductor"):  # Dynamo without code generation: a tooling test, not a figure
             out["compile_backend"] = backend
+        if att[best]["info"].get("graph_breaks") is not None:
+            out["graph_breaks"] = att[best]["info"]["graph_breaks"]
         return out
 
     out: dict[str, Any] = {"metric": metric, "by_precision": {}}
@@ -370,7 +372,8 @@ def _cell(pick: dict[str, Any] | None, show_impl: bool = False) -> str:
     if not show_impl:
         return _fmt(pick["value"])
     backend = f", backend {pick['compile_backend']}: not a figure" if "compile_backend" in pick else ""
-    return f"{_fmt(pick['value'])} ({pick['impl']}{backend})"
+    breaks = f", {pick['graph_breaks']} graph breaks" if pick.get("graph_breaks") else ""
+    return f"{_fmt(pick['value'])} ({pick['impl']}{breaks}{backend})"
 
 
 def attribution_markdown(res: dict[str, Any]) -> list[str]:

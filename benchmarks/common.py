@@ -249,6 +249,21 @@ def compile_fn(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
     return torch.compile(fn, backend=backend)
 
 
+def reset_graph_breaks() -> None:
+    """Clear Dynamo's graph-break counters (before a compiled variant's first call)."""
+    from torch._dynamo.utils import counters
+
+    counters["graph_break"].clear()
+
+
+def graph_breaks() -> int:
+    """Graph breaks Dynamo met since :func:`reset_graph_breaks`: each splits the compiled region
+    (the model's input checks read values on the host, e.g. ``check_tokens``' min/max)."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
 # The attribution of a speed-up (see collect_results.py): what each variant runs.
 #   a  reference    tapetransformer.reference.TapeTransformer (the notebook's module, all its work)
 #   b  fused_eager  the fused model with backend="eager": the same dead-work skipping, no kernels

@@ -22,8 +22,10 @@
 # (TRITON_CACHE_DIR, TRITON_CACHE_AUTOTUNING=1), inductor's in benchmarks/.triton_cache/inductor.
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, OUT, GPU_CHECK_SKIP (comma list of
-# step names to leave out, e.g. "build,bench-compile"), GPU_CHECK_ALLOW_CPU=1 (run the whole
-# pipeline without CUDA: a dry run of this script, not a GPU check; it still exits non-zero).
+# step names to leave out, e.g. "build,bench-compile"), GPU_CHECK_ONLY (comma list: run only these
+# steps), GPU_CHECK_RAW_DIR (where the raw outputs go, default benchmarks/.gpu_check),
+# GPU_CHECK_ALLOW_CPU=1 (run the pipeline without CUDA: a dry run of this script, not a GPU check;
+# it still exits non-zero).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -63,7 +65,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     DRY_RUN=1
 fi
 # Raw files stay out of $OUT (the device tool brings back at most 8 files): they travel as one tarball.
-RAW=$ROOT/benchmarks/.gpu_check/$STAMP
+RAW=${GPU_CHECK_RAW_DIR:-$ROOT/benchmarks/.gpu_check}/$STAMP
 mkdir -p "$RAW"
 STEPS=$RAW/steps.tsv
 : >"$STEPS"
@@ -79,8 +81,9 @@ say() { echo "[gpu-check $(printf '%3d' "$(elapsed)")s] $*"; }
 step() {
     local name=$1 cap=$2
     shift 2
-    if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]]; then
-        say "SKIP $name: named in GPU_CHECK_SKIP"
+    if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]] ||
+        [[ -n "${GPU_CHECK_ONLY:-}" && ",${GPU_CHECK_ONLY}," != *",$name,"* ]]; then
+        say "SKIP $name: named in GPU_CHECK_SKIP, or not in GPU_CHECK_ONLY"
         printf '%s\t%s\t%s\n' "$name" -1 0 >>"$STEPS"
         return
     fi

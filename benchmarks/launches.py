@@ -15,8 +15,9 @@ counted:
   ``zeros``, GEMMs, elementwise ops, reductions. Not counted: views and metadata ops
   (``OpOverload.is_view``, ``_unsafe_view``, ``detach`` ...), allocations (``empty*``), and ops on
   tensors that live on the host on CUDA too (Adam's ``step`` counters when not capturable).
-  ``_local_scalar_dense`` (``.item()``) is a device-to-host copy that synchronises: it is counted as
-  a host sync, not a kernel.
+  ``_local_scalar_dense`` (``.item()``) is a device-to-host copy: counted as a host sync, not a
+  kernel. Ops whose output size depends on the data (``nonzero``, indexing with a boolean mask)
+  are kernels that also sync: ``host_syncs`` counts both kinds.
 * **Extension**: each ``torch.ops.tape_kernels.*`` op (the int8 GEMV/GEMM) counts one launch.
 * ``_foreach_*`` / ``_fused_*`` ops launch one kernel per chunk of tensors on CUDA; their count is
   ATen's ``multi_tensor_apply`` rule (at most 110/64/48/36/30 tensors for 1–5 tensor lists and 320
@@ -96,6 +97,19 @@ _NO_KERNEL = frozenset(
     ]  # fmt: skip
 )
 _HOST_SYNC = frozenset(["_local_scalar_dense"])
+# Ops that launch kernels and then wait for the device: their output size depends on the data.
+_SYNCING = frozenset(["nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2", "repeat_interleave"])
+
+
+def syncs_host(func: Any, args: tuple) -> bool:
+    """Whether ``func`` makes the host wait for the device: ``.item()``, data-dependent output
+    shapes (``nonzero``; indexing with a boolean mask runs one inside ``index``)."""
+    name = func.__name__.split(".")[0]
+    if name in _HOST_SYNC or name in _SYNCING:
+        return True
+    if name in ("index", "index_put", "index_put_") and len(args) > 1:
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+    return False
 
 # ATen's multi_tensor_apply (aten/src/ATen/native/cuda/MultiTensorApply.cuh): per launch at most
 # this many tensors (by the number of tensor lists, 1..5) and 320 blocks of 65536 elements.
@@ -192,13 +206,12 @@ class _Mode(TorchDispatchMode):
         if c.active and c.depth == 0:
             if func.namespace == "tape_kernels":
                 c.counts.extension[func.__name__.split(".")[0]] += 1
-            elif func.__name__.split(".")[0] in _HOST_SYNC:
-                if not all(id(t) in c.host for t in args if isinstance(t, torch.Tensor)):
-                    c.counts.host_syncs += 1
             else:
                 n = aten_launches(func, args, kwargs, c.host)
                 if n:
                     c.counts.aten[str(func.overloadpacket.__name__)] += n
+                if syncs_host(func, args) and not all(id(t) in c.host for t in args if isinstance(t, torch.Tensor)):
+                    c.counts.host_syncs += 1
         return func(*args, **kwargs)
 
 

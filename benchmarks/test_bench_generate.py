@@ -1,9 +1,11 @@
 """Generation latency (group ``model``, case ``<case>-generate-engine``), attributed: ms per token.
 
 Batch 1, greedy, a 32-token prompt then 32 new tokens at the notebook's size (vocab 65, seq_len 128,
-dim 256, 4 critics; ``TK_BENCH_CASES``' first case, default notebook). ``ms_per_token`` counts
-decode steps only: the prefill is ``prefill_ms``, the one-off CUDA-graph capture of the warm-up call
-``capture_ms`` (the timed calls replay that graph). Variants, ``<how>_<precision>[_nograph]``:
+dim 256, 4 critics; ``TK_BENCH_CASES``' first case, default notebook). ``ms_per_token`` (the
+median over the 3 timed calls) counts decode steps only: the prefill is ``prefill_ms``, the one-off
+CUDA-graph capture of the warm-up call ``capture_ms`` (the timed calls replay that graph); for
+``compile_*`` the warm-up call compiles, and ``graph_breaks`` counts where Dynamo split the step.
+Variants, ``<how>_<precision>[_nograph]``:
 
 * ``reference_fp32`` (a): the reference model's own cached loop (``sampling.sample_reference``): it
   keeps unprojected inputs and re-projects the whole history every token, and runs all 4 critics
@@ -37,8 +39,10 @@ from common import (
     build_model,
     compile_backend,
     compiled_greedy_decode,
+    graph_breaks,
     is_cuda,
     record,
+    reset_graph_breaks,
 )
 
 GROUP = "model"
@@ -111,13 +115,16 @@ def test_generate_engine(benchmark, device: torch.device, variant: str) -> None:
         once()
         per_token.append(stats["ms_per_token"])
 
+    if mode is not None:
+        reset_graph_breaks()
     run()  # warm-up: Triton compiles, int8 packing, the CUDA-graph capture later calls replay, torch.compile
+    breaks = graph_breaks() if mode is not None else None
     first_capture_ms = stats.get("capture_ms")
     per_token.clear()
     record(benchmark, group=GROUP, case=f"{case}-generate-engine", impl=variant, peak_mem_mb=None,
            role={"a": "eager", "d": "compile"}.get(letter, "fused"), attribution=letter, precision=precision,
            cuda_graph=bool(graph and is_cuda(device)), batch=1, prompt_len=prompt_len, new_tokens=new,
-           **({"compile_backend": compile_backend()} if mode is not None else {}))  # fmt: skip
+           **({"compile_backend": compile_backend(), "graph_breaks": breaks} if mode is not None else {}))  # fmt: skip
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info["ms_per_token"] = round(statistics.median(per_token), 4)
     if "prefill_ms" in stats:

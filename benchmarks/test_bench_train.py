@@ -88,8 +88,9 @@ def _amp_name(stepper: Any) -> str:
         if stepper.amp_dtype else "fp32"
 
 
-@pytest.mark.parametrize("case", ["small", "notebook", "tiny"])
 @pytest.mark.parametrize("impl", ["reference", "fused_eager", "fused_triton"])
+# the notebook size first (the headline; a time-limited GPU run keeps what finished)
+@pytest.mark.parametrize("case", ["notebook", "small", "tiny"])
 def test_train_tool_step(benchmark, device: torch.device, impl: str, case: str) -> None:  # noqa: ANN001
     _skip(impl, case, device)
     gc.collect()

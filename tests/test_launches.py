@@ -110,8 +110,10 @@ def test_counter_classifies_ops() -> None:
         s = y.sum()  # reduction
         v.clone()  # copy
         float(s)  # .item(): a host sync, not a kernel
+        x[x > 0]  # gt, and an index by a boolean mask: a kernel whose output size the host must wait for
         torch._foreach_add_([x, w], 1.0)  # one multi_tensor_apply launch
         torch._foreach_add_(steps, 1)  # Adam's host-side step counters
     assert e.shape == (5,) and z.shape == (3,)
-    assert dict(c.aten) == {"zeros": 1, "mm": 1, "relu": 1, "sum": 1, "clone": 1, "_foreach_add_": 1}
-    assert c.host_syncs == 1 and c.total == 6 and not c.triton and not c.extension
+    assert dict(c.aten) == {"zeros": 1, "mm": 1, "relu": 1, "sum": 1, "clone": 1, "gt": 1, "index": 1,
+                            "_foreach_add_": 1}  # fmt: skip
+    assert c.host_syncs == 2 and c.total == 8 and not c.triton and not c.extension
