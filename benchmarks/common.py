@@ -426,7 +426,7 @@ def quantize_int8_weights(model: Any, act_quant: bool | None = None) -> None:
 def static_decode_step(model: Any, x: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
     """The decode step ``generate`` captures in a CUDA graph: x (B, 1) ids, pos (1,) int64 on the
     device (the row this token fills) -> log-probs (B, 1, V); static shapes, no host sync."""
-    return model._decode_step_static(x, pos, cache)
+    return model.decode_step(x, pos, cache)
 
 
 def compiled_greedy_decode(model: Any, mode: str) -> Callable[[torch.Tensor, int, dict], torch.Tensor]:

@@ -28,10 +28,12 @@ large reductions in two passes, cuBLAS split-K): the figures are a floor for tho
 
 What is counted (at the notebook's size: vocab 65, seq_len 128, embed_dim 256, 4 critics):
 
-* ``train_step``: ``model.loss(x, y)`` forward + backward, then a ``torch.optim.Adam`` step
-  (``foreach=True``, torch's default on CUDA; its state is built beforehand by a step on zero
+* ``train_step``: the training tool's CUDA step: ``model.loss(x, y, check=False)`` forward +
+  backward (the token checks run outside the CUDA graph), then gradient clipping and the fused,
+  capturable ``torch.optim.Adam`` the graph holds (its state is built beforehand by a step on zero
   gradients, which leaves the weights alone), ``backend="triton"``. ``train_forward_backward`` and
-  ``train_optimizer_step`` are its two parts; ``details`` breaks each down by kernel and op name.
+  ``train_optimizer_step`` (clipping + optimizer) are its two parts; ``details`` breaks each down by
+  kernel and op name.
 * ``decode_token``: one call of the static decode step (the step ``generate`` captures in a CUDA
   graph; :func:`static_decode_step`) after an 8-token prefill into a cache of capacity seq_len,
   batch 1, with fp32 weights and with int8 weights (``quantize_int8_(act_quant=False)``: the
@@ -315,27 +317,31 @@ def _init_adam_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None
 
 
 def count_train_step(cfg: dict[str, int], batch: int, steady: bool = False) -> dict[str, Any]:
-    """Launches of ``model.loss`` forward + backward, and of the Adam step after it.
+    """Launches of the training tool's CUDA step: ``model.loss`` forward + backward (token checks
+    outside, as the captured step runs it), then gradient clipping and the optimizer (the fused,
+    capturable Adam the CUDA-graph step uses).
 
     The forward + backward counted is the first of the process (the interpreter's time is the
     cost here); ``steady=True`` runs one more untimed first and counts the second, to show the
     two agree (nothing built lazily on a first call is counted)."""
+    from tapetransformer.train import make_optimizer
+
     model = build_model(cfg).train()
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg["vocab_size"], (batch, cfg["seq_len"]), generator=g)
     y = torch.randint(0, cfg["vocab_size"], (batch, cfg["seq_len"]), generator=g)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    opt = make_optimizer("adam", model.parameters(), 1e-3, capturable=True)
+    params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.perf_counter()
     with LaunchCounter() as lc:
         _init_adam_state(model, opt)
-        # Non-capturable Adam keeps its step counters on the host, on CUDA too.
-        lc.host = {id(s["step"]) for s in opt.state.values() if isinstance(s.get("step"), torch.Tensor)}
         if steady:
-            model.loss(x, y).backward()
+            model.loss(x, y, check=False).backward()
             opt.zero_grad(set_to_none=True)
         with lc.counting() as fb:
-            model.loss(x, y).backward()
+            model.loss(x, y, check=False).backward()
         with lc.counting() as st:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
     return {"forward_backward": fb.as_dict(), "optimizer_step": st.as_dict(),
             "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip

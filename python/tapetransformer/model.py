@@ -282,19 +282,20 @@ class TapeTransformer(ReferenceTapeTransformer):
         mod = self.merge_projection_final(self.final_norm(torch.cat(cs, dim=-1)))
         return self.merger.proj(torch.cat([coda, mod], dim=-1))
 
-    def _seed_train(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Seed design, training: -> (last hidden (B, S, D), [(entropy, attn) of the coda and each critic])."""
+    def _seed_train(self, x: torch.Tensor, stats: bool = True) -> tuple[torch.Tensor, list[tuple[Any, Any]]]:
+        """Seed design, training: -> (last hidden (B, S, D), [(entropy, attn) of the coda and each critic];
+        with ``stats=False`` the pairs are (None, None))."""
         e = self.holistic_embed(x)
-        coda, _, ent, attn = self.codahead(e, None, None)
+        coda, _, ent, attn = self.codahead(e, None, None, stats=stats)
         p = self.rnn_projection(charrnn(e, self._prophet_weights(), None, backend=self.backend)[0])
-        stats = [(ent, attn)]
+        pairs, want = [(ent, attn)], stats
 
         def critic(i: int, head: FusedTapeHead, mix: torch.Tensor) -> torch.Tensor:
-            c, _, ent_i, attn_i = head(e, mix, None)
-            stats.append((ent_i, attn_i))
+            c, _, ent_i, attn_i = head(e, mix, None, stats=want)
+            pairs.append((ent_i, attn_i))
             return c
 
-        return self._seed_hidden(coda, p, critic), stats
+        return self._seed_hidden(coda, p, critic), pairs
 
     def _forward_train(self, x: torch.Tensor, need_aux: bool) -> tuple[Any, ...]:
         if self.design == "seed":
@@ -349,12 +350,12 @@ class TapeTransformer(ReferenceTapeTransformer):
                 raise ValueError(f"targets shape {got} != tokens shape {tuple(x.shape)}")
             check_tokens(targets, self.vocab_size, self.seq_len, name="targets")
         if self.design == "seed":
-            h, _ = self._seed_train(x)
+            h, _ = self._seed_train(x, stats=False)
             return student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend,
                             check_targets=False)  # checked above, or by the caller
         e = self.holistic_embed(x)
-        coda_h, _, _, _ = self.codahead(e, None, None)
-        h, _, _, _ = self.residualheads[-1](e, coda_h, None)
+        coda_h, _, _, _ = self.codahead(e, None, None, stats=False)
+        h, _, _, _ = self.residualheads[-1](e, coda_h, None, stats=False)
         nll = student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend,
                             check_targets=False)  # checked above, or by the caller
         dead = self._dead_params(list(range(self.num_heads - 1)))
