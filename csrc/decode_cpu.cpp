@@ -1,0 +1,660 @@
+// One decode step of the fused TapeTransformer on the CPU (see decode_cpu.h).
+//
+// Cost model at the notebook size (D = 256, 12 blocks, B = 1): the four linears of a block stream
+// 1.3 M weights, 15.7 M per token (63 MB fp32, 16 MB int8), against ~0.8 M attention multiply-adds
+// at a full 128-token window and ~25 k activations; so the step is a weight stream, and the rest
+// must stay off its critical path: no per-op dispatch, no allocation per op, vectorised elementwise
+// math, and few barriers (five per layer).
+//
+// ISA: the int8 products are int8_cpu.cpp's kernels, which pick AVX-512 VNNI / AVX2 / portable at
+// run time (tk::cpu_isa()). The fp32 GEMV and the elementwise code follow the same selection: the
+// elementwise loops are written once as always-inline generic C++ and compiled three times, under
+// target("avx512…"), target("avx2,fma") and the default ISA, so the compiler vectorises each for
+// its width; the GEMV has explicit AVX-512 / AVX2 bodies.
+#include "decode_cpu.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "int8_cpu.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(TK_NO_X86_SIMD)
+#define TK_X86 1
+#include <immintrin.h>
+#define TK_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define TK_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define TK_X86 0
+#define TK_TARGET_AVX512
+#define TK_TARGET_AVX2
+#endif
+
+#define TK_INLINE inline __attribute__((always_inline))
+
+namespace tk::decode {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// ISA clones: NAME##_impl (always inline, generic) compiled for AVX-512, AVX2 and the default ISA
+// ---------------------------------------------------------------------------------------------
+
+#define TK_CLONES(NAME, PARAMS, ARGS)                                \
+  TK_TARGET_AVX512 void NAME##_avx512 PARAMS { NAME##_impl ARGS; }   \
+  TK_TARGET_AVX2 void NAME##_avx2 PARAMS { NAME##_impl ARGS; }       \
+  void NAME##_base PARAMS { NAME##_impl ARGS; }
+
+#define TK_CALL(ISA, NAME, ...)                                      \
+  do {                                                               \
+    if (TK_X86 && (ISA) == CpuIsa::kAvx512Vnni) {                    \
+      NAME##_avx512(__VA_ARGS__);                                    \
+    } else if (TK_X86 && (ISA) == CpuIsa::kAvx2) {                   \
+      NAME##_avx2(__VA_ARGS__);                                      \
+    } else {                                                         \
+      NAME##_base(__VA_ARGS__);                                      \
+    }                                                                \
+  } while (0)
+
+template <class To, class From>
+TK_INLINE To bits(From v) {
+  return __builtin_bit_cast(To, v);
+}
+
+// exp for fp32 (Cephes expf: 2^n · p(r), |r| ≤ ln2/2, ~1 ulp), plain arithmetic so that it
+// vectorises. Arguments are clamped to [-87.3, 88]: below, the true result is subnormal or 0 and
+// ~1e-38 is returned; no caller here passes more than 0 except the sigmoid's exp(-x), where a
+// 1.6e38 instead of +inf still gives 1/(1+e) ≈ 0. NaN stays NaN (max/min keep their first operand).
+TK_INLINE float exp_f(float x) {
+  x = x < -87.3365447f ? -87.3365447f : x;  // value selects (no references): they vectorise
+  x = x > 88.0f ? 88.0f : x;
+  constexpr float kMagic = 12582912.0f;  // 1.5·2^23: (v + M) − M rounds v to an integer, ties to even
+  const float fx = (x * 1.44269504088896341f + kMagic) - kMagic;
+  float r = x - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(fx);
+  return y * bits<float>((n + 127) << 23);
+}
+
+// log for positive normal fp32 (Cephes logf, ~1 ulp); the activation calls it on [5/3, 3).
+TK_INLINE float log_f(float x) {
+  const int32_t xi = bits<int32_t>(x);
+  const int32_t e = ((xi >> 23) & 0xff) - 126;                  // x = m·2^e, m in [0.5, 1)
+  float m = bits<float>((xi & 0x007fffff) | 0x3f000000);
+  const bool lo = m < 0.707106781186547524f;
+  const float ef = static_cast<float>(lo ? e - 1 : e);
+  m = lo ? (m + m) - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * ef;
+  y += -0.5f * z;
+  return (m + y) + 0.693359375f * ef;
+}
+
+TK_INLINE float atanh_series(float w) {  // odd Taylor series through w^11 (|w| < 0.25: < 5e-9 relative)
+  const float w2 = w * w;
+  float p = 1.0f / 11.0f;
+  p = p * w2 + 1.0f / 9.0f;
+  p = p * w2 + 1.0f / 7.0f;
+  p = p * w2 + 1.0f / 5.0f;
+  p = p * w2 + 1.0f / 3.0f;
+  p = p * w2 + 1.0f;
+  return w * p;
+}
+
+// The activation in the form of tape_kernels/activation.py's fused kernel (see its docstring):
+// odd in x; with e = exp(−|x|), d = 1 − e (series below 0.5), l = log1p(|s|) = 2·atanh(d/2),
+// p/2 = l/(2·sqrt(1 + 24 l²)) < 0.103, y = 2·atanh(p/2).
+TK_INLINE float act_one(float x) {
+  const float a = std::fabs(x);
+  const float e = exp_f(-a);
+  const float as = a < 0.5f ? a : 0.5f;
+  float ser = 1.0f - as * (1.0f / 9.0f);
+  ser = 1.0f - as * (1.0f / 8.0f) * ser;
+  ser = 1.0f - as * (1.0f / 7.0f) * ser;
+  ser = 1.0f - as * (1.0f / 6.0f) * ser;
+  ser = 1.0f - as * (1.0f / 5.0f) * ser;
+  ser = 1.0f - as * (1.0f / 4.0f) * ser;
+  ser = 1.0f - as * (1.0f / 3.0f) * ser;
+  ser = 1.0f - as * (1.0f / 2.0f) * ser;
+  const float d = a < 0.5f ? as * ser : 1.0f - e;
+  const float w = 0.5f * d;
+  const bool small = w < 0.25f;
+  const float wb = small ? 0.25f : w;  // keeps the unused branch's log finite
+  const float at_small = atanh_series(w);
+  const float at_big = 0.5f * log_f((1.0f + wb) / (1.0f - wb));
+  const float at = small ? at_small : at_big;
+  const float l = 2.0f * at;
+  const float r = 1.0f / std::sqrt(1.0f + 24.0f * l * l);
+  float y = 2.0f * atanh_series(0.5f * l * r);
+  y = x < 0.f ? -y : y;
+  return x != x ? x : y;  // NaN in, NaN out (the polynomial pieces would not keep it)
+}
+
+TK_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise and small reductions (generic bodies, cloned per ISA)
+// ---------------------------------------------------------------------------------------------
+
+TK_INLINE void activation_impl(float* x, const float* bias, int64_t n) {
+  if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) x[i] = act_one(x[i] + bias[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) x[i] = act_one(x[i]);
+  }
+}
+TK_CLONES(activation, (float* x, const float* bias, int64_t n), (x, bias, n))
+
+// y = LayerNorm(a + r) (r may be null), two-pass mean/variance in fp32, biased variance.
+TK_INLINE void add_layer_norm_impl(const float* a, const float* r, const float* w, const float* b, float eps,
+                                   int64_t d, float* z, float* y) {
+  float s = 0.f;
+  if (r != nullptr) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < d; ++i) {
+      z[i] = a[i] + r[i];
+      s += z[i];
+    }
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < d; ++i) {
+      z[i] = a[i];
+      s += z[i];
+    }
+  }
+  const float mean = s / static_cast<float>(d);
+  float v = 0.f;
+#pragma omp simd reduction(+ : v)
+  for (int64_t i = 0; i < d; ++i) {
+    const float c = z[i] - mean;
+    v += c * c;
+  }
+  const float rstd = 1.0f / std::sqrt(v / static_cast<float>(d) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) y[i] = (z[i] - mean) * rstd * w[i] + b[i];
+}
+TK_CLONES(add_layer_norm,
+          (const float* a, const float* r, const float* w, const float* b, float eps, int64_t d, float* z, float* y),
+          (a, r, w, b, eps, d, z, y))
+
+// TapeHead combine, as tape_kernels.combine.tapehead_combine_ref writes it.
+TK_INLINE void combine_impl(const float* hl, const float* hr, int mode, int64_t d, float* h) {
+  if (mode == 0) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) {
+      const float a = sigmoid_f(hl[i]), b = sigmoid_f(hr[i]);
+      h[i] = (a + b) / 2.0f - a * b;
+    }
+  } else if (mode == 1) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) {
+      const float m = hl[i] < hr[i] ? hr[i] : hl[i];
+      const float el = exp_f(hl[i] - m), er = exp_f(hr[i] - m);
+      const float s = el + er;
+      h[i] = hl[i] * (el / s) + hr[i] * (er / s);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) h[i] = hl[i] + hr[i];
+  }
+}
+TK_CLONES(combine, (const float* hl, const float* hr, int mode, int64_t d, float* h), (hl, hr, mode, d, h))
+
+// o = softmax((q·scale)·Kᵀ)·V over t cached rows (K, V: (t, dh) row-major); sc: t floats of scratch,
+// qs: dh floats of scratch.
+TK_INLINE void attend_impl(const float* q, const float* K, const float* V, int64_t t, int64_t dh, float scale,
+                           float* qs, float* sc, float* o) {
+#pragma omp simd
+  for (int64_t j = 0; j < dh; ++j) qs[j] = q[j] * scale;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < t; ++r) {
+    const float* kr = K + r * dh;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < dh; ++j) s += qs[j] * kr[j];
+    sc[r] = s;
+    mx = std::max(mx, s);
+  }
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t r = 0; r < t; ++r) {
+    sc[r] = exp_f(sc[r] - mx);
+    sum += sc[r];
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < dh; ++j) o[j] = 0.f;
+  for (int64_t r = 0; r < t; ++r) {
+    const float p = sc[r] * inv;
+    const float* vr = V + r * dh;
+#pragma omp simd
+    for (int64_t j = 0; j < dh; ++j) o[j] += p * vr[j];
+  }
+}
+TK_CLONES(attend,
+          (const float* q, const float* K, const float* V, int64_t t, int64_t dh, float scale, float* qs, float* sc,
+           float* o),
+          (q, K, V, t, dh, scale, qs, sc, o))
+
+// Student-t log-probs of one hidden row h (d) against the unembedding (d, vocab), as
+// student_t_unembedding_ref computes them: dist = x² − 2·x·u + u², logits = c·log1p(dist/df).
+TK_INLINE void unembed_impl(const float* h, const float* U, const float* usq, int64_t d, int64_t vocab, float df,
+                            float c, float* xw, float* logp) {
+  float x2 = 0.f;
+#pragma omp simd reduction(+ : x2)
+  for (int64_t i = 0; i < d; ++i) x2 += h[i] * h[i];
+#pragma omp simd
+  for (int64_t v = 0; v < vocab; ++v) xw[v] = 0.f;
+  for (int64_t i = 0; i < d; ++i) {
+    const float hi = h[i];
+    const float* ur = U + i * vocab;
+#pragma omp simd
+    for (int64_t v = 0; v < vocab; ++v) xw[v] += hi * ur[v];
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t v = 0; v < vocab; ++v) {
+    const float dist = std::max((x2 - 2.0f * xw[v]) + usq[v], 1e-12f);
+    logp[v] = c * std::log1p(dist / df);  // libm: V values only, and the logits reach thousands
+    mx = std::max(mx, logp[v]);
+  }
+  float sum = 0.f;
+  for (int64_t v = 0; v < vocab; ++v) sum += std::exp(logp[v] - mx);
+  const float lse = std::log(sum);
+  for (int64_t v = 0; v < vocab; ++v) logp[v] = (logp[v] - mx) - lse;
+}
+TK_CLONES(unembed,
+          (const float* h, const float* U, const float* usq, int64_t d, int64_t vocab, float df, float c, float* xw,
+           float* logp),
+          (h, U, usq, d, vocab, df, c, xw, logp))
+
+// ---------------------------------------------------------------------------------------------
+// fp32 GEMV / small GEMM: blocks of 4 weight rows × up to 4 input rows, fp32 accumulators
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kNR = 4, kMR = 4;
+
+#if TK_X86
+template <int MR>
+TK_TARGET_AVX512 void gemv_block_avx512(const float* x, int64_t ldx, int64_t k, const float* const* wr,
+                                        float* out /* MR x 4 */) {
+  __m512 a[MR][kNR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < kNR; ++j) a[r][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 mask = (k - i >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1u);
+    __m512 w[kNR];
+    for (int j = 0; j < kNR; ++j) w[j] = _mm512_maskz_loadu_ps(mask, wr[j] + i);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * ldx + i);
+      for (int j = 0; j < kNR; ++j) a[r][j] = _mm512_fmadd_ps(xv, w[j], a[r][j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < kNR; ++j) out[r * kNR + j] = _mm512_reduce_add_ps(a[r][j]);
+}
+
+TK_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MR>
+TK_TARGET_AVX2 void gemv_block_avx2(const float* x, int64_t ldx, int64_t k, const float* const* wr, float* out) {
+  __m256 a[MR][kNR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < kNR; ++j) a[r][j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    __m256 w[kNR];
+    for (int j = 0; j < kNR; ++j) w[j] = _mm256_loadu_ps(wr[j] + i);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * ldx + i);
+      for (int j = 0; j < kNR; ++j) a[r][j] = _mm256_fmadd_ps(xv, w[j], a[r][j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < kNR; ++j) {
+      float t = hsum_avx2(a[r][j]);
+      for (int64_t ii = i; ii < k; ++ii) t += x[r * ldx + ii] * wr[j][ii];
+      out[r * kNR + j] = t;
+    }
+}
+#endif  // TK_X86
+
+template <int MR>
+void gemv_block_base(const float* x, int64_t ldx, int64_t k, const float* const* wr, float* out) {
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < kNR; ++j) {
+      float t = 0.f;
+#pragma omp simd reduction(+ : t)
+      for (int64_t i = 0; i < k; ++i) t += x[r * ldx + i] * wr[j][i];
+      out[r * kNR + j] = t;
+    }
+}
+
+template <int MR>
+void gemv_block(CpuIsa isa, const float* x, int64_t ldx, int64_t k, const float* const* wr, float* out) {
+#if TK_X86
+  if (isa == CpuIsa::kAvx512Vnni) return gemv_block_avx512<MR>(x, ldx, k, wr, out);
+  if (isa == CpuIsa::kAvx2) return gemv_block_avx2<MR>(x, ldx, k, wr, out);
+#endif
+  (void)isa;
+  gemv_block_base<MR>(x, ldx, k, wr, out);
+}
+
+void linear_f32_isa(CpuIsa isa, const float* x, int64_t m, int64_t k, int64_t ldx, const float* w, const float* bias,
+                    int64_t n, float* y, int64_t ldy) {
+  for (int64_t n0 = 0; n0 < n; n0 += kNR) {
+    const int64_t cols = std::min(kNR, n - n0);
+    const float* wr[kNR];
+    for (int64_t j = 0; j < kNR; ++j) wr[j] = w + std::min(n0 + j, n - 1) * k;  // past the end: recompute the last
+    for (int64_t m0 = 0; m0 < m; m0 += kMR) {
+      const int64_t rows = std::min(kMR, m - m0);
+      float out[kMR * kNR];
+      const float* xr = x + m0 * ldx;
+      switch (rows) {
+        case 1: gemv_block<1>(isa, xr, ldx, k, wr, out); break;
+        case 2: gemv_block<2>(isa, xr, ldx, k, wr, out); break;
+        case 3: gemv_block<3>(isa, xr, ldx, k, wr, out); break;
+        default: gemv_block<4>(isa, xr, ldx, k, wr, out); break;
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j)
+          y[(m0 + r) * ldy + n0 + j] = out[r * kNR + j] + (bias != nullptr ? bias[n0 + j] : 0.f);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The step
+// ---------------------------------------------------------------------------------------------
+
+// Output rows per unit of work: a packed W8A8 tile, else a few GEMV blocks (one cache line of bias).
+constexpr int64_t kRowGrain = 16;
+
+class Step {
+ public:
+  Step(const Plan& plan, const int64_t* tok, int64_t b, float* kv, int64_t capacity, int64_t t0, float* logp)
+      : P_(plan), tok_(tok), b_(b), kv_(kv), cap_(capacity), t0_(t0), logp_(logp), isa_(cpu_isa()) {
+    d_ = plan.d;
+    hn_ = plan.heads;
+    dh_ = d_ / hn_;
+    d8_ = plan.expand_n();
+    const int64_t side = b_ * (3 * d_ + d_ + d_ + d8_ + d_);
+    shared_.resize(static_cast<size_t>(2 * side));
+    float* p = shared_.data();
+    qkv_ = p, p += 2 * b_ * 3 * d_;
+    o_ = p, p += 2 * b_ * d_;
+    y_ = p, p += 2 * b_ * d_;
+    act_ = p, p += 2 * b_ * d8_;
+    ylin_ = p;
+    // torch multiplies q by the Python float 1/sqrt(dh), rounded to fp32.
+    scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh_)));
+  }
+
+  void run(int tid, int team);
+
+ private:
+  // Per-thread scratch.
+  struct Local {
+    std::vector<float> f;
+    std::vector<int8_t> xq;
+    std::vector<int32_t> acc;
+    float *x0, *x1, *h1, *hbuf[2], *coda, *z, *hl, *hr, *xs, *qs, *sc, *xw;
+  };
+  void init_local(Local& L) const;
+
+  template <class Epi>
+  void linear_phase(Local& L, int tid, int team, const Linear& l0, const Linear& l1, const float* x0,
+                    const float* x1, float* y, Epi&& epi) const;
+  void attention_phase(Local& L, int tid, int team, int64_t blk0) const;
+  void embed(Local& L) const;
+
+  const Plan& P_;
+  const int64_t* tok_;
+  int64_t b_;
+  float* kv_;
+  int64_t cap_, t0_;
+  float* logp_;
+  CpuIsa isa_;
+  int64_t d_, hn_, dh_, d8_;
+  float scale_;
+  std::vector<float> shared_;
+  float *qkv_, *o_, *y_, *act_, *ylin_;  // (2, b, ·): left block's rows first
+};
+
+void Step::init_local(Local& L) const {
+  const int64_t bd = b_ * d_;
+  L.f.resize(static_cast<size_t>(2 * bd + 2 * bd + 2 * bd + bd + 3 * d_ + 2 * b_ + dh_ + (t0_ + 1) + P_.vocab));
+  float* p = L.f.data();
+  L.x0 = p, p += bd;
+  L.x1 = p, p += bd;
+  L.h1 = p, p += 2 * bd;
+  L.hbuf[0] = p, p += bd;
+  L.hbuf[1] = p, p += bd;
+  L.coda = p, p += bd;
+  L.z = p, p += d_;
+  L.hl = p, p += d_;
+  L.hr = p, p += d_;
+  L.xs = p, p += 2 * b_;
+  L.qs = p, p += dh_;
+  L.sc = p, p += t0_ + 1;
+  L.xw = p;
+  if (P_.kind == Weights::kW8A8) {
+    const int64_t kp = packed_k(std::max(d_, d8_));
+    L.xq.resize(static_cast<size_t>(2 * b_ * kp));
+    L.acc.resize(static_cast<size_t>(b_ * std::max(3 * d_, d8_)));
+  }
+}
+
+// The coda's first-layer inputs: token embedding + each block's positional row at p, rotated when
+// causal (reference semantics: position 0 and no rotation for a one-token call).
+void Step::embed(Local& L) const {
+  const int64_t p = P_.causal ? t0_ : 0;
+  for (int s = 0; s < 2; ++s) {
+    float* xs = s ? L.x1 : L.x0;
+    const float* pos = P_.pos[s] + p * d_;
+    for (int64_t bb = 0; bb < b_; ++bb) {
+      const float* e = P_.embedding + tok_[bb] * d_;
+      float* x = xs + bb * d_;
+      if (!P_.causal) {
+        for (int64_t i = 0; i < d_; ++i) x[i] = e[i] + pos[i];
+        continue;
+      }
+      const float* cs = P_.rope_cos[s] + p * (d_ / 2);
+      const float* sn = P_.rope_sin[s] + p * (d_ / 2);
+      for (int64_t i = 0; i < d_ / 2; ++i) {
+        const float x1 = e[2 * i] + pos[2 * i], x2 = e[2 * i + 1] + pos[2 * i + 1];
+        x[2 * i] = x1 * cs[i] - x2 * sn[i];
+        x[2 * i + 1] = x1 * sn[i] + x2 * cs[i];
+      }
+    }
+  }
+}
+
+// y (2, b, n) = the left and right linears of a layer on x0 / x1 (b, k) each (the same pointer when
+// both blocks read the same input). The 2·n output rows are cut into units (a 64-channel packed
+// tile for W8A8) and each thread takes one contiguous run of units; epi(side, r0, r1) then runs on
+// the thread's rows [r0, r1) of that side, before any barrier.
+template <class Epi>
+void Step::linear_phase(Local& L, int tid, int team, const Linear& l0, const Linear& l1, const float* x0,
+                        const float* x1, float* y, Epi&& epi) const {
+  const int64_t n = l0.n, k = l0.k;
+  const bool w8a8 = P_.kind == Weights::kW8A8;
+  const int64_t grain = w8a8 ? kTileN : kRowGrain;
+  const int64_t units = (n + grain - 1) / grain, total = 2 * units;
+  const int64_t u0 = total * tid / team, u1 = total * (tid + 1) / team;
+  const int64_t kp = packed_k(k), groups = kp / kGroupK;
+  bool quantized[2] = {false, false};
+  for (int s = 0; s < 2; ++s) {
+    const int64_t a = std::max(u0, s * units), e = std::min(u1, (s + 1) * units);
+    if (a >= e) continue;
+    const int64_t r0 = (a - s * units) * grain, r1 = std::min((e - s * units) * grain, n), rows = r1 - r0;
+    const Linear& l = s ? l1 : l0;
+    const float* x = s ? x1 : x0;
+    float* ys = y + s * b_ * n;
+    const float* bias = l.bias != nullptr ? l.bias + r0 : nullptr;
+    if (P_.kind == Weights::kF32) {
+      linear_f32_isa(isa_, x, b_, k, k, l.w + r0 * k, bias, rows, ys + r0, n);
+    } else if (P_.kind == Weights::kW8) {
+      w8a32_linear_f32(x, b_, k, k, l.q + r0 * k, k, l.scale + r0, bias, rows, ys + r0, n);
+    } else {
+      // Activation quantization (per row, as w8a8_linear_f32 does), once per distinct input.
+      int slot = s;
+      if (s == 1 && x1 == x0) slot = 0;
+      int8_t* xq = L.xq.data() + slot * b_ * kp;
+      float* xsc = L.xs + slot * b_;
+      if (!quantized[slot]) {
+        quantize_rows_f32(x, b_, k, k, xq, kp, xsc);
+        quantized[slot] = true;
+      }
+      int32_t* acc = L.acc.data();
+      gemm_s8s8_s32_packed(xq, b_, k, kp, l.packed + (r0 / kTileN) * groups * kTileN * kGroupK, l.wsum + r0, rows,
+                           acc, rows);
+      // w8a8_linear_f32's epilogue, term for term, so the products equal the single op's bitwise.
+      for (int64_t bb = 0; bb < b_; ++bb) {
+        const float sx = xsc[bb];
+        const int32_t* ar = acc + bb * rows;
+        float* yr = ys + bb * n + r0;
+        const float* ws = l.scale + r0;
+        for (int64_t c = 0; c < rows; ++c)
+          yr[c] = static_cast<float>(ar[c]) * (sx * ws[c]) + (bias != nullptr ? bias[c] : 0.f);
+      }
+    }
+    epi(s, r0, r1);
+  }
+}
+
+void Step::attention_phase(Local& L, int tid, int team, int64_t blk0) const {
+  const int64_t tasks = 2 * b_ * hn_;
+  const int64_t a = tasks * tid / team, e = tasks * (tid + 1) / team;
+  for (int64_t task = a; task < e; ++task) {
+    const int64_t s = task / (b_ * hn_), bb = (task / hn_) % b_, hh = task % hn_;
+    const int64_t blk = blk0 + s;
+    float* K = kv_ + (((blk * 2 + 0) * b_ + bb) * hn_ + hh) * cap_ * dh_;
+    float* V = kv_ + (((blk * 2 + 1) * b_ + bb) * hn_ + hh) * cap_ * dh_;
+    const float* row = qkv_ + (s * b_ + bb) * 3 * d_;  // [q | k | v], head-major within each
+    std::memcpy(K + t0_ * dh_, row + d_ + hh * dh_, static_cast<size_t>(dh_) * sizeof(float));
+    std::memcpy(V + t0_ * dh_, row + 2 * d_ + hh * dh_, static_cast<size_t>(dh_) * sizeof(float));
+    float* o = o_ + (s * b_ + bb) * d_ + hh * dh_;
+    TK_CALL(isa_, attend, row + hh * dh_, K, V, t0_ + 1, dh_, scale_, L.qs, L.sc, o);
+  }
+}
+
+void Step::run(int tid, int team) {
+  Local L;
+  init_local(L);
+  embed(L);
+  const float* xin0 = L.x0;
+  const float* xin1 = L.x1;
+  int64_t blk = 0;
+  int cur = 0;
+  const float* h = nullptr;
+  for (size_t hi = 0; hi < P_.eval_heads.size(); ++hi) {
+    const Head& head = P_.eval_heads[hi];
+    if (hi > 0) xin0 = xin1 = L.coda;
+    for (int64_t layer = 0; layer < head.layers; ++layer, blk += 2) {
+      const Block& bl = P_.blocks[static_cast<size_t>(blk)];
+      const Block& br = P_.blocks[static_cast<size_t>(blk + 1)];
+      // 1. qkv = x·in_projᵀ + b
+      linear_phase(L, tid, team, bl.in_proj, br.in_proj, xin0, xin1, qkv_, [](int, int64_t, int64_t) {});
+#pragma omp barrier
+      // 2. K/V row t0, attention over rows 0..t0
+      attention_phase(L, tid, team, blk);
+#pragma omp barrier
+      // 3. y = x + o·out_projᵀ + b
+      linear_phase(L, tid, team, bl.out_proj, br.out_proj, o_, o_ + b_ * d_, y_,
+                   [&](int s, int64_t r0, int64_t r1) {
+                     const float* x = s ? xin1 : xin0;
+                     for (int64_t bb = 0; bb < b_; ++bb) {
+                       float* yr = y_ + (s * b_ + bb) * d_;
+                       const float* xr = x + bb * d_;
+                       for (int64_t c = r0; c < r1; ++c) yr[c] = xr[c] + yr[c];
+                     }
+                   });
+#pragma omp barrier
+      // 4. h1 = LN_attn(y) (every thread, its own copy); act = activation(h1·expandᵀ + expand_b)
+      for (int s = 0; s < 2; ++s) {
+        const Block& bk = s ? br : bl;
+        for (int64_t bb = 0; bb < b_; ++bb)
+          TK_CALL(isa_, add_layer_norm, y_ + (s * b_ + bb) * d_, nullptr, bk.ln_attn_w, bk.ln_attn_b,
+                  bk.ln_attn_eps, d_, L.z, L.h1 + (s * b_ + bb) * d_);
+      }
+      linear_phase(L, tid, team, bl.expand, br.expand, L.h1, L.h1 + b_ * d_, act_,
+                   [&](int s, int64_t r0, int64_t r1) {
+                     const float* eb = (s ? br : bl).expand_bias + r0;
+                     for (int64_t bb = 0; bb < b_; ++bb)
+                       TK_CALL(isa_, activation, act_ + (s * b_ + bb) * d8_ + r0, eb, r1 - r0);
+                   });
+#pragma omp barrier
+      // 5. ylin = act·linearᵀ
+      linear_phase(L, tid, team, bl.linear, br.linear, act_, act_ + b_ * d8_, ylin_, [](int, int64_t, int64_t) {});
+#pragma omp barrier
+      // 6. h = combine(LN_mlp(h1 + ylin) left, right) (every thread, its own copy)
+      float* hn = L.hbuf[cur];
+      cur ^= 1;
+      for (int64_t bb = 0; bb < b_; ++bb) {
+        TK_CALL(isa_, add_layer_norm, L.h1 + bb * d_, ylin_ + bb * d_, bl.ln_mlp_w, bl.ln_mlp_b, bl.ln_mlp_eps, d_,
+                L.z, L.hl);
+        TK_CALL(isa_, add_layer_norm, L.h1 + (b_ + bb) * d_, ylin_ + (b_ + bb) * d_, br.ln_mlp_w, br.ln_mlp_b,
+                br.ln_mlp_eps, d_, L.z, L.hr);
+        TK_CALL(isa_, combine, L.hl, L.hr, head.mode, d_, hn + bb * d_);
+      }
+      xin0 = xin1 = h = hn;
+    }
+    if (hi == 0) std::memcpy(L.coda, h, static_cast<size_t>(b_ * d_) * sizeof(float));
+  }
+  const float df = P_.df;
+  const float c = static_cast<float>(-0.5 * (static_cast<double>(P_.df) + static_cast<double>(d_)));
+  for (int64_t bb = tid; bb < b_; bb += team)
+    TK_CALL(isa_, unembed, h + bb * d_, P_.unembedding, P_.unembedding_sq, d_, P_.vocab, df, c, L.xw,
+            logp_ + bb * P_.vocab);
+}
+
+}  // namespace
+
+void decode_step(const Plan& plan, const int64_t* tok, int64_t b, float* kv, int64_t capacity, int64_t t0,
+                 float* logp, int nthreads) {
+  Step step(plan, tok, b, kv, capacity, t0, logp);
+  nthreads = std::max(nthreads, 1);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    // The int8 kernels' own parallel loops must not nest a second team inside this one.
+    omp_set_num_threads(1);
+    step.run(omp_get_thread_num(), omp_get_num_threads());
+  }
+}
+
+void linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const float* w, const float* bias, int64_t n,
+                float* y, int64_t ldy) {
+  linear_f32_isa(cpu_isa(), x, m, k, ldx, w, bias, n, y, ldy);
+}
+
+void activation_f32(float* x, const float* bias, int64_t n) { TK_CALL(cpu_isa(), activation, x, bias, n); }
+
+}  // namespace tk::decode
