@@ -370,6 +370,39 @@ struct DecodePlan : torch::CustomClassHolder {
   }
 };
 
+// The decode step's fp32 pieces on their own, for tests and benchmarks (single-threaded):
+// y = x·wᵀ + bias through its GEMV, and its bounded activation of x + bias.
+Tensor decode_linear_f32_cpu(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bias) {
+  check_2d(x, "x", at::kFloat);
+  check_2d(w, "w", at::kFloat);
+  TORCH_CHECK_VALUE(w.is_contiguous(), "w must be contiguous");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  TORCH_CHECK_VALUE(w.size(1) == k, "x has K=", k, " but w has K=", w.size(1));
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_vec(*bias, "bias", at::kFloat, n, x);
+    bp = bias->data_ptr<float>();
+  }
+  auto y = at::empty({m, n}, x.options());
+  if (trivial_linear(y, bias, k)) return y;
+  tk::decode::linear_f32(x.data_ptr<float>(), m, k, x.stride(0), w.data_ptr<float>(), bp, n, y.data_ptr<float>(), n);
+  return y;
+}
+
+Tensor decode_activation_cpu(const Tensor& x, const c10::optional<Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "x must have dtype float32, got ", x.scalar_type());
+  auto y = x.contiguous().clone();
+  if (y.numel() == 0) return y;
+  const int64_t n = y.size(-1), rows = y.numel() / n;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_vec(*bias, "bias", at::kFloat, n, x);
+    bp = bias->data_ptr<float>();
+  }
+  for (int64_t r = 0; r < rows; ++r) tk::decode::activation_f32(y.data_ptr<float>() + r * n, bp, n);
+  return y;
+}
+
 // logp (B, 1, V) for tokens tok (B,) at cache row t0 of kv (n_blocks, 2, B, H, capacity, D/H), which
 // it writes (row t0 of every block's K and V).
 Tensor decode_step_cpu(const c10::intrusive_ptr<DecodePlan>& plan, const Tensor& tok, const Tensor& kv, int64_t t0) {
@@ -532,6 +565,8 @@ TORCH_LIBRARY(tape_kernels, m) {
             return c10::make_intrusive<DecodePlan>(std::move(std::get<0>(state)), std::move(std::get<1>(state)),
                                                    std::move(std::get<2>(state)));
           });
+  m.def("decode_linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("decode_activation(Tensor x, Tensor? bias) -> Tensor");
   m.def("decode_step(__torch__.torch.classes.tape_kernels.DecodePlan plan, Tensor tok, Tensor(a!) kv, int t0) "
         "-> Tensor");
 }
@@ -547,6 +582,8 @@ TORCH_LIBRARY_IMPL(tape_kernels, CPU, m) {
   m.impl("w8a8_linear_grouped", &w8a8_linear_grouped_cpu);
   m.impl("w8_linear_grouped", &w8_linear_grouped_cpu);
   m.impl("decode_step", &decode_step_cpu);
+  m.impl("decode_linear_f32", &decode_linear_f32_cpu);
+  m.impl("decode_activation", &decode_activation_cpu);
 }
 
 #ifdef TK_WITH_CUDA

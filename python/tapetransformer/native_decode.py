@@ -1,0 +1,332 @@
+"""Native CPU decode: one call into ``tape_kernels._C`` per token (``torch.ops.tape_kernels.decode_step``).
+
+The lean step (:mod:`tapetransformer.fastdecode`) still dispatches ~420 ATen ops per token; here the
+whole step — embedding, the coda and the last critic (every TapeHeadBlock: QKV projection, K/V write,
+attention, out projection, LayerNorms, MLP), the combines and the Student-t unembedding — runs in
+C++ (``csrc/decode_cpu.cpp``), with the weights' pointers collected once into a
+``torch.classes.tape_kernels.DecodePlan`` when a :class:`NativeDecoder` is built (once per
+``generate()`` call). Python only samples and keeps the length.
+
+K/V cache layout (the decoder borrows it, it does not own it): one fp32 contiguous tensor
+``kv`` of shape ``(n_blocks, 2 [k, v], B, H, capacity, dh)``, blocks ordered (head, layer, side):
+block = head_offset + 2·layer + side (side 0 left, 1 right); the coda is head 0 (4 blocks), the
+last critic head 1 (8 blocks). Step t writes row t and attends over rows 0..t.
+
+Weights: fp32 (the model's parameters, read in place), W8A8 or weight-only int8 (the int8 kernels
+of ``csrc/int8_cpu.cpp``). :func:`int8_weight` is the single place int8 weights come from.
+
+Semantics are the model's (``_forward_eval`` for one token): reference semantics (``causal=False``)
+put the token at position 0 and do not rotate it; ``causal=True`` uses the absolute position and RoPE.
+Results equal ``_forward_eval``'s to fp32 rounding (the summation order of the products differs),
+not bitwise; see tests/test_native_decode.py for the bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tape_kernels.int8 import _packed, extension_available, quantize_weight
+from tape_kernels.unembedding import DEFAULT_DF
+from tapetransformer.model import FusedCache, TapeTransformer
+from tapetransformer.reference import TapeHeadBlock
+
+__all__ = [
+    "NativeDecoder",
+    "int8_weight",
+    "kv_from_fused_cache",
+    "kv_shape",
+    "native_available",
+    "native_decoder",
+    "native_supported",
+    "new_kv",
+    "prefill",
+]
+
+WEIGHT_KINDS = ("fp32", "w8a8", "w8")  # config code 0, 1, 2 of the plan
+_LINEARS = (
+    ("cached_attn.attn.in_proj_weight", lambda b: b.cached_attn.attn.in_proj_weight),
+    ("cached_attn.attn.out_proj.weight", lambda b: b.cached_attn.attn.out_proj.weight),
+    ("mlp.expand.weight", lambda b: b.mlp.expand.weight),
+    ("mlp.linear.weight", lambda b: b.mlp.linear.weight),
+)
+_fakes_registered = False
+
+
+def native_available() -> bool:
+    """Whether the loaded extension has the native decode op (an older build may lack it)."""
+    if not extension_available() or not hasattr(torch.ops.tape_kernels, "decode_step"):
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    """Fake class and kernel, so that torch.library.opcheck (and tracing) can run the op on fake tensors."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+    from torch._library.fake_class_registry import register_fake_class
+
+    @register_fake_class("tape_kernels::DecodePlan")
+    class _FakeDecodePlan:  # noqa: F841  (registered by the decorator)
+        def __init__(self, tensors: list[torch.Tensor], config: list[int], floats: list[float]) -> None:
+            self.tensors, self.config, self.floats = tensors, config, floats
+
+        @classmethod
+        def __obj_unflatten__(cls, flat: Any) -> _FakeDecodePlan:
+            return cls(**dict(flat))
+
+        def vocab(self) -> int:
+            return self.config[2]
+
+        def n_blocks(self) -> int:
+            return sum(2 * n for n in self.config[7::2])
+
+    @torch.library.register_fake("tape_kernels::decode_step")
+    def _(plan: Any, tok: torch.Tensor, kv: torch.Tensor, t0: int) -> torch.Tensor:
+        return kv.new_empty((tok.shape[0], 1, plan.vocab()))
+
+
+def native_supported(model: TapeTransformer) -> bool:
+    """Whether :class:`NativeDecoder` computes what ``model._forward_eval`` computes for one token."""
+    if not isinstance(model, TapeTransformer) or model.training or not model.skip_dead:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
+        return False
+    if model._int8 and any(q.device.type != "cpu" for q, _ in model._int8.values()):
+        return False
+    return native_available()
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+def _n_blocks(model: TapeTransformer) -> int:
+    return sum(2 * head.num_layers for _, head in model._eval_heads())
+
+
+def _attn_heads(model: TapeTransformer) -> int:
+    return model.codahead.blocks_left[0].cached_attn.attn.num_heads
+
+
+def kv_shape(model: TapeTransformer, batch: int, capacity: int) -> tuple[int, ...]:
+    """(n_blocks, 2, B, H, capacity, dh) for ``model``'s evaluated heads."""
+    h = _attn_heads(model)
+    return (_n_blocks(model), 2, batch, h, capacity, model.embed_dim // h)
+
+
+def new_kv(model: TapeTransformer, batch: int, capacity: int) -> torch.Tensor:
+    """An empty fp32 CPU K/V cache in the native layout (rows are written before they are read)."""
+    return torch.empty(kv_shape(model, batch, capacity), dtype=torch.float32)
+
+
+def kv_from_fused_cache(model: TapeTransformer, cache: FusedCache, capacity: int | None = None) -> torch.Tensor:
+    """Copy a (prefilled) :class:`FusedCache` into the native layout.
+
+    FusedCache orders a head's blocks "left 0..n−1, then right 0..n−1"; the native layout interleaves
+    them per layer (head_offset + 2·layer + side). Copies ``cache.length`` rows; ``capacity``
+    (default the cache's) sizes the result.
+    """
+    if not isinstance(cache, FusedCache) or not cache.k:
+        raise ValueError("cache must be a non-empty FusedCache of this model")
+    b = cache.k[0].shape[0]
+    capacity = cache.capacity if capacity is None else capacity
+    n = cache.length
+    if capacity < n:
+        raise ValueError(f"capacity {capacity} < the {n} cached tokens")
+    kv = new_kv(model, b, capacity)
+    src = dst = 0
+    for _, head in model._eval_heads():
+        layers = head.num_layers
+        for i in range(layers):
+            for side in (0, 1):
+                j = src + side * layers + i
+                kv[dst + 2 * i + side, 0, :, :, :n] = cache.k[j][:, :, :n]
+                kv[dst + 2 * i + side, 1, :, :, :n] = cache.v[j][:, :, :n]
+        src += 2 * layers
+        dst += 2 * layers
+    return kv
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+def int8_weight(model: TapeTransformer, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight (N, K) int8, scale (N,) fp32) of the Linear weight ``name`` (e.g.
+    ``"codahead.blocks_left.0.mlp.expand.weight"``).
+
+    THE ONE PLACE the native decoder gets int8 weights from (lead: re-point this after the model
+    refactor). Today: the model's own int8 copy when ``quantize_int8_`` made one, else
+    ``tape_kernels.int8.quantize_weight`` of the float weight (the same per-channel rule).
+    """
+    q = model._int8.get(name)
+    if q is None:
+        q = quantize_weight(weight.detach().float())
+    return q[0].contiguous(), q[1].float().contiguous()
+
+
+def _weight_kind(model: TapeTransformer, weights: str | None) -> str:
+    if weights is None:
+        if not model._int8:
+            return "fp32"
+        return "w8" if model._int8_act_quant is False else "w8a8"  # None picks W8A8 on CPU
+    if weights not in WEIGHT_KINDS:
+        raise ValueError(f"weights must be one of {WEIGHT_KINDS} or None, got {weights!r}")
+    return weights
+
+
+def _eval_blocks(model: TapeTransformer) -> list[tuple[str, TapeHeadBlock]]:
+    """(name, block) in the native cache order: (head, layer, side)."""
+    out = []
+    for hname, head in model._eval_heads():
+        for i in range(head.num_layers):
+            out.append((f"{hname}.blocks_left.{i}", head.blocks_left[i]))
+            out.append((f"{hname}.blocks_right.{i}", head.blocks_right[i]))
+    return out
+
+
+def build_plan(model: TapeTransformer, weights: str | None = None) -> Any:
+    """A ``torch.classes.tape_kernels.DecodePlan`` over ``model``'s current weights (see csrc/bindings.cpp
+    for its layout). fp32 weights are read in place (in-place updates are seen); int8 ones are taken
+    when the plan is built."""
+    kind = _weight_kind(model, weights)
+    d, v, seq = model.embed_dim, model.vocab_size, model.seq_len
+    heads = model._eval_heads()
+    config = [d, _attn_heads(model), v, seq, int(model.causal), WEIGHT_KINDS.index(kind), len(heads)]
+    for _, head in heads:
+        config += [head.num_layers, int(head.discriminate)]
+    floats = [float(DEFAULT_DF)]
+
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().float().contiguous()
+
+    u = f32(model.unembedding)
+    coda = (model.codahead.blocks_left[0], model.codahead.blocks_right[0])
+    # RoPE tables as the model builds them: theta = p·f_i in fp32, then torch's cos/sin.
+    pos_t = torch.arange(seq, dtype=torch.float32)
+    theta = torch.stack([pos_t[:, None] * b.rope_freqs.float()[None, :] for b in coda])  # (2, seq, D/2)
+    tensors = [
+        f32(model.holistic_embed.weight),
+        u,
+        (u**2).sum(dim=0).contiguous(),  # student_t_unembedding_ref's w2, the same op
+        torch.stack([f32(b.pos_emb[0]) for b in coda]),
+        theta.cos().contiguous(),
+        theta.sin().contiguous(),
+    ]
+    empty = torch.empty(0)
+    for name, blk in _eval_blocks(model):
+        mha = blk.cached_attn.attn
+        tensors += [f32(mha.in_proj_bias), f32(mha.out_proj.bias), f32(blk.mlp.expand.bias), f32(blk.ln_attn.weight),
+                    f32(blk.ln_attn.bias), f32(blk.ln_mlp.weight), f32(blk.ln_mlp.bias)]  # fmt: skip
+        floats += [float(blk.ln_attn.eps), float(blk.ln_mlp.eps)]
+        for suffix, get in _LINEARS:
+            w = get(blk)
+            if kind == "fp32":
+                tensors += [f32(w), empty, empty]
+                continue
+            q, s = int8_weight(model, f"{name}.{suffix}", w)
+            if kind == "w8a8":
+                packed, wsum = _packed(q)  # int8_linear's pack cache: the prefill reuses the packs
+                tensors += [packed, wsum, s]
+            else:
+                tensors += [q, s, empty]
+    return torch.classes.tape_kernels.DecodePlan(tensors, config, floats)
+
+
+# ----------------------------------------------------------------------------------------------- decoder
+
+
+class NativeDecoder:
+    """Decode one token per :meth:`step` through ``torch.ops.tape_kernels.decode_step``.
+
+    ``kv``: the cache (native layout, see the module docstring) holding ``length`` tokens; the decoder
+    writes row ``length`` on each step and does not resize it (``capacity`` is its size; a full
+    cache raises ValueError; the caller slides the window by re-prefilling and setting ``length``).
+    ``weights``: "fp32", "w8a8", "w8" (weight-only int8) or None, which follows the model: its int8
+    weights if ``quantize_int8_`` made them (W8A8 unless ``act_quant=False``), else fp32.
+    The plan is built here, once: rebuild the decoder after the weights change (int8) or move.
+    """
+
+    def __init__(self, model: TapeTransformer, kv: torch.Tensor, length: int = 0, *, weights: str | None = None) -> None:
+        if not native_supported(model):
+            raise ValueError("NativeDecoder needs an eval-mode fp32 CPU TapeTransformer with skip_dead=True and "
+                             "tape_kernels._C with decode_step (see native_supported)")
+        if not isinstance(kv, torch.Tensor):
+            raise ValueError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+        if kv.dtype != torch.float32 or kv.device.type != "cpu":
+            raise ValueError(f"kv must be a float32 CPU tensor, got {kv.dtype} on {kv.device}")
+        if kv.dim() != 6 or kv.shape != kv_shape(model, kv.shape[2], kv.shape[4]) or kv.shape[2] < 1 or kv.shape[4] < 1:
+            raise ValueError(f"kv must have shape (n_blocks, 2, B, H, capacity, dh) = "
+                             f"{kv_shape(model, 'B', 'capacity')}, got {tuple(kv.shape)}")  # type: ignore[arg-type]
+        if not kv.is_contiguous():
+            raise ValueError("kv must be contiguous")
+        self.model = model
+        self.kv = kv
+        self.batch, self.capacity = kv.shape[2], kv.shape[4]
+        self.length = self._check_length(length)
+        self.weights = _weight_kind(model, weights)
+        self.plan = build_plan(model, self.weights)
+        self._op = torch.ops.tape_kernels.decode_step.default
+        self._tok_shape = torch.Size([self.batch])
+
+    def _check_length(self, length: int) -> int:
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.capacity:
+            raise ValueError(f"length must be an int in [0, capacity={self.capacity}], got {length!r}")
+        return length
+
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """tok (B,) int64 ids -> log-probs (B, 1, V) of the next token; the length advances by one."""
+        if type(tok) is not torch.Tensor or tok.dtype != torch.int64 or tok.device.type != "cpu" or (
+            tok.shape != self._tok_shape
+        ):
+            self._bad_tok(tok)
+        t0 = self.length
+        if t0 >= self.capacity:
+            raise ValueError(f"kv is full: it holds {t0} tokens (capacity {self.capacity})")
+        logp = self._op(self.plan, tok, self.kv, t0)  # range checks (ids, causal positions) in C++
+        self.length = t0 + 1
+        return logp
+
+    def _bad_tok(self, tok: Any) -> None:
+        if not isinstance(tok, torch.Tensor):
+            raise ValueError(f"tok must be a torch.Tensor, got {type(tok).__name__}")
+        if tok.dtype != torch.int64:
+            raise ValueError(f"tok must have dtype int64, got {tok.dtype}")
+        if tok.device.type != "cpu":
+            raise ValueError(f"tok must be on the CPU, got {tok.device}")
+        raise ValueError(f"tok must have shape ({self.batch},), got {tuple(tok.shape)}")
+
+
+def native_decoder(model: TapeTransformer, kv: torch.Tensor, length: int = 0, *,
+                   weights: str | None = None) -> NativeDecoder | None:
+    """A :class:`NativeDecoder`, or None when the model or the extension is unsupported (the caller falls back)."""
+    if not native_supported(model):
+        return None
+    if not isinstance(kv, torch.Tensor) or kv.dtype != torch.float32 or kv.device.type != "cpu":
+        return None
+    return NativeDecoder(model, kv, length, weights=weights)
+
+
+@torch.no_grad()
+def prefill(model: TapeTransformer, ctx: torch.Tensor, capacity: int, *,
+            weights: str | None = None) -> tuple[torch.Tensor, NativeDecoder]:
+    """Prefill ``ctx`` (B, S) through the fused model (``model(ctx, past_kv=cache)``), copy its cache into
+    the native layout with room for ``capacity`` tokens and return (log-probs (B, S, V), decoder).
+
+    A bridge while the model keeps :class:`FusedCache`: once it writes the native layout itself, the
+    copy goes. The prefill runs the model's own path (int8 weights if ``quantize_int8_`` made them).
+    """
+    if ctx.dim() == 1:
+        ctx = ctx.unsqueeze(0)
+    s = ctx.shape[1]
+    if capacity < s:
+        raise ValueError(f"capacity {capacity} < the {s} prompt tokens")
+    logp, cache = model(ctx, past_kv=model.new_cache(ctx.shape[0], s))
+    kv = kv_from_fused_cache(model, cache, capacity)
+    return logp, NativeDecoder(model, kv, cache.length, weights=weights)
