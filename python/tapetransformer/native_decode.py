@@ -89,6 +89,14 @@ def _register_fakes() -> None:
     def _(plan: Any, tok: torch.Tensor, kv: torch.Tensor, t0: int) -> torch.Tensor:
         return kv.new_empty((tok.shape[0], 1, plan.vocab()))
 
+    @torch.library.register_fake("tape_kernels::decode_linear_f32")
+    def _(x: torch.Tensor, w: torch.Tensor, bias: Any) -> torch.Tensor:
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("tape_kernels::decode_activation")
+    def _(x: torch.Tensor, bias: Any) -> torch.Tensor:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
 
 def native_supported(model: TapeTransformer) -> bool:
     """Whether :class:`NativeDecoder` computes what ``model._forward_eval`` computes for one token."""
@@ -252,7 +260,8 @@ class NativeDecoder:
     The plan is built here, once: rebuild the decoder after the weights change (int8) or move.
     """
 
-    def __init__(self, model: TapeTransformer, kv: torch.Tensor, length: int = 0, *, weights: str | None = None) -> None:
+    def __init__(self, model: TapeTransformer, kv: torch.Tensor, length: int = 0, *,
+                 weights: str | None = None) -> None:
         if not native_supported(model):
             raise ValueError("NativeDecoder needs an eval-mode fp32 CPU TapeTransformer with skip_dead=True and "
                              "tape_kernels._C with decode_step (see native_supported)")
