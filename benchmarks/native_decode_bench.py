@@ -12,10 +12,10 @@ decode step is reported, the best of ``--reps`` repetitions:
 * ``lean``: ``tapetransformer.fastdecode.LeanDecoder`` (fp32, W8A8, weight-only int8);
 * ``native``: ``tapetransformer.native_decode.NativeDecoder`` (fp32, W8A8, weight-only int8).
 
-Also: torch dispatches per decode step (TorchDispatchMode: every ATen / custom op call), the
-fused model's prefill of a ``seq_len``-token prompt (fp32 and W8A8) with the share of its time
-spent in the linear layers (torch.profiler; what a native batched prefill would still run, with the
-same kernels), and speed-ups over the reference. Writes JSON (``--out``). Timings need a quiet
+Also: torch dispatches per decode step (TorchDispatchMode: every ATen / custom op call, the
+benchmark's own ``x[:, t]`` slice included), the prefill of a ``seq_len``-token prompt by the fused
+model (with the share of its op time spent in the linear layers, torch.profiler) and by the native
+batched path (``NativeDecoder.extend``), and speed-ups over the reference. Writes JSON (``--out``). Timings need a quiet
 machine; ``--tiny`` is a smoke run of the script itself.
 """
 
@@ -137,25 +137,38 @@ def dispatches_per_step(step: Any, reset: Any, p: int) -> int:
 # ------------------------------------------------------------------------------------------ prefill
 
 
-def time_prefill(model: TapeTransformer, ctx: torch.Tensor, reps: int) -> dict[str, Any]:
-    def once() -> None:
+def time_prefill(model: TapeTransformer, ctx: torch.Tensor, reps: int, weights: str) -> list[dict[str, Any]]:
+    """ms for one prefill of ctx: the fused model (with the share of its op time spent in the linear
+    layers, torch.profiler) and the native one (NativeDecoder.extend, one call)."""
+    dec = nd.NativeDecoder(model, nd.new_kv(model, ctx.shape[0], ctx.shape[1]), weights=weights)
+
+    def fused() -> None:
         model(ctx, past_kv=model.new_cache(ctx.shape[0], ctx.shape[1]))
 
-    once()
-    runs = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        once()
-        runs.append((time.perf_counter() - t0) * 1e3)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        once()
-    total = linear = 0.0
-    for ev in prof.key_averages():
-        total += ev.self_cpu_time_total
-        if ev.key in LINEAR_OPS:
-            linear += ev.self_cpu_time_total
-    return {"ms": min(runs), "ms_median": statistics.median(runs),
-            "linear_share": linear / total if total else None}  # fmt: skip
+    def native() -> None:
+        dec.length = 0
+        dec.extend(ctx)
+
+    rows = []
+    for impl, fn in (("fused", fused), ("native", native)):
+        fn()
+        runs = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - t0) * 1e3)
+        row = {"impl": impl, "ms": min(runs), "ms_median": statistics.median(runs)}
+        if impl == "fused":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                fn()
+            total = linear = 0.0
+            for ev in prof.key_averages():
+                total += ev.self_cpu_time_total
+                if ev.key in LINEAR_OPS:
+                    linear += ev.self_cpu_time_total
+            row["linear_share"] = linear / total if total else None
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -217,8 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             step, reset = native_runner(fused, x, p, weights)
                         rows.append({"impl": impl, "weights": weights, **time_decode(step, reset, p, n, reps),
                                      "dispatches": dispatches_per_step(step, reset, p)})  # fmt: skip
-                    result["prefill"].append({"threads": threads, "weights": weights, "tokens": seq,
-                                              **time_prefill(fused, ctx, reps)})  # fmt: skip
+                    for row in time_prefill(fused, ctx, reps, weights):
+                        result["prefill"].append({"threads": threads, "weights": weights, "tokens": seq, **row})
                 set_weights(fused, "fp32")
                 base = next((r["ms_per_token"] for r in rows if r["impl"] == "reference"), None)
                 for r in rows:
@@ -232,8 +245,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         torch.set_num_threads(prev)
     for r in result["prefill"]:
-        print(f"prefill threads={r['threads']} {r['weights']:5s} {r['ms']:9.3f} ms for {r['tokens']} tokens, "
-              f"linear layers {100 * (r['linear_share'] or 0):.0f}% of op time")  # fmt: skip
+        share = f", linear layers {100 * r['linear_share']:.0f}% of op time" if r.get("linear_share") else ""
+        print(f"prefill threads={r['threads']} {r['impl']:6s} {r['weights']:5s} {r['ms']:9.3f} ms for "
+              f"{r['tokens']} tokens{share}")  # fmt: skip
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -403,14 +403,15 @@ Tensor decode_activation_cpu(const Tensor& x, const c10::optional<Tensor>& bias)
   return y;
 }
 
-// logp (B, 1, V) for tokens tok (B,) at cache row t0 of kv (n_blocks, 2, B, H, capacity, D/H), which
-// it writes (row t0 of every block's K and V).
+// logp (B, S, V) for tokens tok (B, S) — or (B,), S = 1: a decode step — at cache rows t0..t0+S-1 of
+// kv (n_blocks, 2, B, H, capacity, D/H), which it writes (those rows of every block's K and V).
 Tensor decode_step_cpu(const c10::intrusive_ptr<DecodePlan>& plan, const Tensor& tok, const Tensor& kv, int64_t t0) {
   const tk::decode::Plan& p = plan->plan;
-  TORCH_CHECK_VALUE(tok.dim() == 1 && tok.size(0) >= 1, "tok must be 1-D (B,) with B >= 1, got shape ", tok.sizes());
+  TORCH_CHECK_VALUE((tok.dim() == 1 || tok.dim() == 2) && tok.size(0) >= 1 && (tok.dim() == 1 || tok.size(1) >= 1),
+                    "tok must be (B,) or (B, S) with B, S >= 1, got shape ", tok.sizes());
   TORCH_CHECK_VALUE(tok.scalar_type() == at::kLong, "tok must have dtype int64, got ", tok.scalar_type());
   TORCH_CHECK_VALUE(tok.device().is_cpu(), "tok must be on the CPU, got ", tok.device());
-  const int64_t b = tok.size(0), dh = p.d / p.heads;
+  const int64_t b = tok.size(0), s = tok.dim() == 2 ? tok.size(1) : 1, dh = p.d / p.heads;
   TORCH_CHECK_VALUE(kv.scalar_type() == at::kFloat, "kv must have dtype float32, got ", kv.scalar_type());
   TORCH_CHECK_VALUE(kv.device().is_cpu(), "kv must be on the CPU, got ", kv.device());
   TORCH_CHECK_VALUE(kv.dim() == 6 && kv.size(0) == p.n_blocks() && kv.size(1) == 2 && kv.size(2) == b &&
@@ -419,16 +420,18 @@ Tensor decode_step_cpu(const c10::intrusive_ptr<DecodePlan>& plan, const Tensor&
                     ") for this plan and B=", b, ", got ", kv.sizes());
   TORCH_CHECK_VALUE(kv.is_contiguous(), "kv must be contiguous");
   const int64_t cap = kv.size(4);
-  TORCH_CHECK_VALUE(t0 >= 0 && t0 < cap, "t0=", t0, " must lie in [0, capacity=", cap, ") of kv");
-  TORCH_CHECK_VALUE(!p.causal || t0 < p.seq_len, "t0=", t0, ": a causal model decodes positions < seq_len=",
-                    p.seq_len);
+  TORCH_CHECK_VALUE(t0 >= 0 && t0 + s <= cap, "t0=", t0, " with ", s, " new token(s) must fit the capacity ", cap,
+                    " of kv (t0 must lie in [0, ", cap - s + 1, "))");
+  TORCH_CHECK_VALUE(p.causal ? t0 + s <= p.seq_len : s <= p.seq_len, "t0=", t0, " with ", s,
+                    " new token(s): positions must stay below seq_len=", p.seq_len,
+                    p.causal ? " (a causal model decodes absolute positions)" : "");
   auto tc = tok.contiguous();
   const int64_t* ids = tc.data_ptr<int64_t>();
-  for (int64_t i = 0; i < b; ++i)
+  for (int64_t i = 0; i < b * s; ++i)
     TORCH_CHECK_VALUE(ids[i] >= 0 && ids[i] < p.vocab, "tok holds token id ", ids[i], " out of range [0, ", p.vocab,
                       ")");
-  auto logp = at::empty({b, 1, p.vocab}, kv.options());
-  tk::decode::decode_step(p, ids, b, kv.data_ptr<float>(), cap, t0, logp.data_ptr<float>(), at::get_num_threads());
+  auto logp = at::empty({b, s, p.vocab}, kv.options());
+  tk::decode::decode_step(p, ids, b, s, kv.data_ptr<float>(), cap, t0, logp.data_ptr<float>(), at::get_num_threads());
   return logp;
 }
 

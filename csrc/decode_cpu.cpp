@@ -445,6 +445,42 @@ TK_TARGET_AVX2 void gemv_rows_avx2(const float* x, int64_t ldx, int64_t k, const
 }
 #endif  // TK_X86
 
+#if TK_X86
+// Prefill (many rows): a register-blocked GEMM. 4 weight rows × 4 input rows per block, one fp32
+// accumulator each, the 16 of them reduced together by sum16; loop order n-block outer so that a
+// block's 4 weight rows stay in L1 while every input row passes. Not used by a decode step (its
+// per-row summation order differs from gemv_rows_avx512's; decode results stay batch-invariant).
+TK_TARGET_AVX512 void gemm_f32_avx512(const float* x, int64_t m, int64_t k, int64_t ldx, const float* w,
+                                      const float* bias, int64_t n, float* y, int64_t ldy) {
+  for (int64_t n0 = 0; n0 < n; n0 += 4) {
+    const int64_t cols = std::min<int64_t>(4, n - n0);
+    const float* wr[4];
+    for (int64_t j = 0; j < 4; ++j) wr[j] = w + std::min(n0 + j, n - 1) * k;  // past the end: recompute the last
+    for (int64_t m0 = 0; m0 < m; m0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, m - m0);
+      const float* xr[4];
+      for (int64_t r = 0; r < 4; ++r) xr[r] = x + std::min(m0 + r, m - 1) * ldx;
+      __m512 a[16];
+      for (int u = 0; u < 16; ++u) a[u] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < k; i += 16) {
+        const __mmask16 mask = (k - i >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1u);
+        __m512 wv[4];
+        for (int j = 0; j < 4; ++j) wv[j] = _mm512_maskz_loadu_ps(mask, wr[j] + i);
+        for (int r = 0; r < 4; ++r) {
+          const __m512 xv = _mm512_maskz_loadu_ps(mask, xr[r] + i);
+          for (int j = 0; j < 4; ++j) a[4 * r + j] = _mm512_fmadd_ps(xv, wv[j], a[4 * r + j]);
+        }
+      }
+      alignas(64) float out[16];
+      _mm512_store_ps(out, sum16(a));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j)
+          y[(m0 + r) * ldy + n0 + j] = out[4 * r + j] + (bias != nullptr ? bias[n0 + j] : 0.f);
+    }
+  }
+}
+#endif  // TK_X86
+
 void gemv_rows_base(const float* x, int64_t ldx, int64_t k, const float* w, const float* bias, int64_t n, float* y,
                     int64_t ldy) {
   for (int64_t c = 0; c < n; ++c) {
@@ -460,8 +496,9 @@ void gemv_rows_base(const float* x, int64_t ldx, int64_t k, const float* w, cons
 
 // y[m, c] = Σ_k x[m, k]·w[c, k] + bias[c] for c < n (w: n rows of k).
 void linear_f32_isa(CpuIsa isa, const float* x, int64_t m, int64_t k, int64_t ldx, const float* w, const float* bias,
-                    int64_t n, float* y, int64_t ldy) {
+                    int64_t n, float* y, int64_t ldy, bool gemm = false) {
 #if TK_X86
+  if (isa == CpuIsa::kAvx512Vnni && gemm && m > kMR) return gemm_f32_avx512(x, m, k, ldx, w, bias, n, y, ldy);
   if (isa == CpuIsa::kAvx512Vnni) {
     for (int64_t m0 = 0; m0 < m; m0 += kMR) {
       const float* xr = x + m0 * ldx;
@@ -487,6 +524,7 @@ void linear_f32_isa(CpuIsa isa, const float* x, int64_t m, int64_t k, int64_t ld
   }
 #endif
   (void)isa;
+  (void)gemm;
   for (int64_t r = 0; r < m; ++r) gemv_rows_base(x + r * ldx, ldx, k, w, bias, n, y + r * ldy, ldy);
 }
 
@@ -494,24 +532,27 @@ void linear_f32_isa(CpuIsa isa, const float* x, int64_t m, int64_t k, int64_t ld
 // The step
 // ---------------------------------------------------------------------------------------------
 
-// Output rows per unit of work: a packed W8A8 tile, else a few GEMV blocks (one cache line of bias).
+// Output rows per unit of work: a packed W8A8 tile, else a few cache lines of bias.
 constexpr int64_t kRowGrain = 16;
 
+// One call: S new tokens for each of B batch rows, M = B·S activation rows (row ρ = b·S + s).
 class Step {
  public:
-  Step(const Plan& plan, const int64_t* tok, int64_t b, float* kv, int64_t capacity, int64_t t0, float* logp)
-      : P_(plan), tok_(tok), b_(b), kv_(kv), cap_(capacity), t0_(t0), logp_(logp), isa_(cpu_isa()) {
+  Step(const Plan& plan, const int64_t* tok, int64_t b, int64_t s, float* kv, int64_t capacity, int64_t t0,
+       float* logp)
+      : P_(plan), tok_(tok), b_(b), s_(s), m_(b * s), kv_(kv), cap_(capacity), t0_(t0), logp_(logp),
+        isa_(cpu_isa()) {
     d_ = plan.d;
     hn_ = plan.heads;
     dh_ = d_ / hn_;
     d8_ = plan.expand_n();
-    const int64_t side = b_ * (3 * d_ + d_ + d_ + d8_ + d_);
+    const int64_t side = m_ * (3 * d_ + d_ + d_ + d8_ + d_);
     shared_.resize(static_cast<size_t>(2 * side));
     float* p = shared_.data();
-    qkv_ = p, p += 2 * b_ * 3 * d_;
-    o_ = p, p += 2 * b_ * d_;
-    y_ = p, p += 2 * b_ * d_;
-    act_ = p, p += 2 * b_ * d8_;
+    qkv_ = p, p += 2 * m_ * 3 * d_;
+    o_ = p, p += 2 * m_ * d_;
+    y_ = p, p += 2 * m_ * d_;
+    act_ = p, p += 2 * m_ * d8_;
     ylin_ = p;
     // torch multiplies q by the Python float 1/sqrt(dh), rounded to fp32.
     scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh_)));
@@ -537,7 +578,7 @@ class Step {
 
   const Plan& P_;
   const int64_t* tok_;
-  int64_t b_;
+  int64_t b_, s_, m_;
   float* kv_;
   int64_t cap_, t0_;
   float* logp_;
@@ -545,49 +586,51 @@ class Step {
   int64_t d_, hn_, dh_, d8_;
   float scale_;
   std::vector<float> shared_;
-  float *qkv_, *o_, *y_, *act_, *ylin_;  // (2, b, ·): left block's rows first
+  float *qkv_, *o_, *y_, *act_, *ylin_;  // (2, M, ·): the left block's rows first
 };
 
 void Step::init_local(Local& L) const {
-  const int64_t bd = b_ * d_;
-  L.f.resize(static_cast<size_t>(2 * bd + 2 * bd + 2 * bd + bd + 3 * d_ + 2 * b_ + dh_ + (t0_ + 1) + P_.vocab));
+  const int64_t md = m_ * d_;
+  L.f.resize(static_cast<size_t>(2 * md + 2 * md + 2 * md + md + 3 * d_ + 2 * m_ + dh_ + (t0_ + s_) + P_.vocab));
   float* p = L.f.data();
-  L.x0 = p, p += bd;
-  L.x1 = p, p += bd;
-  L.h1 = p, p += 2 * bd;
-  L.hbuf[0] = p, p += bd;
-  L.hbuf[1] = p, p += bd;
-  L.coda = p, p += bd;
+  L.x0 = p, p += md;
+  L.x1 = p, p += md;
+  L.h1 = p, p += 2 * md;
+  L.hbuf[0] = p, p += md;
+  L.hbuf[1] = p, p += md;
+  L.coda = p, p += md;
   L.z = p, p += d_;
   L.hl = p, p += d_;
   L.hr = p, p += d_;
-  L.xs = p, p += 2 * b_;
+  L.xs = p, p += 2 * m_;
   L.qs = p, p += dh_;
-  L.sc = p, p += t0_ + 1;
+  L.sc = p, p += t0_ + s_;
   L.xw = p;
   if (P_.kind == Weights::kW8A8) {
     const int64_t kp = packed_k(std::max(d_, d8_));
-    L.xq.resize(static_cast<size_t>(2 * b_ * kp));
-    L.acc.resize(static_cast<size_t>(b_ * std::max(3 * d_, d8_)));
+    L.xq.resize(static_cast<size_t>(2 * m_ * kp));
+    L.acc.resize(static_cast<size_t>(m_ * std::max(3 * d_, d8_)));
   }
 }
 
-// The coda's first-layer inputs: token embedding + each block's positional row at p, rotated when
-// causal (reference semantics: position 0 and no rotation for a one-token call).
+// The coda's first-layer inputs: token embedding + each block's positional row, rotated by RoPE.
+// Positions: causal, t0 + s (absolute); reference semantics, s (every call restarts at 0), and a
+// single token (S = 1) is not rotated.
 void Step::embed(Local& L) const {
-  const int64_t p = P_.causal ? t0_ : 0;
-  for (int s = 0; s < 2; ++s) {
-    float* xs = s ? L.x1 : L.x0;
-    const float* pos = P_.pos[s] + p * d_;
-    for (int64_t bb = 0; bb < b_; ++bb) {
-      const float* e = P_.embedding + tok_[bb] * d_;
-      float* x = xs + bb * d_;
-      if (!P_.causal) {
+  const bool rotate = P_.causal || s_ > 1;
+  for (int side = 0; side < 2; ++side) {
+    float* xs = side ? L.x1 : L.x0;
+    for (int64_t r = 0; r < m_; ++r) {
+      const int64_t p = (P_.causal ? t0_ : 0) + r % s_;
+      const float* pos = P_.pos[side] + p * d_;
+      const float* e = P_.embedding + tok_[r] * d_;
+      float* x = xs + r * d_;
+      if (!rotate) {
         for (int64_t i = 0; i < d_; ++i) x[i] = e[i] + pos[i];
         continue;
       }
-      const float* cs = P_.rope_cos[s] + p * (d_ / 2);
-      const float* sn = P_.rope_sin[s] + p * (d_ / 2);
+      const float* cs = P_.rope_cos[side] + p * (d_ / 2);
+      const float* sn = P_.rope_sin[side] + p * (d_ / 2);
       for (int64_t i = 0; i < d_ / 2; ++i) {
         const float x1 = e[2 * i] + pos[2 * i], x2 = e[2 * i + 1] + pos[2 * i + 1];
         x[2 * i] = x1 * cs[i] - x2 * sn[i];
@@ -597,10 +640,11 @@ void Step::embed(Local& L) const {
   }
 }
 
-// y (2, b, n) = the left and right linears of a layer on x0 / x1 (b, k) each (the same pointer when
+// y (2, M, n) = the left and right linears of a layer on x0 / x1 (M, k) each (the same pointer when
 // both blocks read the same input). The 2·n output rows are cut into units (a 64-channel packed
-// tile for W8A8) and each thread takes one contiguous run of units; epi(side, r0, r1) then runs on
-// the thread's rows [r0, r1) of that side, before any barrier.
+// tile for W8A8) and each thread takes one contiguous run of units, for all M rows (a weight is
+// read once per call); epi(side, r0, r1) then runs on the thread's rows [r0, r1) of that side,
+// before any barrier.
 template <class Epi>
 void Step::linear_phase(Local& L, int tid, int team, const Linear& l0, const Linear& l1, const float* x0,
                         const float* x1, float* y, Epi&& epi) const {
@@ -611,58 +655,66 @@ void Step::linear_phase(Local& L, int tid, int team, const Linear& l0, const Lin
   const int64_t u0 = total * tid / team, u1 = total * (tid + 1) / team;
   const int64_t kp = packed_k(k), groups = kp / kGroupK;
   bool quantized[2] = {false, false};
-  for (int s = 0; s < 2; ++s) {
-    const int64_t a = std::max(u0, s * units), e = std::min(u1, (s + 1) * units);
+  for (int side = 0; side < 2; ++side) {
+    const int64_t a = std::max(u0, side * units), e = std::min(u1, (side + 1) * units);
     if (a >= e) continue;
-    const int64_t r0 = (a - s * units) * grain, r1 = std::min((e - s * units) * grain, n), rows = r1 - r0;
-    const Linear& l = s ? l1 : l0;
-    const float* x = s ? x1 : x0;
-    float* ys = y + s * b_ * n;
+    const int64_t r0 = (a - side * units) * grain, r1 = std::min((e - side * units) * grain, n), rows = r1 - r0;
+    const Linear& l = side ? l1 : l0;
+    const float* x = side ? x1 : x0;
+    float* ys = y + side * m_ * n;
     const float* bias = l.bias != nullptr ? l.bias + r0 : nullptr;
     if (P_.kind == Weights::kF32) {
-      linear_f32_isa(isa_, x, b_, k, k, l.w + r0 * k, bias, rows, ys + r0, n);
+      linear_f32_isa(isa_, x, m_, k, k, l.w + r0 * k, bias, rows, ys + r0, n, /*gemm=*/s_ > 1);
     } else if (P_.kind == Weights::kW8) {
-      w8a32_linear_f32(x, b_, k, k, l.q + r0 * k, k, l.scale + r0, bias, rows, ys + r0, n);
+      w8a32_linear_f32(x, m_, k, k, l.q + r0 * k, k, l.scale + r0, bias, rows, ys + r0, n);
     } else {
       // Activation quantization (per row, as w8a8_linear_f32 does), once per distinct input.
-      int slot = s;
-      if (s == 1 && x1 == x0) slot = 0;
-      int8_t* xq = L.xq.data() + slot * b_ * kp;
-      float* xsc = L.xs + slot * b_;
+      int slot = side;
+      if (side == 1 && x1 == x0) slot = 0;
+      int8_t* xq = L.xq.data() + slot * m_ * kp;
+      float* xsc = L.xs + slot * m_;
       if (!quantized[slot]) {
-        quantize_rows_f32(x, b_, k, k, xq, kp, xsc);
+        quantize_rows_f32(x, m_, k, k, xq, kp, xsc);
         quantized[slot] = true;
       }
       int32_t* acc = L.acc.data();
-      gemm_s8s8_s32_packed(xq, b_, k, kp, l.packed + (r0 / kTileN) * groups * kTileN * kGroupK, l.wsum + r0, rows,
+      gemm_s8s8_s32_packed(xq, m_, k, kp, l.packed + (r0 / kTileN) * groups * kTileN * kGroupK, l.wsum + r0, rows,
                            acc, rows);
       // w8a8_linear_f32's epilogue, term for term, so the products equal the single op's bitwise.
-      for (int64_t bb = 0; bb < b_; ++bb) {
-        const float sx = xsc[bb];
-        const int32_t* ar = acc + bb * rows;
-        float* yr = ys + bb * n + r0;
+      for (int64_t r = 0; r < m_; ++r) {
+        const float sx = xsc[r];
+        const int32_t* ar = acc + r * rows;
+        float* yr = ys + r * n + r0;
         const float* ws = l.scale + r0;
         for (int64_t c = 0; c < rows; ++c)
           yr[c] = static_cast<float>(ar[c]) * (sx * ws[c]) + (bias != nullptr ? bias[c] : 0.f);
       }
     }
-    epi(s, r0, r1);
+    epi(side, r0, r1);
   }
 }
 
+// Tasks (side, batch row, head): write the S new K/V rows at t0.., then attend each new row over
+// the rows it sees (causal: up to its own position; reference semantics: all t0 + S).
 void Step::attention_phase(Local& L, int tid, int team, int64_t blk0) const {
   const int64_t tasks = 2 * b_ * hn_;
   const int64_t a = tasks * tid / team, e = tasks * (tid + 1) / team;
   for (int64_t task = a; task < e; ++task) {
-    const int64_t s = task / (b_ * hn_), bb = (task / hn_) % b_, hh = task % hn_;
-    const int64_t blk = blk0 + s;
+    const int64_t side = task / (b_ * hn_), bb = (task / hn_) % b_, hh = task % hn_;
+    const int64_t blk = blk0 + side;
     float* K = kv_ + (((blk * 2 + 0) * b_ + bb) * hn_ + hh) * cap_ * dh_;
     float* V = kv_ + (((blk * 2 + 1) * b_ + bb) * hn_ + hh) * cap_ * dh_;
-    const float* row = qkv_ + (s * b_ + bb) * 3 * d_;  // [q | k | v], head-major within each
-    std::memcpy(K + t0_ * dh_, row + d_ + hh * dh_, static_cast<size_t>(dh_) * sizeof(float));
-    std::memcpy(V + t0_ * dh_, row + 2 * d_ + hh * dh_, static_cast<size_t>(dh_) * sizeof(float));
-    float* o = o_ + (s * b_ + bb) * d_ + hh * dh_;
-    attend(isa_, row + hh * dh_, K, V, t0_ + 1, dh_, scale_, L.qs, L.sc, o);
+    for (int64_t j = 0; j < s_; ++j) {
+      const float* row = qkv_ + (side * m_ + bb * s_ + j) * 3 * d_;  // [q | k | v], head-major within each
+      std::memcpy(K + (t0_ + j) * dh_, row + d_ + hh * dh_, static_cast<size_t>(dh_) * sizeof(float));
+      std::memcpy(V + (t0_ + j) * dh_, row + 2 * d_ + hh * dh_, static_cast<size_t>(dh_) * sizeof(float));
+    }
+    for (int64_t j = 0; j < s_; ++j) {
+      const int64_t r = bb * s_ + j;
+      const float* q = qkv_ + (side * m_ + r) * 3 * d_ + hh * dh_;
+      const int64_t t = P_.causal ? t0_ + j + 1 : t0_ + s_;
+      attend(isa_, q, K, V, t, dh_, scale_, L.qs, L.sc, o_ + (side * m_ + r) * d_ + hh * dh_);
+    }
   }
 }
 
@@ -684,63 +736,63 @@ void Step::run(int tid, int team) {
       // 1. qkv = x·in_projᵀ + b
       linear_phase(L, tid, team, bl.in_proj, br.in_proj, xin0, xin1, qkv_, [](int, int64_t, int64_t) {});
 #pragma omp barrier
-      // 2. K/V row t0, attention over rows 0..t0
+      // 2. K/V rows t0.., attention
       attention_phase(L, tid, team, blk);
 #pragma omp barrier
       // 3. y = x + o·out_projᵀ + b
-      linear_phase(L, tid, team, bl.out_proj, br.out_proj, o_, o_ + b_ * d_, y_,
-                   [&](int s, int64_t r0, int64_t r1) {
-                     const float* x = s ? xin1 : xin0;
-                     for (int64_t bb = 0; bb < b_; ++bb) {
-                       float* yr = y_ + (s * b_ + bb) * d_;
-                       const float* xr = x + bb * d_;
+      linear_phase(L, tid, team, bl.out_proj, br.out_proj, o_, o_ + m_ * d_, y_,
+                   [&](int side, int64_t r0, int64_t r1) {
+                     const float* x = side ? xin1 : xin0;
+                     for (int64_t r = 0; r < m_; ++r) {
+                       float* yr = y_ + (side * m_ + r) * d_;
+                       const float* xr = x + r * d_;
                        for (int64_t c = r0; c < r1; ++c) yr[c] = xr[c] + yr[c];
                      }
                    });
 #pragma omp barrier
       // 4. h1 = LN_attn(y) (every thread, its own copy); act = activation(h1·expandᵀ + expand_b)
-      for (int s = 0; s < 2; ++s) {
-        const Block& bk = s ? br : bl;
-        for (int64_t bb = 0; bb < b_; ++bb)
-          TK_CALL(isa_, add_layer_norm, y_ + (s * b_ + bb) * d_, nullptr, bk.ln_attn_w, bk.ln_attn_b,
-                  bk.ln_attn_eps, d_, L.z, L.h1 + (s * b_ + bb) * d_);
+      for (int side = 0; side < 2; ++side) {
+        const Block& bk = side ? br : bl;
+        for (int64_t r = 0; r < m_; ++r)
+          TK_CALL(isa_, add_layer_norm, y_ + (side * m_ + r) * d_, nullptr, bk.ln_attn_w, bk.ln_attn_b,
+                  bk.ln_attn_eps, d_, L.z, L.h1 + (side * m_ + r) * d_);
       }
-      linear_phase(L, tid, team, bl.expand, br.expand, L.h1, L.h1 + b_ * d_, act_,
-                   [&](int s, int64_t r0, int64_t r1) {
-                     const float* eb = (s ? br : bl).expand_bias + r0;
-                     for (int64_t bb = 0; bb < b_; ++bb)
-                       TK_CALL(isa_, activation, act_ + (s * b_ + bb) * d8_ + r0, eb, r1 - r0);
+      linear_phase(L, tid, team, bl.expand, br.expand, L.h1, L.h1 + m_ * d_, act_,
+                   [&](int side, int64_t r0, int64_t r1) {
+                     const float* eb = (side ? br : bl).expand_bias + r0;
+                     for (int64_t r = 0; r < m_; ++r)
+                       TK_CALL(isa_, activation, act_ + (side * m_ + r) * d8_ + r0, eb, r1 - r0);
                    });
 #pragma omp barrier
       // 5. ylin = act·linearᵀ
-      linear_phase(L, tid, team, bl.linear, br.linear, act_, act_ + b_ * d8_, ylin_, [](int, int64_t, int64_t) {});
+      linear_phase(L, tid, team, bl.linear, br.linear, act_, act_ + m_ * d8_, ylin_, [](int, int64_t, int64_t) {});
 #pragma omp barrier
       // 6. h = combine(LN_mlp(h1 + ylin) left, right) (every thread, its own copy)
       float* hn = L.hbuf[cur];
       cur ^= 1;
-      for (int64_t bb = 0; bb < b_; ++bb) {
-        TK_CALL(isa_, add_layer_norm, L.h1 + bb * d_, ylin_ + bb * d_, bl.ln_mlp_w, bl.ln_mlp_b, bl.ln_mlp_eps, d_,
-                L.z, L.hl);
-        TK_CALL(isa_, add_layer_norm, L.h1 + (b_ + bb) * d_, ylin_ + (b_ + bb) * d_, br.ln_mlp_w, br.ln_mlp_b,
+      for (int64_t r = 0; r < m_; ++r) {
+        TK_CALL(isa_, add_layer_norm, L.h1 + r * d_, ylin_ + r * d_, bl.ln_mlp_w, bl.ln_mlp_b, bl.ln_mlp_eps, d_, L.z,
+                L.hl);
+        TK_CALL(isa_, add_layer_norm, L.h1 + (m_ + r) * d_, ylin_ + (m_ + r) * d_, br.ln_mlp_w, br.ln_mlp_b,
                 br.ln_mlp_eps, d_, L.z, L.hr);
-        TK_CALL(isa_, combine, L.hl, L.hr, head.mode, d_, hn + bb * d_);
+        TK_CALL(isa_, combine, L.hl, L.hr, head.mode, d_, hn + r * d_);
       }
       xin0 = xin1 = h = hn;
     }
-    if (hi == 0) std::memcpy(L.coda, h, static_cast<size_t>(b_ * d_) * sizeof(float));
+    if (hi == 0) std::memcpy(L.coda, h, static_cast<size_t>(m_ * d_) * sizeof(float));
   }
   const float df = P_.df;
   const float c = static_cast<float>(-0.5 * (static_cast<double>(P_.df) + static_cast<double>(d_)));
-  for (int64_t bb = tid; bb < b_; bb += team)
-    TK_CALL(isa_, unembed, h + bb * d_, P_.unembedding, P_.unembedding_sq, d_, P_.vocab, df, c, L.xw,
-            logp_ + bb * P_.vocab);
+  for (int64_t r = tid; r < m_; r += team)
+    TK_CALL(isa_, unembed, h + r * d_, P_.unembedding, P_.unembedding_sq, d_, P_.vocab, df, c, L.xw,
+            logp_ + r * P_.vocab);
 }
 
 }  // namespace
 
-void decode_step(const Plan& plan, const int64_t* tok, int64_t b, float* kv, int64_t capacity, int64_t t0,
+void decode_step(const Plan& plan, const int64_t* tok, int64_t b, int64_t s, float* kv, int64_t capacity, int64_t t0,
                  float* logp, int nthreads) {
-  Step step(plan, tok, b, kv, capacity, t0, logp);
+  Step step(plan, tok, b, s, kv, capacity, t0, logp);
   nthreads = std::max(nthreads, 1);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {

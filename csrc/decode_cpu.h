@@ -1,7 +1,7 @@
 // One CPU decode step of the fused TapeTransformer: plain pointers, sizes and strides, no ATen.
 //
-// decode_step() runs, for B new tokens, everything between the token ids and the log-probs of
-// TapeTransformer._forward_eval for one token (skip_dead, eval): embedding, the coda's first-layer
+// decode_step() runs, for B new tokens (or B·S: a native prefill), everything between the token
+// ids and the log-probs of TapeTransformer._forward_eval (skip_dead, eval): embedding, the coda's first-layer
 // positions (+ RoPE when causal), every TapeHeadBlock of the evaluated heads (QKV projection, K/V
 // write at row t0, attention over rows 0..t0, out projection, LayerNorm, MLP with the bounded
 // activation, LayerNorm), the left/right combine after every layer and the Student-t unembedding.
@@ -15,7 +15,8 @@
 // attention splits (side, batch row, head); the LayerNorms and the combine, a few thousand flops,
 // are computed by every thread into its own buffers, which saves a barrier each. A thread's rows
 // are computed the same way whatever the team size, so results do not depend on the thread count
-// (nor on the batch: each batch row is computed independently).
+// (nor on the batch: each batch row is computed independently). Each call streams every weight
+// once, for all B·S rows.
 #pragma once
 
 #include <cstdint>
@@ -78,10 +79,14 @@ struct Plan {
   int64_t expand_n() const { return blocks.empty() ? 0 : blocks[0].expand.n; }
 };
 
-// tok: (b) ids in [0, vocab) (the caller checks); kv: (n_blocks, 2 [k, v], b, heads, capacity, d/heads)
-// contiguous fp32, rows 0..t0-1 filled, row t0 written here; logp: (b, vocab) out.
-// Positions: p = t0 when causal, else 0 (the reference's one-token call). nthreads >= 1.
-void decode_step(const Plan& plan, const int64_t* tok, int64_t b, float* kv, int64_t capacity, int64_t t0,
+// S new tokens for each of b batch rows at cache rows t0..t0+S-1 (S = 1: a decode step; S > 1: a
+// prefill, or a chunk of one). tok: (b, S) ids in [0, vocab) (the caller checks); kv: (n_blocks,
+// 2 [k, v], b, heads, capacity, d/heads) contiguous fp32, rows 0..t0-1 filled, rows t0..t0+S-1
+// written here (capacity >= t0 + S); logp: (b, S, vocab) out.
+// Positions (the model's): causal, t0 + s (< seq_len) with RoPE; reference semantics, s (each call
+// restarts at 0; S <= seq_len), rotated only when S > 1. Attention: causal, new row s sees rows
+// <= t0 + s; reference semantics, every new row sees all t0 + S rows. nthreads >= 1.
+void decode_step(const Plan& plan, const int64_t* tok, int64_t b, int64_t s, float* kv, int64_t capacity, int64_t t0,
                  float* logp, int nthreads);
 
 // The fp32 GEMV/GEMM of the kF32 path on its own (tests and the benchmark compare it with torch):

@@ -66,11 +66,12 @@ def _tokens(cfg: str, batch: int, n: int, seed: int = 7) -> torch.Tensor:
     return torch.randint(0, CONFIGS[cfg]["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _native_steps(m: TapeTransformer, x: torch.Tensor, k: int,
-                  weights: str | None = None) -> tuple[list, nd.NativeDecoder]:
-    """Prefill x[:, :k], then feed x[:, k:] natively: ([prefill logp, step logps...], decoder)."""
+def _native_steps(m: TapeTransformer, x: torch.Tensor, k: int, weights: str | None = None,
+                  native_prefill: bool = False) -> tuple[list, nd.NativeDecoder]:
+    """Prefill x[:, :k] (by default through the fused model, so that a step starts from the model's
+    own cache), then feed x[:, k:] natively: ([prefill logp, step logps...], decoder)."""
     with torch.no_grad():
-        logp, dec = nd.prefill(m, x[:, :k], x.shape[1], weights=weights)
+        logp, dec = nd.prefill(m, x[:, :k], x.shape[1], weights=weights, native=native_prefill)
         outs = [logp]
         for t in range(k, x.shape[1]):
             outs.append(dec.step(x[:, t]))
@@ -129,21 +130,24 @@ def test_fp32_steps_match_forward_eval_like_torch(cfg: str, causal: bool, batch:
     torch.testing.assert_close(dec.kv[..., : dec.length, :], want[..., : dec.length, :], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("native_prefill", [False, True], ids=["fused-prefill", "native-prefill"])
 @pytest.mark.parametrize("cfg, splits", [("tiny", (1, 4, 7, 11)), ("odd40", (2, 9)), ("odd24", (5,))])
-def test_causal_prefill_then_native_decode_equals_full_forward(cfg: str, splits: tuple[int, ...]) -> None:
+def test_causal_prefill_then_native_decode_equals_full_forward(cfg: str, splits: tuple[int, ...],
+                                                               native_prefill: bool) -> None:
     m = _model(cfg, causal=True)
     x = _tokens(cfg, 2, CONFIGS[cfg]["seq_len"], seed=1)
     with torch.no_grad():
         full, _ = m(x)
     for k in splits:
-        outs, _ = _native_steps(m, x, k)
+        outs, _ = _native_steps(m, x, k, native_prefill=native_prefill)
         got = torch.cat(outs, dim=1)
         assert (got - full).abs().max() < 1e-5, f"split {k}"
 
 
-def _native_greedy(m: TapeTransformer, prompt: torch.Tensor, n: int, weights: str | None = None) -> torch.Tensor:
+def _native_greedy(m: TapeTransformer, prompt: torch.Tensor, n: int, weights: str | None = None,
+                   native_prefill: bool = True) -> torch.Tensor:
     with torch.no_grad():
-        logp, dec = nd.prefill(m, prompt, prompt.shape[1] + n, weights=weights)
+        logp, dec = nd.prefill(m, prompt, prompt.shape[1] + n, weights=weights, native=native_prefill)
         out = [prompt]
         for i in range(n):
             nxt = logp[:, -1].argmax(-1)
@@ -159,7 +163,9 @@ def test_greedy_tokens_equal_generate(cfg: str, batch: int) -> None:
     m = _model(cfg, seed=11)
     prompt = _tokens(cfg, batch, 4, seed=5)
     n = 12
-    assert torch.equal(_native_greedy(m, prompt, n), generate(m, prompt, n, greedy=True))
+    want = generate(m, prompt, n, greedy=True)
+    assert torch.equal(_native_greedy(m, prompt, n), want)
+    assert torch.equal(_native_greedy(m, prompt, n, native_prefill=False), want)
 
 
 def test_greedy_tokens_equal_the_reference_loop_on_the_golden_model(golden: dict) -> None:
@@ -175,6 +181,49 @@ def test_greedy_tokens_equal_the_reference_loop_on_the_golden_model(golden: dict
     want, _ = sample_reference(plain, prompt, 11, greedy=True)
     assert torch.equal(generate(fused, prompt, 11, greedy=True), want)
     assert torch.equal(_native_greedy(fused, prompt, 11), want)
+    assert torch.equal(_native_greedy(fused, prompt, 11, native_prefill=False), want)
+
+
+@pytest.mark.parametrize("cfg", ["tiny", "odd40", "wide"])
+@pytest.mark.parametrize("causal", [False, True], ids=["reference", "causal"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_native_prefill_and_chunks_match_the_model_like_torch(cfg: str, causal: bool, batch: int) -> None:
+    """extend(S tokens) is the model's call on S tokens: a prefill, then a second chunk onto the cache
+    (reference semantics: positions restart at 0 and every new row sees every row), then steps."""
+    m = _model(cfg, causal, seed=batch + 5)
+    seq = CONFIGS[cfg]["seq_len"]
+    x = _tokens(cfg, batch, seq, seed=6)
+    cuts = [(0, 4), (4, seq - 2), (seq - 2, seq - 1), (seq - 1, seq)]  # prefill, chunk, 2 steps
+
+    def run(model: TapeTransformer) -> list:
+        outs, cache = [], model.new_cache(batch, seq)
+        with torch.no_grad():
+            for a, b in cuts:
+                logp, cache = model(x[:, a:b], past_kv=cache)
+                outs.append(logp)
+        return outs
+
+    dec = nd.NativeDecoder(m, nd.new_kv(m, batch, seq))
+    with torch.no_grad():
+        native = [dec.extend(x[:, a:b]) for a, b in cuts]
+    assert dec.length == seq and [t.shape[1] for t in native] == [b - a for a, b in cuts]
+    _assert_like_torch_fp32(native, run(m), run(_float64_twin(m)))
+
+
+@pytest.mark.parametrize("cfg", ["tiny", "odd40"])
+@pytest.mark.parametrize("causal", [False, True], ids=["reference", "causal"])
+def test_native_w8a8_prefill_close_to_the_fused_prefill(cfg: str, causal: bool) -> None:
+    m = _model(cfg, causal, seed=8)
+    x = _tokens(cfg, 3, CONFIGS[cfg]["seq_len"], seed=9)
+    with torch.no_grad():
+        fp32, _ = m(x)
+        m.quantize_int8_(act_quant=True)
+        fused, _ = m(x)
+        native, _ = nd.prefill(m, x, x.shape[1])
+    q_max, q_mean = (fused - fp32).abs().max().item(), (fused - fp32).abs().mean().item()
+    assert q_max > 1e-4
+    assert (native - fused).abs().max().item() <= W8A8_MAX_RATIO * q_max
+    assert (native - fused).abs().mean().item() <= W8A8_MEAN_RATIO * q_mean
 
 
 def test_nan_stays_nan() -> None:
@@ -182,7 +231,7 @@ def test_nan_stays_nan() -> None:
     with torch.no_grad():
         m.holistic_embed.weight[5] = float("nan")
     x = torch.tensor([[1, 2, 3, 5, 4]])
-    outs, _ = _native_steps(m, x, 3)
+    outs, _ = _native_steps(m, x, 3, native_prefill=True)
     assert torch.isfinite(outs[0]).all() and torch.isnan(outs[1]).all()  # token 5 -> NaN
     assert torch.isnan(outs[2]).all()  # and its K/V poison every later step, as in PyTorch
 
@@ -305,6 +354,13 @@ def test_results_do_not_depend_on_threads_or_batch(weights: str) -> None:
         return [dec.step(x[rows, t]) for t in range(k, x.shape[1])], dec.kv
 
     try:
+        prefills = []
+        for threads in (1, 2):  # the native prefill (S > 1: the GEMM paths) too
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                prefills.append(nd.prefill(m, x[:, :k], x.shape[1], weights=weights))
+        assert torch.equal(prefills[0][0], prefills[1][0])
+        assert torch.equal(prefills[0][1].kv[..., :k, :], prefills[1][1].kv[..., :k, :])  # rows past k: unset
         one, kv1 = decode(1, slice(None))
         two, kv2 = decode(2, slice(None))
         assert torch.get_num_threads() == 2  # the step leaves the thread setting alone
@@ -327,7 +383,7 @@ def test_every_isa_gives_the_same_results(weights: str) -> None:
     m = _model("odd40", seed=9)
     x = _tokens("odd40", 2, 12)
     best = _C.cpu_isa()
-    base, _ = _native_steps(m, x, 3, weights=weights)
+    base, _ = _native_steps(m, x, 3, weights=weights, native_prefill=True)
     m.quantize_int8_(act_quant=True)
     lean = _lean_int8_steps(m, x, 3)
     m.dequantize_()
@@ -336,8 +392,8 @@ def test_every_isa_gives_the_same_results(weights: str) -> None:
     try:
         for isa in _isas():
             _C.set_cpu_isa(isa)
-            got, _ = _native_steps(m, x, 3, weights=weights)
-            d = max((a - b).abs().max().item() for a, b in zip(got[1:], base[1:]))
+            got, _ = _native_steps(m, x, 3, weights=weights, native_prefill=True)
+            d = max((a - b).abs().max().item() for a, b in zip(got, base))
             # fp32 / weight-only: rounding of other summation orders; W8A8: plus activation-rounding flips
             bound = 2e-5 if weights != "w8a8" else W8A8_MAX_RATIO * q_max
             assert d <= bound, (isa, d)
@@ -419,7 +475,7 @@ def test_bad_input_raises_value_errors_naming_it() -> None:
         op(dec.plan, tok, nd.new_kv(m, 3, 6), 0)
     with pytest.raises(ValueError, match="kv must have dtype float32"):
         op(dec.plan, tok, kv.double(), 0)
-    with pytest.raises(ValueError, match="t0=6 must lie in"):
+    with pytest.raises(ValueError, match="t0=6 with 1 new token"):
         op(dec.plan, tok, kv, 6)
     with pytest.raises(ValueError, match="tok must have dtype int64"):
         op(dec.plan, tok.int(), kv, 0)
@@ -513,8 +569,9 @@ def test_opcheck() -> None:
         _, dec = nd.prefill(m, x, 8)
     tok = torch.tensor([3, 4])
     op = torch.ops.tape_kernels.decode_step
-    torch.library.opcheck(op, (dec.plan, tok, dec.kv.clone(), 4),
-                          test_utils=("test_faketensor", "test_autograd_registration"))  # fmt: skip
+    for t in (tok, torch.tensor([[3, 4, 5], [6, 7, 8]])):  # a step and a 3-token chunk
+        torch.library.opcheck(op, (dec.plan, t, dec.kv.clone(), 4),
+                              test_utils=("test_faketensor", "test_autograd_registration"))  # fmt: skip
     kv = dec.kv.clone()
     kv[..., 4:, :] = float("nan")  # rows past t0 are never read
     before_kv, before_tok = kv.clone(), tok.clone()

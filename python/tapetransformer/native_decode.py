@@ -87,7 +87,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("tape_kernels::decode_step")
     def _(plan: Any, tok: torch.Tensor, kv: torch.Tensor, t0: int) -> torch.Tensor:
-        return kv.new_empty((tok.shape[0], 1, plan.vocab()))
+        s = tok.shape[1] if tok.dim() == 2 else 1
+        return kv.new_empty((tok.shape[0], s, plan.vocab()))
 
     @torch.library.register_fake("tape_kernels::decode_linear_f32")
     def _(x: torch.Tensor, w: torch.Tensor, bias: Any) -> torch.Tensor:
@@ -302,14 +303,31 @@ class NativeDecoder:
         self.length = t0 + 1
         return logp
 
-    def _bad_tok(self, tok: Any) -> None:
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, S) int64 -> log-probs (B, S, V): S tokens at once (a native prefill, or a chunk of
+        one), the same as S steps for a causal model; in reference semantics a call of S tokens is the
+        model's call on S tokens (positions 0..S-1, rotated when S > 1, every new row sees every row).
+        Each weight is read once for all B·S rows."""
+        if type(tokens) is not torch.Tensor or tokens.dtype != torch.int64 or tokens.device.type != "cpu" or (
+            tokens.dim() != 2 or tokens.shape[0] != self.batch or tokens.shape[1] < 1
+        ):
+            self._bad_tok(tokens, "tokens", f"({self.batch}, S)")
+        t0, s = self.length, tokens.shape[1]
+        if t0 + s > self.capacity:
+            raise ValueError(f"kv holds {t0} tokens: {s} more exceed its capacity {self.capacity}")
+        logp = self._op(self.plan, tokens, self.kv, t0)
+        self.length = t0 + s
+        return logp
+
+    def _bad_tok(self, tok: Any, name: str = "tok", shape: str | None = None) -> None:
         if not isinstance(tok, torch.Tensor):
-            raise ValueError(f"tok must be a torch.Tensor, got {type(tok).__name__}")
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tok).__name__}")
         if tok.dtype != torch.int64:
-            raise ValueError(f"tok must have dtype int64, got {tok.dtype}")
+            raise ValueError(f"{name} must have dtype int64, got {tok.dtype}")
         if tok.device.type != "cpu":
-            raise ValueError(f"tok must be on the CPU, got {tok.device}")
-        raise ValueError(f"tok must have shape ({self.batch},), got {tuple(tok.shape)}")
+            raise ValueError(f"{name} must be on the CPU, got {tok.device}")
+        raise ValueError(f"{name} must have shape {shape or f'({self.batch},)'}, got {tuple(tok.shape)}")
 
 
 def native_decoder(model: TapeTransformer, kv: torch.Tensor, length: int = 0, *,
@@ -323,19 +341,26 @@ def native_decoder(model: TapeTransformer, kv: torch.Tensor, length: int = 0, *,
 
 
 @torch.no_grad()
-def prefill(model: TapeTransformer, ctx: torch.Tensor, capacity: int, *,
-            weights: str | None = None) -> tuple[torch.Tensor, NativeDecoder]:
-    """Prefill ``ctx`` (B, S) through the fused model (``model(ctx, past_kv=cache)``), copy its cache into
-    the native layout with room for ``capacity`` tokens and return (log-probs (B, S, V), decoder).
+def prefill(model: TapeTransformer, ctx: torch.Tensor, capacity: int, *, weights: str | None = None,
+            native: bool = True) -> tuple[torch.Tensor, NativeDecoder]:
+    """Prefill ``ctx`` (B, S) into a new native cache with room for ``capacity`` tokens and return
+    (log-probs (B, S, V), the decoder, at length S).
 
-    A bridge while the model keeps :class:`FusedCache`: once it writes the native layout itself, the
-    copy goes. The prefill runs the model's own path (int8 weights if ``quantize_int8_`` made them).
+    ``native=True``: :meth:`NativeDecoder.extend` — one call, each weight read once for all B·S rows
+    (measured faster than the fused model for a 128-token prompt at the notebook size: ~2x with
+    W8A8, where the model's eager activation dominates, ~1.5x fp32, ~1.3x weight-only; rough
+    timings on a loaded 2-core machine). ``native=False``: the fused model's own prefill
+    (``model(ctx, past_kv=cache)``, with int8 weights if ``quantize_int8_`` made them), its
+    :class:`FusedCache` copied into the native layout — a bridge while the model keeps that cache.
     """
     if ctx.dim() == 1:
         ctx = ctx.unsqueeze(0)
     s = ctx.shape[1]
     if capacity < s:
         raise ValueError(f"capacity {capacity} < the {s} prompt tokens")
+    if native:
+        dec = NativeDecoder(model, new_kv(model, ctx.shape[0], capacity), 0, weights=weights)
+        return dec.extend(ctx), dec
     logp, cache = model(ctx, past_kv=model.new_cache(ctx.shape[0], s))
     kv = kv_from_fused_cache(model, cache, capacity)
     return logp, NativeDecoder(model, kv, cache.length, weights=weights)
