@@ -134,14 +134,20 @@ def test_fp32_steps_match_forward_eval_like_torch(cfg: str, causal: bool, batch:
 @pytest.mark.parametrize("cfg, splits", [("tiny", (1, 4, 7, 11)), ("odd40", (2, 9)), ("odd24", (5,))])
 def test_causal_prefill_then_native_decode_equals_full_forward(cfg: str, splits: tuple[int, ...],
                                                                native_prefill: bool) -> None:
+    """Within 1e-5 of the full causal forward on the tiny model (tests/test_model.py's bound for the
+    model's own cached decode); on every config as close to the float64 full forward as the fp32
+    full forward is (two fp32 evaluations each ~6e-6 off at D = 40 can differ by more than 1e-5)."""
     m = _model(cfg, causal=True)
     x = _tokens(cfg, 2, CONFIGS[cfg]["seq_len"], seed=1)
     with torch.no_grad():
         full, _ = m(x)
+        full64, _ = _float64_twin(m)(x)
     for k in splits:
         outs, _ = _native_steps(m, x, k, native_prefill=native_prefill)
         got = torch.cat(outs, dim=1)
-        assert (got - full).abs().max() < 1e-5, f"split {k}"
+        if cfg == "tiny":
+            assert (got - full).abs().max() < 1e-5, f"split {k}"
+        _assert_like_torch_fp32([got], [full], [full64])
 
 
 def _native_greedy(m: TapeTransformer, prompt: torch.Tensor, n: int, weights: str | None = None,
