@@ -348,7 +348,7 @@ def test_int8_greedy_tokens_equal_fp32_on_a_trained_model(trained: TapeTransform
 @pytest.mark.parametrize("weights", ["fp32", "w8a8", "w8"])
 def test_results_do_not_depend_on_threads_or_batch(weights: str) -> None:
     m = _model("wide", seed=3)
-    x = _tokens("wide", 3, 10)
+    x = _tokens("wide", 5, 10)  # B = 5: past the kernels' 4-row blocks
     k = 3
     with torch.no_grad():
         _, base = nd.prefill(m, x[:, :k], x.shape[1], weights=weights)  # one prefill: torch's GEMMs may
@@ -373,7 +373,7 @@ def test_results_do_not_depend_on_threads_or_batch(weights: str) -> None:
         for a, b in zip(one, two):
             assert torch.equal(a, b)
         assert torch.equal(kv1, kv2)
-        for i in range(3):  # each batch row alone gives the same bits
+        for i in range(5):  # each batch row alone gives the same bits
             alone, kv_i = decode(2, slice(i, i + 1))
             for a, b in zip(one, alone):
                 assert torch.equal(a[i : i + 1], b)

@@ -15,6 +15,10 @@ last critic head 1 (8 blocks). Step t writes row t and attends over rows 0..t.
 Weights: fp32 (the model's parameters, read in place), W8A8 or weight-only int8 (the int8 kernels
 of ``csrc/int8_cpu.cpp``). :func:`int8_weight` is the single place int8 weights come from.
 
+The same op takes S > 1 tokens (:meth:`NativeDecoder.extend`, :func:`prefill`): a native prefill
+that streams each weight once for all B·S rows (faster than the fused model's prefill, see
+:func:`prefill`).
+
 Semantics are the model's (``_forward_eval`` for one token): reference semantics (``causal=False``)
 put the token at position 0 and do not rotate it; ``causal=True`` uses the absolute position and RoPE.
 Results equal ``_forward_eval``'s to fp32 rounding (the summation order of the products differs),
@@ -201,8 +205,9 @@ def _eval_blocks(model: TapeTransformer) -> list[tuple[str, TapeHeadBlock]]:
 
 def build_plan(model: TapeTransformer, weights: str | None = None) -> Any:
     """A ``torch.classes.tape_kernels.DecodePlan`` over ``model``'s current weights (see csrc/bindings.cpp
-    for its layout). fp32 weights are read in place (in-place updates are seen); int8 ones are taken
-    when the plan is built."""
+    for its layout). It holds the tensors it reads (the fp32 parameters themselves, no copy; the int8
+    and packed copies; tables derived from the weights, such as Σ unembedding²), so it stays valid,
+    but reflects the weights as they were when built: build a new one after the weights change."""
     kind = _weight_kind(model, weights)
     d, v, seq = model.embed_dim, model.vocab_size, model.seq_len
     heads = model._eval_heads()
