@@ -225,7 +225,7 @@ def test_native_w8a8_prefill_close_to_the_fused_prefill(cfg: str, causal: bool) 
         fp32, _ = m(x)
         m.quantize_int8_(act_quant=True)
         fused, _ = m(x)
-        native, _ = nd.prefill(m, x, x.shape[1])
+        native, _ = nd.prefill(m, x, x.shape[1], native=True)
     q_max, q_mean = (fused - fp32).abs().max().item(), (fused - fp32).abs().mean().item()
     assert q_max > 1e-4
     assert (native - fused).abs().max().item() <= W8A8_MAX_RATIO * q_max
@@ -313,6 +313,24 @@ def test_weights_follow_the_model_or_the_argument() -> None:
         nd.NativeDecoder(m, kv, weights="int4")
 
 
+def test_the_default_prefill_is_the_measured_faster_one() -> None:
+    from tape_kernels import _C
+
+    m = _model("tiny")
+    x = _tokens("tiny", 1, 5)
+    best = _C.cpu_isa()
+    try:
+        for isa in _isas():
+            _C.set_cpu_isa(isa)
+            assert nd.native_prefill_faster("w8a8") and nd.native_prefill_faster("w8")
+            assert nd.native_prefill_faster("fp32") == (isa == "avx512_vnni")
+            with torch.no_grad():
+                logp, dec = nd.prefill(m, x, 8)  # either way: the same contract
+            assert logp.shape == (1, 5, 13) and dec.length == 5 and dec.capacity == 8
+    finally:
+        _C.set_cpu_isa(best)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> TapeTransformer:
     from tapetransformer.checkpoint import ModelConfig
@@ -351,7 +369,7 @@ def test_results_do_not_depend_on_threads_or_batch(weights: str) -> None:
     x = _tokens("wide", 5, 10)  # B = 5: past the kernels' 4-row blocks
     k = 3
     with torch.no_grad():
-        _, base = nd.prefill(m, x[:, :k], x.shape[1], weights=weights)  # one prefill: torch's GEMMs may
+        _, base = nd.prefill(m, x[:, :k], x.shape[1], weights=weights, native=True)  # one prefill: torch's GEMMs may
     prev = torch.get_num_threads()  # split work by thread count, the native step must not
 
     def decode(threads: int, rows: slice) -> tuple[list, torch.Tensor]:
@@ -364,7 +382,7 @@ def test_results_do_not_depend_on_threads_or_batch(weights: str) -> None:
         for threads in (1, 2):  # the native prefill (S > 1: the GEMM paths) too
             torch.set_num_threads(threads)
             with torch.no_grad():
-                prefills.append(nd.prefill(m, x[:, :k], x.shape[1], weights=weights))
+                prefills.append(nd.prefill(m, x[:, :k], x.shape[1], weights=weights, native=True))
         assert torch.equal(prefills[0][0], prefills[1][0])
         assert torch.equal(prefills[0][1].kv[..., :k, :], prefills[1][1].kv[..., :k, :])  # rows past k: unset
         one, kv1 = decode(1, slice(None))

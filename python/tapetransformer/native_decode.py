@@ -43,6 +43,7 @@ __all__ = [
     "kv_shape",
     "native_available",
     "native_decoder",
+    "native_prefill_faster",
     "native_supported",
     "new_kv",
     "prefill",
@@ -345,24 +346,38 @@ def native_decoder(model: TapeTransformer, kv: torch.Tensor, length: int = 0, *,
     return NativeDecoder(model, kv, length, weights=weights)
 
 
+def native_prefill_faster(weights: str) -> bool:
+    """Whether :meth:`NativeDecoder.extend` beat the fused model's prefill in our measurements: with int8
+    weights always; fp32 only with AVX-512 (its register-blocked GEMM; the AVX2 / portable fp32 paths
+    are GEMV loops, no faster than the fused model's MKL GEMM)."""
+    if weights != "fp32":
+        return True
+    from tape_kernels import _C
+
+    return _C.cpu_isa() == "avx512_vnni"
+
+
 @torch.no_grad()
 def prefill(model: TapeTransformer, ctx: torch.Tensor, capacity: int, *, weights: str | None = None,
-            native: bool = True) -> tuple[torch.Tensor, NativeDecoder]:
+            native: bool | None = None) -> tuple[torch.Tensor, NativeDecoder]:
     """Prefill ``ctx`` (B, S) into a new native cache with room for ``capacity`` tokens and return
     (log-probs (B, S, V), the decoder, at length S).
 
-    ``native=True``: :meth:`NativeDecoder.extend` — one call, each weight read once for all B·S rows
-    (measured faster than the fused model for a 128-token prompt at the notebook size: ~2x with
-    W8A8, where the model's eager activation dominates, ~1.5x fp32, ~1.3x weight-only; rough
-    timings on a loaded 2-core machine). ``native=False``: the fused model's own prefill
-    (``model(ctx, past_kv=cache)``, with int8 weights if ``quantize_int8_`` made them), its
-    :class:`FusedCache` copied into the native layout — a bridge while the model keeps that cache.
+    ``native=True``: :meth:`NativeDecoder.extend` — one call, each weight read once for all B·S rows.
+    Measured for a 128-token prompt at the notebook size, 1 thread (rough: a loaded 2-core Zen 4):
+    W8A8 ~2-3x faster than the fused model (whose eager activation dominates its prefill), fp32
+    ~1.5x with AVX-512 and no faster with AVX2, weight-only ~1.3x. ``native=False``: the fused
+    model's own prefill (``model(ctx, past_kv=cache)``, with int8 weights if ``quantize_int8_`` made
+    them), its :class:`FusedCache` copied into the native layout — a bridge while the model keeps
+    that cache. ``native=None`` (default): :func:`native_prefill_faster`.
     """
     if ctx.dim() == 1:
         ctx = ctx.unsqueeze(0)
     s = ctx.shape[1]
     if capacity < s:
         raise ValueError(f"capacity {capacity} < the {s} prompt tokens")
+    if native is None:
+        native = native_prefill_faster(_weight_kind(model, weights))
     if native:
         dec = NativeDecoder(model, new_kv(model, ctx.shape[0], capacity), 0, weights=weights)
         return dec.extend(ctx), dec
