@@ -217,8 +217,8 @@ TK_CLONES(combine, (const float* hl, const float* hr, int mode, int64_t d, float
 
 // o = softmax((q·scale)·Kᵀ)·V over t cached rows (K, V: (t, dh) row-major); sc: t floats of scratch,
 // qs: dh floats of scratch.
-TK_INLINE void attend_generic_impl(const float* q, const float* K, const float* V, int64_t t, int64_t dh, float scale,
-                           float* qs, float* sc, float* o) {
+TK_INLINE void attend_generic_impl(const float* q, const float* K, const float* V, int64_t t, int64_t dh,
+                                   float scale, float* qs, float* sc, float* o) {
 #pragma omp simd
   for (int64_t j = 0; j < dh; ++j) qs[j] = q[j] * scale;
   float mx = -std::numeric_limits<float>::infinity();
