@@ -89,7 +89,7 @@ def lean_runner(model: TapeTransformer, x: torch.Tensor, p: int) -> tuple[Any, A
     lean = lean_decoder(model, cache)
     if lean is None:
         raise RuntimeError("the lean step does not support this model")
-    model._forward_eval(x[:, :p], cache)
+    model.prefill(x[:, :p], cache)
 
     def reset() -> None:
         cache.length = p  # rows p.. are rewritten by the steps
@@ -143,7 +143,7 @@ def time_prefill(model: TapeTransformer, ctx: torch.Tensor, reps: int, weights: 
     dec = nd.NativeDecoder(model, nd.new_kv(model, ctx.shape[0], ctx.shape[1]), weights=weights)
 
     def fused() -> None:
-        model(ctx, past_kv=model.new_cache(ctx.shape[0], ctx.shape[1]))
+        model.prefill(ctx, model.new_cache(ctx.shape[0], ctx.shape[1]))
 
     def native() -> None:
         dec.length = 0

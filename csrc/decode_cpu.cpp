@@ -556,15 +556,13 @@ class Step {
   // Per-thread scratch.
   struct Local {
     std::vector<float> f;
-    std::vector<int8_t> xq;
-    std::vector<int32_t> acc;
-    float *x0, *x1, *h1, *hbuf[2], *coda, *z, *hl, *hr, *xs, *qs, *sc, *xw;
+    float *x0, *x1, *h1, *hbuf[2], *coda, *z, *hl, *hr, *qs, *sc, *xw;
   };
   void init_local(Local& L) const;
 
   template <class Epi>
-  void linear_phase(Local& L, int tid, int team, const Linear& l0, const Linear& l1, const float* x0,
-                    const float* x1, float* y, Epi&& epi) const;
+  void linear_phase(int tid, int team, const Linear& l0, const Linear& l1, const float* x0, const float* x1,
+                    float* y, Epi&& epi) const;
   void attention_phase(Local& L, int tid, int team, int64_t blk0) const;
   void embed(Local& L) const;
 
@@ -583,7 +581,7 @@ class Step {
 
 void Step::init_local(Local& L) const {
   const int64_t md = m_ * d_;
-  L.f.resize(static_cast<size_t>(2 * md + 2 * md + 2 * md + md + 3 * d_ + 2 * m_ + dh_ + (t0_ + s_) + P_.vocab));
+  L.f.resize(static_cast<size_t>(2 * md + 2 * md + 2 * md + md + 3 * d_ + dh_ + (t0_ + s_) + P_.vocab));
   float* p = L.f.data();
   L.x0 = p, p += md;
   L.x1 = p, p += md;
@@ -594,15 +592,9 @@ void Step::init_local(Local& L) const {
   L.z = p, p += d_;
   L.hl = p, p += d_;
   L.hr = p, p += d_;
-  L.xs = p, p += 2 * m_;
   L.qs = p, p += dh_;
   L.sc = p, p += t0_ + s_;
   L.xw = p;
-  if (P_.kind == Weights::kW8A8) {
-    const int64_t kp = packed_k(std::max(d_, d8_));
-    L.xq.resize(static_cast<size_t>(2 * m_ * kp));
-    L.acc.resize(static_cast<size_t>(m_ * std::max(3 * d_, d8_)));
-  }
 }
 
 // The coda's first-layer inputs: token embedding + each block's positional row, rotated by RoPE.
@@ -638,15 +630,14 @@ void Step::embed(Local& L) const {
 // read once per call); epi(side, r0, r1) then runs on the thread's rows [r0, r1) of that side,
 // before any barrier.
 template <class Epi>
-void Step::linear_phase(Local& L, int tid, int team, const Linear& l0, const Linear& l1, const float* x0,
-                        const float* x1, float* y, Epi&& epi) const {
+void Step::linear_phase(int tid, int team, const Linear& l0, const Linear& l1, const float* x0, const float* x1,
+                        float* y, Epi&& epi) const {
   const int64_t n = l0.n, k = l0.k;
   const bool w8a8 = P_.kind == Weights::kW8A8;
   const int64_t grain = w8a8 ? kTileN : kRowGrain;
   const int64_t units = (n + grain - 1) / grain, total = 2 * units;
   const int64_t u0 = total * tid / team, u1 = total * (tid + 1) / team;
-  const int64_t kp = packed_k(k), groups = kp / kGroupK;
-  bool quantized[2] = {false, false};
+  const int64_t groups = packed_k(k) / kGroupK;
   for (int side = 0; side < 2; ++side) {
     const int64_t a = std::max(u0, side * units), e = std::min(u1, (side + 1) * units);
     if (a >= e) continue;
@@ -660,27 +651,12 @@ void Step::linear_phase(Local& L, int tid, int team, const Linear& l0, const Lin
     } else if (P_.kind == Weights::kW8) {
       w8a32_linear_f32(x, m_, k, k, l.q + r0 * k, k, l.scale + r0, bias, rows, ys + r0, n);
     } else {
-      // Activation quantization (per row, as w8a8_linear_f32 does), once per distinct input.
-      int slot = side;
-      if (side == 1 && x1 == x0) slot = 0;
-      int8_t* xq = L.xq.data() + slot * m_ * kp;
-      float* xsc = L.xs + slot * m_;
-      if (!quantized[slot]) {
-        quantize_rows_f32(x, m_, k, k, xq, kp, xsc);
-        quantized[slot] = true;
-      }
-      int32_t* acc = L.acc.data();
-      gemm_s8s8_s32_packed(xq, m_, k, kp, l.packed + (r0 / kTileN) * groups * kTileN * kGroupK, l.wsum + r0, rows,
-                           acc, rows);
-      // w8a8_linear_f32's epilogue, term for term, so the products equal the single op's bitwise.
-      for (int64_t r = 0; r < m_; ++r) {
-        const float sx = xsc[r];
-        const int32_t* ar = acc + r * rows;
-        float* yr = ys + r * n + r0;
-        const float* ws = l.scale + r0;
-        for (int64_t c = 0; c < rows; ++c)
-          yr[c] = static_cast<float>(ar[c]) * (sx * ws[c]) + (bias != nullptr ? bias[c] : 0.f);
-      }
+      // The single op's function on this thread's tiles: per-row activation quantization, exact int32
+      // products, its epilogue and its float path for non-finite rows and scales, so every product
+      // equals w8a8_linear_packed's bitwise (each thread quantizes the rows it needs itself: K
+      // values per row, against N·K weight bytes).
+      w8a8_linear_f32(x, m_, k, k, l.packed + (r0 / kTileN) * groups * kTileN * kGroupK, l.wsum + r0, l.scale + r0,
+                      bias, rows, ys + r0, n);
     }
     epi(side, r0, r1);
   }
@@ -726,13 +702,13 @@ void Step::run(int tid, int team) {
       const Block& bl = P_.blocks[static_cast<size_t>(blk)];
       const Block& br = P_.blocks[static_cast<size_t>(blk + 1)];
       // 1. qkv = x·in_projᵀ + b
-      linear_phase(L, tid, team, bl.in_proj, br.in_proj, xin0, xin1, qkv_, [](int, int64_t, int64_t) {});
+      linear_phase(tid, team, bl.in_proj, br.in_proj, xin0, xin1, qkv_, [](int, int64_t, int64_t) {});
 #pragma omp barrier
       // 2. K/V rows t0.., attention
       attention_phase(L, tid, team, blk);
 #pragma omp barrier
       // 3. y = x + o·out_projᵀ + b
-      linear_phase(L, tid, team, bl.out_proj, br.out_proj, o_, o_ + m_ * d_, y_,
+      linear_phase(tid, team, bl.out_proj, br.out_proj, o_, o_ + m_ * d_, y_,
                    [&](int side, int64_t r0, int64_t r1) {
                      const float* x = side ? xin1 : xin0;
                      for (int64_t r = 0; r < m_; ++r) {
@@ -749,7 +725,7 @@ void Step::run(int tid, int team) {
           TK_CALL(isa_, add_layer_norm, y_ + (side * m_ + r) * d_, nullptr, bk.ln_attn_w, bk.ln_attn_b,
                   bk.ln_attn_eps, d_, L.z, L.h1 + (side * m_ + r) * d_);
       }
-      linear_phase(L, tid, team, bl.expand, br.expand, L.h1, L.h1 + m_ * d_, act_,
+      linear_phase(tid, team, bl.expand, br.expand, L.h1, L.h1 + m_ * d_, act_,
                    [&](int side, int64_t r0, int64_t r1) {
                      const float* eb = (side ? br : bl).expand_bias + r0;
                      for (int64_t r = 0; r < m_; ++r)
@@ -757,7 +733,7 @@ void Step::run(int tid, int team) {
                    });
 #pragma omp barrier
       // 5. ylin = act·linearᵀ
-      linear_phase(L, tid, team, bl.linear, br.linear, act_, act_ + m_ * d8_, ylin_, [](int, int64_t, int64_t) {});
+      linear_phase(tid, team, bl.linear, br.linear, act_, act_ + m_ * d8_, ylin_, [](int, int64_t, int64_t) {});
 #pragma omp barrier
       // 6. h = combine(LN_mlp(h1 + ylin) left, right) (every thread, its own copy)
       float* hn = L.hbuf[cur];

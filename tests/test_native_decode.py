@@ -1,8 +1,9 @@
 """The native CPU decode step (torch.ops.tape_kernels.decode_step, tapetransformer.native_decode).
 
-Prefill through the fused model (its FusedCache copied into the native K/V layout), then decode
-natively; compared with the fused model's own decode (_forward_eval), the lean step, generate(),
-the reference's cached loop and the full causal forward. No timing here (benchmarks/native_decode_bench.py).
+Prefill through the fused model (model.prefill writes the same KVCache the native step reads) or
+natively (NativeDecoder.extend), then decode natively; compared with the fused model's own decode
+(model.prefill), the lean step, generate(), the reference's cached loop and the full causal forward.
+No timing here (benchmarks/native_decode_bench.py).
 
 Tolerances, and why:
 * fp32: the native step computes the same math with other summation orders (its own GEMV,
@@ -84,7 +85,7 @@ def _eval_steps(m: TapeTransformer, x: torch.Tensor, k: int) -> tuple[list, obje
         logp, cache = m(x[:, :k], past_kv=m.new_cache(x.shape[0], x.shape[1]))
         outs = [logp]
         for t in range(k, x.shape[1]):
-            logp, cache = m._forward_eval(x[:, t : t + 1], cache)
+            logp, cache = m.prefill(x[:, t : t + 1], cache)
             outs.append(logp)
     return outs, cache
 
@@ -94,9 +95,12 @@ def _float64_twin(m: TapeTransformer, dequantized: bool = False) -> TapeTransfor
     twin = copy.deepcopy(m)
     if dequantized:
         with torch.no_grad():
-            for name, _ in m._int8_weights():
-                q, s = m._int8[name]
-                twin.get_parameter(name).copy_(q.double() * s.double()[:, None])
+            for blk, tblk in zip(m.fused_blocks(), twin.fused_blocks()):
+                mha, tmha = blk.attention, tblk.attention
+                for (q, s), w in zip(blk.int8, (tmha.in_proj_weight, tmha.out_proj.weight, tblk.mlp.expand.weight,
+                                                tblk.mlp.linear.weight)):  # fmt: skip
+                    w.copy_(q.double() * s.double()[:, None])
+                assert mha is not tmha
     twin.dequantize_()
     return twin.double()
 
@@ -114,7 +118,7 @@ def _assert_like_torch_fp32(native: list, torch32: list, oracle: list) -> None:
 @pytest.mark.parametrize("cfg", ["tiny", "odd40", "odd24", "wide"])
 @pytest.mark.parametrize("causal", [False, True], ids=["reference", "causal"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fp32_steps_match_forward_eval_like_torch(cfg: str, causal: bool, batch: int) -> None:
+def test_fp32_steps_match_the_model_like_torch(cfg: str, causal: bool, batch: int) -> None:
     m = _model(cfg, causal, seed=batch)
     x = _tokens(cfg, batch, CONFIGS[cfg]["seq_len"])
     k = 3
@@ -126,8 +130,7 @@ def test_fp32_steps_match_forward_eval_like_torch(cfg: str, causal: bool, batch:
     _assert_like_torch_fp32(native[1:], torch32[1:], oracle[1:])
     # the K/V rows it wrote are the model's (projections: fp32 rounding of the same products)
     assert dec.length == cache.length == x.shape[1]
-    want = nd.kv_from_fused_cache(m, cache)
-    torch.testing.assert_close(dec.kv[..., : dec.length, :], want[..., : dec.length, :], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dec.kv[..., : dec.length, :], cache.kv[..., : dec.length, :], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("native_prefill", [False, True], ids=["fused-prefill", "native-prefill"])
@@ -250,7 +253,7 @@ def _lean_int8_steps(m: TapeTransformer, x: torch.Tensor, k: int) -> list:
         cache = m.new_cache(x.shape[0], x.shape[1])
         lean = lean_decoder(m, cache)
         assert lean is not None
-        logp, cache = m._forward_eval(x[:, :k], cache)
+        logp, cache = m.prefill(x[:, :k], cache)
         outs = [logp]
         for t in range(k, x.shape[1]):
             outs.append(lean.step(x[:, t])[0])
@@ -301,7 +304,7 @@ def test_weights_follow_the_model_or_the_argument() -> None:
     assert nd.NativeDecoder(m, kv).weights == "w8a8"
     assert nd.NativeDecoder(m, kv, weights="fp32").weights == "fp32"
     m.dequantize_()
-    # int8 without quantize_int8_: int8_weight quantizes the float weights with the same rule
+    # int8 without quantize_int8_: int8_weights quantizes the float weights with the same rule
     x = _tokens("tiny", 1, 8)
     with torch.no_grad():
         _, a = nd.prefill(m, x[:, :3], 8, weights="w8a8")
@@ -333,13 +336,13 @@ def test_the_default_prefill_is_the_measured_faster_one() -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> TapeTransformer:
-    from tapetransformer.checkpoint import ModelConfig
+    from tapetransformer.model import ModelConfig
     from tapetransformer.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("native") / "run.ckpt"
     cfg = TrainConfig(data=None, steps=300, batch_size=8, lr=3e-3, eval_every=1000, eval_batches=1, out=str(out),
-                      seed=0, model=ModelConfig(vocab_size=0, seq_len=32, embed_dim=32, num_heads=1),
-                      progress=False, backend="eager")  # fmt: skip
+                      seed=0, model=ModelConfig(vocab_size=0, seq_len=32, embed_dim=32, num_heads=1, causal=False),
+                      progress=False, backend="eager", compile="off")  # fmt: skip
     return train(cfg)["model"].eval()
 
 
@@ -464,7 +467,7 @@ def test_fp32_pieces_match_torch_on_every_isa() -> None:
 
 def test_bad_input_raises_value_errors_naming_it() -> None:
     m = _model("tiny")
-    kv = nd.new_kv(m, 2, 6)
+    kv = nd.new_kv(m, 2, 6).kv
     dec = nd.NativeDecoder(m, kv, 0)
     tok = torch.tensor([1, 2])
     for bad, match in [
@@ -487,7 +490,7 @@ def test_bad_input_raises_value_errors_naming_it() -> None:
         (kv[:, :, :, :, :, :4], "kv must have shape"),
         (kv[..., 0], "kv must have shape"),
         (kv.transpose(4, 5).contiguous().transpose(4, 5), "kv must be contiguous"),
-        ("kv", "kv must be a torch.Tensor"),
+        ("kv", "kv must be a KVCache or a torch.Tensor"),
     ]:
         with pytest.raises(ValueError, match=match):
             nd.NativeDecoder(m, bad)
@@ -496,7 +499,7 @@ def test_bad_input_raises_value_errors_naming_it() -> None:
     # the op itself checks what the wrapper does not (a caller may call it directly)
     op = torch.ops.tape_kernels.decode_step
     with pytest.raises(ValueError, match="kv must have shape"):
-        op(dec.plan, tok, nd.new_kv(m, 3, 6), 0)
+        op(dec.plan, tok, nd.new_kv(m, 3, 6).kv, 0)
     with pytest.raises(ValueError, match="kv must have dtype float32"):
         op(dec.plan, tok, kv.double(), 0)
     with pytest.raises(ValueError, match="t0=6 with 1 new token"):
@@ -527,7 +530,8 @@ def test_unsupported_models_fall_back() -> None:
     assert nd.native_decoder(_model("tiny", skip_dead=False), kv) is None  # the prophet advances too
     assert nd.native_decoder(_model("tiny").double(), kv) is None
     assert nd.native_decoder(_model("tiny").train(), kv) is None
-    assert nd.native_decoder(ok, kv.double()) is None
+    assert nd.native_decoder(ok, kv.kv.double()) is None
+    assert nd.native_decoder(_model("tiny", True, design="seed"), kv) is None  # the prophet feeds the critics
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert nd.native_decoder(ok, kv) is None
     with pytest.raises(ValueError, match="NativeDecoder needs"):
@@ -541,20 +545,34 @@ def test_missing_extension_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     assert nd.native_decoder(m, nd.new_kv(m, 1, 4)) is None
 
 
-def test_kv_layout_conversion() -> None:
-    m = _model("tiny")
-    x = _tokens("tiny", 2, 5)
+def test_the_model_and_the_native_step_continue_each_others_cache() -> None:
+    """The decoder borrows the model's KVCache: model.prefill, native steps, model.prefill again, and a
+    grown cache (ensure) — the same results as the model alone, and the cache's length kept in step."""
+    m = _model("odd40", causal=True, seed=2)
+    x = _tokens("odd40", 2, 14)
+    want, _ = _eval_steps(m, x, 4)  # the model alone: prefill 4, then one token at a time
     with torch.no_grad():
-        _, cache = m(x, past_kv=m.new_cache(2, 8))
-    kv = nd.kv_from_fused_cache(m, cache, 9)
-    assert kv.shape == nd.kv_shape(m, 2, 9) == (12, 2, 2, 4, 9, 8)
-    order = [(h, side, i) for h, n in (("codahead", 2), ("residualheads.0", 4)) for i in range(n) for side in (0, 1)]
-    for blk, (h, side, i) in enumerate(order):
-        j = cache.blocks.index(f"{h}.blocks_{('left', 'right')[side]}.{i}")
-        assert torch.equal(kv[blk, 0, :, :, :5], cache.k[j][:, :, :5])
-        assert torch.equal(kv[blk, 1, :, :, :5], cache.v[j][:, :, :5])
-    with pytest.raises(ValueError, match="capacity"):
-        nd.kv_from_fused_cache(m, cache, 4)
+        logp, cache = m.prefill(x[:, :4], m.new_cache(2, 6))
+        got = [logp]
+        dec = nd.NativeDecoder(m, cache)
+        assert dec.length == 4 and dec.kv is cache.kv
+        for t in range(4, 6):
+            got.append(dec.step(x[:, t]))
+        assert cache.length == 6
+        for t in range(6, 9):  # the model continues the native step's rows (and grows the cache)
+            logp, cache = m.prefill(x[:, t : t + 1], cache)
+            got.append(logp)
+        assert cache.capacity > 6 and dec.kv is not cache.kv
+        for t in range(9, 12):  # the decoder follows the grown tensor and the model's length
+            got.append(dec.step(x[:, t]))
+        assert cache.length == dec.length == 12 == cache.capacity
+        with pytest.raises(ValueError, match="capacity"):  # the decoder does not grow a cache ...
+            dec.extend(x[:, 12:14])
+        cache.ensure(2)  # ... its owner does
+        got += dec.extend(x[:, 12:14]).split(1, dim=1)  # a chunk of 2 = 2 causal steps
+    assert len(got) == len(want) == 11
+    oracle, _ = _eval_steps(_float64_twin(m), x, 4)
+    _assert_like_torch_fp32(got, want, oracle)
 
 
 class _CountDispatches(TorchDispatchMode):
