@@ -235,14 +235,27 @@ def test_native_w8a8_prefill_close_to_the_fused_prefill(cfg: str, causal: bool) 
     assert (native - fused).abs().mean().item() <= W8A8_MEAN_RATIO * q_mean
 
 
-def test_nan_stays_nan() -> None:
-    m = _model("tiny")
+@pytest.mark.parametrize("weights", ["fp32", "w8a8", "w8"])
+@pytest.mark.parametrize("causal", [False, True], ids=["reference", "causal"])
+def test_nan_stays_nan(weights: str, causal: bool) -> None:
+    m = _model("tiny", causal)
     with torch.no_grad():
         m.holistic_embed.weight[5] = float("nan")
     x = torch.tensor([[1, 2, 3, 5, 4]])
-    outs, _ = _native_steps(m, x, 3, native_prefill=True)
-    assert torch.isfinite(outs[0]).all() and torch.isnan(outs[1]).all()  # token 5 -> NaN
-    assert torch.isnan(outs[2]).all()  # and its K/V poison every later step, as in PyTorch
+    for native_prefill in (False, True):
+        outs, _ = _native_steps(m, x, 3, weights=weights, native_prefill=native_prefill)
+        assert torch.isfinite(outs[0]).all() and torch.isnan(outs[1]).all()  # token 5 -> NaN
+        assert torch.isnan(outs[2]).all()  # and its K/V poison every later step, as in PyTorch
+    with torch.no_grad():  # a prompt holding it: NaN exactly where the model's prefill puts NaN
+        native, _ = nd.prefill(m, x, 5, weights=weights, native=True)
+        if weights != "fp32":
+            m.quantize_int8_(act_quant=weights == "w8a8")
+        model, _ = m.prefill(x)
+    assert torch.isnan(native[:, 3:]).all() and torch.isnan(model[:, 3:]).all()
+    if causal:  # rows before the NaN token do not see it (the model's eager prefill leaks it backwards:
+        assert torch.isfinite(native[:, :3]).all()  # its masked probabilities are 0, and 0·NaN = NaN)
+    else:
+        assert torch.isnan(native).all() and torch.isnan(model).all()  # every row sees every row
 
 
 # ------------------------------------------------------------------------------------------ int8
