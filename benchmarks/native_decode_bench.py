@@ -1,4 +1,4 @@
-"""CPU decode speed: the reference's cached loop vs the lean step vs the native step, plus prefill.
+"""CPU decode speed: the reference's cached loop vs the model's own decode vs the native step, plus prefill.
 
     python benchmarks/native_decode_bench.py [--out FILE] [--threads 1 2] [--tiny]
 
@@ -9,7 +9,8 @@ decode step is reported, the best of ``--reps`` repetitions:
 
 * ``reference``: ``tapetransformer.reference.TapeTransformer``'s cached loop (fp32; it re-projects
   the whole history on every call);
-* ``lean``: ``tapetransformer.fastdecode.LeanDecoder`` (fp32, W8A8, weight-only int8);
+* ``model``: the fused model's own decode, op by op (``model.prefill`` of one token; fp32, W8A8,
+  weight-only int8): what ``generate`` runs where the native step does not apply;
 * ``native``: ``tapetransformer.native_decode.NativeDecoder`` (fp32, W8A8, weight-only int8).
 
 Also: torch dispatches per decode step (TorchDispatchMode: every ATen / custom op call, the
@@ -35,7 +36,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tapetransformer import native_decode as nd
 from tapetransformer import reference as ref
-from tapetransformer.fastdecode import lean_decoder
 from tapetransformer.model import TapeTransformer
 
 NOTEBOOK = dict(vocab_size=65, seq_len=128, embed_dim=256, num_heads=4)
@@ -84,18 +84,15 @@ def reference_runner(plain: ref.TapeTransformer, x: torch.Tensor, p: int) -> tup
     return step, reset
 
 
-def lean_runner(model: TapeTransformer, x: torch.Tensor, p: int) -> tuple[Any, Any]:
+def model_runner(model: TapeTransformer, x: torch.Tensor, p: int) -> tuple[Any, Any]:
     cache = model.new_cache(x.shape[0], x.shape[1])
-    lean = lean_decoder(model, cache)
-    if lean is None:
-        raise RuntimeError("the lean step does not support this model")
     model.prefill(x[:, :p], cache)
 
     def reset() -> None:
         cache.length = p  # rows p.. are rewritten by the steps
 
     def step(t: int) -> None:
-        lean.step(x[:, t])
+        model.prefill(x[:, t : t + 1], cache, check=False)
 
     return step, reset
 
@@ -223,9 +220,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "dispatches": dispatches_per_step(step, reset, p)})  # fmt: skip
                 for weights in WEIGHTS:
                     set_weights(fused, weights)
-                    for impl in ("lean", "native"):
-                        if impl == "lean":
-                            step, reset = lean_runner(fused, x, p)
+                    for impl in ("model", "native"):
+                        if impl == "model":
+                            step, reset = model_runner(fused, x, p)
                         else:
                             step, reset = native_runner(fused, x, p, weights)
                         rows.append({"impl": impl, "weights": weights, **time_decode(step, reset, p, n, reps),

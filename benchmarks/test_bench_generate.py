@@ -10,10 +10,11 @@ Variants, ``<how>_<precision>[_nograph]``:
 * ``reference_fp32`` (a): the reference model's own cached loop (``sampling.sample_reference``): it
   keeps unprojected inputs and re-projects the whole history every token, and runs all 4 critics
   and the prophet;
-* ``fused_eager_*`` (b): ``generate()`` on the fused model with ``backend="eager"``: projected K/V
-  cache and dead-work skipping, no Triton kernels. On CPU ``generate()`` runs its lean decode step
-  (``tapetransformer.fastdecode``), so this is the package's CPU path;
+* ``fused_eager_*`` (b): ``generate()`` on the fused model with ``backend="eager"`` and
+  ``native=False``: projected K/V cache and dead-work skipping, no kernels of ours (ATen op by op);
 * ``fused_*`` (c): ``generate()`` on the fused model with ``backend="triton"`` (CUDA only);
+* ``native_*`` (c on CPU): ``generate()``'s default on a CPU: one native call per token
+  (``tapetransformer.native_decode``, the package's CPU kernel) and its native prefill;
 * ``compile_<mode>_fp32`` (d): (b)'s static decode step (the one ``generate`` captures) through
   ``torch.compile(mode=...)``, an eager prefill, the same greedy loop;
 * (e): on CUDA ``generate()`` replays the step from a CUDA graph by default; ``*_nograph`` runs the
@@ -52,6 +53,8 @@ VARIANTS: dict[str, tuple[str, str, bool, bool, str, tuple[str, ...]]] = {
     "fused_eager_fp32": ("fused_eager", "fp32", False, True, "b", ("cpu", "cuda")),
     "fused_eager_fp32_nograph": ("fused_eager", "fp32", False, False, "b", ("cuda",)),
     "fused_eager_int8": ("fused_eager", "int8", True, True, "b", ("cpu",)),
+    "native_fp32": ("fused_eager", "fp32", False, False, "c", ("cpu",)),
+    "native_int8": ("fused_eager", "int8", True, False, "c", ("cpu",)),
     "fused_eager_int8_nograph": ("fused_eager", "int8", True, False, "b", ("cuda",)),
     "fused_fp32": ("fused_triton", "fp32", False, True, "c", ("cuda",)),
     "fused_fp32_nograph": ("fused_triton", "fp32", False, False, "c", ("cuda",)),
@@ -109,7 +112,8 @@ def test_generate_engine(benchmark, device: torch.device, variant: str) -> None:
         from tapetransformer.generate import generate
 
         def once() -> None:
-            generate(model, prompt, new, greedy=True, int8=int8, cuda_graph=None if graph else False, stats=stats)
+            generate(model, prompt, new, greedy=True, int8=int8, cuda_graph=None if graph else False,
+                     native=variant.startswith("native") if device.type == "cpu" else None, stats=stats)
 
     def run() -> None:
         once()

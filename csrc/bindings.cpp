@@ -167,78 +167,6 @@ Tensor w8_linear_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scale
   return y;
 }
 
-// Grouped linears for the CPU decode path: G independent products y[g] = x[g]·W[g]ᵀ + b[g] in one
-// call (a TapeHead's left and right blocks), so a decode step pays one dispatch instead of G. Each
-// group runs the same kernel as the single op, so the results are bitwise those of G separate calls.
-
-void check_grouped_x(const Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() == 3, "x must be 3-D (G, M, K), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "x must have dtype float32, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.stride(2) == 1, "x must have unit stride in its last dim");
-}
-
-void check_grouped_vec(const Tensor& t, const char* name, at::ScalarType dtype, int64_t g, int64_t n,
-                       const Tensor& like) {
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == g && t.size(1) == n, name, " must have shape (", g, ", ", n,
-                    "), got ", t.sizes());
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", t.device(), " but x is on ", like.device());
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
-}
-
-Tensor w8a8_linear_grouped_cpu(const Tensor& x, const Tensor& packed, const Tensor& wsum, const Tensor& scale,
-                               const c10::optional<Tensor>& bias) {
-  check_grouped_x(x);
-  const int64_t g = x.size(0), m = x.size(1), k = x.size(2);
-  TORCH_CHECK_VALUE(scale.dim() == 2, "scale must be 2-D (G, N), got shape ", scale.sizes());
-  const int64_t n = scale.size(1);
-  check_grouped_vec(scale, "scale", at::kFloat, g, n, x);
-  const int64_t tiles = tk::packed_n(n) / tk::kTileN, groups = tk::packed_k(k) / tk::kGroupK;
-  TORCH_CHECK_VALUE(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 5 &&
-                        packed.size(0) == g && packed.size(1) == tiles && packed.size(2) == groups &&
-                        packed.size(3) == tk::kTileN && packed.size(4) == tk::kGroupK,
-                    "packed must be the contiguous int8 (", g, ", ", tiles, ", ", groups, ", ", tk::kTileN, ", ",
-                    tk::kGroupK, ") stack of pack_int8_weight results for N=", n, ", K=", k, "; got ",
-                    packed.scalar_type(), " ", packed.sizes());
-  TORCH_CHECK_VALUE(packed.device() == x.device(), "packed is on ", packed.device(), " but x is on ", x.device());
-  check_grouped_vec(wsum, "wsum", at::kInt, g, tk::packed_n(n), x);
-  if (bias.has_value()) check_grouped_vec(*bias, "bias", at::kFloat, g, n, x);
-  auto y = at::empty({g, m, n}, x.options());
-  if (trivial_linear(y, bias, k)) return y;
-  const int64_t pstride = tiles * groups * tk::kTileN * tk::kGroupK, wstride = tk::packed_n(n);
-  for (int64_t i = 0; i < g; ++i) {
-    tk::w8a8_linear_f32(x.data_ptr<float>() + i * x.stride(0), m, k, x.stride(1),
-                        packed.data_ptr<int8_t>() + i * pstride, wsum.data_ptr<int32_t>() + i * wstride,
-                        scale.data_ptr<float>() + i * n, bias.has_value() ? bias->data_ptr<float>() + i * n : nullptr,
-                        n, y.data_ptr<float>() + i * m * n, n);
-  }
-  return y;
-}
-
-Tensor w8_linear_grouped_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scale,
-                             const c10::optional<Tensor>& bias) {
-  check_grouped_x(x);
-  const int64_t g = x.size(0), m = x.size(1), k = x.size(2);
-  TORCH_CHECK_VALUE(qweight.dim() == 3 && qweight.size(0) == g && qweight.size(2) == k,
-                    "qweight must have shape (", g, ", N, ", k, "), got ", qweight.sizes());
-  TORCH_CHECK_VALUE(qweight.scalar_type() == at::kChar, "qweight must have dtype int8, got ", qweight.scalar_type());
-  TORCH_CHECK_VALUE(qweight.stride(2) == 1, "qweight must have unit stride in its last dim");
-  TORCH_CHECK_VALUE(qweight.device() == x.device(), "qweight is on ", qweight.device(), " but x is on ", x.device());
-  const int64_t n = qweight.size(1);
-  check_grouped_vec(scale, "scale", at::kFloat, g, n, x);
-  if (bias.has_value()) check_grouped_vec(*bias, "bias", at::kFloat, g, n, x);
-  auto y = at::empty({g, m, n}, x.options());
-  if (trivial_linear(y, bias, k)) return y;
-  for (int64_t i = 0; i < g; ++i) {
-    tk::w8a32_linear_f32(x.data_ptr<float>() + i * x.stride(0), m, k, x.stride(1),
-                         qweight.data_ptr<int8_t>() + i * qweight.stride(0), qweight.stride(1),
-                         scale.data_ptr<float>() + i * n, bias.has_value() ? bias->data_ptr<float>() + i * n : nullptr,
-                         n, y.data_ptr<float>() + i * m * n, n);
-  }
-  return y;
-}
-
-
 // ----------------------------------------------------------------------------- CPU decode step
 
 // A decode plan: the weights of every evaluated block, checked and turned into pointers once (per
@@ -547,8 +475,6 @@ TORCH_LIBRARY(tape_kernels, m) {
   m.def("w8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("w8a8_linear_packed(Tensor x, Tensor packed, Tensor wsum, Tensor scale, Tensor? bias) -> Tensor");
-  m.def("w8a8_linear_grouped(Tensor x, Tensor packed, Tensor wsum, Tensor scale, Tensor? bias) -> Tensor");
-  m.def("w8_linear_grouped(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   m.class_<DecodePlan>("DecodePlan")
       .def(torch::init<std::vector<Tensor>, std::vector<int64_t>, std::vector<double>>())
       .def("n_blocks", &DecodePlan::n_blocks)
@@ -582,8 +508,6 @@ TORCH_LIBRARY_IMPL(tape_kernels, CPU, m) {
   m.impl("w8_linear", &w8_linear_cpu);
   m.impl("w8a8_linear", &w8a8_linear_cpu);
   m.impl("w8a8_linear_packed", &w8a8_linear_packed_cpu);
-  m.impl("w8a8_linear_grouped", &w8a8_linear_grouped_cpu);
-  m.impl("w8_linear_grouped", &w8_linear_grouped_cpu);
   m.impl("decode_step", &decode_step_cpu);
   m.impl("decode_linear_f32", &decode_linear_f32_cpu);
   m.impl("decode_activation", &decode_activation_cpu);

@@ -96,17 +96,6 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scale: torch.Tensor, bias: Any) -> torch.Tensor:
         return x.new_empty((x.shape[0], scale.shape[0]))
 
-    # Grouped CPU ops of the lean decode step (tapetransformer.fastdecode); older builds lack them.
-    if hasattr(torch.ops.tape_kernels, "w8a8_linear_grouped"):
-
-        @torch.library.register_fake(lib + "w8a8_linear_grouped")
-        def _(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scale: torch.Tensor, bias: Any) -> torch.Tensor:
-            return x.new_empty((x.shape[0], x.shape[1], scale.shape[1]))
-
-        @torch.library.register_fake(lib + "w8_linear_grouped")
-        def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Any) -> torch.Tensor:
-            return x.new_empty((x.shape[0], x.shape[1], qweight.shape[1]))
-
 
 def _load_ext() -> Any:
     """The extension module, or None (warning once) when it is not built."""

@@ -2,7 +2,7 @@
 
 Prefill through the fused model (model.prefill writes the same KVCache the native step reads) or
 natively (NativeDecoder.extend), then decode natively; compared with the fused model's own decode
-(model.prefill), the lean step, generate(), the reference's cached loop and the full causal forward.
+(model.prefill, with fp32 or int8 weights), generate(), the reference's cached loop and the full causal forward.
 No timing here (benchmarks/native_decode_bench.py).
 
 Tolerances, and why:
@@ -13,11 +13,11 @@ Tolerances, and why:
   fixes it (causal prefill + decode vs the full causal forward, tiny configs).
 * weight-only int8: fp32 math on the dequantized weights, so the same rule against a float64
   model holding q·s.
-* W8A8: native and lean quantize each linear's input rows with the same rule, but their fp32
+* W8A8: native and the model's own int8 decode quantize each linear's input rows with the same rule, but their fp32
   inputs differ by rounding; a value within a few ulp of a rounding boundary then lands on the
   neighbouring integer, which moves that product by one activation quantum — the kind of error
-  W8A8 makes on every element (up to half a quantum). So |native - lean| is bounded by the
-  int8 error itself (|lean int8 - fp32|) and is a small fraction of it on average. Measured over
+  W8A8 makes on every element (up to half a quantum). So |native - model int8| is bounded by the
+  int8 error itself (|model int8 - fp32|) and is a small fraction of it on average. Measured over
   3 configs x 6 seeds x both semantics: max ratio 0.31, mean ratio 0.07; tested: max <= 0.5x,
   mean <= 0.15x. The integer products themselves are exact (int32) on every ISA.
 * Thread count and batch size do not change any result (bitwise): each output row, attention head
@@ -33,7 +33,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tapetransformer import native_decode as nd
-from tapetransformer.fastdecode import lean_decoder
 from tapetransformer.generate import generate
 from tapetransformer.model import TapeTransformer
 from tapetransformer.sampling import sample_reference
@@ -172,9 +171,32 @@ def test_greedy_tokens_equal_generate(cfg: str, batch: int) -> None:
     m = _model(cfg, seed=11)
     prompt = _tokens(cfg, batch, 4, seed=5)
     n = 12
-    want = generate(m, prompt, n, greedy=True)
+    want = generate(m, prompt, n, greedy=True, native=False)  # the model's own decode
     assert torch.equal(_native_greedy(m, prompt, n), want)
     assert torch.equal(_native_greedy(m, prompt, n, native_prefill=False), want)
+    assert torch.equal(generate(m, prompt, n, greedy=True), want)  # generate's default on a CPU: native
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "w8a8"])
+def test_generate_decodes_natively_and_slides_the_causal_window(int8: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    gen_mod = importlib.import_module("tapetransformer.generate")  # the module, not the function the package exports
+    m = _model("tiny", causal=True, seed=4)  # seq_len 12: 30 new tokens slide the window several times
+    made = []
+    real = gen_mod.native_decoder
+    monkeypatch.setattr(gen_mod, "native_decoder", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    got = generate(m, torch.tensor([1, 2, 3]), 30, top_k=5, seed=0, int8=int8)
+    assert made and made[0] is not None and made[0].weights == ("w8a8" if int8 else "fp32")
+    want = generate(m, torch.tensor([1, 2, 3]), 30, top_k=5, seed=0, int8=int8, native=False)
+    if not int8:  # fp32: the same tokens; W8A8's rounding may pick another token at a near tie
+        assert torch.equal(got, want)
+    assert got.shape == (1, 33) and int(got.max()) < 13
+    with pytest.raises(ValueError, match="native=True"):
+        generate(TapeTransformer(**CONFIGS["tiny"], design="seed", backend="eager").eval(), torch.tensor([1]), 2,
+                 native=True)
+    with pytest.raises(ValueError, match="native"):
+        generate(m, torch.tensor([1]), 2, native="yes")
 
 
 def test_greedy_tokens_equal_the_reference_loop_on_the_golden_model(golden: dict) -> None:
@@ -261,34 +283,32 @@ def test_nan_stays_nan(weights: str, causal: bool) -> None:
 # ------------------------------------------------------------------------------------------ int8
 
 
-def _lean_int8_steps(m: TapeTransformer, x: torch.Tensor, k: int) -> list:
+def _model_int8_steps(m: TapeTransformer, x: torch.Tensor, k: int) -> list:
+    """The model's own int8 decode (op by op), one token per prefill call after k prompt tokens."""
     with torch.no_grad():
-        cache = m.new_cache(x.shape[0], x.shape[1])
-        lean = lean_decoder(m, cache)
-        assert lean is not None
-        logp, cache = m.prefill(x[:, :k], cache)
+        logp, cache = m.prefill(x[:, :k], m.new_cache(x.shape[0], x.shape[1]))
         outs = [logp]
         for t in range(k, x.shape[1]):
-            outs.append(lean.step(x[:, t])[0])
+            outs.append(m.prefill(x[:, t : t + 1], cache, check=False)[0])
     return outs
 
 
 @pytest.mark.parametrize("cfg", ["tiny", "odd40", "odd24"])
 @pytest.mark.parametrize("causal", [False, True], ids=["reference", "causal"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_w8a8_close_to_the_lean_step(cfg: str, causal: bool, batch: int) -> None:
+def test_w8a8_close_to_the_models_int8_decode(cfg: str, causal: bool, batch: int) -> None:
     m = _model(cfg, causal, seed=batch + 1)
     x = _tokens(cfg, batch, CONFIGS[cfg]["seq_len"], seed=3)
     k = 3
     fp32, _ = _eval_steps(m, x, k)
     m.quantize_int8_(act_quant=True)
-    lean = _lean_int8_steps(m, x, k)
+    model8 = _model_int8_steps(m, x, k)
     native, _ = _native_steps(m, x, k)
-    assert native[0] is not None and torch.equal(native[0], lean[0])  # the same prefill
-    d_max = max((a - b).abs().max().item() for a, b in zip(native[1:], lean[1:]))
-    d_mean = sum((a - b).abs().mean().item() for a, b in zip(native[1:], lean[1:]))
-    q_max = max((a - b).abs().max().item() for a, b in zip(lean[1:], fp32[1:]))
-    q_mean = sum((a - b).abs().mean().item() for a, b in zip(lean[1:], fp32[1:]))
+    assert native[0] is not None and torch.equal(native[0], model8[0])  # the same prefill
+    d_max = max((a - b).abs().max().item() for a, b in zip(native[1:], model8[1:]))
+    d_mean = sum((a - b).abs().mean().item() for a, b in zip(native[1:], model8[1:]))
+    q_max = max((a - b).abs().max().item() for a, b in zip(model8[1:], fp32[1:]))
+    q_mean = sum((a - b).abs().mean().item() for a, b in zip(model8[1:], fp32[1:]))
     assert q_max > 1e-4  # int8 really ran
     assert d_max <= W8A8_MAX_RATIO * q_max, (d_max, q_max)
     assert d_mean <= W8A8_MEAN_RATIO * q_mean, (d_mean, q_mean)
@@ -304,9 +324,9 @@ def test_weight_only_int8_like_torch_on_dequantized_weights(cfg: str, causal: bo
     k = 3
     native, _ = _native_steps(m, x, k)
     assert nd.NativeDecoder(m, nd.new_kv(m, batch, 4)).weights == "w8"
-    lean = _lean_int8_steps(m, x, k)
+    model8 = _model_int8_steps(m, x, k)
     oracle, _ = _eval_steps(_float64_twin(m, dequantized=True), x, k)
-    _assert_like_torch_fp32(native[1:], lean[1:], oracle[1:])
+    _assert_like_torch_fp32(native[1:], model8[1:], oracle[1:])
 
 
 def test_weights_follow_the_model_or_the_argument() -> None:
@@ -425,10 +445,10 @@ def test_every_isa_gives_the_same_results(weights: str) -> None:
     best = _C.cpu_isa()
     base, _ = _native_steps(m, x, 3, weights=weights, native_prefill=True)
     m.quantize_int8_(act_quant=True)
-    lean = _lean_int8_steps(m, x, 3)
+    model8 = _model_int8_steps(m, x, 3)
     m.dequantize_()
     fp32, _ = _eval_steps(m, x, 3)
-    q_max = max((a - b).abs().max().item() for a, b in zip(lean[1:], fp32[1:]))
+    q_max = max((a - b).abs().max().item() for a, b in zip(model8[1:], fp32[1:]))
     try:
         for isa in _isas():
             _C.set_cpu_isa(isa)

@@ -12,6 +12,11 @@ Semantics follow the model:
   window slides: the cache is reset and the last ``seq_len // 2`` tokens are prefilled again, so
   generation never runs past the positional table and never raises an index error.
 
+On CPU every decode token is one call into the extension (``tapetransformer.native_decode``: the
+whole step in C++ with fp32 or int8 weights over the same cache), and so is the prefill where that
+measured faster; without the extension (or for what it does not cover: the seed design, the prophet's
+state, autocast) the model's own decode runs, op by op.
+
 On CUDA the decode step is captured in a CUDA graph (``cuda_graph=None`` or True) and replayed for
 every token: ~200 kernel launches per token become one graph launch. The graph and its cache are
 kept (per model, batch size, capacity, dtype and int8 mode; at most four) and replayed by later calls
@@ -35,8 +40,8 @@ from typing import Any
 
 import torch
 
-from tapetransformer.fastdecode import lean_decoder
 from tapetransformer.model import KVCache, TapeTransformer
+from tapetransformer.native_decode import native_decoder, native_prefill_faster
 from tapetransformer.sampling import pick_next
 
 __all__ = ["clear_decode_graphs", "generate"]
@@ -55,6 +60,7 @@ def generate(
     *,
     act_quant: bool | None = None,
     cuda_graph: bool | None = None,
+    native: bool | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
@@ -63,7 +69,9 @@ def generate(
     ``int8=True`` runs every Linear of the decode path with int8 weights (quantized on the first
     call and reused while the float weights are unchanged, see ``quantize_int8_``); ``act_quant`` picks
     weight-only (False), W8A8 (True) or the faster per call (None). ``cuda_graph``: capture the
-    decode step in a CUDA graph (None: on CUDA; True on CPU is an error).
+    decode step in a CUDA graph (None: on CUDA; True on CPU is an error). ``native``: decode on the
+    CPU through the extension's one-call step (None: where it applies; False: the model's own decode,
+    op by op; True: an error where it does not apply).
     ``stats``, if given, receives ``prefill_ms``, ``ms_per_token``, ``tokens``, ``cuda_graph`` and,
     when captured, ``capture_ms`` (not included in ``ms_per_token``). ``on_token`` is called with
     each new (B,) id tensor (streaming).
@@ -82,6 +90,8 @@ def generate(
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    if native not in (None, True, False):
+        raise ValueError(f"native must be None, True or False, got {native!r}")
     prompt = prompt.to(device=device, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training
@@ -89,15 +99,15 @@ def generate(
     window = model.seq_len
     try:
         with model.int8_weights(enabled=int8, act_quant=act_quant):
-            return _generate(model, prompt, max_new_tokens, window, use_graph, gen, temperature, top_k, greedy,
-                             on_token, stats)
+            return _generate(model, prompt, max_new_tokens, window, use_graph, native, gen, temperature, top_k,
+                             greedy, on_token, stats)
     finally:
         model.train(was_training)
 
 
 def _generate(
     model: TapeTransformer, prompt: torch.Tensor, max_new_tokens: int, window: int, use_graph: bool,
-    gen: torch.Generator | None, temperature: float, top_k: int | None, greedy: bool,
+    use_native: bool | None, gen: torch.Generator | None, temperature: float, top_k: int | None, greedy: bool,
     on_token: Callable[[torch.Tensor], None] | None, stats: dict[str, Any] | None,
 ) -> torch.Tensor:
     device, b = prompt.device, prompt.shape[0]
@@ -118,11 +128,18 @@ def _generate(
         cache.reset()
     else:
         cache = model.new_cache(b, max(cap, 1), device, model.unembedding.dtype)
-    # CPU: a lean one-token decode step, the same math with the checks and packing done here once
-    # (tapetransformer.fastdecode); None where unsupported (then the model's prefill runs per token).
-    lean = lean_decoder(model, cache) if device.type == "cpu" else None
+    # CPU: one native call per token (tape_kernels._C, tapetransformer.native_decode), and the native
+    # prefill where it measured faster; None where unsupported (then the model's own decode runs).
+    native = native_decoder(model, cache) if device.type == "cpu" and use_native is not False else None
+    if use_native and native is None:
+        raise ValueError("native=True needs an eval-mode fp32 CPU model of the reference design with skip_dead and "
+                         "the extension tape_kernels._C (see tapetransformer.native_decode.native_supported)")
+    native_prefill = native is not None and native_prefill_faster(native.weights)
     t0 = time.perf_counter()
-    logp, cache = model(ctx, past_kv=cache)
+    if native_prefill:
+        logp = native.extend(ctx)
+    else:
+        logp, cache = model(ctx, past_kv=cache)
     _sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     out = [prompt]
@@ -141,7 +158,11 @@ def _generate(
         if model.causal and cache.length >= window:
             keep = max(window // 2, 1)
             cache.reset()
-            logp, cache = model.prefill(torch.cat(out, dim=1)[:, -keep:], cache, check=False)
+            recent = torch.cat(out, dim=1)[:, -keep:]
+            if native_prefill:
+                logp = native.extend(recent)
+            else:
+                logp, cache = model.prefill(recent, cache, check=False)
         elif use_graph:
             if graph is None:
                 tc = time.perf_counter()
@@ -150,8 +171,8 @@ def _generate(
                 capture_ms = (time.perf_counter() - tc) * 1e3
             logp = graph(nxt[:, None], cache.length)
             cache.length += 1
-        elif lean is not None:
-            logp, cache = lean.step(nxt)
+        elif native is not None:
+            logp = native.step(nxt)
         else:
             logp, cache = model.prefill(nxt[:, None], cache, check=False)
     _sync(device)
