@@ -673,3 +673,33 @@ def test_plan_pickles() -> None:
     again = copy.deepcopy(dec.plan)
     assert again.vocab() == 13 and again.n_blocks() == 12
 
+
+
+def test_without_the_extension_generation_runs_the_python_path_with_one_warning() -> None:
+    """A process whose tape_kernels._C cannot load: fp32 and int8 generation still run (the model's own
+    decode, the int8 ops' PyTorch fallback) and say so once."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib.abc, sys, warnings
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "tape_kernels._C":
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+import torch
+from tapetransformer import TapeTransformer, generate
+torch.manual_seed(0)
+m = TapeTransformer(13, seq_len=12, embed_dim=32, num_heads=1, dropout=0.0, causal=True, backend="eager").eval()
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    a = generate(m, torch.tensor([1, 2, 3]), 20, greedy=True)
+    b = generate(m, torch.tensor([1, 2, 3]), 20, greedy=True, int8=True)
+n = sum("tape_kernels._C is not available" in str(x.message) for x in w)
+print("OK", tuple(a.shape), tuple(b.shape), n)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OK (1, 23) (1, 23) 1" in out.stdout, out.stdout + out.stderr[-2000:]
