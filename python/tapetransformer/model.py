@@ -152,8 +152,12 @@ class TapeTransformer(ReferenceTapeTransformer):
             raise ValueError(f"num_heads={num_heads} and num_critics={num_critics} disagree (they are one setting: "
                              "the number of residual TapeHeads)")
         critics = num_critics if num_critics is not None else (num_heads if num_heads is not None else 2)
-        if not isinstance(critics, int) or critics < 1:
-            raise ValueError(f"num_critics must be an int >= 1, got {critics!r}")
+        for name, v in (("vocab_size", vocab_size), ("seq_len", seq_len), ("embed_dim", embed_dim),
+                        ("num_critics", critics)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         super().__init__(vocab_size, seq_len, num_layers, embed_dim, critics, dropout)
         self.design = design
         causal = design == "seed" if causal is None else bool(causal)
