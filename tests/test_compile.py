@@ -11,13 +11,12 @@ reuse the first one's work.
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _dist import ddp_worker, free_port
 
 from tapetransformer import TapeTransformer
 from tapetransformer.model import ModelConfig
@@ -92,25 +91,11 @@ def test_auto_compiles_only_a_run_long_enough_to_pay_it_back(tmp_path: Path, cor
     assert long["compiled"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    res = train(cfg)
-    torch.save(res["model"].state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-
-
 def test_ddp_with_compile_matches_single_process(tmp_path: Path, corpus: Path) -> None:
     kw = dict(optimizer="sgd", lr=0.5, eval_every=0)
     single = train(cfg_for(tmp_path / "single.ckpt", corpus, 3, compile="off", **kw))
     ddp_cfg = cfg_for(tmp_path / "ddp.ckpt", corpus, 3, compile="on", **kw)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), ddp_cfg, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(ddp_worker, args=(2, free_port(), ddp_cfg, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for k, v in single["model"].state_dict().items():
