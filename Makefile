@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 NVCC ?= nvcc
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench lint aot cuda-check gpu-check kernel-report clean
+.PHONY: setup test demo bench bench-cpu lint aot cuda-check gpu-check kernel-report clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/bench-cpu.json $(PYTEST_ARGS)
+
+# Every CPU figure the README quotes, in one session on a quiet machine (~40 min); BEFORE=REV adds
+# the same measurements on an older commit, back to back.
+bench-cpu: $(STAMP)
+	bash benchmarks/cpu_suite.sh $(if $(BEFORE),--before $(BEFORE))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

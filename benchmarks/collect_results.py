@@ -4,18 +4,33 @@
         [--first-step cold_warm.json] [--steps steps.tsv] [--out-dir DIR ...]
 
 Writes ``<date>-<device>.json`` and ``<date>-<device>.md`` into every ``--out-dir`` (default:
-``$OUT`` when set, and ``benchmarks/results/``). The JSON holds ``device``, ``torch``, ``triton``,
-``cuda``, ``date`` and ``results``: one row per (group, case)::
+``$OUT`` when set, and ``benchmarks/results/``). The JSON holds ``device`` (the GPU, or ``cpu <CPU
+model>``), ``torch``, ``triton``, ``cuda``, ``date``, ``env`` (host CPU, versions) and ``results``:
+one row per (group, case)::
 
     {group, name, eager_ms, compile_ms, fused_ms, peak_mem_mb, extra}
 
-where the ``*_ms`` are pytest-benchmark medians of the benchmarks whose ``extra_info["impl"]`` is
-``eager``/``compile``/``fused``; other impls appear in ``extra`` as ``<impl>_ms``, together with
-speed ratios (``<impl>_speedup_vs_eager`` = eager_ms / <impl>_ms, ``fused_speedup_vs_compile``; a
-row without an eager impl is compared with its ``fp16``, else ``fp32`` impl),
-``compile_s`` and every other ``extra_info`` key. ``peak_mem_mb`` is the peak of the fused impl,
-else compile, else eager, else the first other impl that recorded one; each impl's own peak is in
-``extra`` as ``<impl>_peak_mem_mb`` when the row has more than one.
+Each benchmark has an ``impl`` and may name its ``role`` (``eager``, ``fused`` or ``compile``; an impl
+named ``eager``/``compile``/``fused`` has that role). ``<role>_ms`` is the pytest-benchmark median of
+the fastest impl of that role (``extra["<role>_impl"]`` names it when several compete or the name
+differs): for the model rows ``eager_ms`` = the reference, ``fused_ms`` = the fastest fused path,
+``compile_ms`` = the best torch.compile mode. Every impl not named after a role appears in
+``extra`` as ``<impl>_ms``, with speed ratios (``<impl>_speedup_vs_<base>`` = base ms / impl ms,
+base = the eager-role impl, else ``fp16``, else ``fp32``; ``fused_speedup_vs_eager``,
+``fused_speedup_vs_compile`` from the row's role times), ``compile_s`` and every other
+``extra_info`` key: per-variant figures (``ms_per_token``, ``tokens_per_s``, ``prefill_ms``,
+``capture_ms``, ``compile_s`` ...) as ``<impl>_<key>``; for impls named after a role, a key shared
+with one value stays plain. ``peak_mem_mb`` is the peak of the fused pick, else compile, else
+eager, else the first other impl that recorded one; each impl's own peak is in ``extra`` as
+``<impl>_peak_mem_mb`` when the row has more than one.
+
+Benchmarks that record ``attribution`` (a = reference, b = fused model with eager ops, c = fused
+model with Triton kernels, d = torch.compile of b; ``cuda_graph`` marks e, a CUDA-graph replay) and
+``precision`` give the row ``extra["attribution"]``: per precision, the fastest impl of each letter
+and the ratios ``package_vs_reference`` (a / fastest of b, c: what a user gains), ``kernels`` (b / c,
+launch by launch), ``kernels_with_graphs`` (b / c, both graph-replayed), ``kernels_vs_compile``
+(d / c, each side's best) and ``graphs`` (c / c+graph), measured in ``ms_per_token`` when every
+attributed impl of the row has it (generation), else in ms per call.
 
 Benchmarks without ``case`` use their test name (minus ``test_`` and the parameter id); without
 ``impl`` they count as ``eager``; without ``group`` they take ``extra_info["group"]``, else the
@@ -81,40 +96,143 @@ def load_benchmarks(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, A
     return benches, env, problems
 
 
+# Per-variant figures: always ``<impl>_<key>`` in a row's extra for impls not named after a role.
+PER_IMPL_KEYS = frozenset(["ms_per_token", "tokens_per_s", "prefill_ms", "capture_ms", "compile_s", "cuda_graph",
+                           "compile_backend", "graph_breaks", "amp"])  # fmt: skip
+# What each attribution ratio measures (the markdown legend; README wording).
+RATIOS = {
+    "package_vs_reference": "(a) / fastest of (b), (c): what a user gains over the notebook's module",
+    "kernels": "(b) / (c), launch by launch: what the Triton kernels add over the same dataflow in PyTorch ops",
+    "kernels_with_graphs": "(b) / (c), both replayed from a CUDA graph",
+    "kernels_vs_compile": "(d) / (c), each side's fastest: the kernels against torch.compile of (b)",
+    "graphs": "(c) / (c) replayed from a CUDA graph: what the graph adds",
+}
+
+
+def _entry(b: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
+    info = dict(b.get("extra_info") or {})
+    group = str(b.get("group") or info.get("group") or _group_from_file(b) or "other")
+    info.pop("group", None)
+    impl = str(info.pop("impl", None) or "eager")
+    info.pop("case", None)
+    role = info.pop("role", None) or (impl if impl in MAIN_IMPLS else None)
+    stats = b.get("stats") or {}
+    median = stats.get("median")
+    entry = {
+        "ms": None if median is None else median * 1e3,
+        "iqr_ms": None if stats.get("iqr") is None else stats["iqr"] * 1e3,
+        "rounds": stats.get("rounds"),
+        "peak_mem_mb": info.pop("peak_mem_mb", None),
+        "role": role,
+        "attribution": info.pop("attribution", None),
+        "precision": info.get("precision"),
+        "cuda_graph": bool(info.get("cuda_graph", False)),
+        "info": info,
+        "test": b.get("fullname") or b.get("name"),
+    }
+    return group, _case_of(b), impl, entry
+
+
+def _fastest(impls: dict[str, dict[str, Any]], names: list[str], key: str = "ms") -> str | None:
+    timed = [n for n in names if impls[n][key] is not None]
+    return min(timed, key=lambda n: impls[n][key]) if timed else None
+
+
+def attribution(impls: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The attribution block of a row (see the module docstring), or None without attributed impls."""
+    att = {n: e for n, e in impls.items() if e["attribution"]}
+    if not att:
+        return None
+    per_token = all(e["info"].get("ms_per_token") is not None for e in att.values())
+    metric = "ms_per_token" if per_token else "ms"
+    for e in att.values():
+        e["value"] = e["info"].get("ms_per_token") if per_token else e["ms"]
+
+    def pick(names: list[str]) -> dict[str, Any] | None:
+        best = _fastest(att, names, "value")
+        if best is None:
+            return None
+        out = {"impl": best, "value": _sig(att[best]["value"])}
+        backend = att[best]["info"].get("compile_backend")
+        if backend not in (None, "inductor"):  # Dynamo without code generation: a tooling test, not a figure
+            out["compile_backend"] = backend
+        if att[best]["info"].get("graph_breaks") is not None:
+            out["graph_breaks"] = att[best]["info"]["graph_breaks"]
+        return out
+
+    out: dict[str, Any] = {"metric": metric, "by_precision": {}}
+    ref_fp32 = None
+    precisions = list(dict.fromkeys(str(e["precision"]) for e in att.values()))
+    for prec in precisions:
+        mine = [n for n, e in att.items() if str(e["precision"]) == prec]
+
+        def of(letter: str, graph: bool | None = None, mine: list[str] = mine) -> list[str]:
+            return [n for n in mine
+                    if att[n]["attribution"] == letter and (graph is None or att[n]["cuda_graph"] == graph)]
+
+        cols = {
+            "a": pick(of("a")),
+            "b": pick(of("b", False)),
+            "b+graph": pick(of("b", True)),
+            "c": pick(of("c", False)),
+            "c+graph": pick(of("c", True)),
+            "d": pick(of("d")),
+        }
+        fused = pick(of("b") + of("c"))
+        c_best = pick(of("c"))
+
+        def ratio(num: dict[str, Any] | None, den: dict[str, Any] | None) -> float | None:
+            if not num or not den or not num["value"] or not den["value"]:
+                return None
+            return _sig(num["value"] / den["value"], 3)
+
+        ratios = {
+            "package_vs_reference": ratio(cols["a"], fused),
+            "kernels": ratio(cols["b"], cols["c"]),
+            "kernels_with_graphs": ratio(cols["b+graph"], cols["c+graph"]),
+            "kernels_vs_compile": ratio(cols["d"], c_best),
+            "graphs": ratio(cols["c"], cols["c+graph"]),
+        }
+        block = {k: v for k, v in cols.items() if v is not None}
+        block["fastest_fused"] = fused
+        block["ratios"] = {k: v for k, v in ratios.items() if v is not None}
+        out["by_precision"][prec] = block
+        if prec == "fp32":
+            ref_fp32 = cols["a"]
+    # Quantized or half-precision generation against the fp32 reference: labelled, it includes the precision.
+    for block in out["by_precision"].values():
+        fastest = block.get("fastest_fused")
+        if "a" not in block and ref_fp32 is not None and fastest and fastest["value"] and ref_fp32["value"]:
+            block["ratios"]["package_vs_reference_fp32"] = _sig(ref_fp32["value"] / fastest["value"], 3)
+    return out
+
+
 def build_rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group benchmark entries into one row per (group, case)."""
     by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for b in benches:
-        info = dict(b.get("extra_info") or {})
-        group = str(b.get("group") or info.get("group") or _group_from_file(b) or "other")
-        info.pop("group", None)
-        impl = str(info.pop("impl", None) or "eager")
-        info.pop("case", None)
-        stats = b.get("stats") or {}
-        median = stats.get("median")
-        entry = {
-            "ms": None if median is None else median * 1e3,
-            "iqr_ms": None if stats.get("iqr") is None else stats["iqr"] * 1e3,
-            "rounds": stats.get("rounds"),
-            "peak_mem_mb": info.pop("peak_mem_mb", None),
-            "info": info,
-            "test": b.get("fullname") or b.get("name"),
-        }
-        by_key.setdefault((group, _case_of(b)), {})[impl] = entry
+        group, case, impl, entry = _entry(b)
+        by_key.setdefault((group, case), {})[impl] = entry
 
     rows = []
     for (group, case), impls in by_key.items():
         row: dict[str, Any] = {"group": group, "name": case}
         extra: dict[str, Any] = {}
-        for impl in MAIN_IMPLS:
-            row[f"{impl}_ms"] = _sig(impls[impl]["ms"]) if impl in impls else None
+        picks: dict[str, str | None] = {}
+        for role in MAIN_IMPLS:
+            picks[role] = _fastest(impls, [i for i, e in impls.items() if e["role"] == role])
+            if picks[role] is None and any(e["role"] == role for e in impls.values()):
+                picks[role] = next(i for i, e in impls.items() if e["role"] == role)  # untimed, still named
+            row[f"{role}_ms"] = _sig(impls[picks[role]]["ms"]) if picks[role] else None
+            if picks[role] is not None and picks[role] != role:
+                extra[f"{role}_impl"] = picks[role]
         others = [i for i in impls if i not in MAIN_IMPLS]
         for impl in others:
             extra[f"{impl}_ms"] = _sig(impls[impl]["ms"])
 
         peaks = {i: e["peak_mem_mb"] for i, e in impls.items() if e["peak_mem_mb"] is not None}
         row["peak_mem_mb"] = None
-        for impl in [*PEAK_PRIORITY, *others]:
+        for impl in [*(picks[r] for r in PEAK_PRIORITY if picks[r]), *others]:
             if impl in peaks:
                 row["peak_mem_mb"] = _sig(float(peaks[impl]))
                 break
@@ -122,26 +240,34 @@ def build_rows(benches: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for impl, p in peaks.items():
                 extra[f"{impl}_peak_mem_mb"] = _sig(float(p))
 
-        # Speed-ups against the eager impl; groups without one (int8) against their fp16/fp32 layer.
-        base = next((i for i in BASELINES if i in impls), None)
+        # Speed-ups against the eager pick; groups without one (int8) against their fp16/fp32 layer.
+        base = picks["eager"] or next((i for i in BASELINES if i in impls), None)
         base_ms = impls[base]["ms"] if base else None
         for impl, e in impls.items():
             if impl != base and base_ms and e["ms"]:
                 extra[f"{impl}_speedup_vs_{base}"] = _sig(base_ms / e["ms"], 3)
-        if "fused" in impls and "compile" in impls and impls["fused"]["ms"] and impls["compile"]["ms"]:
-            extra["fused_speedup_vs_compile"] = _sig(impls["compile"]["ms"] / impls["fused"]["ms"], 3)
+        f_ms = impls[picks["fused"]]["ms"] if picks["fused"] else None
+        for role in ("eager", "compile"):
+            r_ms = impls[picks[role]]["ms"] if picks[role] else None
+            if f_ms and r_ms:
+                extra[f"fused_speedup_vs_{role}"] = _sig(r_ms / f_ms, 3)
 
         for impl, e in impls.items():
             extra[f"{impl}_iqr_ms"] = _sig(e["iqr_ms"], 3)
             extra[f"{impl}_rounds"] = e["rounds"]
             for k, v in e["info"].items():
-                if k == "compile_s":
+                if k == "compile_s" and v is not None:
                     v = _sig(float(v), 3)
+                if k in PER_IMPL_KEYS and impl not in MAIN_IMPLS:
+                    extra[f"{impl}_{k}"] = v
                 # Keys shared by every impl with one value stay plain; otherwise prefix the impl.
-                if k not in extra or extra[k] == v:
+                elif k not in extra or extra[k] == v:
                     extra[k] = v
                 else:
                     extra[f"{impl}_{k}"] = v
+        att = attribution(impls)
+        if att is not None:
+            extra["attribution"] = att
         row["extra"] = extra
         rows.append(row)
 
@@ -214,28 +340,86 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 def _notes(row: dict[str, Any]) -> str:
     ex = row["extra"]
-    bits = []
+    bits = [f"{role} = {ex[f'{role}_impl']}" for role in MAIN_IMPLS if f"{role}_impl" in ex]
     for k, v in ex.items():
-        if k.endswith("_ms") and not k.endswith("_iqr_ms") and k[: -len("_ms")] not in MAIN_IMPLS:
+        if k.endswith("_ms") and not k.endswith(("_iqr_ms", "_prefill_ms", "_capture_ms")) and \
+                k[: -len("_ms")] not in MAIN_IMPLS:
             bits.append(f"{k[:-3]} {_fmt(v)} ms")
     if "compile_s" in ex:
         bits.append(f"compile {_fmt(ex['compile_s'])} s")
     if "mem_cap_mb" in ex:
         bits.append(f"mem_cap_mb {_fmt(ex['mem_cap_mb'])}")
-    # Generation: every impl's per-token latency (the first impl's key stays unprefixed).
+    # Generation: every variant's per-token latency; training: tokens/s.
     for k, v in ex.items():
-        if k.endswith("ms_per_token"):
+        if k.endswith(("ms_per_token", "tokens_per_s")):
             bits.append(f"{k} {_fmt(v)}")
     return "; ".join(bits)
+
+
+def _hardware(res: dict[str, Any]) -> str:
+    """``device``, plus the host CPU when the device is a GPU (it runs every step's Python side)."""
+    dev = str(res.get("device") or "unknown device")
+    cpu = (res.get("env") or {}).get("cpu")
+    if cpu and not dev.startswith("cpu"):
+        return f"{dev} (host CPU {cpu})"
+    threads = (res.get("env") or {}).get("threads")
+    return f"{dev}, {threads} threads" if threads and dev.startswith("cpu") else dev
+
+
+def _cell(pick: dict[str, Any] | None, show_impl: bool = False) -> str:
+    if not pick:
+        return "–"
+    if not show_impl:
+        return _fmt(pick["value"])
+    backend = f", backend {pick['compile_backend']}: not a figure" if "compile_backend" in pick else ""
+    breaks = f", {pick['graph_breaks']} graph breaks" if pick.get("graph_breaks") else ""
+    return f"{_fmt(pick['value'])} ({pick['impl']}{breaks}{backend})"
+
+
+def attribution_markdown(res: dict[str, Any]) -> list[str]:
+    """The attribution table of every row that has one, with what each ratio measures."""
+    rows = [(r, p, b) for r in res["results"] if "attribution" in r["extra"]
+            for p, b in r["extra"]["attribution"]["by_precision"].items()]  # fmt: skip
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"Attribution on {_hardware(res)}, each row one precision/autocast on every side, one run "
+        "(medians; ms per call, or ms per token for generation):",
+        "",
+        "| case | precision | metric | (a) reference | (b) fused, eager ops | (c) fused, Triton | (d) torch.compile "
+        "of (b), best mode | (e) = (c) + CUDA graph | (b) + CUDA graph | package vs reference | kernels b/c | "
+        "kernels vs compiler d/c | graphs c/e |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r, prec, b in rows:
+        ra = b.get("ratios", {})
+        gain = ra.get("package_vs_reference")
+        gain_s = _fmt(gain) if gain is not None else (
+            f"{_fmt(ra['package_vs_reference_fp32'])} vs fp32 (a)" if "package_vs_reference_fp32" in ra else "–")
+        lines.append(
+            f"| {r['name']} | {prec} | {r['extra']['attribution']['metric']} | {_cell(b.get('a'))} | "
+            f"{_cell(b.get('b'))} | {_cell(b.get('c'))} | {_cell(b.get('d'), True)} | {_cell(b.get('c+graph'))} | "
+            f"{_cell(b.get('b+graph'))} | {gain_s} | {_fmt(ra.get('kernels'))} | "
+            f"{_fmt(ra.get('kernels_vs_compile'))} | {_fmt(ra.get('graphs'))} |"
+        )
+    lines += ["", "What each figure measures: (a) `tapetransformer.reference.TapeTransformer`, the notebook's "
+              "module with all its work (prophet, every critic); (b) the fused model with `backend=\"eager\"`: the "
+              "same dead-work skipping as (c), plain PyTorch ops; (c) `backend=\"triton\"` (CUDA only); "
+              "(d) `torch.compile` of (b); (e) a CUDA-graph replay. Ratios (× = how many times faster):"]
+    lines += [f"- {name}: {what}" for name, what in RATIOS.items()]
+    lines.append("- a ratio shown as – needs a variant this run did not have (on CPU: (c) and graphs).")
+    return lines
 
 
 def to_markdown(res: dict[str, Any]) -> str:
     head = ", ".join(f"{k} `{res.get(k)}`" for k in ENV_KEYS)
     lines = [
-        f"Measured on {head}.",
+        f"Measured on {_hardware(res)}: {head}.",
         "",
-        "Median ms per call (pytest-benchmark); × = speed-up (eager or compile time / fused time); "
-        "peak MiB = CUDA peak allocated of the fused impl, else compile, else eager.",
+        "Median ms per call (pytest-benchmark); × = speed-up (eager or compile time / fused time); eager = the "
+        "reference, fused = the fastest fused path, compile = the best torch.compile mode where a row has "
+        "several (notes name the picks); peak MiB = CUDA peak allocated of the fused pick, else compile, else eager.",
         "",
         "| group | case | eager ms | compile ms | fused ms | fused × eager | fused × compile | peak MiB | notes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -247,6 +431,7 @@ def to_markdown(res: dict[str, Any]) -> str:
             f"{_fmt(r['fused_ms'])} | {_fmt(ex.get('fused_speedup_vs_eager'))} | "
             f"{_fmt(ex.get('fused_speedup_vs_compile'))} | {_fmt(r['peak_mem_mb'])} | {_notes(r)} |"
         )
+    lines += attribution_markdown(res)
     fs = res.get("first_step")
     if fs:
         lines += [

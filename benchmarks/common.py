@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import os
 import platform
 import time
@@ -150,11 +151,24 @@ def skip_unless_cuda(device: torch.device | str, why: str = "needs a CUDA device
         pytest.skip(why)
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def device_name(device: torch.device | str | None = None) -> str:
+    """The GPU's name, or ``cpu <model name>``: results files and tables name the hardware."""
     dev = torch.device(device) if device is not None else pick_device()
     if is_cuda(dev):
         return torch.cuda.get_device_name(dev)
-    return f"cpu-{platform.machine()}"
+    return f"cpu {cpu_model()}"
 
 
 def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
@@ -173,6 +187,9 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
         "python": platform.python_version(),
+        # the host CPU runs the Python side of every step (launch overhead on a GPU): named always
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
     }
     if is_cuda(dev):
         props = torch.cuda.get_device_properties(dev)
@@ -208,21 +225,74 @@ def fused_model_class() -> type | None:
     return getattr(tapetransformer, "TapeTransformer", None)
 
 
+def bench_cases() -> list[str]:
+    """The model cases to benchmark: ``TK_BENCH_CASES`` (comma list), default small and notebook."""
+    raw = os.environ.get("TK_BENCH_CASES", "").strip()
+    cases = [c.strip() for c in raw.split(",") if c.strip()] if raw else ["small", "notebook"]
+    unknown = [c for c in cases if c not in MODEL_CASES]
+    if unknown:
+        raise ValueError(f"TK_BENCH_CASES names unknown cases {unknown}; known: {sorted(MODEL_CASES)}")
+    return cases
+
+
+def compile_backend() -> str:
+    """torch.compile's backend for the ``compile_*`` variants: ``TK_BENCH_COMPILE_BACKEND``, default
+    inductor (``eager`` = Dynamo's tracing only, for the tooling's quick tests: not a figure)."""
+    return os.environ.get("TK_BENCH_COMPILE_BACKEND", "").strip() or "inductor"
+
+
+def compile_fn(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    """``torch.compile(fn, mode=mode)`` with :func:`compile_backend` (modes apply to inductor only)."""
+    backend = compile_backend()
+    if backend == "inductor":
+        return torch.compile(fn, mode=mode)
+    return torch.compile(fn, backend=backend)
+
+
+def reset_graph_breaks() -> None:
+    """Clear Dynamo's graph-break counters (before a compiled variant's first call)."""
+    from torch._dynamo.utils import counters
+
+    counters["graph_break"].clear()
+
+
+def graph_breaks() -> int:
+    """Graph breaks Dynamo met since :func:`reset_graph_breaks`: each splits the compiled region
+    (the model's input checks read values on the host, e.g. ``check_tokens``' min/max)."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
+# The attribution of a speed-up (see collect_results.py): what each variant runs.
+#   a  reference    tapetransformer.reference.TapeTransformer (the notebook's module, all its work)
+#   b  fused_eager  the fused model with backend="eager": the same dead-work skipping, no kernels
+#   c  fused_triton the fused model with backend="triton" (CUDA; the interpreter is not a speed)
+#   d  compile_*    torch.compile of (b), one variant per mode
+#   e  (c) replayed from a CUDA graph (generation)
+# Legacy impl names: "eager" = the reference, "fused" = fused_triton.
+MODEL_IMPLS = {"reference": "a", "eager": "a", "fused_eager": "b", "fused_triton": "c", "fused": "c"}
+COMPILE_MODES = ("default", "max-autotune")
+
+
 def build_model(case: str, impl: str, device: torch.device | str, seed: int = 0) -> torch.nn.Module:
-    """The model of ``case`` for ``impl``: ``eager``/``compile`` use the eager reference,
-    ``fused`` the package's Triton model (``backend="triton"``). Training mode, on ``device``."""
+    """The model of ``case`` for ``impl`` (``reference``/``eager``, ``fused_eager``, ``fused_triton``/
+    ``fused``, or ``compile``: the reference, for cold_warm_start.py), in training mode on ``device``.
+    Every impl gets the same initial weights (the fused model subclasses the reference)."""
     # dropout 0, as the notebook trained (and the fused attention has no dropout kernel)
     cfg = {k: v for k, v in MODEL_CASES[case].items() if k != "batch"} | {"dropout": 0.0}
     torch.manual_seed(seed)
-    if impl == "fused":
+    if impl in ("fused", "fused_triton", "fused_eager"):
         cls = fused_model_class()
         if cls is None:
-            raise RuntimeError("tapetransformer.TapeTransformer (the fused model) does not exist yet")
-        model = cls(**cfg, backend="triton")
-    else:
+            raise RuntimeError("tapetransformer.TapeTransformer (the fused model) does not exist")
+        model = cls(**cfg, backend="eager" if impl == "fused_eager" else "triton")
+    elif impl in ("reference", "eager", "compile"):
         from tapetransformer.reference import TapeTransformer
 
         model = TapeTransformer(**cfg)
+    else:
+        raise ValueError(f"unknown impl {impl!r}")
     return model.to(device).train()
 
 
@@ -234,24 +304,72 @@ def make_batch(case: str, device: torch.device | str, seed: int = 0) -> tuple[to
     return seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)
 
 
+def bench_amp(device: torch.device | str) -> str:
+    """The autocast every side of a training benchmark runs under: ``TK_BENCH_AMP`` (fp32 or bf16),
+    else bf16 on a CUDA device that has it (what ``tapetransformer train`` uses), else fp32."""
+    want = os.environ.get("TK_BENCH_AMP", "").strip().lower()
+    if want:
+        if want not in ("fp32", "bf16"):
+            raise ValueError(f"TK_BENCH_AMP must be fp32 or bf16, got {want!r}")
+        return want
+    if is_cuda(device) and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device | str, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+
+def reference_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The notebook's objective: mean NLL of the targets under the training forward's log-probs."""
+    logp = model(x)[0]
+    return -logp.float().gather(-1, y.unsqueeze(-1)).mean()
+
+
+def fused_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The same objective through the fused model's ``loss`` (only the modules it depends on)."""
+    return model.loss(x, y)
+
+
 def make_train_step(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3, *, amp: str = "fp32",
+    loss: str = "forward", compile_mode: str | None = None,
 ) -> Callable[[], torch.Tensor]:
     """One optimisation step as in the notebook: forward, NLL of the targets, backward, Adam step.
 
-    ``model`` may be a ``torch.compile`` wrapper; the optimizer is built on its parameters.
+    ``loss="forward"`` takes the NLL of ``model(x)[0]`` (the reference; ``model`` may be a
+    ``torch.compile`` wrapper), ``loss="fused"`` calls ``model.loss`` (the fused model).
+    ``compile_mode`` compiles the loss computation (forward and, through AOTAutograd, backward)
+    with ``torch.compile(mode=...)``; the optimizer is built on ``model``'s parameters either way.
+    ``amp``: the autocast of the forward (fp32 = none).
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    fn = {"forward": reference_nll, "fused": fused_loss}[loss]
+    if compile_mode is not None:
+        fn = compile_fn(functools.partial(fn, model), compile_mode)
+    else:
+        fn = functools.partial(fn, model)
+    dev = x.device
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        logp = model(x)[0]
-        loss = -logp.gather(-1, y.unsqueeze(-1)).mean()
-        loss.backward()
+        with autocast(dev, amp):
+            value = fn(x, y)
+        value.backward()
         opt.step()
-        return loss.detach()
+        return value.detach()
 
     return step
+
+
+def set_tokens_per_s(benchmark: Any, tokens: int, key: str = "tokens_per_s") -> None:
+    """``tokens`` / the benchmark's median seconds, into ``extra_info[key]``."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and stats.stats.median > 0:
+        benchmark.extra_info[key] = round(tokens / stats.stats.median, 1)
 
 
 def make_generate(
@@ -278,3 +396,75 @@ def make_generate(
         return torch.cat(out, dim=1)
 
     return prefill, decode
+
+
+# --------------------------------------------------------------------------------------------
+# The fused model's internals that the benchmarks use, one function each (the model's author may
+# rename them: change them here only).
+
+
+def new_cache(model: Any, batch: int, capacity: int, device: torch.device | str) -> Any:
+    """An empty preallocated decode cache (``TapeTransformer.new_cache``)."""
+    return model.new_cache(batch, capacity, torch.device(device))
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens held by a decode cache."""
+    return cache.length
+
+
+def advance_cache(cache: Any, n: int = 1) -> None:
+    """Record that a static decode step filled ``n`` more rows (the step itself does not)."""
+    cache.length += n
+
+
+def quantize_int8_weights(model: Any, act_quant: bool | None = None) -> None:
+    """Give the fused model int8 copies of its decode weights (``TapeTransformer.quantize_int8_``)."""
+    model.quantize_int8_(act_quant=act_quant)
+
+
+def static_decode_step(model: Any, x: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+    """The decode step ``generate`` captures in a CUDA graph: x (B, 1) ids, pos (1,) int64 on the
+    device (the row this token fills) -> log-probs (B, 1, V); static shapes, no host sync."""
+    return model.decode_step(x, pos, cache)
+
+
+def compiled_greedy_decode(model: Any, mode: str) -> Callable[[torch.Tensor, int, dict], torch.Tensor]:
+    """Greedy generation whose decode step is ``torch.compile(static_decode_step, mode=mode)``.
+
+    Returns ``run(prompt (B, P), new_tokens, stats) -> tokens (B, P + new)``: an eager prefill into a
+    cache of capacity P + new, then one compiled step per token (the position is a device tensor, so
+    one compiled graph serves every position). ``stats`` gets ``prefill_ms`` and ``ms_per_token``
+    (decode only), as ``generate`` reports them. Reference semantics (``causal=False``) only: a
+    causal model would slide its window past seq_len, which this loop does not do.
+    """
+    import time
+
+    if getattr(model, "causal", False):
+        raise ValueError("compiled_greedy_decode runs reference semantics (causal=False) only")
+    step = compile_fn(functools.partial(static_decode_step, model), mode)
+
+    @torch.no_grad()
+    def run(prompt: torch.Tensor, new_tokens: int, stats: dict) -> torch.Tensor:
+        dev = prompt.device
+        cache = new_cache(model, prompt.shape[0], prompt.shape[1] + new_tokens, dev)
+        sync(dev)
+        t0 = time.perf_counter()
+        logp, cache = model(prompt, past_kv=cache)
+        sync(dev)
+        t1 = time.perf_counter()
+        out = [prompt]
+        pos = torch.zeros(1, dtype=torch.long, device=dev)
+        for i in range(new_tokens):
+            nxt = logp[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            if i + 1 == new_tokens:
+                break
+            pos.fill_(cache_length(cache))
+            logp = step(nxt, pos, cache)
+            advance_cache(cache)
+        sync(dev)
+        stats.update(prefill_ms=(t1 - t0) * 1e3, ms_per_token=(time.perf_counter() - t1) * 1e3 / max(new_tokens, 1))
+        return torch.cat(out, dim=1)
+
+    return run

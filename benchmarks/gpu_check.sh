@@ -10,7 +10,8 @@
 # 350 s), printing progress; a failed step does not stop the later ones, but the script exits
 # non-zero at the end when any failed:
 #   1. environment (nvidia-smi, versions)   2. build the extension in place (setup.py build_ext)
-#   3. pytest -m gpu (compiled kernels vs eager, fp16/bf16, memory assertions)
+#   3. pytest -m gpu (compiled kernels vs eager, fp16/bf16, memory assertions); "no tests collected"
+#      (pytest exit 5) and a run where every test skipped count as failures
 #   4. the benchmark suite, one pytest per benchmarks/test_bench_*.py (a CUDA fault in one file
 #      cannot spoil the others), torch.compile cases left out
 #   5. cold- and warm-start time of the first training step (benchmarks/cold_warm_start.py)
@@ -21,8 +22,10 @@
 # (TRITON_CACHE_DIR, TRITON_CACHE_AUTOTUNING=1), inductor's in benchmarks/.triton_cache/inductor.
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, OUT, GPU_CHECK_SKIP (comma list of
-# step names to leave out, e.g. "build,bench-compile"), GPU_CHECK_ALLOW_CPU=1 (run the whole
-# pipeline without CUDA: a dry run of this script, not a GPU check; it still exits non-zero).
+# step names to leave out, e.g. "build,bench-compile"), GPU_CHECK_ONLY (comma list: run only these
+# steps), GPU_CHECK_RAW_DIR (where the raw outputs go, default benchmarks/.gpu_check),
+# GPU_CHECK_ALLOW_CPU=1 (run the pipeline without CUDA: a dry run of this script, not a GPU check;
+# it still exits non-zero).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -62,7 +65,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     DRY_RUN=1
 fi
 # Raw files stay out of $OUT (the device tool brings back at most 8 files): they travel as one tarball.
-RAW=$ROOT/benchmarks/.gpu_check/$STAMP
+RAW=${GPU_CHECK_RAW_DIR:-$ROOT/benchmarks/.gpu_check}/$STAMP
 mkdir -p "$RAW"
 STEPS=$RAW/steps.tsv
 : >"$STEPS"
@@ -78,8 +81,9 @@ say() { echo "[gpu-check $(printf '%3d' "$(elapsed)")s] $*"; }
 step() {
     local name=$1 cap=$2
     shift 2
-    if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]]; then
-        say "SKIP $name: named in GPU_CHECK_SKIP"
+    if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]] ||
+        [[ -n "${GPU_CHECK_ONLY:-}" && ",${GPU_CHECK_ONLY}," != *",$name,"* ]]; then
+        say "SKIP $name: named in GPU_CHECK_SKIP, or not in GPU_CHECK_ONLY"
         printf '%s\t%s\t%s\n' "$name" -1 0 >>"$STEPS"
         return
     fi
@@ -96,8 +100,10 @@ step() {
     t0=$(date +%s)
     timeout -k 10 "$limit" "$@"
     rc=$?
-    ((rc == 5)) && rc=0 # pytest: -m/-k selected nothing, which is not a failure here
     local dt=$(($(date +%s) - t0))
+    # pytest's 5 = no tests collected (a -m/-k that selects nothing, a renamed marker): nothing was
+    # checked or measured, so it is a failure like any other.
+    ((rc == 5)) && say "!!! $name: pytest collected no tests (exit 5)"
     printf '%s\t%s\t%s\n' "$name" "$rc" "$dt" >>"$STEPS"
     if ((rc == 0)); then
         say "<<< $name ok (${dt}s)"
@@ -165,6 +171,9 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 step tests-gpu 150 env TAPE_KERNELS_ATTN_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs \
     --durations=8 --junitxml="$RAW/tests-gpu.xml" "${XDIST[@]}"
+# A run in which every gpu test skipped (CUDA unseen by pytest, a missing fixture) passes in pytest's
+# eyes but checked nothing: count what ran from the JUnit report.
+step tests-gpu-ran 10 "$PY" benchmarks/junit_ran.py "$RAW/tests-gpu.xml"
 # The model file first (the training step and the 8 GiB claim), then generation, then the ops; any
 # file not named here runs last.
 ORDER="model generate attention charrnn int8 train fused_ops"

@@ -1,82 +1,139 @@
-"""Generation engine latency (group ``model``): ms per generated token at batch 1 through
-``tapetransformer.generate`` against the eager reference's own cached loop.
+"""Generation latency (group ``model``, case ``<case>-generate-engine``), attributed: ms per token.
 
-On CPU, ``generate()`` decodes each token through the lean step of ``tapetransformer.fastdecode``
-(the same math as ``_forward_eval``; its checks and int8 weight packing run once per call, before
-the prefill, and count in neither ``ms_per_token`` nor ``prefill_ms``), so that is what ``fused`` and
-``fused_int8`` measure there.
+Batch 1, greedy, a 32-token prompt then 32 new tokens at the notebook's size (vocab 65, seq_len 128,
+dim 256, 4 critics; ``TK_BENCH_CASES``' first case, default notebook). ``ms_per_token`` (the
+median over the 3 timed calls) counts decode steps only: the prefill is ``prefill_ms``, the one-off
+CUDA-graph capture of the warm-up call ``capture_ms`` (the timed calls replay that graph); for
+``compile_*`` the warm-up call compiles, and ``graph_breaks`` counts where Dynamo split the step.
+Variants, ``<how>_<precision>[_nograph]``:
 
-Case ``notebook-generate-engine`` (vocab 65, seq_len 128, dim 256, 4 critics; a 32-token prompt, then
-32 new tokens, greedy). impls: ``eager`` = the reference model's cached loop (it keeps unprojected
-inputs and re-projects the whole history every token, and runs all 4 critics and the prophet);
-``fused`` = the fused model in fp32 (Triton on CUDA, eager PyTorch ops on CPU), ``fused_int8`` =
-the same with int8 weights (``act_quant=None``: W8A8 on CPU, the W8A16 GEMV on CUDA), and on CUDA
-``fused_fp16`` / ``fused_bf16``. On CUDA these capture the decode step in a CUDA graph (generate()'s
-default there); the ``*_nograph`` impls run the same step eagerly, launch by launch. ``ms_per_token``
-counts decode steps only (the prefill is reported as ``prefill_ms``, the one-off graph capture of the
-warm-up call as ``capture_ms``; the timed calls replay that graph).
+* ``reference_fp32`` (a): the reference model's own cached loop (``sampling.sample_reference``): it
+  keeps unprojected inputs and re-projects the whole history every token, and runs all 4 critics
+  and the prophet;
+* ``fused_eager_*`` (b): ``generate()`` on the fused model with ``backend="eager"`` and
+  ``native=False``: projected K/V cache and dead-work skipping, no kernels of ours (ATen op by op);
+* ``fused_*`` (c): ``generate()`` on the fused model with ``backend="triton"`` (CUDA only);
+* ``native_*`` (c on CPU): ``generate()``'s default on a CPU: one native call per token
+  (``tapetransformer.native_decode``, the package's CPU kernel) and its native prefill;
+* ``compile_<mode>_fp32`` (d): (b)'s static decode step (the one ``generate`` captures) through
+  ``torch.compile(mode=...)``, an eager prefill, the same greedy loop;
+* (e): on CUDA ``generate()`` replays the step from a CUDA graph by default; ``*_nograph`` runs the
+  same step launch by launch (``cuda_graph=False``). Variants without the suffix are what
+  ``generate()`` does by default on the device.
+
+Precisions: ``fp32``; ``int8`` (int8 weights, ``act_quant=None``: W8A8 on CPU, the W8A16 GEMV on
+CUDA); ``fp16``/``bf16`` (CUDA, model cast). The extra key ``<variant>_ms_per_token`` of the results
+row holds each variant's latency (``collect_results.py``).
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+
 import pytest
 import torch
-from common import MODEL_CASES, is_cuda, record
-
-from tapetransformer import reference as ref
-from tapetransformer.generate import generate
-from tapetransformer.model import TapeTransformer
-from tapetransformer.sampling import sample_reference
+from common import (
+    COMPILE_MODES,
+    MODEL_CASES,
+    bench_cases,
+    build_model,
+    compile_backend,
+    compiled_greedy_decode,
+    graph_breaks,
+    is_cuda,
+    record,
+    reset_graph_breaks,
+)
 
 GROUP = "model"
-CASE = "notebook"
-PROMPT, NEW = 32, 32
-IMPLS = ["eager", "fused", "fused_int8", "fused_fp16", "fused_bf16",
-         "fused_nograph", "fused_int8_nograph", "fused_fp16_nograph", "fused_bf16_nograph"]
+# name -> (model impl, precision, int8, CUDA graph, attribution letter, devices)
+VARIANTS: dict[str, tuple[str, str, bool, bool, str, tuple[str, ...]]] = {
+    "reference_fp32": ("reference", "fp32", False, False, "a", ("cpu", "cuda")),
+    "fused_eager_fp32": ("fused_eager", "fp32", False, True, "b", ("cpu", "cuda")),
+    "fused_eager_fp32_nograph": ("fused_eager", "fp32", False, False, "b", ("cuda",)),
+    "fused_eager_int8": ("fused_eager", "int8", True, True, "b", ("cpu",)),
+    "native_fp32": ("fused_eager", "fp32", False, False, "c", ("cpu",)),
+    "native_int8": ("fused_eager", "int8", True, False, "c", ("cpu",)),
+    "fused_eager_int8_nograph": ("fused_eager", "int8", True, False, "b", ("cuda",)),
+    "fused_fp32": ("fused_triton", "fp32", False, True, "c", ("cuda",)),
+    "fused_fp32_nograph": ("fused_triton", "fp32", False, False, "c", ("cuda",)),
+    "fused_int8": ("fused_triton", "int8", True, True, "c", ("cuda",)),
+    "fused_int8_nograph": ("fused_triton", "int8", True, False, "c", ("cuda",)),
+    "fused_fp16": ("fused_triton", "fp16", False, True, "c", ("cuda",)),
+    "fused_fp16_nograph": ("fused_triton", "fp16", False, False, "c", ("cuda",)),
+    "fused_bf16": ("fused_triton", "bf16", False, True, "c", ("cuda",)),
+    "fused_bf16_nograph": ("fused_triton", "bf16", False, False, "c", ("cuda",)),
+    **{f"compile_{m}_fp32": ("fused_eager", "fp32", False, False, "d", ("cpu", "cuda")) for m in COMPILE_MODES},
+}
 
 
-def _model(impl: str, device: torch.device) -> torch.nn.Module:
-    cfg = {k: v for k, v in MODEL_CASES[CASE].items() if k != "batch"}
-    torch.manual_seed(0)
-    if impl == "eager":
-        m = ref.TapeTransformer(**cfg, dropout=0.0)
-    else:
-        m = TapeTransformer(**cfg, dropout=0.0)
-    m = m.to(device).eval()
-    if impl.startswith("fused_fp16"):
-        m = m.half()
-    elif impl.startswith("fused_bf16"):
-        m = m.bfloat16()
-    return m
+def _case() -> str:
+    """notebook, or the first of ``TK_BENCH_CASES`` when that is set (the tooling's tests use tiny)."""
+    return bench_cases()[0] if os.environ.get("TK_BENCH_CASES", "").strip() else "notebook"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_generate_engine(benchmark, device: torch.device, impl: str) -> None:  # noqa: ANN001
-    if (impl.startswith(("fused_fp16", "fused_bf16")) or impl.endswith("_nograph")) and not is_cuda(device):
-        pytest.skip("half-precision generation and CUDA graphs are GPU cases")
-    model = _model(impl, device)
-    prompt = torch.randint(0, MODEL_CASES[CASE]["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.to(device)
+def _lengths(case: str) -> tuple[int, int]:
+    """(prompt, new tokens): 32 + 32 at the notebook's size, a quarter of seq_len each below it."""
+    s = MODEL_CASES[case]["seq_len"]
+    return min(32, max(1, s // 4)), min(32, max(2, s // 4))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_generate_engine(benchmark, device: torch.device, variant: str) -> None:  # noqa: ANN001
+    impl, precision, int8, graph, letter, devices = VARIANTS[variant]
+    if device.type not in devices:
+        pytest.skip(f"{variant} is a {'/'.join(devices)} variant (no CUDA graphs or compiled Triton kernels on CPU)")
+    case = _case()
+    prompt_len, new = _lengths(case)
+    model = build_model(case, impl, device).eval()
+    if precision == "fp16":
+        model = model.half()
+    elif precision == "bf16":
+        model = model.bfloat16()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, MODEL_CASES[case]["vocab_size"], (1, prompt_len), generator=g).to(device)
     stats: dict = {}
+    per_token: list[float] = []  # each call's ms/token; the row reports their median
+    mode = None
+    if letter == "a":
+        from tapetransformer.sampling import sample_reference
 
-    if impl == "eager":
-        def run() -> None:
-            _, ms = sample_reference(model, prompt, NEW, greedy=True)
+        def once() -> None:
+            _, ms = sample_reference(model, prompt, new, greedy=True)
             stats["ms_per_token"] = ms
-    else:
-        def run() -> None:
-            generate(model, prompt, NEW, greedy=True, int8=impl.startswith("fused_int8"),
-                     cuda_graph=False if impl.endswith("_nograph") else None, stats=stats)
+    elif letter == "d":
+        mode = variant[len("compile_"): -len("_fp32")]
+        loop = compiled_greedy_decode(model, mode)
 
-    run()  # warm-up (Triton compiles, int8 packing, the CUDA-graph capture that later calls replay)
+        def once() -> None:
+            loop(prompt, new, stats)
+    else:
+        from tapetransformer.generate import generate
+
+        def once() -> None:
+            generate(model, prompt, new, greedy=True, int8=int8, cuda_graph=None if graph else False,
+                     native=variant.startswith("native") if device.type == "cpu" else None, stats=stats)
+
+    def run() -> None:
+        once()
+        per_token.append(stats["ms_per_token"])
+
+    if mode is not None:
+        reset_graph_breaks()
+    run()  # warm-up: Triton compiles, int8 packing, the CUDA-graph capture later calls replay, torch.compile
+    breaks = graph_breaks() if mode is not None else None
     first_capture_ms = stats.get("capture_ms")
-    record(benchmark, group=GROUP, case=f"{CASE}-generate-engine", impl=impl, peak_mem_mb=None, batch=1,
-           prompt_len=PROMPT, new_tokens=NEW)
+    per_token.clear()
+    record(benchmark, group=GROUP, case=f"{case}-generate-engine", impl=variant, peak_mem_mb=None,
+           role={"a": "eager", "d": "compile"}.get(letter, "fused"), attribution=letter, precision=precision,
+           cuda_graph=bool(graph and is_cuda(device)), batch=1, prompt_len=prompt_len, new_tokens=new,
+           **({"compile_backend": compile_backend(), "graph_breaks": breaks} if mode is not None else {}))  # fmt: skip
     benchmark.pedantic(run, rounds=3, iterations=1)
-    benchmark.extra_info["ms_per_token"] = round(stats["ms_per_token"], 3)
+    benchmark.extra_info["ms_per_token"] = round(statistics.median(per_token), 4)
     if "prefill_ms" in stats:
         benchmark.extra_info["prefill_ms"] = round(stats["prefill_ms"], 3)
     if first_capture_ms is not None:  # the timed calls replay the warm-up's graph (capture_ms 0 there)
         benchmark.extra_info["capture_ms"] = round(first_capture_ms, 3)
     if "cuda_graph" in stats:
-        benchmark.extra_info["cuda_graph"] = stats["cuda_graph"]
+        assert stats["cuda_graph"] == (graph and is_cuda(device)), f"{variant}: generate() graph use differs"

@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "decode_cpu.h"
 #include "int8_cpu.h"
 #ifdef TK_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -166,75 +167,200 @@ Tensor w8_linear_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scale
   return y;
 }
 
-// Grouped linears for the CPU decode path: G independent products y[g] = x[g]·W[g]ᵀ + b[g] in one
-// call (a TapeHead's left and right blocks), so a decode step pays one dispatch instead of G. Each
-// group runs the same kernel as the single op, so the results are bitwise those of G separate calls.
+// ----------------------------------------------------------------------------- CPU decode step
 
-void check_grouped_x(const Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() == 3, "x must be 3-D (G, M, K), got shape ", x.sizes());
+// A decode plan: the weights of every evaluated block, checked and turned into pointers once (per
+// generate() call), so that a decode step receives one object instead of ~150 tensors. It holds
+// the tensors, which keeps them alive while the plan lives. Layout (tapetransformer/native_decode.py
+// builds it):
+//   config  = [D, H, V, seq_len, causal, kind (0 fp32, 1 W8A8, 2 weight-only int8), n_heads,
+//              layers_0, mode_0, layers_1, mode_1, ...]        (head 0 is the coda)
+//   floats  = [df, then per block: ln_attn eps, ln_mlp eps]
+//   tensors = [embedding (V, D), unembedding (D, V), Σ_d unembedding² (V), pos (2, seq_len, D),
+//              rope cos (2, seq_len, D/2), rope sin (2, seq_len, D/2)]   (pos/rope: the coda's first
+//              left and right blocks), then per block, in kv order (head, layer, side), 19 tensors:
+//              in_proj bias (3D), out_proj bias (D), expand bias (E), ln_attn w, b, ln_mlp w, b (D),
+//              then 3 slots for each of in_proj, out_proj, expand, linear:
+//              fp32 (weight (N, K), -, -); W8A8 (packed, wsum, scale); int8 (qweight (N, K), scale, -)
+//              where "-" is any (e.g. empty) tensor, ignored.
+struct DecodePlan : torch::CustomClassHolder {
+  static constexpr int64_t kGlobal = 6, kPerBlock = 19;
+  std::vector<Tensor> tensors;
+  std::vector<int64_t> config;
+  std::vector<double> floats;
+  tk::decode::Plan plan;
+
+  DecodePlan(std::vector<Tensor> t, std::vector<int64_t> c, std::vector<double> f)
+      : tensors(std::move(t)), config(std::move(c)), floats(std::move(f)) {
+    build();
+  }
+
+  int64_t n_blocks() const { return plan.n_blocks(); }
+
+ private:
+  const float* f32(int64_t i, const char* what, std::initializer_list<int64_t> shape) const {
+    const Tensor& t = tensors.at(static_cast<size_t>(i));
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous() &&
+                          t.sizes() == at::IntArrayRef(shape),
+                      "decode plan: ", what, " (tensor ", i, ") must be a contiguous float32 CPU tensor of shape ",
+                      at::IntArrayRef(shape), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    return t.data_ptr<float>();
+  }
+
+  template <class T>
+  const T* typed(int64_t i, const char* what, at::ScalarType dt, std::initializer_list<int64_t> shape) const {
+    const Tensor& t = tensors.at(static_cast<size_t>(i));
+    TORCH_CHECK_VALUE(t.scalar_type() == dt && t.device().is_cpu() && t.is_contiguous() &&
+                          t.sizes() == at::IntArrayRef(shape),
+                      "decode plan: ", what, " (tensor ", i, ") must be a contiguous ", dt, " CPU tensor of shape ",
+                      at::IntArrayRef(shape), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    return t.data_ptr<T>();
+  }
+
+  void linear(tk::decode::Linear& l, int64_t i, const char* what, int64_t n, int64_t k, const float* bias) {
+    l.n = n;
+    l.k = k;
+    l.bias = bias;
+    switch (plan.kind) {
+      case tk::decode::Weights::kF32: l.w = f32(i, what, {n, k}); break;
+      case tk::decode::Weights::kW8A8:
+        l.packed = typed<int8_t>(i, what, at::kChar,
+                                 {tk::packed_n(n) / tk::kTileN, tk::packed_k(k) / tk::kGroupK, tk::kTileN, tk::kGroupK});
+        l.wsum = typed<int32_t>(i + 1, what, at::kInt, {tk::packed_n(n)});
+        l.scale = f32(i + 2, what, {n});
+        break;
+      case tk::decode::Weights::kW8:
+        l.q = typed<int8_t>(i, what, at::kChar, {n, k});
+        l.scale = f32(i + 1, what, {n});
+        break;
+    }
+  }
+
+  void build() {
+    TORCH_CHECK_VALUE(config.size() >= 9, "decode plan: config too short");
+    const int64_t d = config[0], h = config[1], v = config[2], seq = config[3];
+    TORCH_CHECK_VALUE(d > 0 && h > 0 && d % h == 0 && d % 2 == 0, "decode plan: bad D=", d, " / H=", h);
+    TORCH_CHECK_VALUE(v > 0 && seq > 0, "decode plan: bad vocab ", v, " or seq_len ", seq);
+    TORCH_CHECK_VALUE(config[5] >= 0 && config[5] <= 2, "decode plan: kind must be 0, 1 or 2");
+    plan.d = d;
+    plan.heads = h;
+    plan.vocab = v;
+    plan.seq_len = seq;
+    plan.causal = config[4] != 0;
+    plan.kind = static_cast<tk::decode::Weights>(config[5]);
+    const int64_t nh = config[6];
+    TORCH_CHECK_VALUE(nh >= 1 && static_cast<int64_t>(config.size()) == 7 + 2 * nh,
+                      "decode plan: config must list (layers, mode) for each of its ", nh, " heads");
+    for (int64_t i = 0; i < nh; ++i) {
+      tk::decode::Head hd;
+      hd.layers = config[7 + 2 * i];
+      hd.mode = static_cast<int>(config[8 + 2 * i]);
+      TORCH_CHECK_VALUE(hd.layers >= 1 && hd.mode >= 0 && hd.mode <= 2, "decode plan: bad head ", i);
+      plan.eval_heads.push_back(hd);
+    }
+    const int64_t nb = plan.n_blocks();
+    TORCH_CHECK_VALUE(static_cast<int64_t>(tensors.size()) == kGlobal + kPerBlock * nb,
+                      "decode plan: expected ", kGlobal + kPerBlock * nb, " tensors, got ", tensors.size());
+    TORCH_CHECK_VALUE(static_cast<int64_t>(floats.size()) == 1 + 2 * nb, "decode plan: expected ", 1 + 2 * nb,
+                      " floats, got ", floats.size());
+    plan.df = static_cast<float>(floats[0]);
+    plan.embedding = f32(0, "embedding", {v, d});
+    plan.unembedding = f32(1, "unembedding", {d, v});
+    plan.unembedding_sq = f32(2, "unembedding_sq", {v});
+    const float* pos = f32(3, "pos", {2, seq, d});
+    const float* cs = f32(4, "rope_cos", {2, seq, d / 2});
+    const float* sn = f32(5, "rope_sin", {2, seq, d / 2});
+    for (int s = 0; s < 2; ++s) {
+      plan.pos[s] = pos + s * seq * d;
+      plan.rope_cos[s] = cs + s * seq * (d / 2);
+      plan.rope_sin[s] = sn + s * seq * (d / 2);
+    }
+    const int64_t e = tensors.at(kGlobal + 2).numel();  // the expand width (8·D in the model)
+    TORCH_CHECK_VALUE(e > 0, "decode plan: empty expand bias");
+    plan.blocks.resize(static_cast<size_t>(nb));
+    for (int64_t i = 0; i < nb; ++i) {
+      tk::decode::Block& bk = plan.blocks[static_cast<size_t>(i)];
+      const int64_t o = kGlobal + kPerBlock * i;
+      const float* in_b = f32(o, "in_proj bias", {3 * d});
+      const float* out_b = f32(o + 1, "out_proj bias", {d});
+      bk.expand_bias = f32(o + 2, "expand bias", {e});
+      bk.ln_attn_w = f32(o + 3, "ln_attn weight", {d});
+      bk.ln_attn_b = f32(o + 4, "ln_attn bias", {d});
+      bk.ln_mlp_w = f32(o + 5, "ln_mlp weight", {d});
+      bk.ln_mlp_b = f32(o + 6, "ln_mlp bias", {d});
+      bk.ln_attn_eps = static_cast<float>(floats[static_cast<size_t>(1 + 2 * i)]);
+      bk.ln_mlp_eps = static_cast<float>(floats[static_cast<size_t>(2 + 2 * i)]);
+      linear(bk.in_proj, o + 7, "in_proj weight", 3 * d, d, in_b);
+      linear(bk.out_proj, o + 10, "out_proj weight", d, d, out_b);
+      linear(bk.expand, o + 13, "expand weight", e, d, nullptr);
+      linear(bk.linear, o + 16, "linear weight", d, e, nullptr);
+    }
+  }
+};
+
+// The decode step's fp32 pieces on their own, for tests and benchmarks (single-threaded):
+// y = x·wᵀ + bias through its GEMV, and its bounded activation of x + bias.
+Tensor decode_linear_f32_cpu(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bias) {
+  check_2d(x, "x", at::kFloat);
+  check_2d(w, "w", at::kFloat);
+  TORCH_CHECK_VALUE(w.is_contiguous(), "w must be contiguous");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  TORCH_CHECK_VALUE(w.size(1) == k, "x has K=", k, " but w has K=", w.size(1));
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_vec(*bias, "bias", at::kFloat, n, x);
+    bp = bias->data_ptr<float>();
+  }
+  auto y = at::empty({m, n}, x.options());
+  if (trivial_linear(y, bias, k)) return y;
+  tk::decode::linear_f32(x.data_ptr<float>(), m, k, x.stride(0), w.data_ptr<float>(), bp, n, y.data_ptr<float>(), n);
+  return y;
+}
+
+Tensor decode_activation_cpu(const Tensor& x, const c10::optional<Tensor>& bias) {
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "x must have dtype float32, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.stride(2) == 1, "x must have unit stride in its last dim");
-}
-
-void check_grouped_vec(const Tensor& t, const char* name, at::ScalarType dtype, int64_t g, int64_t n,
-                       const Tensor& like) {
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == g && t.size(1) == n, name, " must have shape (", g, ", ", n,
-                    "), got ", t.sizes());
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", t.device(), " but x is on ", like.device());
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
-}
-
-Tensor w8a8_linear_grouped_cpu(const Tensor& x, const Tensor& packed, const Tensor& wsum, const Tensor& scale,
-                               const c10::optional<Tensor>& bias) {
-  check_grouped_x(x);
-  const int64_t g = x.size(0), m = x.size(1), k = x.size(2);
-  TORCH_CHECK_VALUE(scale.dim() == 2, "scale must be 2-D (G, N), got shape ", scale.sizes());
-  const int64_t n = scale.size(1);
-  check_grouped_vec(scale, "scale", at::kFloat, g, n, x);
-  const int64_t tiles = tk::packed_n(n) / tk::kTileN, groups = tk::packed_k(k) / tk::kGroupK;
-  TORCH_CHECK_VALUE(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 5 &&
-                        packed.size(0) == g && packed.size(1) == tiles && packed.size(2) == groups &&
-                        packed.size(3) == tk::kTileN && packed.size(4) == tk::kGroupK,
-                    "packed must be the contiguous int8 (", g, ", ", tiles, ", ", groups, ", ", tk::kTileN, ", ",
-                    tk::kGroupK, ") stack of pack_int8_weight results for N=", n, ", K=", k, "; got ",
-                    packed.scalar_type(), " ", packed.sizes());
-  TORCH_CHECK_VALUE(packed.device() == x.device(), "packed is on ", packed.device(), " but x is on ", x.device());
-  check_grouped_vec(wsum, "wsum", at::kInt, g, tk::packed_n(n), x);
-  if (bias.has_value()) check_grouped_vec(*bias, "bias", at::kFloat, g, n, x);
-  auto y = at::empty({g, m, n}, x.options());
-  if (trivial_linear(y, bias, k)) return y;
-  const int64_t pstride = tiles * groups * tk::kTileN * tk::kGroupK, wstride = tk::packed_n(n);
-  for (int64_t i = 0; i < g; ++i) {
-    tk::w8a8_linear_f32(x.data_ptr<float>() + i * x.stride(0), m, k, x.stride(1),
-                        packed.data_ptr<int8_t>() + i * pstride, wsum.data_ptr<int32_t>() + i * wstride,
-                        scale.data_ptr<float>() + i * n, bias.has_value() ? bias->data_ptr<float>() + i * n : nullptr,
-                        n, y.data_ptr<float>() + i * m * n, n);
+  auto y = x.contiguous().clone();
+  if (y.numel() == 0) return y;
+  const int64_t n = y.size(-1), rows = y.numel() / n;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    check_vec(*bias, "bias", at::kFloat, n, x);
+    bp = bias->data_ptr<float>();
   }
+  for (int64_t r = 0; r < rows; ++r) tk::decode::activation_f32(y.data_ptr<float>() + r * n, bp, n);
   return y;
 }
 
-Tensor w8_linear_grouped_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scale,
-                             const c10::optional<Tensor>& bias) {
-  check_grouped_x(x);
-  const int64_t g = x.size(0), m = x.size(1), k = x.size(2);
-  TORCH_CHECK_VALUE(qweight.dim() == 3 && qweight.size(0) == g && qweight.size(2) == k,
-                    "qweight must have shape (", g, ", N, ", k, "), got ", qweight.sizes());
-  TORCH_CHECK_VALUE(qweight.scalar_type() == at::kChar, "qweight must have dtype int8, got ", qweight.scalar_type());
-  TORCH_CHECK_VALUE(qweight.stride(2) == 1, "qweight must have unit stride in its last dim");
-  TORCH_CHECK_VALUE(qweight.device() == x.device(), "qweight is on ", qweight.device(), " but x is on ", x.device());
-  const int64_t n = qweight.size(1);
-  check_grouped_vec(scale, "scale", at::kFloat, g, n, x);
-  if (bias.has_value()) check_grouped_vec(*bias, "bias", at::kFloat, g, n, x);
-  auto y = at::empty({g, m, n}, x.options());
-  if (trivial_linear(y, bias, k)) return y;
-  for (int64_t i = 0; i < g; ++i) {
-    tk::w8a32_linear_f32(x.data_ptr<float>() + i * x.stride(0), m, k, x.stride(1),
-                         qweight.data_ptr<int8_t>() + i * qweight.stride(0), qweight.stride(1),
-                         scale.data_ptr<float>() + i * n, bias.has_value() ? bias->data_ptr<float>() + i * n : nullptr,
-                         n, y.data_ptr<float>() + i * m * n, n);
-  }
-  return y;
+// logp (B, S, V) for tokens tok (B, S) — or (B,), S = 1: a decode step — at cache rows t0..t0+S-1 of
+// kv (n_blocks, 2, B, H, capacity, D/H), which it writes (those rows of every block's K and V).
+Tensor decode_step_cpu(const c10::intrusive_ptr<DecodePlan>& plan, const Tensor& tok, const Tensor& kv, int64_t t0) {
+  const tk::decode::Plan& p = plan->plan;
+  TORCH_CHECK_VALUE((tok.dim() == 1 || tok.dim() == 2) && tok.size(0) >= 1 && (tok.dim() == 1 || tok.size(1) >= 1),
+                    "tok must be (B,) or (B, S) with B, S >= 1, got shape ", tok.sizes());
+  TORCH_CHECK_VALUE(tok.scalar_type() == at::kLong, "tok must have dtype int64, got ", tok.scalar_type());
+  TORCH_CHECK_VALUE(tok.device().is_cpu(), "tok must be on the CPU, got ", tok.device());
+  const int64_t b = tok.size(0), s = tok.dim() == 2 ? tok.size(1) : 1, dh = p.d / p.heads;
+  TORCH_CHECK_VALUE(kv.scalar_type() == at::kFloat, "kv must have dtype float32, got ", kv.scalar_type());
+  TORCH_CHECK_VALUE(kv.device().is_cpu(), "kv must be on the CPU, got ", kv.device());
+  TORCH_CHECK_VALUE(kv.dim() == 6 && kv.size(0) == p.n_blocks() && kv.size(1) == 2 && kv.size(2) == b &&
+                        kv.size(3) == p.heads && kv.size(4) >= 1 && kv.size(5) == dh,
+                    "kv must have shape (", p.n_blocks(), ", 2, ", b, ", ", p.heads, ", capacity, ", dh,
+                    ") for this plan and B=", b, ", got ", kv.sizes());
+  TORCH_CHECK_VALUE(kv.is_contiguous(), "kv must be contiguous");
+  const int64_t cap = kv.size(4);
+  TORCH_CHECK_VALUE(t0 >= 0 && t0 + s <= cap, "t0=", t0, " with ", s, " new token(s) must fit the capacity ", cap,
+                    " of kv (t0 must lie in [0, ", cap - s + 1, "))");
+  TORCH_CHECK_VALUE(p.causal ? t0 + s <= p.seq_len : s <= p.seq_len, "t0=", t0, " with ", s,
+                    " new token(s): positions must stay below seq_len=", p.seq_len,
+                    p.causal ? " (a causal model decodes absolute positions)" : "");
+  auto tc = tok.contiguous();
+  const int64_t* ids = tc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b * s; ++i)
+    TORCH_CHECK_VALUE(ids[i] >= 0 && ids[i] < p.vocab, "tok holds token id ", ids[i], " out of range [0, ", p.vocab,
+                      ")");
+  auto logp = at::empty({b, s, p.vocab}, kv.options());
+  tk::decode::decode_step(p, ids, b, s, kv.data_ptr<float>(), cap, t0, logp.data_ptr<float>(), at::get_num_threads());
+  return logp;
 }
 
 // -------------------------------------------------------------------------------------------- CUDA
@@ -349,8 +475,29 @@ TORCH_LIBRARY(tape_kernels, m) {
   m.def("w8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("w8a8_linear_packed(Tensor x, Tensor packed, Tensor wsum, Tensor scale, Tensor? bias) -> Tensor");
-  m.def("w8a8_linear_grouped(Tensor x, Tensor packed, Tensor wsum, Tensor scale, Tensor? bias) -> Tensor");
-  m.def("w8_linear_grouped(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
+  m.class_<DecodePlan>("DecodePlan")
+      .def(torch::init<std::vector<Tensor>, std::vector<int64_t>, std::vector<double>>())
+      .def("n_blocks", &DecodePlan::n_blocks)
+      .def("vocab", [](const c10::intrusive_ptr<DecodePlan>& self) { return self->plan.vocab; })
+      // (name, value) pairs: what torch.library's fake-class machinery (opcheck, torch.compile) rebuilds.
+      .def("__obj_flatten__",
+           [](const c10::intrusive_ptr<DecodePlan>& self) {
+             return std::make_tuple(std::make_tuple(std::string("tensors"), self->tensors),
+                                    std::make_tuple(std::string("config"), self->config),
+                                    std::make_tuple(std::string("floats"), self->floats));
+           })
+      .def_pickle(
+          [](const c10::intrusive_ptr<DecodePlan>& self) {
+            return std::make_tuple(self->tensors, self->config, self->floats);
+          },
+          [](std::tuple<std::vector<Tensor>, std::vector<int64_t>, std::vector<double>> state) {
+            return c10::make_intrusive<DecodePlan>(std::move(std::get<0>(state)), std::move(std::get<1>(state)),
+                                                   std::move(std::get<2>(state)));
+          });
+  m.def("decode_linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("decode_activation(Tensor x, Tensor? bias) -> Tensor");
+  m.def("decode_step(__torch__.torch.classes.tape_kernels.DecodePlan plan, Tensor tok, Tensor(a!) kv, int t0) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tape_kernels, CPU, m) {
@@ -361,8 +508,9 @@ TORCH_LIBRARY_IMPL(tape_kernels, CPU, m) {
   m.impl("w8_linear", &w8_linear_cpu);
   m.impl("w8a8_linear", &w8a8_linear_cpu);
   m.impl("w8a8_linear_packed", &w8a8_linear_packed_cpu);
-  m.impl("w8a8_linear_grouped", &w8a8_linear_grouped_cpu);
-  m.impl("w8_linear_grouped", &w8_linear_grouped_cpu);
+  m.impl("decode_step", &decode_step_cpu);
+  m.impl("decode_linear_f32", &decode_linear_f32_cpu);
+  m.impl("decode_activation", &decode_activation_cpu);
 }
 
 #ifdef TK_WITH_CUDA

@@ -96,17 +96,6 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scale: torch.Tensor, bias: Any) -> torch.Tensor:
         return x.new_empty((x.shape[0], scale.shape[0]))
 
-    # Grouped CPU ops of the lean decode step (tapetransformer.fastdecode); older builds lack them.
-    if hasattr(torch.ops.tape_kernels, "w8a8_linear_grouped"):
-
-        @torch.library.register_fake(lib + "w8a8_linear_grouped")
-        def _(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scale: torch.Tensor, bias: Any) -> torch.Tensor:
-            return x.new_empty((x.shape[0], x.shape[1], scale.shape[1]))
-
-        @torch.library.register_fake(lib + "w8_linear_grouped")
-        def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Any) -> torch.Tensor:
-            return x.new_empty((x.shape[0], x.shape[1], qweight.shape[1]))
-
 
 def _load_ext() -> Any:
     """The extension module, or None (warning once) when it is not built."""
@@ -326,6 +315,44 @@ def int8_linear(
         _validate(x, qweight, scale, bias)
     if act_quant is None:
         act_quant = resolve_act_quant(x)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return Int8LinearFunction.apply(x, qweight, scale, bias, act_quant)
+    return _int8_linear_forward(x, qweight, scale, bias, act_quant)
+
+
+class Int8LinearFunction(torch.autograd.Function):
+    """``int8_linear`` with gradients for the input and the bias (the int8 weights are frozen).
+
+    dx = dy·(q·s) — the dequantized weight, the exact derivative of the weight-only path; for W8A8 the
+    per-row activation rounding is treated as the identity (straight-through), so dx is the gradient of
+    the weight-only map at the same weights. dbias = Σ dy over the leading dims.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                act_quant: bool) -> torch.Tensor:
+        ctx.save_for_backward(qweight, scale)
+        ctx.x_dtype = x.dtype
+        ctx.bias_meta = None if bias is None else (bias.dtype, bias.shape)
+        return _int8_linear_forward(x, qweight, scale, bias, act_quant)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        qweight, scale = ctx.saved_tensors
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            w = qweight.float() * scale[:, None]  # (N, K)
+            gx = (grad.float() @ w).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            gb = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_meta[0])
+        return gx, None, None, gb, None
+
+
+def _int8_linear_forward(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, act_quant: bool
+) -> torch.Tensor:
+    shape = x.shape
+    dev = x.device
     if _ext_state != "ok" and _load_ext() is None:
         return int8_linear_ref(x, qweight, scale, bias, act_quant)
     n, k = qweight.shape

@@ -155,6 +155,145 @@ def test_main_writes_to_out_and_results_dir(tmp_path, monkeypatch):
     assert cr.main([str(tmp_path / "none.json"), "--out-dir", str(tmp_path / "empty")]) == 1
 
 
+# The attributed model rows as the benchmarks write them (a reference, b fused-eager, c fused-Triton,
+# d torch.compile of b, e a CUDA-graph replay), bf16 autocast on every side of the training step.
+def _att(name, impl, ms, case, role, letter, precision, graph=False, **info):
+    return _bench("model", name, impl, ms, case=case, role=role, attribution=letter, precision=precision,
+                  cuda_graph=graph, **info)
+
+
+ATTRIBUTED = [
+    _att("test_train_step[reference-notebook]", "reference", 0.800, "notebook-train", "eager", "a", "bf16",
+         peak=2000.0, tokens_per_s=2560.0),
+    _att("test_train_step[fused_eager-notebook]", "fused_eager", 0.200, "notebook-train", "fused", "b", "bf16",
+         peak=900.0, tokens_per_s=10240.0),
+    _att("test_train_step[fused_triton-notebook]", "fused_triton", 0.050, "notebook-train", "fused", "c", "bf16",
+         peak=700.0, tokens_per_s=40960.0),
+    _att("test_train_step[compile_default-notebook]", "compile_default", 0.100, "notebook-train", "compile", "d",
+         "bf16", peak=800.0, compile_s=30.0, compile_backend="inductor"),
+    _att("test_train_step[compile_max-autotune-notebook]", "compile_max-autotune", 0.080, "notebook-train",
+         "compile", "d", "bf16", peak=850.0, compile_s=90.0, compile_backend="inductor"),
+    # generation: whole-call medians (s) and per-token latencies (ms)
+    _att("test_generate_engine[reference_fp32]", "reference_fp32", 1.0, "notebook-generate-engine", "eager", "a",
+         "fp32", ms_per_token=25.0),
+    _att("test_generate_engine[fused_eager_fp32_nograph]", "fused_eager_fp32_nograph", 0.3,
+         "notebook-generate-engine", "fused", "b", "fp32", ms_per_token=8.0),
+    _att("test_generate_engine[fused_fp32_nograph]", "fused_fp32_nograph", 0.26, "notebook-generate-engine",
+         "fused", "c", "fp32", ms_per_token=6.0),
+    _att("test_generate_engine[fused_fp32]", "fused_fp32", 0.02, "notebook-generate-engine", "fused", "c", "fp32",
+         graph=True, ms_per_token=0.5, capture_ms=30.0),
+    _att("test_generate_engine[compile_default_fp32]", "compile_default_fp32", 0.1, "notebook-generate-engine",
+         "compile", "d", "fp32", ms_per_token=2.0),
+    _att("test_generate_engine[fused_int8]", "fused_int8", 0.015, "notebook-generate-engine", "fused", "c", "int8",
+         graph=True, ms_per_token=0.4),
+    _att("test_generate_engine[fused_int8_nograph]", "fused_int8_nograph", 0.28, "notebook-generate-engine",
+         "fused", "c", "int8", ms_per_token=7.0),
+]
+
+
+def test_attributed_training_row_schema_and_ratios(tmp_path):
+    res = cr.build_results([_write(tmp_path, ATTRIBUTED)])
+    rows = {r["name"]: r for r in res["results"]}
+    tr = rows["notebook-train"]
+    assert set(tr) == {"group", "name", "eager_ms", "compile_ms", "fused_ms", "peak_mem_mb", "extra"}
+    # eager = the reference, fused = the fastest fused path, compile = the best mode of fused-eager
+    assert (tr["group"], tr["eager_ms"], tr["fused_ms"], tr["compile_ms"]) == ("model", 800.0, 50.0, 80.0)
+    ex = tr["extra"]
+    assert (ex["eager_impl"], ex["fused_impl"], ex["compile_impl"]) == ("reference", "fused_triton",
+                                                                       "compile_max-autotune")
+    assert tr["peak_mem_mb"] == 700.0  # the fused pick's peak
+    for impl in ("reference", "fused_eager", "fused_triton", "compile_default", "compile_max-autotune"):
+        assert f"{impl}_ms" in ex and f"{impl}_peak_mem_mb" in ex
+    assert ex["fused_triton_tokens_per_s"] == 40960.0 and ex["reference_tokens_per_s"] == 2560.0
+    assert ex["compile_default_compile_s"] == 30.0 and ex["compile_max-autotune_compile_s"] == 90.0
+    assert ex["fused_speedup_vs_eager"] == 16.0 and ex["fused_speedup_vs_compile"] == 1.6
+    att = ex["attribution"]
+    assert att["metric"] == "ms" and list(att["by_precision"]) == ["bf16"]
+    b = att["by_precision"]["bf16"]
+    assert (b["a"]["impl"], b["b"]["impl"], b["c"]["impl"], b["d"]["impl"]) == (
+        "reference", "fused_eager", "fused_triton", "compile_max-autotune")
+    # package vs reference = a / fastest fused; kernels = b / c; kernels vs compiler = d / c
+    assert b["ratios"] == {"package_vs_reference": 16.0, "kernels": 4.0, "kernels_vs_compile": 1.6}
+
+
+def test_attributed_generation_row_per_token_and_graphs(tmp_path):
+    res = cr.build_results([_write(tmp_path, ATTRIBUTED)])
+    (gen,) = [r for r in res["results"] if r["name"] == "notebook-generate-engine"]
+    ex = gen["extra"]
+    assert gen["eager_ms"] == 1000.0 and gen["fused_ms"] == 15.0 and gen["compile_ms"] == 100.0
+    for v, ms in (("reference_fp32", 25.0), ("fused_eager_fp32_nograph", 8.0), ("fused_fp32", 0.5),
+                  ("fused_int8", 0.4), ("fused_int8_nograph", 7.0), ("compile_default_fp32", 2.0)):
+        assert ex[f"{v}_ms_per_token"] == ms, v
+    assert ex["fused_fp32_capture_ms"] == 30.0
+    att = ex["attribution"]
+    assert att["metric"] == "ms_per_token"
+    fp32, int8 = att["by_precision"]["fp32"], att["by_precision"]["int8"]
+    assert fp32["c"]["impl"] == "fused_fp32_nograph" and fp32["c+graph"]["impl"] == "fused_fp32"
+    assert fp32["ratios"] == {"package_vs_reference": 50.0, "kernels": 1.33, "kernels_vs_compile": 4.0,
+                              "graphs": 12.0}  # fmt: skip
+    # int8 has no reference of its own precision: only the labelled comparison with the fp32 reference
+    assert "package_vs_reference" not in int8["ratios"] and int8["ratios"]["package_vs_reference_fp32"] == 62.5
+    assert int8["ratios"]["graphs"] == 17.5
+    md = cr.to_markdown(res)
+    assert "| notebook-generate-engine | fp32 | ms_per_token | 25 | 8 | 6 | 2 (compile_default_fp32) | 0.5 | – | 50 " \
+        "| 1.33 | 4 | 12 |" in md
+    assert "| notebook-train | bf16 | ms | 800 | 200 | 50 | 80 (compile_max-autotune) | – | – | 16 | 4 | 1.6 " \
+        "| – |" in md
+    assert "62.5 vs fp32 (a)" in md
+    for what in cr.RATIOS.values():
+        assert what in md
+
+
+def test_markdown_names_the_hardware(tmp_path):
+    env = dict(ENV, cpu="AMD EPYC 9B14")
+    res = cr.build_results([_write(tmp_path, SYNTH, env=env)])
+    assert res["env"]["cpu"] == "AMD EPYC 9B14"
+    assert cr.to_markdown(res).startswith("Measured on NVIDIA GeForce RTX 3060 (host CPU AMD EPYC 9B14)")
+    cpu_env = dict(ENV, device="cpu Intel(R) Xeon(R) Platinum 8481C", cpu="Intel(R) Xeon(R) Platinum 8481C",
+                   threads=2)
+    res = cr.build_results([_write(tmp_path, SYNTH, env=cpu_env, name="c.json")])
+    assert cr.to_markdown(res).startswith("Measured on cpu Intel(R) Xeon(R) Platinum 8481C, 2 threads")
+    assert common.device_name("cpu") == f"cpu {common.cpu_model()}" and common.cpu_model()
+
+
+def test_attributed_benchmarks_on_tiny_models(tmp_path):
+    """The model and generation benchmarks end to end on CPU at the tiny size: (a), (b) and (d) (torch.compile
+    through Dynamo with the eager backend: tracing, not code generation), collected into one results file
+    from which the package-vs-reference ratio is computed and labelled."""
+    out = tmp_path / "tiny.json"
+    env = {**os.environ, "TK_BENCH_DEVICE": "cpu", "TK_BENCH_CASES": "tiny", "TK_BENCH_COMPILE_BACKEND": "eager"}
+    env.pop("TRITON_INTERPRET", None)  # the benchmarks' own setting: fused_triton skips on CPU
+    sel = ("(test_train_step and tiny and (reference or fused_eager or compile_default)) or (test_generate_engine "
+           "and (reference_fp32 or fused_eager_fp32 or fused_eager_int8 or compile_default_fp32))")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(BENCH_DIR, "test_bench_model.py"),
+         os.path.join(BENCH_DIR, "test_bench_generate.py"), "--benchmark-only", "-k", sel,
+         f"--benchmark-json={out}"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = cr.build_results([str(out)])
+    rows = {r["name"]: r for r in res["results"]}
+    assert set(rows) == {"tiny-train", "tiny-generate-engine"}
+    tr, gen = rows["tiny-train"], rows["tiny-generate-engine"]
+    assert tr["group"] == gen["group"] == "model"
+    assert tr["eager_ms"] == tr["extra"]["reference_ms"] and tr["fused_ms"] == tr["extra"]["fused_eager_ms"]
+    assert tr["compile_ms"] == tr["extra"]["compile_default_ms"] and tr["extra"]["compile_default_compile_s"] > 0
+    assert tr["extra"]["reference_tokens_per_s"] > 0 and tr["extra"]["fused_eager_tokens_per_s"] > 0
+    b = tr["extra"]["attribution"]["by_precision"]["fp32"]
+    assert set(b) >= {"a", "b", "d"} and "c" not in b
+    # ratios keep 3 significant digits
+    assert b["ratios"]["package_vs_reference"] == pytest.approx(b["a"]["value"] / b["b"]["value"], rel=5e-3)
+    assert b["d"]["compile_backend"] == "eager"
+    for v in ("reference_fp32", "fused_eager_fp32", "fused_eager_int8", "compile_default_fp32"):
+        assert gen["extra"][f"{v}_ms_per_token"] > 0, v
+    g = gen["extra"]["attribution"]
+    assert g["metric"] == "ms_per_token" and "package_vs_reference" in g["by_precision"]["fp32"]["ratios"]
+    assert "package_vs_reference_fp32" in g["by_precision"]["int8"]["ratios"]
+    md = cr.to_markdown(res)
+    assert "| tiny-train | fp32 | ms |" in md and "backend eager: not a figure" in md
+
+
 TINY_BENCH = (
     "import os, signal, sys\n"
     "sys.path.insert(0, {bench!r})\n"
@@ -261,6 +400,39 @@ def test_gpu_check_without_cuda_says_so_and_fails():
     )
     assert proc.returncode != 0
     assert "no CUDA device" in proc.stdout
+
+
+def test_gpu_check_fails_when_no_gpu_test_ran(tmp_path):
+    """A gpu-test step in which every test skipped (here: no CUDA) is a failure, not a pass."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: its gpu tests would run")
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_ALLOW_CPU": "1",
+           "GPU_CHECK_ONLY": "tests-gpu,tests-gpu-ran", "GPU_CHECK_RAW_DIR": str(tmp_path / "raw"),
+           "OUT": str(tmp_path / "out")}  # fmt: skip
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=600, env=env)  # fmt: skip
+    assert proc.returncode != 0
+    out = proc.stdout
+    assert "<<< tests-gpu ok" in out  # pytest itself is content: everything skipped
+    assert "0 ran" in out and "<<< tests-gpu-ran FAILED" in out
+    assert "with failures:" in out and "tests-gpu-ran" in out.rsplit("with failures:", 1)[1]
+
+
+def test_junit_ran(tmp_path):
+    import junit_ran
+
+    def report(tests, skipped, name):
+        p = tmp_path / name
+        p.write_text(f'<testsuites><testsuite name="pytest" tests="{tests}" skipped="{skipped}" errors="0" '
+                     f'failures="0"></testsuite></testsuites>')  # fmt: skip
+        return str(p)
+
+    assert junit_ran.main([report(5, 5, "a.xml")]) == 1
+    assert junit_ran.main([report(0, 0, "b.xml")]) == 1  # pytest exit 5: nothing collected
+    assert junit_ran.main([report(5, 4, "c.xml")]) == 0
+    assert junit_ran.main([report(5, 4, "d.xml"), "--min", "2"]) == 1
+    assert junit_ran.main([str(tmp_path / "missing.xml")]) == 1
 
 
 def test_kernel_report_occupancy_math():

@@ -39,8 +39,11 @@ def test_cuda_fp32_golden(golden: dict) -> None:
     assert rel(ent, golden["train_entropy"]) < 2e-5
     assert rel(aw, golden["train_attn_weights"]) < 2e-5
     nll_loss(logp, y).backward()
+    params = dict(fused.named_parameters())
+    assert sorted(n for n, p in params.items() if p.grad is None) == sorted(golden["grads_nll_none"])
     for name, g_ref in golden["grads_nll"].items():
-        g = dict(fused.named_parameters())[name].grad
+        g = params[name].grad
+        assert g is not None, name
         if torch.count_nonzero(g_ref) == 0:
             assert torch.count_nonzero(g) == 0, name
         else:
@@ -72,17 +75,25 @@ def test_cuda_autocast_error_within_pytorch_error(golden: dict, dtype: torch.dty
     logp64, g64 = run(exact, False)
     logp_e, g_e = run(plain, True)
     logp_f, g_f = run(fused, True)
-    assert torch.isfinite(logp_f).all()
+    # Same gradient pattern as the reference (None where it has None, a tensor everywhere else).
+    assert sorted(g_f) == sorted(g_e) == sorted(g64)
+    # No finiteness escape hatch: at this size autocast stays finite on both sides, and if the eager
+    # reference ever overflowed the comparison would be meaningless, so that fails too.
+    for what, t in (("fused logp", logp_f), ("eager logp", logp_e)):
+        assert torch.isfinite(t).all(), what
     err_e = (logp_e - logp64).abs().max().item()
     err_f = (logp_f - logp64).abs().max().item()
-    if torch.isfinite(torch.tensor(err_e)):
-        assert err_f <= 2 * err_e + 1e-5, f"fused {err_f:.3e} vs eager {err_e:.3e}"
+    assert err_f <= 2 * err_e + 1e-5, f"fused {err_f:.3e} vs eager {err_e:.3e}"
     for name, g in g64.items():
-        if torch.count_nonzero(g) == 0:
-            continue
+        assert torch.isfinite(g_e[name]).all() and torch.isfinite(g_f[name]).all(), name
         ee = (g_e[name] - g).abs().max().item()
         ef = (g_f[name] - g).abs().max().item()
-        if torch.isfinite(torch.tensor(ee)):
+        if torch.count_nonzero(g) == 0:
+            # Zero in float64 (the dead paths: prophet, rnn_projection, critics 0..n-2 for the NLL):
+            # the fused model must give zero too, or stay within 3x the eager reference's own error there
+            # (no absolute slack: exact zeros stay exact zeros).
+            assert ef <= 3 * ee, f"{name}: float64 gradient is zero, fused max |g| {ef:.3e} vs eager {ee:.3e}"
+        else:
             assert ef <= 3 * ee + 1e-6, f"{name}: fused {ef:.3e} vs eager {ee:.3e}"
 
 

@@ -93,13 +93,15 @@ def test_loss_equals_the_nll_of_forward() -> None:
     assert ent is None and aw is None and torch.equal(logp, fused(x)[0])
 
 
-@pytest.mark.parametrize("backend, splits", [("eager", (1, 4, 9)), ("triton", (3,))])
+@pytest.mark.parametrize("backend, splits", [("eager", (1, 4, 9)), ("triton", (4,))])
 def test_prefill_then_decode_with_the_prophet_in_the_cache_equals_the_full_forward(
     backend: str, splits: tuple[int, ...]
 ) -> None:
     _, m = _pair(torch.float32, backend, seed=8)
     m.eval()
     x, _ = _data(9)
+    if backend == "triton":  # the interpreter runs the Char-RNN kernels step by step: fewer tokens, fewer rows
+        x = x[:2, :6]
     with torch.no_grad():
         full, _ = m(x)
         for k in splits:
@@ -111,7 +113,7 @@ def test_prefill_then_decode_with_the_prophet_in_the_cache_equals_the_full_forwa
                 outs.append(logp)
             torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5, msg=f"split {k}")
         # the static (CUDA-graph) step advances the prophet's state in place
-        cache = m.new_cache(3, x.shape[1])
+        cache = m.new_cache(x.shape[0], x.shape[1])
         logp, cache = m.prefill(x[:, :2], cache)
         state = [h.data_ptr() for h in cache.rnn]
         outs = [logp]

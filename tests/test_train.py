@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _dist import ddp_worker, free_port
 
 from tapetransformer import cli
 from tapetransformer.checkpoint import ModelConfig, load_checkpoint
@@ -386,26 +386,12 @@ def test_cuda_amp_training_budget_and_scaler_resume(tmp_path: Path, corpus: Path
 # ------------------------------------------------------------------ DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    res = train(cfg)
-    torch.save(res["model"].state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-
-
 def test_ddp_two_gloo_ranks_match_single_process(tmp_path: Path, corpus: Path) -> None:
     kw = dict(optimizer="sgd", lr=0.5, eval_every=0, batch_size=4)
     single = train(cfg_for(tmp_path / "single.ckpt", corpus, 3, **kw))
     # each rank: 2 samples as 2 micro-batches of 1 (gradients synchronised on the last only)
     ddp_cfg = cfg_for(tmp_path / "ddp.ckpt", corpus, 3, micro_batch=1, **kw)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), ddp_cfg, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(ddp_worker, args=(2, free_port(), ddp_cfg, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     ref = single["model"].state_dict()
@@ -426,7 +412,7 @@ def test_torchrun_cli_two_cpu_ranks(tmp_path: Path, corpus: Path) -> None:
     ck = tmp_path / "tr.ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "tapetransformer.cli", "train", "--data", str(corpus),
+           "--master-port", str(free_port()), "-m", "tapetransformer.cli", "train", "--data", str(corpus),
            "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--seq-len", "8", "--embed-dim", "16",
            "--num-heads", "1", "--out", str(ck), "--backend", "eager", "--log-dir", "none"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -459,7 +445,7 @@ def test_cli_train_writes_logs_viz_and_reports_plan(tmp_path: Path, corpus: Path
     summary = json.loads((logs / "log.json").read_text())
     assert summary["plan"]["micro_batch"] == 4 and len(summary["log"]) == 4
     assert summary["log"][1]["val_loss"] is not None and summary["log"][0]["peak_mem_mb"] > 0
-    assert (logs / "log.csv").read_text().startswith("step,loss,tokens_per_s,peak_mem_mb,val_loss")
+    assert (logs / "log.csv").read_text().startswith("step,loss,tokens_per_s,step_s,peak_mem_mb,val_loss")
     from PIL import Image
 
     assert Image.open(logs / "loss.png").size == (640, 360)

@@ -161,16 +161,18 @@ class FusedTapeHeadBlock(TapeHeadBlock):
     # ------------------------------------------------------------------ training
 
     def forward(
-        self, tok: torch.Tensor, prev_h: torch.Tensor | None, prev_emb: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """Full-sequence forward with statistics -> (h, layer_emb or None, entropy (B, S), softmax(aw) (B, S))."""
+        self, tok: torch.Tensor, prev_h: torch.Tensor | None, prev_emb: torch.Tensor | None, stats: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Full-sequence forward -> (h, layer_emb or None, entropy (B, S), softmax(aw) (B, S)); with
+        ``stats=False`` (a loss that does not use them) the last two are None and cost nothing more."""
         s = tok.shape[1]
         if prev_h is None:
             layer_emb = self.embed(tok, 0)
             x = layer_emb
         elif self.opts.skip_dead:
             layer_emb = None  # it only ever feeds the discarded part of the reference's concatenation
-            x = prev_h[:, -s:, :]
+            # a whole-tensor slice is the tensor: no slice node, whose backward would launch a zeros + copy
+            x = prev_h if prev_h.shape[1] == s else prev_h[:, -s:, :]
         else:  # the reference's concatenation, kept in the graph (zero gradients for what it discards)
             layer_emb = self.embed(tok, 0)
             parts = ([prev_emb] if prev_emb is not None else []) + [layer_emb, prev_h[:, -s:, :]]
@@ -180,6 +182,8 @@ class FusedTapeHeadBlock(TapeHeadBlock):
             x, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias, mha.num_heads,
             causal=self.opts.causal, dropout_p=mha.dropout, training=self.training, backend=self.opts.backend,
         )  # fmt: skip
+        if not stats:
+            return self.mlp_ln(x, out), layer_emb, None, None
         return self.mlp_ln(x, out), layer_emb, ent, torch.softmax(aw, dim=-1)
 
     # ------------------------------------------------------------------ generation
@@ -200,7 +204,11 @@ class FusedTapeHeadBlock(TapeHeadBlock):
     def prefill(self, tok: torch.Tensor, prev_h: torch.Tensor | None, kv: BlockKV) -> torch.Tensor:
         """S new tokens at cache rows ``length .. length+S-1`` (the caller advances the length)."""
         start = kv.cache.length
-        x = prev_h[:, -tok.shape[1]:, :] if prev_h is not None else self.embed(tok, start)
+        s = tok.shape[1]
+        if prev_h is not None:
+            x = prev_h if prev_h.shape[1] == s else prev_h[:, -s:, :]
+        else:
+            x = self.embed(tok, start)
         return self.mlp_ln(x, self._attend(x, kv, start, None))
 
     def decode_weights(self) -> db.BlockDecodeWeights | None:
@@ -274,23 +282,27 @@ class FusedTapeHead(TapeHead):
         return blk(*args)
 
     def forward(
-        self, tok: torch.Tensor, prev_h: torch.Tensor | None, prev_emb: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """Training forward -> (h (B, S, D), prev_emb for the next head or None, entropy (), attn (B, S))."""
+        self, tok: torch.Tensor, prev_h: torch.Tensor | None, prev_emb: torch.Tensor | None, stats: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Training forward -> (h (B, S, D), prev_emb for the next head or None, entropy (), attn (B, S));
+        ``stats=False``: entropy and attn are None and not computed."""
         prev_h_l = prev_h_r = prev_h
         prev_emb_l = prev_emb_r = prev_emb
         ents, aws = [], []
         h = prev_h
         for left, right in zip(self.blocks_left, self.blocks_right):
-            hl, prev_emb_l, ent_l, aw_l = self._block(left, tok, prev_h_l, prev_emb_l)
-            hr, prev_emb_r, ent_r, aw_r = self._block(right, tok, prev_h_r, prev_emb_r)
+            hl, prev_emb_l, ent_l, aw_l = self._block(left, tok, prev_h_l, prev_emb_l, stats)
+            hr, prev_emb_r, ent_r, aw_r = self._block(right, tok, prev_h_r, prev_emb_r, stats)
             h = self.combine(hl, hr)
             prev_h_l = prev_h_r = h
-            ents.append((ent_l + ent_r) / 2.0)
-            aws.append((aw_l + aw_r) / 2.0)
+            if stats:
+                ents.append((ent_l + ent_r) / 2.0)
+                aws.append((aw_l + aw_r) / 2.0)
+        out_emb = None if prev_emb_r is None else 0.5 * (prev_emb_r + prev_emb_l)
+        if not stats:
+            return h, out_emb, None, None
         attn = (torch.stack(aws, dim=0) * self.layer_weights.view(-1, 1, 1).to(aws[0].dtype)).sum(dim=0)  # (B, S)
         entropy = torch.stack(ents).sum() / self.num_layers
-        out_emb = None if prev_emb_r is None else 0.5 * (prev_emb_r + prev_emb_l)
         return h, out_emb, entropy, attn
 
     def prefill(self, tok: torch.Tensor, prev_h: torch.Tensor | None, cache: KVCache, head: int) -> torch.Tensor:

@@ -32,7 +32,16 @@ from tapetransformer.train import (
     build_model,
     train,
 )
-from tapetransformer.train.config import CORPORA, check_backend, check_device, check_input_file, validate_config
+from tapetransformer.train.config import (
+    COMPILE_AUTO_COST_S,
+    COMPILE_AUTO_SPEEDUP,
+    COMPILE_MODES,
+    CORPORA,
+    check_backend,
+    check_device,
+    check_input_file,
+    validate_config,
+)
 
 PROG = "tapetransformer"
 EXIT_ERROR = 2
@@ -135,6 +144,18 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
                    help="force the micro-batch size and accumulate the rest (default: the planner's)")
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
                    help="force activation recomputation per TapeHead block on or off (default: the planner's)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--compile", choices=COMPILE_MODES, default="auto",
+                   help="torch.compile of the training step. auto: on a CPU, after the second step, when the "
+                        f"remaining steps x the measured step time x {1 - 1 / COMPILE_AUTO_SPEEDUP:.2f} (the "
+                        f"compiled step's saving) exceed {COMPILE_AUTO_COST_S:.0f} s (a cold compile; Inductor "
+                        "caches it for later runs); never on CUDA, where the CUDA graph holds the step")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA: capture the whole training step (forward, backward, clipping, optimizer) in one CUDA "
+                        "graph and replay it, and the decode step where a sample follows (default: on where the "
+                        "step can be captured)")
+    g.add_argument("--sync-every", type=int, default=None, metavar="N",
+                   help="read the loss back every N steps (default: 10 with a CUDA graph, else 1)")
     g = p.add_argument_group("attention visualization (needs Pillow)")
     g.add_argument("--viz", default=None, metavar="DIR",
                    help="write attention frames (PNG) and train.gif to DIR (default: none)")
@@ -143,7 +164,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
     _add_model_args(p, model)
 
 
-def _add_sample_args(p: argparse.ArgumentParser, prompt: str) -> None:
+def _add_sample_args(p: argparse.ArgumentParser, prompt: str, *, graph_flag: bool = True) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", default=prompt,
                    help="text to continue; every character must be in the model's vocabulary "
@@ -156,8 +177,9 @@ def _add_sample_args(p: argparse.ArgumentParser, prompt: str) -> None:
     g.add_argument("--sample-seed", type=int, default=None, metavar="S",
                    help="seed of the sampler (default: unseeded)")
     g.add_argument("--int8", action="store_true", help="int8 weights for generation (tape_kernels._C)")
-    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the decode step in a CUDA graph (default: on for CUDA, off on CPU)")
+    if graph_flag:  # demo's training flag covers its decode too
+        g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                       help="capture the decode step in a CUDA graph (default: on for CUDA, off on CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train briefly on the embedded corpus, then generate", formatter_class=_Help,
                        description="Train a small model for about a minute on CPU, then sample from it.")
     _add_train_args(p, steps=600, out="runs/demo.ckpt", eval_every=200, batch_size=16, model=DEMO_MODEL)
-    _add_sample_args(p, prompt="The ")
+    _add_sample_args(p, prompt="The ", graph_flag=False)
     p.set_defaults(func=cmd_demo, model_defaults=DEMO_MODEL)
     return ap
 
@@ -246,6 +268,7 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
         device=a.device, backend=a.backend, log_csv=a.log_csv, log_dir=_log_dir(a), model=given or None, amp=a.amp,
         memory_budget_gb=a.memory_budget_gb, micro_batch=a.micro_batch, recompute=a.recompute,
         init_from=a.init_from, viz=a.viz, viz_every=a.viz_every, viz_rows=a.viz_rows,
+        compile=a.compile, cuda_graph=a.cuda_graph, sync_every=a.sync_every,
     )
 
 

@@ -12,6 +12,11 @@ Semantics follow the model:
   window slides: the cache is reset and the last ``seq_len // 2`` tokens are prefilled again, so
   generation never runs past the positional table and never raises an index error.
 
+On CPU every decode token is one call into the extension (``tapetransformer.native_decode``: the
+whole step in C++ with fp32 or int8 weights over the same cache), and so is the prefill where that
+measured faster; without the extension (or for what it does not cover: the seed design, the prophet's
+state, autocast) the model's own decode runs.
+
 The one-token decode step (``TapeTransformer.decode_step``) runs the fused decode kernels on the
 Triton path (``tape_kernels.decode_block``: three launches per TapeHead layer, 24 per token at the
 notebook size instead of ~130). On CUDA it is captured in a CUDA graph (``cuda_graph=None`` or True)
@@ -20,7 +25,7 @@ the host never waits for the device (the drawn ids stay on the device and feed t
 ``on_token`` receives them as device tensors). Sampling is the exponential race with a counter-based
 generator whose state lives on the device (``tapetransformer.sampling``); a seed's samples differ from
 ``torch.multinomial``'s. Without a graph (CPU under the interpreter, or ``cuda_graph=False``) the same
-static step runs eagerly; the CPU eager path uses the lean step of ``tapetransformer.fastdecode``.
+static step runs eagerly.
 
 The graph and its cache are kept (per model, batch size, capacity, dtype, int8 mode, decode mode and
 sampling mode — greedy, or sampling with a given top-k; the temperature is a device tensor; at most
@@ -45,8 +50,8 @@ from typing import Any
 import torch
 
 from tape_kernels import sampling as _ks
-from tapetransformer.fastdecode import lean_decoder
 from tapetransformer.model import KVCache, TapeTransformer
+from tapetransformer.native_decode import native_decoder, native_prefill_faster
 from tapetransformer.sampling import DeviceRNG, pick_next, topk_threshold
 
 __all__ = ["clear_decode_graphs", "generate"]
@@ -65,6 +70,7 @@ def generate(
     *,
     act_quant: bool | None = None,
     cuda_graph: bool | None = None,
+    native: bool | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
@@ -75,6 +81,8 @@ def generate(
     weight-only (False), W8A8 (True) or the faster per call (None); the fused decode kernels run
     int8 weight-only (with ``act_quant=True`` the decode takes the per-op path). ``cuda_graph``:
     capture the decode step and the draw in a CUDA graph (None: on CUDA; True on CPU is an error).
+    ``native``: decode on the CPU through the extension's one-call step (None: where it applies;
+    False: the model's own decode, op by op; True: an error where it does not apply).
     ``seed`` (in [0, 2^63)) fixes the samples; None draws one from torch's default generator.
     ``stats``, if given, receives ``prefill_ms``, ``ms_per_token``, ``tokens``, ``cuda_graph`` and,
     when captured, ``capture_ms`` (not included in ``ms_per_token``). ``on_token`` is called with
@@ -94,6 +102,8 @@ def generate(
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    if native not in (None, True, False):
+        raise ValueError(f"native must be None, True or False, got {native!r}")
     prompt = prompt.to(device=device, dtype=torch.long)
     if not greedy:
         if not temperature > 0:
@@ -107,15 +117,15 @@ def generate(
     window = model.seq_len
     try:
         with model.int8_weights(enabled=int8, act_quant=act_quant):
-            return _generate(model, prompt, max_new_tokens, window, use_graph, seed, temperature, top_k, greedy,
-                             on_token, stats)
+            return _generate(model, prompt, max_new_tokens, window, use_graph, native, seed, temperature, top_k,
+                             greedy, on_token, stats)
     finally:
         model.train(was_training)
 
 
 def _generate(
     model: TapeTransformer, prompt: torch.Tensor, max_new_tokens: int, window: int, use_graph: bool,
-    seed: int | None, temperature: float, top_k: int | None, greedy: bool,
+    use_native: bool | None, seed: int | None, temperature: float, top_k: int | None, greedy: bool,
     on_token: Callable[[torch.Tensor], None] | None, stats: dict[str, Any] | None,
 ) -> torch.Tensor:
     device, b = prompt.device, prompt.shape[0]
@@ -141,15 +151,22 @@ def _generate(
     # The sampler's state lives on the device (a captured graph's own tensor when there is one), so
     # draws never wait for the host.
     rng = None if greedy else DeviceRNG(seed, device, state=graph.rng_state if graph is not None else None)
-    # CPU: a lean one-token decode step, the same math with the checks and packing done here once
-    # (tapetransformer.fastdecode); None where unsupported. Else, where the static step runs the
+    # CPU: one native call per token (tape_kernels._C, tapetransformer.native_decode), and the native
+    # prefill where it measured faster; None where unsupported. Else, where the static step runs the
     # fused decode kernels (Triton: CUDA without a graph, or the interpreter), that step; else the
     # model's prefill per token.
-    lean = lean_decoder(model, cache) if device.type == "cpu" else None
-    static = lean is None and not use_graph and _fused_static_step(model, device)
+    native = native_decoder(model, cache) if device.type == "cpu" and use_native is not False else None
+    if use_native and native is None:
+        raise ValueError("native=True needs an eval-mode fp32 CPU model of the reference design with skip_dead and "
+                         "the extension tape_kernels._C (see tapetransformer.native_decode.native_supported)")
+    native_prefill = native is not None and native_prefill_faster(native.weights)
+    static = native is None and not use_graph and _fused_static_step(model, device)
     pos = torch.zeros(1, dtype=torch.long, device=device) if static else None
     t0 = time.perf_counter()
-    logp, cache = model(ctx, past_kv=cache)
+    if native_prefill:
+        logp = native.extend(ctx)
+    else:
+        logp, cache = model(ctx, past_kv=cache)
     _sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
 
@@ -173,7 +190,11 @@ def _generate(
         if model.causal and cache.length >= window:
             keep = max(window // 2, 1)
             cache.reset()
-            logp, cache = model.prefill(torch.cat(out, dim=1)[:, -keep:], cache, check=False)
+            recent = torch.cat(out, dim=1)[:, -keep:]
+            if native_prefill:
+                logp = native.extend(recent)
+            else:
+                logp, cache = model.prefill(recent, cache, check=False)
             nxt = pick(logp)
             if graph is not None:
                 graph.release()  # its token and position buffers no longer hold the next step's inputs
@@ -186,8 +207,8 @@ def _generate(
             # One replay: the decode step and the draw; the next token stays on the device.
             nxt = graph.advance(nxt, cache.length, temperature)
             cache.length += 1
-        elif lean is not None:
-            logp, cache = lean.step(nxt)
+        elif native is not None:
+            logp = native.step(nxt)
             nxt = pick(logp)
         elif static:
             cache.ensure(1)

@@ -152,8 +152,12 @@ class TapeTransformer(ReferenceTapeTransformer):
             raise ValueError(f"num_heads={num_heads} and num_critics={num_critics} disagree (they are one setting: "
                              "the number of residual TapeHeads)")
         critics = num_critics if num_critics is not None else (num_heads if num_heads is not None else 2)
-        if not isinstance(critics, int) or critics < 1:
-            raise ValueError(f"num_critics must be an int >= 1, got {critics!r}")
+        for name, v in (("vocab_size", vocab_size), ("seq_len", seq_len), ("embed_dim", embed_dim),
+                        ("num_critics", critics)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         super().__init__(vocab_size, seq_len, num_layers, embed_dim, critics, dropout)
         self.design = design
         causal = design == "seed" if causal is None else bool(causal)
@@ -282,19 +286,20 @@ class TapeTransformer(ReferenceTapeTransformer):
         mod = self.merge_projection_final(self.final_norm(torch.cat(cs, dim=-1)))
         return self.merger.proj(torch.cat([coda, mod], dim=-1))
 
-    def _seed_train(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Seed design, training: -> (last hidden (B, S, D), [(entropy, attn) of the coda and each critic])."""
+    def _seed_train(self, x: torch.Tensor, stats: bool = True) -> tuple[torch.Tensor, list[tuple[Any, Any]]]:
+        """Seed design, training: -> (last hidden (B, S, D), [(entropy, attn) of the coda and each critic];
+        with ``stats=False`` the pairs are (None, None))."""
         e = self.holistic_embed(x)
-        coda, _, ent, attn = self.codahead(e, None, None)
+        coda, _, ent, attn = self.codahead(e, None, None, stats=stats)
         p = self.rnn_projection(charrnn(e, self._prophet_weights(), None, backend=self.backend)[0])
-        stats = [(ent, attn)]
+        pairs, want = [(ent, attn)], stats
 
         def critic(i: int, head: FusedTapeHead, mix: torch.Tensor) -> torch.Tensor:
-            c, _, ent_i, attn_i = head(e, mix, None)
-            stats.append((ent_i, attn_i))
+            c, _, ent_i, attn_i = head(e, mix, None, stats=want)
+            pairs.append((ent_i, attn_i))
             return c
 
-        return self._seed_hidden(coda, p, critic), stats
+        return self._seed_hidden(coda, p, critic), pairs
 
     def _forward_train(self, x: torch.Tensor, need_aux: bool) -> tuple[Any, ...]:
         if self.design == "seed":
@@ -336,20 +341,27 @@ class TapeTransformer(ReferenceTapeTransformer):
             attn = _ZeroGradLink.apply(attn, *dead)
         return logp, entropy, attn
 
-    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, targets: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """Mean NLL of ``targets`` (B, S) through the fused Student-t NLL; runs only the coda and the
-        last critic. Gradients equal those of ``nll(forward(x)[0], targets)``."""
-        x = check_tokens(x, self.vocab_size, self.seq_len)
-        if not isinstance(targets, torch.Tensor) or targets.shape != x.shape:
-            got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-            raise ValueError(f"targets shape {got} != tokens shape {tuple(x.shape)}")
+        last critic (the reference design). Gradients equal those of ``nll(forward(x)[0], targets)``.
+
+        ``check=False`` skips the token-range checks (a host read on CUDA, a graph break under
+        ``torch.compile``): for callers that validated the batch already, outside a captured region."""
+        if check:
+            x = check_tokens(x, self.vocab_size, self.seq_len)
+            if not isinstance(targets, torch.Tensor) or targets.shape != x.shape:
+                got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+                raise ValueError(f"targets shape {got} != tokens shape {tuple(x.shape)}")
+            check_tokens(targets, self.vocab_size, self.seq_len, name="targets")
         if self.design == "seed":
-            h, _ = self._seed_train(x)
-            return student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend)
+            h, _ = self._seed_train(x, stats=False)
+            return student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend,
+                            check_targets=False)  # checked above, or by the caller
         e = self.holistic_embed(x)
-        coda_h, _, _, _ = self.codahead(e, None, None)
-        h, _, _, _ = self.residualheads[-1](e, coda_h, None)
-        nll = student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend)
+        coda_h, _, _, _ = self.codahead(e, None, None, stats=False)
+        h, _, _, _ = self.residualheads[-1](e, coda_h, None, stats=False)
+        nll = student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend,
+                            check_targets=False)  # checked above, or by the caller
         dead = self._dead_params(list(range(self.num_heads - 1)))
         return _ZeroGradLink.apply(nll, *dead) if torch.is_grad_enabled() and dead else nll
 

@@ -394,24 +394,24 @@ class Merger(nn.Module):
         return self.proj(heads_2d.reshape(b, s, 2 * v))
 
 
-def check_tokens(x: Any, vocab_size: int, seq_len: int) -> torch.Tensor:
+def check_tokens(x: Any, vocab_size: int, seq_len: int, name: str = "tokens") -> torch.Tensor:
     """Validate token ids: integer (S,) or (B, S), 1 <= S <= seq_len, ids in [0, vocab_size)."""
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"tokens must be a torch.Tensor, got {type(x).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise ValueError(f"tokens must be an integer tensor, got dtype {x.dtype}")
+        raise ValueError(f"{name} must be an integer tensor, got dtype {x.dtype}")
     if x.dim() == 1:
         x = x.unsqueeze(0)
     if x.dim() != 2:
-        raise ValueError(f"tokens must have shape (S,) or (B, S), got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape (S,) or (B, S), got {tuple(x.shape)}")
     if x.shape[1] == 0 or x.shape[0] == 0:
-        raise ValueError(f"tokens must be non-empty, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
     if x.shape[1] > seq_len:
-        raise ValueError(f"sequence too long: {x.shape[1]} tokens > seq_len {seq_len}")
+        raise ValueError(f"sequence too long: {x.shape[1]} {name} > seq_len {seq_len}")
     lo, hi = int(x.min()), int(x.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"token id {bad} out of range [0, {vocab_size})")
+        raise ValueError(f"{'token' if name == 'tokens' else name} id {bad} out of range [0, {vocab_size})")
     return x
 
 

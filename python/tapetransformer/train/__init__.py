@@ -12,23 +12,28 @@
   and config; ``resume`` continues bit for bit on CPU; ``init_from`` fine-tunes a notebook state_dict;
 * tqdm progress (loss, tokens/s, peak memory), periodic validation, CSV/JSON logs and a loss-curve
   PNG written as training goes, the attention "framebuffer" frames/GIF (:mod:`tapetransformer.viz`);
-  Ctrl-C stops after the current step with a checkpoint and the logs.
+  Ctrl-C stops after the current step with a checkpoint and the logs;
+* speed: on CUDA the whole step is one CUDA graph (:mod:`.cudagraph`); on a CPU ``torch.compile``
+  of the loss path where the run is long enough to pay the compile back (``compile="auto"``).
 
 Modules: :mod:`.config` (TrainConfig and its checks), :mod:`.memory` (the planner), :mod:`.step`
-(model, optimizer, precision, the Stepper), :mod:`.checkpointing` (evaluation, where a run starts,
-checkpoints), :mod:`.logs` (log files) and :mod:`.loop` (:func:`train`).
+(model, optimizer, precision, the Stepper), :mod:`.cudagraph` (the captured step),
+:mod:`.checkpointing` (evaluation, where a run starts, checkpoints), :mod:`.logs` (log files) and
+:mod:`.loop` (:func:`train`).
 """
 
 from tapetransformer.train.checkpointing import StartPoint, evaluate, rng_state, set_rng_state, start_point
 from tapetransformer.train.config import (
     AMP_MODES,
     BACKENDS,
+    COMPILE_MODES,
     DEFAULT_MODEL,
     OPTIMIZERS,
     ConfigError,
     TrainConfig,
     validate_config,
 )
+from tapetransformer.train.cudagraph import GraphedStepper, graph_unsupported
 from tapetransformer.train.logs import RunLog, read_history
 from tapetransformer.train.loop import Run, TrainingInterrupted, train
 from tapetransformer.train.memory import (
@@ -47,11 +52,13 @@ from tapetransformer.train.step import LossNet, Stepper, build_model, enable_rec
 __all__ = [
     "AMP_MODES",
     "BACKENDS",
+    "COMPILE_MODES",
     "DEFAULT_MODEL",
     "GIB",
     "MIB",
     "OPTIMIZERS",
     "ConfigError",
+    "GraphedStepper",
     "LossNet",
     "MemoryEstimate",
     "MemoryPlan",
@@ -66,6 +73,7 @@ __all__ = [
     "enable_recompute",
     "estimate_memory",
     "evaluate",
+    "graph_unsupported",
     "make_optimizer",
     "measure_activation_bytes",
     "pick_amp",

@@ -19,6 +19,14 @@ from tapetransformer.model import DESIGNS, ModelConfig
 
 OPTIMIZERS = ("adam", "wolf", "wolf-eager", "sgd")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+COMPILE_MODES = ("auto", "on", "off")
+# compile="auto" on CPU: compile once the run's remaining steps would save more than the compile costs,
+# counting a compiled step as COMPILE_AUTO_SPEEDUP times faster than the measured eager step and the
+# compile as COMPILE_AUTO_COST_S seconds (both measured at the notebook's size on a 2-core CPU; see the
+# README and benchmarks/results). The decision is taken after the second step (the first pays one-time
+# costs).
+COMPILE_AUTO_SPEEDUP = 2.0
+COMPILE_AUTO_COST_S = 60.0
 BACKENDS = ("auto", "triton", "eager")
 CORPORA = ("embedded", "shakespeare")
 # The repaired (causal) semantics by default: the reference's cached generation cannot produce text.
@@ -59,6 +67,13 @@ class TrainConfig:
     viz_every: int = 50
     viz_rows: int = 4
     catch_sigint: bool = True  # Ctrl-C: finish the step, checkpoint, write the logs, raise TrainingInterrupted
+    # CUDA: capture the whole step (forward, backward, clipping, GradScaler, optimizer) in one CUDA graph.
+    # None: wherever it applies (train.cudagraph.graph_unsupported says where it does not); False: never.
+    cuda_graph: bool | None = None
+    # torch.compile of the loss path: "on", "off", or "auto" = on a CPU run long enough for the compile
+    # to pay back (see COMPILE_AUTO_* below); on CUDA "auto" leaves the step to the CUDA graph.
+    compile: str = "auto"
+    sync_every: int | None = None  # read losses back every N steps (None: 10 with a CUDA graph, else 1)
 
 
 class ConfigError(ValueError):
@@ -260,6 +275,15 @@ def validate_config(cfg: TrainConfig) -> torch.device:
     check_int("viz_rows", cfg.viz_rows, 1)
     check_bool("progress", cfg.progress)
     check_bool("catch_sigint", cfg.catch_sigint)
+    check_bool("cuda_graph", cfg.cuda_graph, optional=True)
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ConfigError("cuda_graph", f"{{name}} needs a CUDA device, not {device}")
+    check_choice("compile", cfg.compile, COMPILE_MODES)
+    if cfg.compile == "on" and cfg.cuda_graph:
+        raise ConfigError("compile", "{name} on and a CUDA-graph step exclude each other: the graph holds the eager "
+                                     "step (drop one of them)")
+    if cfg.sync_every is not None:
+        check_int("sync_every", cfg.sync_every, 1)
     if isinstance(cfg.model, dict):
         unknown = sorted(set(cfg.model) - set(DEFAULT_MODEL.to_dict()))
         if unknown:

@@ -26,7 +26,7 @@ from tapetransformer.fileio import atomic_write, remove_stale_temp
 
 __all__ = ["FIELDS", "RunLog", "read_history"]
 
-FIELDS = ("step", "loss", "tokens_per_s", "peak_mem_mb", "val_loss")
+FIELDS = ("step", "loss", "tokens_per_s", "step_s", "peak_mem_mb", "val_loss")
 
 
 def _cell(v: Any) -> Any:
@@ -52,6 +52,8 @@ def read_history(path: str | Path, up_to_step: int) -> list[dict[str, Any]]:
                     row: dict[str, Any] = {"step": int(raw["step"]), "loss": float(raw["loss"]),
                                            "tokens_per_s": float(raw["tokens_per_s"]),
                                            "peak_mem_mb": float(raw["peak_mem_mb"] or "nan")}
+                    if raw.get("step_s"):
+                        row["step_s"] = float(raw["step_s"])
                     if raw.get("val_loss"):
                         row["val_loss"] = float(raw["val_loss"])
                 except (KeyError, TypeError, ValueError):

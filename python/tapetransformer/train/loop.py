@@ -25,7 +25,14 @@ from tapetransformer.checkpoint import ModelConfig, load_weights
 from tapetransformer.data import CharDataset, CharVocab, load_text
 from tapetransformer.fileio import remove_stale_temp
 from tapetransformer.train import checkpointing as ckpt
-from tapetransformer.train.config import ConfigError, TrainConfig, validate_config
+from tapetransformer.train.config import (
+    COMPILE_AUTO_COST_S,
+    COMPILE_AUTO_SPEEDUP,
+    ConfigError,
+    TrainConfig,
+    validate_config,
+)
+from tapetransformer.train.cudagraph import GraphedStepper, graph_unsupported
 from tapetransformer.train.logs import RunLog
 from tapetransformer.train.memory import (
     GIB,
@@ -71,6 +78,9 @@ class Run:
     val_loss: float = math.nan
     loss: float = math.nan
     peak_mb: float = math.nan
+    sync_every: int = 1  # steps whose losses are read back together (see _loop)
+    graph_note: str | None = None  # why the step is not a CUDA graph (None: it is)
+    first_step_s: float | None = None  # the run's first step, compile or graph capture included
     rows: list[dict[str, Any]] = field(default_factory=list)  # ranks > 0 keep theirs here
 
     @property
@@ -84,7 +94,8 @@ class Run:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns {"step", "train_loss", "val_loss", "checkpoint", "vocab", "model", "log", "plan",
-    "peak_mem_mb"} ("log": every row of the run, resumed ones included). Under ``torchrun``
+    "peak_mem_mb", "compiled", "cuda_graph", "first_step_s"} ("log": every row of the run, resumed ones
+    included; "first_step_s": the run's first step, a compile or graph capture included). Under ``torchrun``
     (WORLD_SIZE > 1) every rank calls this; rank 0 writes files.
 
     Raises TypeError/ValueError naming the field for a bad config before any work, and
@@ -114,7 +125,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[
             log.close()
     rows = log.rows if log is not None else run.rows
     return {"step": cfg.steps, "train_loss": run.loss, "val_loss": run.val_loss, "checkpoint": cfg.out,
-            "vocab": run.vocab, "model": run.model, "log": rows, "plan": run.stepper.plan, "peak_mem_mb": run.peak_mb}
+            "vocab": run.vocab, "model": run.model, "log": rows, "plan": run.stepper.plan, "peak_mem_mb": run.peak_mb,
+            "compiled": run.stepper.compiled, "cuda_graph": run.graph_note is None, "first_step_s": run.first_step_s}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,17 +166,28 @@ def _setup(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> Run:
     frac = _apply_budget(plan, device, cleanup)
     if plan.recompute:
         enable_recompute(model)
-    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+    # --compile on takes the step away from the graph (one of the two holds it: see validate_config)
+    graph = device.type == "cuda" and cfg.cuda_graph is not False and cfg.compile != "on"
+    # a CUDA-graph step needs the optimizer's step count on the device (fused Adam: one launch)
+    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, capturable=graph)
     scaler = torch.amp.GradScaler(device.type, enabled=True) if need_scaler else None
     val_loss = math.nan
     if start.resume is not None:
         ckpt.restore(start.resume, cfg.out, model, opt, scaler, gen, eval_gen)
         val_loss = float(start.resume["extra"].get("val_loss", math.nan))
-    stepper = Stepper(model, opt, plan, device=device, amp_dtype=amp_dtype, scaler=scaler, grad_clip=cfg.grad_clip,
-                      ddp=world > 1)
+    kw = dict(device=device, amp_dtype=amp_dtype, scaler=scaler, grad_clip=cfg.grad_clip, ddp=world > 1)
+    stepper = Stepper(model, opt, plan, **kw)
+    why_not = graph_unsupported(stepper, world=world) if graph else "off"
+    if graph and why_not is None:
+        stepper = GraphedStepper(model, opt, plan, **kw)
+    elif cfg.cuda_graph:
+        raise ConfigError("cuda_graph", f"{{name}}: the step cannot be captured here: {why_not}")
+    if cfg.compile == "on":  # "auto" decides on CPU after the second step (_compile_pays); never on CUDA
+        stepper.compile()
+    sync_every = cfg.sync_every or (10 if stepper.deferred else 1)
     return Run(cfg=cfg, device=device, rank=rank, world=world, mcfg=mcfg, vocab=start.vocab, ds=ds, model=model,
                stepper=stepper, gen=gen, eval_gen=eval_gen, start_step=start.step, n_params=n_params,
-               memory_fraction=frac, val_loss=val_loss)
+               memory_fraction=frac, val_loss=val_loss, sync_every=sync_every, graph_note=why_not)
 
 
 def _plan(cfg: TrainConfig, model: torch.nn.Module, mcfg: ModelConfig, ds: CharDataset, device: torch.device,
@@ -234,27 +257,38 @@ def _announce(run: Run) -> None:
 
 
 def _loop(run: Run, log: RunLog | None, viz: Any, stop: _SigintDeferral) -> None:
+    """Steps are launched one by one and *settled* (losses read back, rows logged) in batches: after
+    ``run.sync_every`` steps, and at every evaluation, checkpoint, frame and stop. Each read-back
+    synchronises with the device, so a CUDA-graph run reads every few steps, not every step."""
     cfg = run.cfg
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps,
                disable=not (cfg.progress and run.main), desc="train", dynamic_ncols=True, file=sys.stderr)
     run.model.train()
     saved_at = run.start_step
+    pending: list[_Launched] = []
     try:
         for step in bar:
             done = step + 1
-            row, tok_s, mem_kind = _step(run, done, viz)
+            pending.append(_launch(run, done))
             evaluate_now = cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.steps)
+            stop_now = done < cfg.steps and _stop_agreed(stop, run)
+            settle = evaluate_now or stop_now or done == cfg.steps or pending[-1].frame
+            if not (settle or len(pending) >= run.sync_every):
+                continue
+            rows, tok_s, mem_kind = _settle(run, pending, viz)
+            pending = []
             if evaluate_now:
-                _evaluate(run, row)
-            _record(run, log, row)
+                _evaluate(run, rows[-1])
+            for row in rows:
+                _record(run, log, row)
             if evaluate_now or done == cfg.steps:  # checkpoints at validations and at the end
                 saved_at = _checkpoint(run, log, done, "finished" if done == cfg.steps else "running")
             post = {"loss": f"{run.loss:.4f}"}
             if math.isfinite(run.val_loss):
                 post["val"] = f"{run.val_loss:.4f}"
-            bar.set_postfix(**post, tok_s=f"{tok_s:,.0f}",
+            bar.set_postfix(**post, tok_s=f"{tok_s:,.0f}", step=f"{rows[-1]['step_s']:.3g}s",
                             mem=f"{run.peak_mb:,.0f}MB" + ("" if mem_kind == "cuda" else " rss"))
-            if done < cfg.steps and _stop_agreed(stop, run):
+            if stop_now:
                 if saved_at != done:
                     _checkpoint(run, log, done, "interrupted")
                 elif log is not None:
@@ -264,17 +298,27 @@ def _loop(run: Run, log: RunLog | None, viz: Any, stop: _SigintDeferral) -> None
         bar.close()
 
 
-def _step(run: Run, done: int, viz: Any) -> tuple[dict[str, Any], float, str]:
-    """One training step on this rank's slice of the global batch; retried with a smaller
-    micro-batch after a CUDA out-of-memory error. Returns its log row, tokens/s, memory kind."""
+@dataclass
+class _Launched:
+    """A step whose work is queued: its loss is still on the device."""
+
+    done: int
+    loss: torch.Tensor
+    started: float
+    frame: bool
+    x: torch.Tensor
+    attn: Any
+
+
+def _launch(run: Run, done: int) -> _Launched:
+    """Queue one training step on this rank's slice of the global batch; retried with a smaller
+    micro-batch after a CUDA out-of-memory error."""
     cfg, dev = run.cfg, run.device
     x, y = run.ds.get_batch("train", cfg.batch_size, run.mcfg.seq_len, run.gen)  # same global batch on every rank
     lo, hi = run.rank * run.local_batch, (run.rank + 1) * run.local_batch
-    x, y = x[lo:hi].to(dev), y[lo:hi].to(dev)
+    x, y = x[lo:hi].to(dev, non_blocking=True), y[lo:hi].to(dev, non_blocking=True)
     # every rank runs the same (aux) graph on frame steps; rank 0 draws
     want_frame = bool(cfg.viz) and (done % cfg.viz_every == 0 or done == cfg.steps)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     while True:
         try:
@@ -286,15 +330,56 @@ def _step(run: Run, done: int, viz: Any) -> tuple[dict[str, Any], float, str]:
             torch.cuda.empty_cache()
             if run.main:
                 tqdm.write(f"out of memory: retrying with {run.stepper.plan.describe()}", file=sys.stderr)
-    run.loss = loss.item()  # synchronises, so the step's time is complete
-    tok_s = cfg.batch_size * run.mcfg.seq_len / max(time.perf_counter() - t0, 1e-9)
+    if run.first_step_s is None:  # compile / capture included: the cost of starting
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        run.first_step_s = time.perf_counter() - t0
+    elif done == run.start_step + 2 and _compile_pays(run, time.perf_counter() - t0):
+        run.stepper.compile()
+        if run.main and cfg.progress:
+            tqdm.write(f"compiling the training step (torch.compile, --compile auto: {cfg.steps - done} steps left)",
+                       file=sys.stderr)
+    return _Launched(done, loss, t0, want_frame, x, attn)
+
+
+def _compile_pays(run: Run, eager_step_s: float) -> bool:
+    """``compile="auto"`` on CPU: whether the remaining steps save more than a compile costs."""
+    cfg = run.cfg
+    if cfg.compile != "auto" or run.device.type != "cpu" or run.stepper.compiled:
+        return False
+    saving = eager_step_s * (1.0 - 1.0 / COMPILE_AUTO_SPEEDUP)
+    return (cfg.steps - run.start_step - 2) * saving > COMPILE_AUTO_COST_S
+
+
+def _settle(run: Run, pending: list[_Launched], viz: Any) -> tuple[list[dict[str, Any]], float, str]:
+    """Read the queued steps' losses back (one synchronisation) -> their log rows, tokens/s over the
+    window, memory kind. The peak memory is the window's."""
+    cfg, dev = run.cfg, run.device
+    losses = torch.stack([p.loss.float() for p in pending]).tolist()
+    now = time.perf_counter()
+    # The run's first step (compile or graph capture included) is timed on its own; the others share
+    # the window's time.
+    first = pending[0].done == run.start_step + 1
+    steady = pending[1:] if first else pending
+    step_s = (now - steady[0].started) / len(steady) if steady else run.first_step_s
+    tok_s = cfg.batch_size * run.mcfg.seq_len / max(step_s, 1e-9)
     run.peak_mb, mem_kind = _peak_mem_mb(dev)
-    if viz is not None:
-        viz.observe(done, run.loss)
-        if want_frame and attn is not None:  # attention of the first micro-batch's rows
-            r = min(cfg.viz_rows, attn.shape[0])
-            viz.frame(done, x[:r].cpu(), attn[:r].float().cpu())
-    return {"step": done, "loss": run.loss, "tokens_per_s": tok_s, "peak_mem_mb": run.peak_mb}, tok_s, mem_kind
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    if first and run.main and cfg.progress and run.stepper.compiled:
+        tqdm.write(f"first step {run.first_step_s:.1f}s (torch.compile included)", file=sys.stderr)
+    rows = []
+    for p, loss in zip(pending, losses):
+        run.loss = loss
+        own = run.first_step_s if p.done == run.start_step + 1 else step_s
+        rows.append({"step": p.done, "loss": loss, "tokens_per_s": cfg.batch_size * run.mcfg.seq_len / max(own, 1e-9),
+                     "step_s": own, "peak_mem_mb": run.peak_mb})
+        if viz is not None:
+            viz.observe(p.done, loss)
+            if p.frame and p.attn is not None:  # attention of the first micro-batch's rows
+                r = min(cfg.viz_rows, p.attn.shape[0])
+                viz.frame(p.done, p.x[:r].cpu(), p.attn[:r].float().cpu())
+    return rows, tok_s, mem_kind
 
 
 def _evaluate(run: Run, row: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from tapetransformer.model import ModelConfig, TapeTransformer
 from tapetransformer.optim import FusedWolf
-from tapetransformer.reference import Wolf, nll_loss
+from tapetransformer.reference import Wolf, check_tokens, nll_loss
 from tapetransformer.train.config import AMP_MODES, OPTIMIZERS, check_model_config
 
 if TYPE_CHECKING:
@@ -34,8 +34,12 @@ def build_model(mcfg: ModelConfig, backend: str = "auto") -> TapeTransformer:
                            design=mcfg.design)
 
 
-def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: Any, lr: float, *, capturable: bool = False) -> torch.optim.Optimizer:
+    """``capturable``: Adam keeps its step count on the device and runs fused (one launch), so its
+    step can live in a CUDA graph."""
     if name == "adam":
+        if capturable:
+            return torch.optim.Adam(params, lr=lr, capturable=True, fused=True)
         return torch.optim.Adam(params, lr=lr)
     if name == "wolf":
         return FusedWolf(params, lr=lr)
@@ -84,9 +88,12 @@ class LossNet(nn.Module):
     they are not part of the loss, so DDP must not wait for gradients through them).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, check: bool = True) -> None:
         super().__init__()
         self.model = model
+        # False: the caller validated the batch (a compiled or graph-captured step must not read the
+        # token range back from the device).
+        self.check = check
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, Any]:
         if aux:
@@ -95,6 +102,8 @@ class LossNet(nn.Module):
             else:
                 logp, _, attn = self.model(x)
             return nll_loss(logp, y), attn.detach()
+        if isinstance(self.model, TapeTransformer):
+            return self.model.loss(x, y, check=self.check), None
         if hasattr(self.model, "loss"):
             return self.model.loss(x, y), None
         return nll_loss(self.model(x)[0], y), None
@@ -102,7 +111,15 @@ class LossNet(nn.Module):
 
 class Stepper:
     """One optimisation step over a batch: micro-batches (size-weighted losses, DDP gradient sync
-    on the last only), autocast, GradScaler, gradient clipping, optimizer step."""
+    on the last only), autocast, GradScaler, gradient clipping, optimizer step.
+
+    :meth:`compile` puts the loss path (forward and backward) under ``torch.compile``; the batch's
+    token checks then run here, outside the compiled region, and the visualization's aux forward
+    stays eager. :class:`GraphedStepper` captures the whole step in a CUDA graph.
+    """
+
+    #: Whether :meth:`step` leaves its loss on the device unread (the loop reads losses in batches).
+    deferred = False
 
     def __init__(
         self, model: nn.Module, opt: torch.optim.Optimizer, plan: MemoryPlan, *, device: str | torch.device = "cpu",
@@ -116,14 +133,28 @@ class Stepper:
         self.amp_dtype = amp_dtype
         self.scaler = scaler
         self.grad_clip = grad_clip
-        self.net: nn.Module = LossNet(model)
+        self.loss_net = LossNet(model)
+        self.net: nn.Module = self.loss_net
         if ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             # the reference's never-used modules (embed_ln, merger, ...) get no gradient at all
             self.net = DDP(self.net, device_ids=ids, find_unused_parameters=True)
+        self.hot: nn.Module = self.net  # what the loss-only path calls: the net, or its compiled form
         self.params = [p for p in model.parameters() if p.requires_grad]
+
+    @property
+    def compiled(self) -> bool:
+        return self.hot is not self.net
+
+    def compile(self) -> None:
+        """Compile the loss path from the next step on (Inductor; its caches make a second run start
+        fast). The compile itself happens on the first call, so that step's time includes it."""
+        if self.compiled:
+            return
+        self.loss_net.check = False  # validated in step(), outside the compiled region
+        self.hot = torch.compile(self.net)
 
     def autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -142,7 +173,8 @@ class Stepper:
             sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
             with sync:
                 with self.autocast():
-                    loss, attn = self.net(xc, yc, aux and i == 0)
+                    aux_now = aux and i == 0
+                    loss, attn = self.net(xc, yc, True) if aux_now else self.hot(xc, yc)
                 # mean over the micro-batch × its share of the batch = the batch mean's gradient
                 weighted = loss.float() * (xc.shape[0] / n)
                 (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
@@ -151,9 +183,16 @@ class Stepper:
                 first_attn = attn
         return total, first_attn
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, Any]:
-        self.opt.zero_grad(set_to_none=True)
-        loss, attn = self.accumulate(x, y, aux)
+    def _check_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if isinstance(self.model, TapeTransformer) and not self.loss_net.check:
+            check_tokens(x, self.model.vocab_size, self.model.seq_len)
+            check_tokens(y, self.model.vocab_size, self.model.seq_len, name="targets")
+            if y.shape != x.shape:
+                raise ValueError(f"targets shape {tuple(y.shape)} != tokens shape {tuple(x.shape)}")
+
+    def apply_gradients(self) -> None:
+        """Unscale (GradScaler), clip, and step the optimizer: no host synchronisation with a fused or
+        capturable optimizer, so a CUDA graph can hold it."""
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         if self.grad_clip > 0:
@@ -163,6 +202,12 @@ class Stepper:
             self.scaler.update()
         else:
             self.opt.step()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, Any]:
+        self._check_batch(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss, attn = self.accumulate(x, y, aux)
+        self.apply_gradients()
         return loss, attn
 
     def shrink(self) -> bool:

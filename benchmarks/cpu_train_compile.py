@@ -1,0 +1,168 @@
+"""CPU training under torch.compile (issue "CPU training at compiler speed"), measured in one run.
+
+    python benchmarks/cpu_train_compile.py --out benchmarks/results [--configs notebook small] [--reps 5]
+
+Per config, in this process unless noted, the training tool's step (``Stepper``: forward, backward,
+clipping, Adam; fp32; ``backend="eager"``):
+
+* ``reference_ms``: the reference module (``tapetransformer.reference``), its full training forward
+  + NLL + backward + Adam (the notebook's step);
+* ``eager_ms``: the fused model, eager ops (the package without the compiler);
+* ``compile_ms``: the same step with the loss path under ``torch.compile`` (``Stepper.compile``);
+* ``compile_cold_s`` / ``compile_warm_s``: wall time from a fresh process's start to the end of its
+  first compiled step, with an empty Inductor cache (cold) and again with the cache the cold run
+  left (warm) — each in a subprocess with its own ``TORCHINDUCTOR_CACHE_DIR``;
+* the break-even step count ``compile_cold_s / (eager_ms − compile_ms)``.
+
+Medians of ``--reps`` steps after ``--warmup`` untimed ones. Writes ``<date>-cpu-train-compile.json``
+(rows ``{group: "train", name: "<config>-train-cpu", eager_ms, compile_ms, fused_ms, extra}``, the
+results schema) and a markdown table beside it. Threads: ``torch.get_num_threads()`` (set
+``--threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+CONFIGS = {
+    "notebook": dict(vocab_size=65, seq_len=128, embed_dim=256, num_heads=4, batch=16),
+    "small": dict(vocab_size=65, seq_len=64, embed_dim=64, num_heads=2, batch=8),
+}
+
+
+def _stepper(cfg: dict[str, int], fused: bool) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    from tapetransformer import TapeTransformer
+    from tapetransformer.reference import ReferenceTapeTransformer
+    from tapetransformer.train import MemoryPlan, Stepper, make_optimizer
+
+    torch.manual_seed(0)
+    kw = dict(seq_len=cfg["seq_len"], embed_dim=cfg["embed_dim"], num_heads=cfg["num_heads"], dropout=0.0)
+    if fused:
+        model = TapeTransformer(cfg["vocab_size"], **kw, causal=True, backend="eager")
+    else:
+        model = ReferenceTapeTransformer(cfg["vocab_size"], **kw)
+    model.train()
+    plan = MemoryPlan(cfg["batch"], 1, False, None, 0)
+    st = Stepper(model, make_optimizer("adam", model.parameters(), 1e-3), plan, grad_clip=1.0)
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(0, cfg["vocab_size"], (cfg["batch"], cfg["seq_len"] + 1), generator=g)
+    return st, seq[:, :-1], seq[:, 1:]
+
+
+def _median_ms(step: Any, x: torch.Tensor, y: torch.Tensor, reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step(x, y)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step(x, y)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def first_compiled_step(config: str) -> float:
+    """Seconds from this process's start of work to the end of its first compiled step."""
+    t0 = time.perf_counter()
+    st, x, y = _stepper(CONFIGS[config], fused=True)
+    st.compile()
+    st.step(x, y)
+    return time.perf_counter() - t0
+
+
+def _subprocess_first_step(config: str, cache_dir: str, threads: int) -> float:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    code = (f"import sys, torch; sys.path.insert(0, {HERE!r}); torch.set_num_threads({threads}); "
+            f"import cpu_train_compile as b; t0 = __import__('time').perf_counter(); "
+            f"s = b.first_compiled_step({config!r}); print('FIRST', s, __import__('time').perf_counter() - t0)")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    total = time.perf_counter() - t0  # interpreter start and imports included: what a user waits
+    if out.returncode != 0 or "FIRST" not in out.stdout:
+        raise RuntimeError(f"first compiled step failed: {out.stderr[-2000:]}")
+    return total
+
+
+def measure(config: str, reps: int, warmup: int, threads: int) -> dict[str, Any]:
+    cfg = CONFIGS[config]
+    ref, x, y = _stepper(cfg, fused=False)
+    reference_ms = _median_ms(ref.step, x, y, reps, warmup)
+    del ref
+    st, x, y = _stepper(cfg, fused=True)
+    eager_ms = _median_ms(st.step, x, y, reps, warmup)
+    st.compile()
+    compile_ms = _median_ms(st.step, x, y, reps, max(warmup, 1))  # the first call compiles
+    with tempfile.TemporaryDirectory(prefix="tk-inductor-") as cache:
+        cold = _subprocess_first_step(config, cache, threads)
+        warm = _subprocess_first_step(config, cache, threads)
+    saving_s = (eager_ms - compile_ms) / 1e3
+    return {
+        "group": "train", "name": f"{config}-train-cpu", "eager_ms": eager_ms, "compile_ms": compile_ms,
+        "fused_ms": compile_ms if compile_ms < eager_ms else eager_ms, "peak_mem_mb": None,
+        "extra": {
+            "reference_ms": reference_ms, "compile_cold_s": cold, "compile_warm_s": warm,
+            "compile_speedup_vs_eager": eager_ms / compile_ms, "eager_speedup_vs_reference": reference_ms / eager_ms,
+            "compile_speedup_vs_reference": reference_ms / compile_ms,
+            "break_even_steps_cold": cold / saving_s if saving_s > 0 else None,
+            "break_even_steps_warm": warm / saving_s if saving_s > 0 else None,
+            "config": cfg, "threads": threads, "reps": reps,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--configs", nargs="+", default=["notebook", "small"], choices=sorted(CONFIGS))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from common import env_info
+
+    rows = []
+    for c in a.configs:
+        print(f"{c} ...", flush=True)
+        rows.append(measure(c, a.reps, a.warmup, a.threads))
+        e = rows[-1]
+        print(f"  reference {e['extra']['reference_ms']:.0f} ms, eager {e['eager_ms']:.0f} ms, compiled "
+              f"{e['compile_ms']:.0f} ms; first compiled step cold {e['extra']['compile_cold_s']:.1f} s, warm "
+              f"{e['extra']['compile_warm_s']:.1f} s", flush=True)
+    env = env_info("cpu")
+    date = _dt.date.today().isoformat()
+    os.makedirs(a.out, exist_ok=True)
+    stem = os.path.join(a.out, f"{date}-cpu-train-compile")
+    with open(stem + ".json", "w") as f:
+        json.dump({**env, "date": date, "results": rows}, f, indent=1)
+    lines = [f"# CPU training under torch.compile — {env.get('device')}, {a.threads} threads, {date}", "",
+             "Medians of the training tool's step (forward, backward, clipping, Adam), fp32, in one run.", "",
+             "| config | reference ms | fused eager ms | compiled ms | compiled × eager | first step cold s | "
+             "warm s | break-even steps (cold) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        e = r["extra"]
+        be = e["break_even_steps_cold"]
+        lines.append(f"| {r['name']} | {e['reference_ms']:.0f} | {r['eager_ms']:.0f} | {r['compile_ms']:.0f} | "
+                     f"{e['compile_speedup_vs_eager']:.2f} | {e['compile_cold_s']:.1f} | {e['compile_warm_s']:.1f} | "
+                     f"{'—' if be is None else f'{be:.0f}'} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""CPU decode speed: the reference's cached loop vs the model's own decode vs the native step, plus prefill.
+
+    python benchmarks/native_decode_bench.py [--out FILE] [--threads 1 2] [--tiny]
+
+Notebook size by default (vocab 65, seq_len 128, embed_dim 256, num_heads 4), batch 1: a random
+prompt of ``--prompt`` tokens is prefilled, then ``--new`` tokens are fed one by one (the same
+tokens to every implementation, so each step sees the same context length) and the mean ms per
+decode step is reported, the best of ``--reps`` repetitions:
+
+* ``reference``: ``tapetransformer.reference.TapeTransformer``'s cached loop (fp32; it re-projects
+  the whole history on every call);
+* ``model``: the fused model's own decode, op by op (``model.prefill`` of one token; fp32, W8A8,
+  weight-only int8): what ``generate`` runs where the native step does not apply;
+* ``native``: ``tapetransformer.native_decode.NativeDecoder`` (fp32, W8A8, weight-only int8).
+
+Also: torch dispatches per decode step (TorchDispatchMode: every ATen / custom op call, the
+benchmark's own ``x[:, t]`` slice included), the prefill of a ``seq_len``-token prompt by the fused
+model (with the share of its op time spent in the linear layers, torch.profiler) and by the native
+batched path (``NativeDecoder.extend``), and speed-ups over the reference. Writes JSON (``--out``). Timings need a quiet
+machine; ``--tiny`` is a smoke run of the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tapetransformer import native_decode as nd
+from tapetransformer import reference as ref
+from tapetransformer.model import TapeTransformer
+
+NOTEBOOK = dict(vocab_size=65, seq_len=128, embed_dim=256, num_heads=4)
+TINY = dict(vocab_size=13, seq_len=16, embed_dim=32, num_heads=1)
+WEIGHTS = ("fp32", "w8a8", "w8")
+LINEAR_OPS = ("aten::addmm", "aten::mm", "aten::linear", "tape_kernels::w8a8_linear_packed", "tape_kernels::w8_linear")
+
+
+class CountDispatches(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def build(cfg: dict[str, int], seed: int = 0) -> tuple[TapeTransformer, ref.TapeTransformer]:
+    torch.manual_seed(seed)
+    fused = TapeTransformer(**cfg, dropout=0.0, backend="eager").eval()
+    plain = ref.TapeTransformer(**cfg, dropout=0.0).eval()
+    plain.load_state_dict(fused.state_dict(), strict=True)
+    return fused, plain
+
+
+def set_weights(model: TapeTransformer, weights: str) -> None:
+    model.dequantize_()
+    if weights != "fp32":
+        model.quantize_int8_(act_quant=weights == "w8a8")
+
+
+# ------------------------------------------------------------------------------------------ decoders
+# Each returns (step(t) -> None feeding token t of x, reset() restoring the prompt-only state).
+
+
+def reference_runner(plain: ref.TapeTransformer, x: torch.Tensor, p: int) -> tuple[Any, Any]:
+    state: dict[str, Any] = {}
+
+    def reset() -> None:
+        _, state["cache"] = plain(x[:, :p])
+
+    def step(t: int) -> None:
+        _, state["cache"] = plain(x[:, t : t + 1], past_kv=state["cache"])
+
+    return step, reset
+
+
+def model_runner(model: TapeTransformer, x: torch.Tensor, p: int) -> tuple[Any, Any]:
+    cache = model.new_cache(x.shape[0], x.shape[1])
+    model.prefill(x[:, :p], cache)
+
+    def reset() -> None:
+        cache.length = p  # rows p.. are rewritten by the steps
+
+    def step(t: int) -> None:
+        model.prefill(x[:, t : t + 1], cache, check=False)
+
+    return step, reset
+
+
+def native_runner(model: TapeTransformer, x: torch.Tensor, p: int, weights: str) -> tuple[Any, Any]:
+    _, dec = nd.prefill(model, x[:, :p], x.shape[1], weights=weights)
+
+    def reset() -> None:
+        dec.length = p
+
+    def step(t: int) -> None:
+        dec.step(x[:, t])
+
+    return step, reset
+
+
+def time_decode(step: Any, reset: Any, p: int, n: int, reps: int) -> dict[str, float]:
+    """Best and median (over ``reps``) of the mean ms per step of steps p..p+n-1; one untimed warm-up pass."""
+    runs = []
+    for r in range(reps + 1):
+        reset()
+        t0 = time.perf_counter()
+        for t in range(p, p + n):
+            step(t)
+        if r:
+            runs.append((time.perf_counter() - t0) * 1e3 / n)
+    return {"ms_per_token": min(runs), "ms_per_token_median": statistics.median(runs)}
+
+
+def dispatches_per_step(step: Any, reset: Any, p: int) -> int:
+    reset()
+    step(p)  # warm (packing caches, lazy init)
+    reset()
+    with CountDispatches() as c:
+        step(p)
+    return c.n
+
+
+# ------------------------------------------------------------------------------------------ prefill
+
+
+def time_prefill(model: TapeTransformer, ctx: torch.Tensor, reps: int, weights: str) -> list[dict[str, Any]]:
+    """ms for one prefill of ctx: the fused model (with the share of its op time spent in the linear
+    layers, torch.profiler) and the native one (NativeDecoder.extend, one call)."""
+    dec = nd.NativeDecoder(model, nd.new_kv(model, ctx.shape[0], ctx.shape[1]), weights=weights)
+
+    def fused() -> None:
+        model.prefill(ctx, model.new_cache(ctx.shape[0], ctx.shape[1]))
+
+    def native() -> None:
+        dec.length = 0
+        dec.extend(ctx)
+
+    rows = []
+    for impl, fn in (("fused", fused), ("native", native)):
+        fn()
+        runs = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - t0) * 1e3)
+        row = {"impl": impl, "ms": min(runs), "ms_median": statistics.median(runs)}
+        if impl == "fused":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                fn()
+            total = linear = 0.0
+            for ev in prof.key_averages():
+                total += ev.self_cpu_time_total
+                if ev.key in LINEAR_OPS:
+                    linear += ev.self_cpu_time_total
+            row["linear_share"] = linear / total if total else None
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def env() -> dict[str, Any]:
+    from tape_kernels import _C
+
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "cpu_isa": _C.cpu_isa(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/native-decode-cpu.json")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default seq_len // 2)")
+    ap.add_argument("--new", type=int, default=None, help="decoded tokens (default seq_len // 2)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true", help="smoke-run on a tiny model")
+    ap.add_argument("--skip-reference", action="store_true")
+    args = ap.parse_args(argv)
+    if not nd.native_available():
+        raise SystemExit("tape_kernels._C without decode_step: build it (python setup.py build_ext --inplace)")
+    cfg = TINY if args.tiny else NOTEBOOK
+    seq = cfg["seq_len"]
+    p = args.prompt if args.prompt is not None else seq // 2
+    n = args.new if args.new is not None else seq - p
+    reps = 1 if args.tiny else args.reps
+    fused, plain = build(cfg)
+    x = torch.randint(0, cfg["vocab_size"], (1, p + n), generator=torch.Generator().manual_seed(1))
+    ctx = torch.randint(0, cfg["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(2))
+    result: dict[str, Any] = {"config": cfg, "batch": 1, "prompt": p, "new": n, "reps": reps, "env": env(),
+                              "decode": [], "prefill": []}  # fmt: skip
+    prev = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                rows = []
+                if not args.skip_reference:
+                    step, reset = reference_runner(plain, x, p)
+                    rows.append({"impl": "reference", "weights": "fp32", **time_decode(step, reset, p, n, reps),
+                                 "dispatches": dispatches_per_step(step, reset, p)})  # fmt: skip
+                for weights in WEIGHTS:
+                    set_weights(fused, weights)
+                    for impl in ("model", "native"):
+                        if impl == "model":
+                            step, reset = model_runner(fused, x, p)
+                        else:
+                            step, reset = native_runner(fused, x, p, weights)
+                        rows.append({"impl": impl, "weights": weights, **time_decode(step, reset, p, n, reps),
+                                     "dispatches": dispatches_per_step(step, reset, p)})  # fmt: skip
+                    for row in time_prefill(fused, ctx, reps, weights):
+                        result["prefill"].append({"threads": threads, "weights": weights, "tokens": seq, **row})
+                set_weights(fused, "fp32")
+                base = next((r["ms_per_token"] for r in rows if r["impl"] == "reference"), None)
+                for r in rows:
+                    r["threads"] = threads
+                    if base:
+                        r["speedup_vs_reference"] = base / r["ms_per_token"]
+                    print(f"threads={threads} {r['impl']:9s} {r['weights']:5s} {r['ms_per_token']:9.3f} ms/token "
+                          f"dispatches={r['dispatches']}"
+                          + (f" x{r['speedup_vs_reference']:.1f}" if base else ""), flush=True)  # fmt: skip
+                result["decode"] += rows
+    finally:
+        torch.set_num_threads(prev)
+    for r in result["prefill"]:
+        share = f", linear layers {100 * r['linear_share']:.0f}% of op time" if r.get("linear_share") else ""
+        print(f"prefill threads={r['threads']} {r['impl']:6s} {r['weights']:5s} {r['ms']:9.3f} ms for "
+              f"{r['tokens']} tokens{share}")  # fmt: skip
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,780 @@
+// One decode step of the fused TapeTransformer on the CPU (see decode_cpu.h).
+//
+// Cost model at the notebook size (D = 256, 12 blocks, B = 1): the four linears of a block stream
+// 1.3 M weights, 15.7 M per token (63 MB fp32, 16 MB int8), against ~0.8 M attention multiply-adds
+// at a full 128-token window and ~25 k activations; so the step is a weight stream, and the rest
+// must stay off its critical path: no per-op dispatch, no allocation per op, vectorised elementwise
+// math, and few barriers (five per layer).
+//
+// ISA: the int8 products are int8_cpu.cpp's kernels, which pick AVX-512 VNNI / AVX2 / portable at
+// run time (tk::cpu_isa()). The fp32 GEMV and the elementwise code follow the same selection: the
+// elementwise loops are written once as always-inline generic C++ and compiled three times, under
+// target("avx512…"), target("avx2,fma") and the default ISA, so the compiler vectorises each for
+// its width; the GEMV has explicit AVX-512 / AVX2 bodies.
+#include "decode_cpu.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "int8_cpu.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(TK_NO_X86_SIMD)
+#define TK_X86 1
+#include <immintrin.h>
+#define TK_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define TK_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define TK_X86 0
+#define TK_TARGET_AVX512
+#define TK_TARGET_AVX2
+#endif
+
+#define TK_INLINE inline __attribute__((always_inline))
+
+namespace tk::decode {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// ISA clones: NAME##_impl (always inline, generic) compiled for AVX-512, AVX2 and the default ISA
+// ---------------------------------------------------------------------------------------------
+
+#define TK_CLONES(NAME, PARAMS, ARGS)                                \
+  TK_TARGET_AVX512 void NAME##_avx512 PARAMS { NAME##_impl ARGS; }   \
+  TK_TARGET_AVX2 void NAME##_avx2 PARAMS { NAME##_impl ARGS; }       \
+  void NAME##_base PARAMS { NAME##_impl ARGS; }
+
+#define TK_CALL(ISA, NAME, ...)                                      \
+  do {                                                               \
+    if (TK_X86 && (ISA) == CpuIsa::kAvx512Vnni) {                    \
+      NAME##_avx512(__VA_ARGS__);                                    \
+    } else if (TK_X86 && (ISA) == CpuIsa::kAvx2) {                   \
+      NAME##_avx2(__VA_ARGS__);                                      \
+    } else {                                                         \
+      NAME##_base(__VA_ARGS__);                                      \
+    }                                                                \
+  } while (0)
+
+template <class To, class From>
+TK_INLINE To bits(From v) {
+  return __builtin_bit_cast(To, v);
+}
+
+// exp for fp32 (Cephes expf: 2^n · p(r), |r| ≤ ln2/2, ~1 ulp), plain arithmetic so that it
+// vectorises. Arguments are clamped to [-87.3, 88]: below, the true result is subnormal or 0 and
+// ~1e-38 is returned; no caller here passes more than 0 except the sigmoid's exp(-x), where a
+// 1.6e38 instead of +inf still gives 1/(1+e) ≈ 0. NaN stays NaN (a comparison with NaN is false,
+// so the clamps keep it).
+TK_INLINE float exp_f(float x) {
+  x = x < -87.3365447f ? -87.3365447f : x;  // value selects (no references): they vectorise
+  x = x > 88.0f ? 88.0f : x;
+  constexpr float kMagic = 12582912.0f;  // 1.5·2^23: (v + M) − M rounds v to an integer, ties to even
+  const float fx = (x * 1.44269504088896341f + kMagic) - kMagic;
+  float r = x - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(fx);
+  return y * bits<float>((n + 127) << 23);
+}
+
+TK_INLINE float atanh_series(float w) {  // odd Taylor series through w^11: exact to fp32 for |w| < 0.103
+  const float w2 = w * w;
+  float p = 1.0f / 11.0f;
+  p = p * w2 + 1.0f / 9.0f;
+  p = p * w2 + 1.0f / 7.0f;
+  p = p * w2 + 1.0f / 5.0f;
+  p = p * w2 + 1.0f / 3.0f;
+  p = p * w2 + 1.0f;
+  return w * p;
+}
+
+// The activation, y = 2·atanh(p/2), p = l/sqrt(1+24l²), l = sign(s)·log1p(|s|), s = 2·tanh(x/2), in
+// the form of tape_kernels/activation.py's fused kernel: y is odd, so work on a = |x|; with
+// d = 1 − e^(−a) = −expm1(−a), |s| = 2d/(2−d) and l = log1p(|s|) = 2·atanh(d/2), d/2 in [0, 0.5).
+// Here −expm1(−a) comes from exp's own range reduction (2^n·expm1(r) + 2^n − 1: no 1 − e
+// cancellation near 0, where y ≈ x), and atanh(d/2) from its odd series through w^23 (truncation
+// < 1.2e-9 at w = 0.5): no log, no division, no branch — 1.7x faster than a log for w >= 0.25.
+// p/2 < 1/(2·sqrt(24)) ≈ 0.102, where the short series is exact to fp32.
+TK_INLINE float act_one(float x) {
+  const float a = std::fabs(x);
+  float v = -a;
+  v = v < -87.3365447f ? -87.3365447f : v;  // e^v stays normal; d = 1 to fp32 long before
+  constexpr float kMagic = 12582912.0f;
+  const float fx = (v * 1.44269504088896341f + kMagic) - kMagic;
+  float r = v - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float em1 = p * (r * r) + r;  // expm1(r), |r| <= ln2/2
+  const float two_n = bits<float>((static_cast<int32_t>(fx) + 127) << 23);
+  const float w = -0.5f * (two_n * em1 + (two_n - 1.0f));  // d/2 = −expm1(−a)/2
+  const float w2 = w * w;
+  float t = 1.0f / 23.0f;
+  t = t * w2 + 1.0f / 21.0f;
+  t = t * w2 + 1.0f / 19.0f;
+  t = t * w2 + 1.0f / 17.0f;
+  t = t * w2 + 1.0f / 15.0f;
+  t = t * w2 + 1.0f / 13.0f;
+  t = t * w2 + 1.0f / 11.0f;
+  t = t * w2 + 1.0f / 9.0f;
+  t = t * w2 + 1.0f / 7.0f;
+  t = t * w2 + 1.0f / 5.0f;
+  t = t * w2 + 1.0f / 3.0f;
+  t = t * w2 + 1.0f;
+  const float l = 2.0f * (w * t);
+  const float rs = 1.0f / std::sqrt(1.0f + 24.0f * l * l);
+  float y = 2.0f * atanh_series(0.5f * l * rs);
+  y = x < 0.f ? -y : y;
+  return x != x ? x : y;  // NaN in, NaN out (the polynomial pieces would not keep it)
+}
+
+TK_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise and small reductions (generic bodies, cloned per ISA)
+// ---------------------------------------------------------------------------------------------
+
+TK_INLINE void activation_impl(float* x, const float* bias, int64_t n) {
+  if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) x[i] = act_one(x[i] + bias[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) x[i] = act_one(x[i]);
+  }
+}
+TK_CLONES(activation, (float* x, const float* bias, int64_t n), (x, bias, n))
+
+// y = LayerNorm(a + r) (r may be null), two-pass mean/variance in fp32, biased variance.
+TK_INLINE void add_layer_norm_impl(const float* a, const float* r, const float* w, const float* b, float eps,
+                                   int64_t d, float* z, float* y) {
+  float s = 0.f;
+  if (r != nullptr) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < d; ++i) {
+      z[i] = a[i] + r[i];
+      s += z[i];
+    }
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < d; ++i) {
+      z[i] = a[i];
+      s += z[i];
+    }
+  }
+  const float mean = s / static_cast<float>(d);
+  float v = 0.f;
+#pragma omp simd reduction(+ : v)
+  for (int64_t i = 0; i < d; ++i) {
+    const float c = z[i] - mean;
+    v += c * c;
+  }
+  const float rstd = 1.0f / std::sqrt(v / static_cast<float>(d) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) y[i] = (z[i] - mean) * rstd * w[i] + b[i];
+}
+TK_CLONES(add_layer_norm,
+          (const float* a, const float* r, const float* w, const float* b, float eps, int64_t d, float* z, float* y),
+          (a, r, w, b, eps, d, z, y))
+
+// TapeHead combine, as tape_kernels.combine.tapehead_combine_ref writes it.
+TK_INLINE void combine_impl(const float* hl, const float* hr, int mode, int64_t d, float* h) {
+  if (mode == 0) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) {
+      const float a = sigmoid_f(hl[i]), b = sigmoid_f(hr[i]);
+      h[i] = (a + b) / 2.0f - a * b;
+    }
+  } else if (mode == 1) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) {
+      const float m = hl[i] < hr[i] ? hr[i] : hl[i];
+      const float el = exp_f(hl[i] - m), er = exp_f(hr[i] - m);
+      const float s = el + er;
+      h[i] = hl[i] * (el / s) + hr[i] * (er / s);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) h[i] = hl[i] + hr[i];
+  }
+}
+TK_CLONES(combine, (const float* hl, const float* hr, int mode, int64_t d, float* h), (hl, hr, mode, d, h))
+
+// o = softmax((q·scale)·Kᵀ)·V over t cached rows (K, V: (t, dh) row-major); sc: t floats of scratch,
+// qs: dh floats of scratch.
+TK_INLINE void attend_generic_impl(const float* q, const float* K, const float* V, int64_t t, int64_t dh,
+                                   float scale, float* qs, float* sc, float* o) {
+#pragma omp simd
+  for (int64_t j = 0; j < dh; ++j) qs[j] = q[j] * scale;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < t; ++r) {
+    const float* kr = K + r * dh;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < dh; ++j) s += qs[j] * kr[j];
+    sc[r] = s;
+    mx = std::max(mx, s);
+  }
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t r = 0; r < t; ++r) {
+    sc[r] = exp_f(sc[r] - mx);
+    sum += sc[r];
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < dh; ++j) o[j] = 0.f;
+  for (int64_t r = 0; r < t; ++r) {
+    const float p = sc[r] * inv;
+    const float* vr = V + r * dh;
+#pragma omp simd
+    for (int64_t j = 0; j < dh; ++j) o[j] += p * vr[j];
+  }
+}
+TK_CLONES(attend_generic,
+          (const float* q, const float* K, const float* V, int64_t t, int64_t dh, float scale, float* qs, float* sc,
+           float* o),
+          (q, K, V, t, dh, scale, qs, sc, o))
+
+#if TK_X86
+// Lane r of the result = the sum of v[r]'s 16 lanes: a transposing add tree (15 adds, 30 shuffles
+// for 16 rows) instead of 16 horizontal reductions.
+TK_TARGET_AVX512 inline __m512 sum16(const __m512* v) {
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // each 128-bit lane l of x[i] now holds rows 4i..4i+3's partial sums over their lane l
+  const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+  const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, 0x88), _mm512_shuffle_f32x4(y0, y1, 0xDD));
+}
+
+// attend for dh = 16·NV: scores 16 rows at a time, o kept in registers.
+template <int NV>
+TK_TARGET_AVX512 void attend_avx512_fixed(const float* q, const float* K, const float* V, int64_t t, float scale,
+                                          float* sc, float* o) {
+  constexpr int64_t dh = 16 * NV;
+  __m512 qv[NV];
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int u = 0; u < NV; ++u) qv[u] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * u), sv);
+  __m512 mxv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t r = 0;
+  for (; r + 16 <= t; r += 16) {
+    __m512 part[16];
+    for (int rr = 0; rr < 16; ++rr) {
+      const float* kr = K + (r + rr) * dh;
+      __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+      for (int u = 1; u < NV; ++u) a = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(kr + 16 * u), a);
+      part[rr] = a;
+    }
+    const __m512 s16 = sum16(part);
+    _mm512_storeu_ps(sc + r, s16);
+    mxv = _mm512_max_ps(mxv, s16);
+  }
+  float mx = _mm512_reduce_max_ps(mxv);
+  for (; r < t; ++r) {
+    const float* kr = K + r * dh;
+    __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+    for (int u = 1; u < NV; ++u) a = _mm512_fmadd_ps(qv[u], _mm512_loadu_ps(kr + 16 * u), a);
+    sc[r] = _mm512_reduce_add_ps(a);
+    mx = std::max(mx, sc[r]);
+  }
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < t; ++i) {
+    sc[i] = exp_f(sc[i] - mx);
+    sum += sc[i];
+  }
+  const float inv = 1.0f / sum;
+  __m512 acc[NV];
+  for (int u = 0; u < NV; ++u) acc[u] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < t; ++i) {
+    const __m512 p = _mm512_set1_ps(sc[i] * inv);
+    const float* vr = V + i * dh;
+    for (int u = 0; u < NV; ++u) acc[u] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * u), acc[u]);
+  }
+  for (int u = 0; u < NV; ++u) _mm512_storeu_ps(o + 16 * u, acc[u]);
+}
+#endif  // TK_X86
+
+void attend(CpuIsa isa, const float* q, const float* K, const float* V, int64_t t, int64_t dh, float scale, float* qs,
+            float* sc, float* o) {
+#if TK_X86
+  if (isa == CpuIsa::kAvx512Vnni) {
+    switch (dh) {
+      case 16: return attend_avx512_fixed<1>(q, K, V, t, scale, sc, o);
+      case 32: return attend_avx512_fixed<2>(q, K, V, t, scale, sc, o);
+      case 64: return attend_avx512_fixed<4>(q, K, V, t, scale, sc, o);
+      case 128: return attend_avx512_fixed<8>(q, K, V, t, scale, sc, o);
+      default: break;
+    }
+  }
+#endif
+  TK_CALL(isa, attend_generic, q, K, V, t, dh, scale, qs, sc, o);
+}
+
+// Student-t log-probs of one hidden row h (d) against the unembedding (d, vocab), as
+// student_t_unembedding_ref computes them: dist = x² − 2·x·u + u², logits = c·log1p(dist/df).
+TK_INLINE void unembed_impl(const float* h, const float* U, const float* usq, int64_t d, int64_t vocab, float df,
+                            float c, float* xw, float* logp) {
+  float x2 = 0.f;
+#pragma omp simd reduction(+ : x2)
+  for (int64_t i = 0; i < d; ++i) x2 += h[i] * h[i];
+#pragma omp simd
+  for (int64_t v = 0; v < vocab; ++v) xw[v] = 0.f;
+  for (int64_t i = 0; i < d; ++i) {
+    const float hi = h[i];
+    const float* ur = U + i * vocab;
+#pragma omp simd
+    for (int64_t v = 0; v < vocab; ++v) xw[v] += hi * ur[v];
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t v = 0; v < vocab; ++v) {
+    const float dist = std::max((x2 - 2.0f * xw[v]) + usq[v], 1e-12f);
+    logp[v] = c * std::log1p(dist / df);  // libm: V values only, and the logits reach thousands
+    mx = std::max(mx, logp[v]);
+  }
+  float sum = 0.f;
+  for (int64_t v = 0; v < vocab; ++v) sum += std::exp(logp[v] - mx);
+  const float lse = std::log(sum);
+  for (int64_t v = 0; v < vocab; ++v) logp[v] = (logp[v] - mx) - lse;
+}
+TK_CLONES(unembed,
+          (const float* h, const float* U, const float* usq, int64_t d, int64_t vocab, float df, float c, float* xw,
+           float* logp),
+          (h, U, usq, d, vocab, df, c, xw, logp))
+
+// ---------------------------------------------------------------------------------------------
+// fp32 GEMV / small GEMM
+// ---------------------------------------------------------------------------------------------
+// One weight row at a time, front to back, so the whole matrix streams as one sequential run (the
+// hardware prefetcher's best case; interleaving 4 rows of 1 KB — K = 256 — measured ~3.5× slower
+// on a Zen 4 core), each row's load shared by up to kMR input rows. Every (weight row, input row)
+// dot product uses the same four partial sums over 4·W-element chunks whatever the grouping, so the
+// results do not depend on the batch size or on which thread computes a row.
+
+constexpr int64_t kMR = 4;
+
+#if TK_X86
+template <int MR>
+TK_TARGET_AVX512 void gemv_rows_avx512(const float* x, int64_t ldx, int64_t k, const float* w, const float* bias,
+                                       int64_t n, float* y, int64_t ldy) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float* wr = w + c * k;
+    __m512 a[MR][4];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < 4; ++u) a[r][u] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= k; i += 64) {
+      __m512 wv[4];
+      for (int u = 0; u < 4; ++u) wv[u] = _mm512_loadu_ps(wr + i + 16 * u);
+      for (int r = 0; r < MR; ++r)
+        for (int u = 0; u < 4; ++u) a[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + i + 16 * u), wv[u], a[r][u]);
+    }
+    for (; i < k; i += 16) {
+      const __mmask16 mask = (k - i >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1u);
+      const __m512 wv = _mm512_maskz_loadu_ps(mask, wr + i);
+      for (int r = 0; r < MR; ++r) a[r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + r * ldx + i), wv, a[r][0]);
+    }
+    const float b = bias != nullptr ? bias[c] : 0.f;
+    for (int r = 0; r < MR; ++r)
+      y[r * ldy + c] =
+          _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3]))) + b;
+  }
+}
+
+TK_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MR>  // MR <= 2: 16 ymm registers
+TK_TARGET_AVX2 void gemv_rows_avx2(const float* x, int64_t ldx, int64_t k, const float* w, const float* bias,
+                                   int64_t n, float* y, int64_t ldy) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float* wr = w + c * k;
+    __m256 a[MR][4];
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < 4; ++u) a[r][u] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+      __m256 wv[4];
+      for (int u = 0; u < 4; ++u) wv[u] = _mm256_loadu_ps(wr + i + 8 * u);
+      for (int r = 0; r < MR; ++r)
+        for (int u = 0; u < 4; ++u) a[r][u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + i + 8 * u), wv[u], a[r][u]);
+    }
+    for (; i + 8 <= k; i += 8) {
+      const __m256 wv = _mm256_loadu_ps(wr + i);
+      for (int r = 0; r < MR; ++r) a[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + i), wv, a[r][0]);
+    }
+    const float b = bias != nullptr ? bias[c] : 0.f;
+    for (int r = 0; r < MR; ++r) {
+      float t = hsum_avx2(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3])));
+      for (int64_t ii = i; ii < k; ++ii) t += x[r * ldx + ii] * wr[ii];
+      y[r * ldy + c] = t + b;
+    }
+  }
+}
+#endif  // TK_X86
+
+#if TK_X86
+// Prefill (many rows): a register-blocked GEMM. 4 weight rows × 4 input rows per block, one fp32
+// accumulator each, the 16 of them reduced together by sum16; loop order n-block outer so that a
+// block's 4 weight rows stay in L1 while every input row passes. Not used by a decode step (its
+// per-row summation order differs from gemv_rows_avx512's; decode results stay batch-invariant).
+TK_TARGET_AVX512 void gemm_f32_avx512(const float* x, int64_t m, int64_t k, int64_t ldx, const float* w,
+                                      const float* bias, int64_t n, float* y, int64_t ldy) {
+  for (int64_t n0 = 0; n0 < n; n0 += 4) {
+    const int64_t cols = std::min<int64_t>(4, n - n0);
+    const float* wr[4];
+    for (int64_t j = 0; j < 4; ++j) wr[j] = w + std::min(n0 + j, n - 1) * k;  // past the end: recompute the last
+    for (int64_t m0 = 0; m0 < m; m0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, m - m0);
+      const float* xr[4];
+      for (int64_t r = 0; r < 4; ++r) xr[r] = x + std::min(m0 + r, m - 1) * ldx;
+      __m512 a[16];
+      for (int u = 0; u < 16; ++u) a[u] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < k; i += 16) {
+        const __mmask16 mask = (k - i >= 16) ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1u);
+        __m512 wv[4];
+        for (int j = 0; j < 4; ++j) wv[j] = _mm512_maskz_loadu_ps(mask, wr[j] + i);
+        for (int r = 0; r < 4; ++r) {
+          const __m512 xv = _mm512_maskz_loadu_ps(mask, xr[r] + i);
+          for (int j = 0; j < 4; ++j) a[4 * r + j] = _mm512_fmadd_ps(xv, wv[j], a[4 * r + j]);
+        }
+      }
+      alignas(64) float out[16];
+      _mm512_store_ps(out, sum16(a));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j)
+          y[(m0 + r) * ldy + n0 + j] = out[4 * r + j] + (bias != nullptr ? bias[n0 + j] : 0.f);
+    }
+  }
+}
+#endif  // TK_X86
+
+void gemv_rows_base(const float* x, int64_t ldx, int64_t k, const float* w, const float* bias, int64_t n, float* y,
+                    int64_t ldy) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float* wr = w + c * k;
+    float t = 0.f;
+#pragma omp simd reduction(+ : t)
+    for (int64_t i = 0; i < k; ++i) t += x[i] * wr[i];
+    y[c] = t + (bias != nullptr ? bias[c] : 0.f);
+  }
+  (void)ldx;
+  (void)ldy;
+}
+
+// y[m, c] = Σ_k x[m, k]·w[c, k] + bias[c] for c < n (w: n rows of k).
+void linear_f32_isa(CpuIsa isa, const float* x, int64_t m, int64_t k, int64_t ldx, const float* w, const float* bias,
+                    int64_t n, float* y, int64_t ldy, bool gemm = false) {
+#if TK_X86
+  if (isa == CpuIsa::kAvx512Vnni && gemm && m > kMR) return gemm_f32_avx512(x, m, k, ldx, w, bias, n, y, ldy);
+  if (isa == CpuIsa::kAvx512Vnni) {
+    for (int64_t m0 = 0; m0 < m; m0 += kMR) {
+      const float* xr = x + m0 * ldx;
+      float* yr = y + m0 * ldy;
+      switch (std::min(kMR, m - m0)) {
+        case 1: gemv_rows_avx512<1>(xr, ldx, k, w, bias, n, yr, ldy); break;
+        case 2: gemv_rows_avx512<2>(xr, ldx, k, w, bias, n, yr, ldy); break;
+        case 3: gemv_rows_avx512<3>(xr, ldx, k, w, bias, n, yr, ldy); break;
+        default: gemv_rows_avx512<4>(xr, ldx, k, w, bias, n, yr, ldy); break;
+      }
+    }
+    return;
+  }
+  if (isa == CpuIsa::kAvx2) {
+    for (int64_t m0 = 0; m0 < m; m0 += 2) {
+      if (m - m0 >= 2) {
+        gemv_rows_avx2<2>(x + m0 * ldx, ldx, k, w, bias, n, y + m0 * ldy, ldy);
+      } else {
+        gemv_rows_avx2<1>(x + m0 * ldx, ldx, k, w, bias, n, y + m0 * ldy, ldy);
+      }
+    }
+    return;
+  }
+#endif
+  (void)isa;
+  (void)gemm;
+  for (int64_t r = 0; r < m; ++r) gemv_rows_base(x + r * ldx, ldx, k, w, bias, n, y + r * ldy, ldy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The step
+// ---------------------------------------------------------------------------------------------
+
+// Output rows per unit of work: a packed W8A8 tile, else a few cache lines of bias.
+constexpr int64_t kRowGrain = 16;
+
+// One call: S new tokens for each of B batch rows, M = B·S activation rows (row ρ = b·S + s).
+class Step {
+ public:
+  Step(const Plan& plan, const int64_t* tok, int64_t b, int64_t s, float* kv, int64_t capacity, int64_t t0,
+       float* logp)
+      : P_(plan), tok_(tok), b_(b), s_(s), m_(b * s), kv_(kv), cap_(capacity), t0_(t0), logp_(logp),
+        isa_(cpu_isa()) {
+    d_ = plan.d;
+    hn_ = plan.heads;
+    dh_ = d_ / hn_;
+    d8_ = plan.expand_n();
+    const int64_t side = m_ * (3 * d_ + d_ + d_ + d8_ + d_);
+    shared_.resize(static_cast<size_t>(2 * side));
+    float* p = shared_.data();
+    qkv_ = p, p += 2 * m_ * 3 * d_;
+    o_ = p, p += 2 * m_ * d_;
+    y_ = p, p += 2 * m_ * d_;
+    act_ = p, p += 2 * m_ * d8_;
+    ylin_ = p;
+    // torch multiplies q by the Python float 1/sqrt(dh), rounded to fp32.
+    scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh_)));
+  }
+
+  void run(int tid, int team);
+
+ private:
+  // Per-thread scratch.
+  struct Local {
+    std::vector<float> f;
+    float *x0, *x1, *h1, *hbuf[2], *coda, *z, *hl, *hr, *qs, *sc, *xw;
+  };
+  void init_local(Local& L) const;
+
+  template <class Epi>
+  void linear_phase(int tid, int team, const Linear& l0, const Linear& l1, const float* x0, const float* x1,
+                    float* y, Epi&& epi) const;
+  void attention_phase(Local& L, int tid, int team, int64_t blk0) const;
+  void embed(Local& L) const;
+
+  const Plan& P_;
+  const int64_t* tok_;
+  int64_t b_, s_, m_;
+  float* kv_;
+  int64_t cap_, t0_;
+  float* logp_;
+  CpuIsa isa_;
+  int64_t d_, hn_, dh_, d8_;
+  float scale_;
+  std::vector<float> shared_;
+  float *qkv_, *o_, *y_, *act_, *ylin_;  // (2, M, ·): the left block's rows first
+};
+
+void Step::init_local(Local& L) const {
+  const int64_t md = m_ * d_;
+  L.f.resize(static_cast<size_t>(2 * md + 2 * md + 2 * md + md + 3 * d_ + dh_ + (t0_ + s_) + P_.vocab));
+  float* p = L.f.data();
+  L.x0 = p, p += md;
+  L.x1 = p, p += md;
+  L.h1 = p, p += 2 * md;
+  L.hbuf[0] = p, p += md;
+  L.hbuf[1] = p, p += md;
+  L.coda = p, p += md;
+  L.z = p, p += d_;
+  L.hl = p, p += d_;
+  L.hr = p, p += d_;
+  L.qs = p, p += dh_;
+  L.sc = p, p += t0_ + s_;
+  L.xw = p;
+}
+
+// The coda's first-layer inputs: token embedding + each block's positional row, rotated by RoPE.
+// Positions: causal, t0 + s (absolute); reference semantics, s (every call restarts at 0), and a
+// single token (S = 1) is not rotated.
+void Step::embed(Local& L) const {
+  const bool rotate = P_.causal || s_ > 1;
+  for (int side = 0; side < 2; ++side) {
+    float* xs = side ? L.x1 : L.x0;
+    for (int64_t r = 0; r < m_; ++r) {
+      const int64_t p = (P_.causal ? t0_ : 0) + r % s_;
+      const float* pos = P_.pos[side] + p * d_;
+      const float* e = P_.embedding + tok_[r] * d_;
+      float* x = xs + r * d_;
+      if (!rotate) {
+        for (int64_t i = 0; i < d_; ++i) x[i] = e[i] + pos[i];
+        continue;
+      }
+      const float* cs = P_.rope_cos[side] + p * (d_ / 2);
+      const float* sn = P_.rope_sin[side] + p * (d_ / 2);
+      for (int64_t i = 0; i < d_ / 2; ++i) {
+        const float x1 = e[2 * i] + pos[2 * i], x2 = e[2 * i + 1] + pos[2 * i + 1];
+        x[2 * i] = x1 * cs[i] - x2 * sn[i];
+        x[2 * i + 1] = x1 * sn[i] + x2 * cs[i];
+      }
+    }
+  }
+}
+
+// y (2, M, n) = the left and right linears of a layer on x0 / x1 (M, k) each (the same pointer when
+// both blocks read the same input). The 2·n output rows are cut into units (a 64-channel packed
+// tile for W8A8) and each thread takes one contiguous run of units, for all M rows (a weight is
+// read once per call); epi(side, r0, r1) then runs on the thread's rows [r0, r1) of that side,
+// before any barrier.
+template <class Epi>
+void Step::linear_phase(int tid, int team, const Linear& l0, const Linear& l1, const float* x0, const float* x1,
+                        float* y, Epi&& epi) const {
+  const int64_t n = l0.n, k = l0.k;
+  const bool w8a8 = P_.kind == Weights::kW8A8;
+  const int64_t grain = w8a8 ? kTileN : kRowGrain;
+  const int64_t units = (n + grain - 1) / grain, total = 2 * units;
+  const int64_t u0 = total * tid / team, u1 = total * (tid + 1) / team;
+  const int64_t groups = packed_k(k) / kGroupK;
+  for (int side = 0; side < 2; ++side) {
+    const int64_t a = std::max(u0, side * units), e = std::min(u1, (side + 1) * units);
+    if (a >= e) continue;
+    const int64_t r0 = (a - side * units) * grain, r1 = std::min((e - side * units) * grain, n), rows = r1 - r0;
+    const Linear& l = side ? l1 : l0;
+    const float* x = side ? x1 : x0;
+    float* ys = y + side * m_ * n;
+    const float* bias = l.bias != nullptr ? l.bias + r0 : nullptr;
+    if (P_.kind == Weights::kF32) {
+      linear_f32_isa(isa_, x, m_, k, k, l.w + r0 * k, bias, rows, ys + r0, n, /*gemm=*/s_ > 1);
+    } else if (P_.kind == Weights::kW8) {
+      w8a32_linear_f32(x, m_, k, k, l.q + r0 * k, k, l.scale + r0, bias, rows, ys + r0, n);
+    } else {
+      // The single op's function on this thread's tiles: per-row activation quantization, exact int32
+      // products, its epilogue and its float path for non-finite rows and scales, so every product
+      // equals w8a8_linear_packed's bitwise (each thread quantizes the rows it needs itself: K
+      // values per row, against N·K weight bytes).
+      w8a8_linear_f32(x, m_, k, k, l.packed + (r0 / kTileN) * groups * kTileN * kGroupK, l.wsum + r0, l.scale + r0,
+                      bias, rows, ys + r0, n);
+    }
+    epi(side, r0, r1);
+  }
+}
+
+// Tasks (side, batch row, head): write the S new K/V rows at t0.., then attend each new row over
+// the rows it sees (causal: up to its own position; reference semantics: all t0 + S).
+void Step::attention_phase(Local& L, int tid, int team, int64_t blk0) const {
+  const int64_t tasks = 2 * b_ * hn_;
+  const int64_t a = tasks * tid / team, e = tasks * (tid + 1) / team;
+  for (int64_t task = a; task < e; ++task) {
+    const int64_t side = task / (b_ * hn_), bb = (task / hn_) % b_, hh = task % hn_;
+    const int64_t blk = blk0 + side;
+    float* K = kv_ + (((blk * 2 + 0) * b_ + bb) * hn_ + hh) * cap_ * dh_;
+    float* V = kv_ + (((blk * 2 + 1) * b_ + bb) * hn_ + hh) * cap_ * dh_;
+    for (int64_t j = 0; j < s_; ++j) {
+      const float* row = qkv_ + (side * m_ + bb * s_ + j) * 3 * d_;  // [q | k | v], head-major within each
+      std::memcpy(K + (t0_ + j) * dh_, row + d_ + hh * dh_, static_cast<size_t>(dh_) * sizeof(float));
+      std::memcpy(V + (t0_ + j) * dh_, row + 2 * d_ + hh * dh_, static_cast<size_t>(dh_) * sizeof(float));
+    }
+    for (int64_t j = 0; j < s_; ++j) {
+      const int64_t r = bb * s_ + j;
+      const float* q = qkv_ + (side * m_ + r) * 3 * d_ + hh * dh_;
+      const int64_t t = P_.causal ? t0_ + j + 1 : t0_ + s_;
+      attend(isa_, q, K, V, t, dh_, scale_, L.qs, L.sc, o_ + (side * m_ + r) * d_ + hh * dh_);
+    }
+  }
+}
+
+void Step::run(int tid, int team) {
+  Local L;
+  init_local(L);
+  embed(L);
+  const float* xin0 = L.x0;
+  const float* xin1 = L.x1;
+  int64_t blk = 0;
+  int cur = 0;
+  const float* h = nullptr;
+  for (size_t hi = 0; hi < P_.eval_heads.size(); ++hi) {
+    const Head& head = P_.eval_heads[hi];
+    if (hi > 0) xin0 = xin1 = L.coda;
+    for (int64_t layer = 0; layer < head.layers; ++layer, blk += 2) {
+      const Block& bl = P_.blocks[static_cast<size_t>(blk)];
+      const Block& br = P_.blocks[static_cast<size_t>(blk + 1)];
+      // 1. qkv = x·in_projᵀ + b
+      linear_phase(tid, team, bl.in_proj, br.in_proj, xin0, xin1, qkv_, [](int, int64_t, int64_t) {});
+#pragma omp barrier
+      // 2. K/V rows t0.., attention
+      attention_phase(L, tid, team, blk);
+#pragma omp barrier
+      // 3. y = x + o·out_projᵀ + b
+      linear_phase(tid, team, bl.out_proj, br.out_proj, o_, o_ + m_ * d_, y_,
+                   [&](int side, int64_t r0, int64_t r1) {
+                     const float* x = side ? xin1 : xin0;
+                     for (int64_t r = 0; r < m_; ++r) {
+                       float* yr = y_ + (side * m_ + r) * d_;
+                       const float* xr = x + r * d_;
+                       for (int64_t c = r0; c < r1; ++c) yr[c] = xr[c] + yr[c];
+                     }
+                   });
+#pragma omp barrier
+      // 4. h1 = LN_attn(y) (every thread, its own copy); act = activation(h1·expandᵀ + expand_b)
+      for (int side = 0; side < 2; ++side) {
+        const Block& bk = side ? br : bl;
+        for (int64_t r = 0; r < m_; ++r)
+          TK_CALL(isa_, add_layer_norm, y_ + (side * m_ + r) * d_, nullptr, bk.ln_attn_w, bk.ln_attn_b,
+                  bk.ln_attn_eps, d_, L.z, L.h1 + (side * m_ + r) * d_);
+      }
+      linear_phase(tid, team, bl.expand, br.expand, L.h1, L.h1 + m_ * d_, act_,
+                   [&](int side, int64_t r0, int64_t r1) {
+                     const float* eb = (side ? br : bl).expand_bias + r0;
+                     for (int64_t r = 0; r < m_; ++r)
+                       TK_CALL(isa_, activation, act_ + (side * m_ + r) * d8_ + r0, eb, r1 - r0);
+                   });
+#pragma omp barrier
+      // 5. ylin = act·linearᵀ
+      linear_phase(tid, team, bl.linear, br.linear, act_, act_ + m_ * d8_, ylin_, [](int, int64_t, int64_t) {});
+#pragma omp barrier
+      // 6. h = combine(LN_mlp(h1 + ylin) left, right) (every thread, its own copy)
+      float* hn = L.hbuf[cur];
+      cur ^= 1;
+      for (int64_t r = 0; r < m_; ++r) {
+        TK_CALL(isa_, add_layer_norm, L.h1 + r * d_, ylin_ + r * d_, bl.ln_mlp_w, bl.ln_mlp_b, bl.ln_mlp_eps, d_, L.z,
+                L.hl);
+        TK_CALL(isa_, add_layer_norm, L.h1 + (m_ + r) * d_, ylin_ + (m_ + r) * d_, br.ln_mlp_w, br.ln_mlp_b,
+                br.ln_mlp_eps, d_, L.z, L.hr);
+        TK_CALL(isa_, combine, L.hl, L.hr, head.mode, d_, hn + r * d_);
+      }
+      xin0 = xin1 = h = hn;
+    }
+    if (hi == 0) std::memcpy(L.coda, h, static_cast<size_t>(m_ * d_) * sizeof(float));
+  }
+  const float df = P_.df;
+  const float c = static_cast<float>(-0.5 * (static_cast<double>(P_.df) + static_cast<double>(d_)));
+  for (int64_t r = tid; r < m_; r += team)
+    TK_CALL(isa_, unembed, h + r * d_, P_.unembedding, P_.unembedding_sq, d_, P_.vocab, df, c, L.xw,
+            logp_ + r * P_.vocab);
+}
+
+}  // namespace
+
+void decode_step(const Plan& plan, const int64_t* tok, int64_t b, int64_t s, float* kv, int64_t capacity, int64_t t0,
+                 float* logp, int nthreads) {
+  Step step(plan, tok, b, s, kv, capacity, t0, logp);
+  nthreads = std::max(nthreads, 1);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    // The int8 kernels' own parallel loops must not nest a second team inside this one.
+    omp_set_num_threads(1);
+    step.run(omp_get_thread_num(), omp_get_num_threads());
+  }
+}
+
+void linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const float* w, const float* bias, int64_t n,
+                float* y, int64_t ldy) {
+  linear_f32_isa(cpu_isa(), x, m, k, ldx, w, bias, n, y, ldy);
+}
+
+void activation_f32(float* x, const float* bias, int64_t n) { TK_CALL(cpu_isa(), activation, x, bias, n); }
+
+}  // namespace tk::decode
