@@ -152,15 +152,18 @@ def _generate(
     # draws never wait for the host.
     rng = None if greedy else DeviceRNG(seed, device, state=graph.rng_state if graph is not None else None)
     # CPU: one native call per token (tape_kernels._C, tapetransformer.native_decode), and the native
-    # prefill where it measured faster; None where unsupported. Else, where the static step runs the
-    # fused decode kernels (Triton: CUDA without a graph, or the interpreter), that step; else the
-    # model's prefill per token.
-    native = native_decoder(model, cache) if device.type == "cpu" and use_native is not False else None
+    # prefill where it measured faster; None where unsupported, and by default where the model's
+    # decode runs Triton kernels (backend "triton", or the interpreter: the kernels asked for). Else,
+    # where the static step runs the fused decode kernels (CUDA without a graph, or the interpreter),
+    # that step; else the model's prefill per token.
+    fused_static = not use_graph and _fused_static_step(model, device)
+    want_native = device.type == "cpu" and (use_native or (use_native is None and not fused_static))
+    native = native_decoder(model, cache) if want_native else None
     if use_native and native is None:
         raise ValueError("native=True needs an eval-mode fp32 CPU model of the reference design with skip_dead and "
                          "the extension tape_kernels._C (see tapetransformer.native_decode.native_supported)")
     native_prefill = native is not None and native_prefill_faster(native.weights)
-    static = native is None and not use_graph and _fused_static_step(model, device)
+    static = native is None and fused_static
     pos = torch.zeros(1, dtype=torch.long, device=device) if static else None
     t0 = time.perf_counter()
     if native_prefill:
