@@ -13,13 +13,9 @@ import sys
 
 import pytest
 import torch
+from _accuracy import GRAD_FACTOR, OUT_FACTOR, assert_within_torch_error, max_err
 
-from tape_kernels.activation import (
-    ReferenceActivation,
-    ReferenceActivationRef,
-    reference_activation,
-    reference_activation_ref,
-)
+from tape_kernels.activation import FusedReferenceActivation, reference_activation, reference_activation_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Floor for the "≤ k × torch's error" comparisons: one ulp of the dtype at |y| ≈ 0.2 (the
@@ -59,11 +55,9 @@ def test_forward_error_vs_torch(dtype: torch.dtype) -> None:
     ref = reference_activation_ref(x64)
     out = reference_activation(x, backend="triton")
     assert out.dtype == dtype and out.shape == x.shape
-    err = (out.double() - ref).abs().max().item()
-    torch_err = (reference_activation_ref(x).double() - ref).abs().max().item()
-    assert err <= 2 * max(torch_err, ULP_FLOOR[dtype]), (err, torch_err)
+    assert_within_torch_error(out, ref, reference_activation_ref(x), OUT_FACTOR, floor=ULP_FLOOR[dtype], name="y")
     if dtype == torch.float32:
-        assert err <= 1e-6
+        assert max_err(out, ref) <= 1e-6
 
 
 def test_relative_accuracy_near_zero() -> None:
@@ -93,9 +87,8 @@ def test_gradient_error_vs_torch(dtype: torch.dtype) -> None:
     d_ref = _grad(reference_activation_ref, x.double(), g)
     d = _grad(lambda t: reference_activation(t, backend="triton"), x, g.to(dtype))
     assert d.dtype == dtype
-    err = (d.double() - d_ref).abs().max().item()
-    torch_err = (_grad(reference_activation_ref, x, g.to(dtype)).double() - d_ref).abs().max().item()
-    assert err <= 3 * max(torch_err, 4 * ULP_FLOOR[dtype]), (err, torch_err)
+    d_torch = _grad(reference_activation_ref, x, g.to(dtype))
+    assert_within_torch_error(d, d_ref, d_torch, GRAD_FACTOR, floor=4 * ULP_FLOOR[dtype], name="dx")
 
 
 def test_derivative_at_zero_is_one() -> None:
@@ -150,11 +143,10 @@ def test_bias_activation(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     y, dx, db = run(lambda a, b: reference_activation(a, b, backend="triton"), x, bias)
     yt, dxt, dbt = run(lambda a, b: reference_activation_ref(a + b), x, bias)
     assert y.dtype == dx.dtype == db.dtype == dtype
-    for out, ref, tor, k in ((y, y64, yt, 2), (dx, dx64, dxt, 3), (db, db64, dbt, 3)):
-        err = (out.double() - ref).abs().max().item()
-        terr = (tor.double() - ref).abs().max().item()
+    for name, out, ref, tor, k in (("y", y, y64, yt, OUT_FACTOR), ("dx", dx, dx64, dxt, GRAD_FACTOR),
+                                   ("dbias", db, db64, dbt, GRAD_FACTOR)):  # fmt: skip
         scale = max(1.0, ref.abs().max().item())
-        assert err <= k * max(terr, 4 * ULP_FLOOR[dtype] * scale), (err, terr)
+        assert_within_torch_error(out, ref, tor, k, floor=4 * ULP_FLOOR[dtype] * scale, name=name)
 
 
 def test_bias_gradient_is_deterministic_and_mixed_dtype() -> None:
@@ -177,8 +169,8 @@ def test_bias_gradient_is_deterministic_and_mixed_dtype() -> None:
 
 def test_module_and_backends() -> None:
     x = torch.randn(4, 9) * 5
-    m = ReferenceActivation(gamma=3.0)
-    torch.testing.assert_close(m(x), ReferenceActivationRef()(x), atol=2e-7, rtol=0)
+    m = FusedReferenceActivation(gamma=3.0)
+    torch.testing.assert_close(m(x), reference_activation_ref(x), atol=2e-7, rtol=0)
     assert torch.equal(reference_activation(x, backend="eager"), reference_activation_ref(x))
     assert list(m.parameters()) == []
 

@@ -15,11 +15,14 @@ import textwrap
 
 import pytest
 import torch
+from _accuracy import GRAD_FACTOR, OUT_FACTOR, assert_within_torch_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import tape_kernels._autotune as AT
 import tape_kernels.attention as A
+import tape_kernels.attention_decode as AD
 from tape_kernels.attention import (
     CriticAttention,
     attention_stats,
@@ -35,7 +38,6 @@ TOL = {
     torch.float16: (5e-4, 5e-4),
     torch.bfloat16: (4e-3, 4e-3),
 }
-OUT_FACTOR, GRAD_FACTOR = 2.0, 3.0
 NAMES = ("x", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
 
 
@@ -69,10 +71,7 @@ def _cotangents(b: int, s: int, d: int, seed: int = 1) -> list[torch.Tensor]:
 def _assert_like_torch(name: str, got: torch.Tensor, ref: torch.Tensor, torch_same: torch.Tensor, factor: float,
                        dtype: torch.dtype) -> None:  # fmt: skip
     atol, rtol = TOL[dtype]
-    err = (got - ref).abs().max().item()
-    torch_err = (torch_same - ref).abs().max().item()
-    bound = factor * torch_err + atol + rtol * ref.abs().max().item()
-    assert err <= bound, f"{name}: kernel err {err:.3e} > bound {bound:.3e} (torch {dtype} err {torch_err:.3e})"
+    assert_within_torch_error(got, ref, torch_same, factor, atol=atol, rtol=rtol, name=f"{name} ({dtype})")
 
 
 def _check_case(b: int, s: int, d: int, h: int, causal: bool, dtype: torch.dtype, seed: int = 0) -> None:
@@ -117,7 +116,7 @@ def test_matches_reference(b: int, s: int, d: int, causal: bool, dtype: torch.dt
 @pytest.mark.parametrize("config", [(16, 16, 4, 1), (16, 32, 4, 1), (32, 32, 4, 1), (64, 32, 4, 1)])
 def test_tile_configs(monkeypatch: pytest.MonkeyPatch, config: tuple[int, int, int, int]) -> None:
     """Block-boundary logic (causal loop bounds, column-sum partials) for BLOCK_N <, =, > BLOCK_M."""
-    monkeypatch.setattr(A, "_INTERP_CONFIG", config)
+    monkeypatch.setattr(A, "INTERP_CONFIG", config)
     _check_case(2, 75, 64, 4, True, torch.float32, seed=3)
 
 
@@ -402,7 +401,7 @@ def test_gpu_matches_reference(no_autotune: None, dtype: torch.dtype, b: int, s:
 def test_gpu_autotuned(monkeypatch: pytest.MonkeyPatch) -> None:
     """The autotuned launch (pruned configs, BLOCK_M-independent column-sum rows) at the model's size."""
     monkeypatch.setenv("TAPE_KERNELS_ATTN_AUTOTUNE", "1")  # also where a quick GPU run switched it off
-    assert A.autotune_enabled()
+    assert AT.autotune_enabled()
     _check_gpu(16, 128, 256, False, torch.bfloat16)
 
 
@@ -453,42 +452,42 @@ def test_gpu_decode(dtype: torch.dtype) -> None:
 
 def test_autotune_pruning_by_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Configs are offered per element size and dropped above the device's per-block shared memory."""
-    tuned = A._tuned("_attn_bwd_dkv_kernel")
-    configs = tuned.configs
+    dkv = A.TUNED["dkv"]
+    configs = dkv.tuned.configs
+    smem = {id(c): {e: r[0] for e, r in dkv.resources(c).items()} for c in configs}
     for dtype, elt in ((torch.float16, 2), (torch.bfloat16, 2), (torch.float32, 4)):
-        kept = A._prune(configs, {"QKV": torch.empty(1, dtype=dtype)})
-        assert kept and all(elt in A.config_smem(c) for c in kept)
-        assert len(kept) == sum(elt in A.config_smem(c) for c in configs)
-    monkeypatch.setattr(A, "_device_smem_limit", lambda device: 50000)
-    kept = A._prune(configs, {"QKV": torch.empty(1, dtype=torch.float16)})
-    assert kept and all(A.config_smem(c)[2] <= 50000 for c in kept)
-    assert len(kept) < sum(2 in A.config_smem(c) for c in configs)
-    monkeypatch.setattr(A, "_device_smem_limit", lambda device: 1000)  # below every config: smallest tile
-    kept = A._prune(configs, {"QKV": torch.empty(1, dtype=torch.float32)})
-    smallest = min(A.config_smem(c)[4] for c in configs if 4 in A.config_smem(c))
-    assert len(kept) == 1 and A.config_smem(kept[0])[4] == smallest
+        kept = dkv.prune(configs, {"QKV": torch.empty(1, dtype=dtype)})
+        assert kept and all(elt in smem[id(c)] for c in kept)
+        assert len(kept) == sum(elt in smem[id(c)] for c in configs)
+    limits = dict(AT.SM86, smem_block=50000)
+    monkeypatch.setattr(AT, "device_limits", lambda device: limits)
+    kept = dkv.prune(configs, {"QKV": torch.empty(1, dtype=torch.float16)})
+    assert kept and all(smem[id(c)][2] <= 50000 for c in kept)
+    assert len(kept) < sum(2 in smem[id(c)] for c in configs)
+    limits["smem_block"] = 1000  # below every config: smallest tile
+    kept = dkv.prune(configs, {"QKV": torch.empty(1, dtype=torch.float32)})
+    smallest = min(smem[id(c)][4] for c in configs if 4 in smem[id(c)])
+    assert len(kept) == 1 and smem[id(kept[0])][4] == smallest
 
 
 def test_aot_specs_cover_every_config() -> None:
     """aot_specs lists every kernel × config × dtype (fp32 with IEEE and TF32 products) and the decode kernels."""
     names = {s.name for s in A.aot_specs()}
-    for kernel, table in A._CONFIGS.items():
-        for bm, bn, warps, stages, smem in table:
-            cfg = f"bm{bm},bn{bn},w{warps},s{stages}]"
-            for elt in smem:
-                if elt == 4:
-                    wanted = [("float32", "ieee"), ("float32", "tf32")]
-                else:
-                    wanted = [("float16", "tf32"), ("bfloat16", "tf32")]
+    for tuned in A.TUNED.values():
+        kernel = tuned.kernel.__name__
+        for tc in tuned.table:
+            cfg = f"bm{tc.meta['BLOCK_M']},bn{tc.meta['BLOCK_N']},w{tc.num_warps},s{tc.num_stages}]"
+            for elt in tc.resources:
+                wanted = [("fp32", "ieee"), ("fp32", "tf32")] if elt == 4 else [("fp16", "ieee"), ("bf16", "ieee")]
                 for tag, prec in wanted:
                     assert f"{kernel}[{tag},{prec},{cfg}" in names
-    for tag in ("float32", "float16", "bfloat16"):
+    dec_names = {s.name for s in AD.aot_specs()}
+    for tag in ("fp32", "fp16", "bf16"):
         assert {f"_decode_kernel[{tag},split]", f"_decode_kernel[{tag},direct]",
                 f"_decode_kernel[{tag},split,devlen]", f"_decode_kernel[{tag},direct,devlen]",
-                f"_decode_combine_kernel[{tag}]"} <= names  # fmt: skip
-    kernels = {s.kernel for s in A.aot_specs()}
-    assert {A._attn_fwd_kernel, A._attn_bwd_delta_kernel, A._attn_bwd_dq_kernel, A._attn_bwd_dkv_kernel,
-            A._decode_kernel, A._decode_combine_kernel} <= kernels  # fmt: skip
+                f"_decode_combine_kernel[{tag}]"} <= dec_names  # fmt: skip
+    kernels = {s.kernel for s in A.aot_specs() + AD.aot_specs()}
+    assert {t.kernel for t in A.TUNED.values()} | {AD._decode_kernel, AD._decode_combine_kernel} <= kernels
 
 
 def test_cpu_without_interpreter_takes_eager_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -508,7 +507,7 @@ def test_cpu_without_interpreter_takes_eager_path(monkeypatch: pytest.MonkeyPatc
 def test_fixed_config_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The non-autotuned GPU launch path (first fitting config of each table), run by the interpreter."""
     monkeypatch.setenv("TAPE_KERNELS_ATTN_AUTOTUNE", "0")
-    monkeypatch.setattr(A, "interpreting", lambda: False)
+    monkeypatch.setattr(AT, "interpreting", lambda: False)
     _check_case(2, 40, 64, 4, True, torch.float32, seed=4)
     _check_case(1, 37, 32, 4, False, torch.float16, seed=5)
 
@@ -519,8 +518,8 @@ def test_aot_compile_largest_configs() -> None:
         """
         from tape_kernels._aot import SM86_MAX_SHARED, compile_spec
         from tape_kernels.attention import aot_specs
-        want = {"_attn_bwd_dkv_kernel[float32,tf32,bm16,bn16,w4,s1]": (86,),
-                "_attn_fwd_kernel[float16,tf32,bm32,bn64,w8,s2]": (86,)}
+        want = {"_attn_bwd_dkv_kernel[fp32,tf32,bm16,bn16,w4,s1]": (86,),
+                "_attn_fwd_kernel[fp16,ieee,bm32,bn64,w8,s2]": (86,)}
         specs = [s for s in aot_specs() if s.name in want]
         assert len(specs) == len(want), sorted(set(want) - {s.name for s in specs})
         for s in specs:

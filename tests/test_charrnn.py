@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from _accuracy import GRAD_FACTOR, OUT_FACTOR, assert_within_torch_error
 
 from tape_kernels.charrnn import CharRNN, charrnn, charrnn_ref, charrnn_step
 
@@ -64,10 +65,6 @@ def _run(fn, emb, weights, h0, go, gh):
     return [out] + hs, list(grads)
 
 
-def _max_err(xs, refs) -> float:
-    return max((x.double() - r).abs().max().item() for x, r in zip(xs, refs))
-
-
 def _check_against_fp64(model: CharRNN, emb, h0, dtype: torch.dtype) -> None:
     weights = [w.detach().to(dtype) for w in model.flat_weights()]
     emb = emb.to(dtype)
@@ -90,12 +87,10 @@ def _check_against_fp64(model: CharRNN, emb, h0, dtype: torch.dtype) -> None:
     assert [o.shape for o in outs] == [o.shape for o in outs64]
     assert all(o.dtype == dtype for o in outs + grads)
     f_out, f_grad = FLOOR[dtype]
-    err, terr = _max_err(outs, outs64), _max_err(outs_t, outs64)
-    assert err <= 2 * max(terr, f_out), f"outputs: kernel err {err:.3g} vs torch {terr:.3g}"
+    assert_within_torch_error(outs, outs64, outs_t, OUT_FACTOR, floor=f_out, name="outputs")
     for i, (gk, gt, g64) in enumerate(zip(grads, grads_t, grads64)):
         scale = max(1.0, g64.abs().max().item())
-        err, terr = _max_err([gk], [g64]), _max_err([gt], [g64])
-        assert err <= 3 * max(terr, f_grad * scale), f"grad #{i}: kernel err {err:.3g} vs torch {terr:.3g}"
+        assert_within_torch_error(gk, g64, gt, GRAD_FACTOR, floor=f_grad * scale, name=f"grad #{i}")
 
 
 @pytest.mark.parametrize("with_h0", [False, True])
@@ -347,7 +342,7 @@ def test_gpu_against_fp64(dtype: torch.dtype) -> None:
     outs_t, grads_t = _run(charrnn_ref, eq.cuda(), cuda, [h.cuda() for h in hq], go.cuda(), [x.cuda() for x in gh])
     f_out, f_grad = FLOOR[dtype]
     for i, (ok, ot, o64) in enumerate(zip(outs, outs_t, outs64)):
-        assert _max_err([ok.cpu()], [o64]) <= 2 * max(_max_err([ot.cpu()], [o64]), f_out), f"output {i}"
-    for gk, gt, g64 in zip(grads, grads_t, grads64):
+        assert_within_torch_error(ok.cpu(), o64, ot.cpu(), OUT_FACTOR, floor=f_out, name=f"output {i}")
+    for i, (gk, gt, g64) in enumerate(zip(grads, grads_t, grads64)):
         scale = max(1.0, g64.abs().max().item())
-        assert _max_err([gk.cpu()], [g64]) <= 3 * max(_max_err([gt.cpu()], [g64]), f_grad * scale)
+        assert_within_torch_error(gk.cpu(), g64, gt.cpu(), GRAD_FACTOR, floor=f_grad * scale, name=f"grad #{i}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _accuracy import GRAD_FACTOR, OUT_FACTOR, assert_within_torch_error
 
 from tape_kernels.combine import TapeHeadCombine, tapehead_combine, tapehead_combine_ref
 
@@ -26,10 +27,6 @@ def _inputs(shape, dtype, seed=0, scale=3.0):
     return hl, hr
 
 
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 @pytest.mark.parametrize("mode", [0, 1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -41,7 +38,7 @@ def test_forward_matches_ref_and_fp64(mode, dtype, shape):
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
     exact = tapehead_combine_ref(hl.double(), hr.double(), mode)
-    assert _max_err(out, exact) <= 2 * _max_err(ref, exact) + FLOOR[dtype]
+    assert_within_torch_error(out, exact, ref, OUT_FACTOR, atol=FLOOR[dtype], name="h")
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
@@ -62,7 +59,7 @@ def test_backward_matches_ref_and_fp64(mode, dtype):
     for k, r, e in zip(got, ref, exact):
         assert k.dtype == dtype
         torch.testing.assert_close(k, r, atol=atol, rtol=rtol)
-        assert _max_err(k, e) <= 3 * _max_err(r, e) + FLOOR[dtype]
+        assert_within_torch_error(k, e, r, GRAD_FACTOR, atol=FLOOR[dtype])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow inside the interpreter, masked by tl.where
