@@ -120,6 +120,19 @@ if triton_available():
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
+        if CAUSAL:
+            # The eager decode multiplies the masked keys' zero weights by V too, so a NaN or ±inf there
+            # reaches these rows (0·NaN = NaN). The keys of this split past the row block's last visible
+            # one, skipped above, do the same here: 0·v summed over them is 0, or NaN where v is not finite.
+            # (Rows placed at the end of the cache, as in generation, have no such keys: no iteration.)
+            end = tl.minimum(t_cache, lo + n_split_keys)
+            poison = tl.zeros((DP,), tl.float32)
+            for start_n in range(tl.maximum(hi, lo), end, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < end
+                v = tl.load(vb + offs_n[:, None] * sv_t + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                poison += tl.sum(v.to(tl.float32) * 0.0, 0)
+            acc += poison[None, :]
         if SPLIT:
             # Partials (unnormalised acc, running max, sum) for _decode_combine_kernel.
             row = (bh * tl.num_programs(2) + split).to(tl.int64) * t_new + offs_m

@@ -29,6 +29,12 @@ if triton_available():
     from tape_kernels._utils import cast_out
 
     @triton.jit
+    def _inf_poison(hl, hr):
+        """0, or NaN where hl or hr is not finite: the eager pair softmax (max-subtracted, then c·softmax(c))
+        is NaN there, and its gradient too, where the sigmoid form would give ±inf or a finite value."""
+        return 0.0 * hl + 0.0 * hr
+
+    @triton.jit
     def _combine_fwd_kernel(HL, HR, OUT, n, MODE: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -42,7 +48,7 @@ if triton_available():
         elif MODE == 1:
             # s·hl + (1−s)·hr rather than hr + δ·s: δ may overflow to ±inf where s is exactly 0 or 1.
             s = tl.sigmoid(hl - hr)
-            h = s * hl + (1.0 - s) * hr
+            h = s * hl + (1.0 - s) * hr + _inf_poison(hl, hr)
         else:
             h = hl + hr
         tl.store(OUT + offs, cast_out(h, OUT.dtype.element_ty, RTNE_BF16), mask=mask)
@@ -68,7 +74,7 @@ if triton_available():
             delta = hl - hr
             s = tl.sigmoid(delta)
             t = s * (1.0 - s)
-            k = s + tl.where(t > 0.0, delta * t, 0.0)
+            k = s + tl.where(t > 0.0, delta * t, 0.0) + _inf_poison(hl, hr)
             dl = g * k
             dr = g * (1.0 - k)
         tl.store(DHL + offs, cast_out(dl, DHL.dtype.element_ty, RTNE_BF16), mask=mask)

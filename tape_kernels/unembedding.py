@@ -96,10 +96,13 @@ if triton_available():
     @triton.jit
     def _log1p(x):
         # log1p without libdevice (absent in the interpreter): log(u)·x/(u − 1) with u = 1 + x
-        # cancels the rounding of u (Goldberg), so small x keeps full relative precision.
+        # cancels the rounding of u (Goldberg), so small x keeps full relative precision. At x = +inf
+        # the ratio would be inf/inf: log1p(inf) = inf is returned instead (NaN stays NaN).
         u = 1.0 + x
         tiny = u == 1.0
-        return tl.where(tiny, x, _math.log(u) * _math.div(x, tl.where(tiny, 1.0, u - 1.0)))
+        big = u == float("inf")
+        ratio = _math.div(x, tl.where(tiny | big, 1.0, u - 1.0))
+        return tl.where(tiny | big, x, _math.log(u) * ratio)
 
     @triton.jit
     def _row_sqnorm(H, rows, rmask, dim, stride_hn, stride_hd, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -144,7 +147,7 @@ if triton_available():
                 # as upcasting first, at tensor-core speed.
                 acc = tl.dot(h, u, acc)
         raw = hn[:, None] - 2.0 * acc + un[None, :]
-        d2 = tl.maximum(raw, 1e-12)
+        d2 = tl.maximum(raw, 1e-12, propagate_nan=tl.PropagateNan.ALL)  # clamp(min=1e-12): NaN stays NaN
         logits = coef * _log1p(d2 * inv_df)
         logits = tl.where(cmask[None, :], logits, float("-inf"))
         return logits, raw, d2, cols

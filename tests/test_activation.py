@@ -7,13 +7,22 @@ issue's absolute bound of 1e-6 over the whole real line.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from _accuracy import GRAD_FACTOR, OUT_FACTOR, assert_within_torch_error, max_err
+from _accuracy import (
+    GRAD_FACTOR,
+    NONFINITE,
+    NONFINITE_IDS,
+    OUT_FACTOR,
+    assert_nonfinite_like_eager,
+    assert_within_torch_error,
+    max_err,
+)
 
 from tape_kernels.activation import FusedReferenceActivation, reference_activation, reference_activation_ref
 
@@ -199,3 +208,31 @@ def test_aot_compile_sm86_sm90() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "kernel compilations OK" in proc.stdout
+
+
+# (input holding the non-finite value, with a bias)
+NONFINITE_CASES = [("x", False), ("x", True), ("bias", True)]
+NONFINITE_CASE_IDS = [f"{w}-{'bias' if b else 'nobias'}" for w, b in NONFINITE_CASES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+@pytest.mark.parametrize("where,with_bias", NONFINITE_CASES, ids=NONFINITE_CASE_IDS)
+def test_nonfinite_propagate_like_eager(where: str, with_bias: bool, value: float, dtype: torch.dtype) -> None:
+    """NaN / ±inf in x or in the bias: outputs and gradients non-finite exactly where the eager path's are."""
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(6, 40, generator=gen) * 3).to(dtype)
+    bias = torch.randn(40, generator=gen).to(dtype)
+    if where == "x":
+        x[2, 5] = value
+        x[4, 33] = value
+    else:
+        bias[7] = value
+    gy = torch.randn(6, 40, generator=gen)
+    if with_bias:
+        assert_nonfinite_like_eager(lambda a, b: reference_activation(a, b, backend="triton"),
+                                    lambda a, b: reference_activation_ref(a + b), [x, bias], [gy],
+                                    ["x", "bias"], exact=math.isnan(value))  # fmt: skip
+    else:
+        assert_nonfinite_like_eager(lambda a: reference_activation(a, backend="triton"), reference_activation_ref, [x],
+                                    [gy], ["x"], exact=math.isnan(value))  # fmt: skip

@@ -9,6 +9,7 @@ not demand exactness.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,14 @@ import textwrap
 
 import pytest
 import torch
-from _accuracy import GRAD_FACTOR, OUT_FACTOR, assert_within_torch_error
+from _accuracy import (
+    GRAD_FACTOR,
+    NONFINITE,
+    NONFINITE_IDS,
+    OUT_FACTOR,
+    assert_nonfinite_like_eager,
+    assert_within_torch_error,
+)
 
 from tape_kernels.charrnn import CharRNN, charrnn, charrnn_ref, charrnn_step
 
@@ -346,3 +354,34 @@ def test_gpu_against_fp64(dtype: torch.dtype) -> None:
     for i, (gk, gt, g64) in enumerate(zip(grads, grads_t, grads64)):
         scale = max(1.0, g64.abs().max().item())
         assert_within_torch_error(gk.cpu(), g64, gt.cpu(), GRAD_FACTOR, floor=f_grad * scale, name=f"grad #{i}")
+
+
+@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+@pytest.mark.parametrize("where", ["emb", "h0", "W_iL", "W_hR", "b_hL"])
+def test_nonfinite_propagate_like_eager(where: str, value: float) -> None:
+    """NaN / ±inf in the input, the initial state or a weight: the output trajectory, the last states and
+    every gradient non-finite exactly where the eager loop's are (forward and BPTT)."""
+    b, s, d, hd, layers = 3, 4, 8, 16, 2
+    model = _model(d, hd, layers, seed=2)
+    emb, h0 = _inputs(b, s, d, hd, layers, True, seed=3)
+    weights = [w.detach().clone() for w in model.flat_weights()]
+    index = {"W_iL": 0, "b_hL": 3, "W_hR": 6}
+    if where == "emb":
+        emb[1, 2, 5] = value
+    elif where == "h0":
+        h0[1][2, -1, 7] = value
+    else:
+        weights[index[where]].view(-1)[5] = value
+    g = torch.Generator().manual_seed(4)
+    cot = [torch.randn(b, s, hd, generator=g)] + [torch.randn(b, 1, hd, generator=g) for _ in range(layers)]
+
+    def flat(fn):  # noqa: ANN001, ANN202 - (emb, *weights, *h0) -> (out, *hs)
+        def run(e, *rest):  # noqa: ANN001, ANN202
+            out, hs = fn(e, list(rest[: len(weights)]), list(rest[len(weights) :]))
+            return [out, *hs]
+
+        return run
+
+    names = ["emb"] + [f"weights[{i}]" for i in range(len(weights))] + [f"h0[{l}]" for l in range(layers)]
+    assert_nonfinite_like_eager(flat(lambda e, w, h: charrnn(e, w, h, backend="triton")), flat(charrnn_ref),
+                                [emb, *weights, *h0], cot, names, exact=math.isnan(value))  # fmt: skip

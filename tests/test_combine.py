@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from _accuracy import GRAD_FACTOR, OUT_FACTOR, assert_within_torch_error
+from _accuracy import (
+    GRAD_FACTOR,
+    NONFINITE,
+    NONFINITE_IDS,
+    OUT_FACTOR,
+    assert_nonfinite_like_eager,
+    assert_within_torch_error,
+)
 
 from tape_kernels.combine import TapeHeadCombine, tapehead_combine, tapehead_combine_ref
 
@@ -126,3 +135,20 @@ def test_cpu_without_interpreter_takes_the_eager_path(monkeypatch):
         assert torch.equal(tapehead_combine(hl, hr, mode), tapehead_combine_ref(hl, hr, mode))
     with pytest.raises(RuntimeError, match="backend='triton'"):
         tapehead_combine(hl, hr, 0, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_nonfinite_propagate_like_eager(mode: int, value: float, dtype: torch.dtype) -> None:
+    """NaN / ±inf in hl, in hr, and in both at one place: h, dhl, dhr non-finite exactly where the
+    eager combine's are."""
+    hl, hr = _inputs((4, 33), dtype, seed=6)
+    g = _inputs((4, 33), dtype, seed=7, scale=1.0)[0]
+    hl[0, 3] = value
+    hr[1, 8] = value
+    hl[2, 20] = hr[2, 20] = value
+    hl[3, 1], hr[3, 1] = value, -value  # opposite infinities
+    assert_nonfinite_like_eager(lambda a, b: tapehead_combine(a, b, mode, backend="triton"),
+                                lambda a, b: tapehead_combine_ref(a, b, mode), [hl, hr], [g], ["hl", "hr"],
+                                exact=math.isnan(value))  # fmt: skip

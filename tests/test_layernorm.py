@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from _accuracy import GRAD_FACTOR, OUT_FACTOR, assert_within_torch_error
+from _accuracy import (
+    GRAD_FACTOR,
+    NONFINITE,
+    NONFINITE_IDS,
+    OUT_FACTOR,
+    assert_nonfinite_like_eager,
+    assert_within_torch_error,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -207,3 +216,16 @@ def test_property_random_shapes_fp32(rows, d, seed):
     assert_within_torch_error(y, y64, y_ref, OUT_FACTOR, atol=FLOOR[torch.float32], name="y")
     for k, ref, exact in zip(grads, grads_ref, grads64):
         assert_within_torch_error(k, exact, ref, GRAD_FACTOR, atol=FLOOR[torch.float32] * rows**0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+@pytest.mark.parametrize("where", ["x", "residual", "weight", "bias"])
+def test_nonfinite_propagate_like_eager(where: str, value: float, dtype: torch.dtype) -> None:
+    """NaN / ±inf in an activation or a parameter: y, dx, dresidual, dweight, dbias non-finite exactly
+    where F.layer_norm(x + residual)'s are."""
+    x, r, w, b, dy = _inputs((5, 3, 24), dtype, seed=9)
+    t = {"x": x, "residual": r, "weight": w, "bias": b}[where]
+    t.view(-1)[[7, 40 % t.numel()]] = value
+    assert_nonfinite_like_eager(_kernel, add_layer_norm_ref, [x, r, w, b], [dy], ["x", "residual", "weight", "bias"],
+                                exact=math.isnan(value))

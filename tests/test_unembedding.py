@@ -7,9 +7,19 @@ PyTorch's own error is" (kernel error vs fp64 ≤ 2× that for outputs, ≤ 3× 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from _accuracy import GRAD_FACTOR, OUT_FACTOR, assert_within_torch_error, max_err
+from _accuracy import (
+    GRAD_FACTOR,
+    NONFINITE,
+    NONFINITE_IDS,
+    OUT_FACTOR,
+    assert_nonfinite_like_eager,
+    assert_within_torch_error,
+    max_err,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -379,3 +389,26 @@ def test_property_random_shapes_fp32(n, d, v, seed):
     nll_ex = student_t_nll_ref(h.double()[None], u.double(), y[None])
     nll_32 = student_t_nll_ref(h[None], u, y[None])
     assert abs(nll.item() - nll_ex.item()) <= 2 * abs(nll_32.item() - nll_ex.item()) + 1e-6 * (1 + nll_ex.abs().item())
+
+
+@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+@pytest.mark.parametrize("where", ["hidden_states", "unembedding"])
+@pytest.mark.parametrize("op", ["logp", "nll"])
+@pytest.mark.parametrize("v", [37, 150], ids=["V37", "V150"])  # one vocab tile / online log-sum-exp over tiles
+def test_nonfinite_propagate_like_eager(v: int, op: str, where: str, value: float) -> None:
+    """NaN / ±inf in a hidden state or an unembedding entry: log-probs (or per-row NLL) and both
+    gradients non-finite exactly where the eager reference's are."""
+    h, u = _inputs((2, 5), 24, v, torch.float32, seed=19)
+    (h if where == "hidden_states" else u).view(-1)[[3, 50]] = value
+    y = torch.randint(0, v, (2, 5), generator=torch.Generator().manual_seed(20))
+    if op == "logp":
+        kernel, eager, g = _kernel, _ref, torch.randn(2, 5, v, generator=torch.Generator().manual_seed(21))
+    else:
+        def kernel(a, b):
+            return student_t_nll(a, b, y, "none", backend="triton")
+
+        def eager(a, b):
+            return student_t_nll_ref(a.reshape(1, -1, 24), b, y.reshape(1, -1), "none").reshape(2, 5)
+
+        g = torch.rand(2, 5, generator=torch.Generator().manual_seed(21)) + 0.5
+    assert_nonfinite_like_eager(kernel, eager, [h, u], [g], ["hidden_states", "unembedding"], exact=math.isnan(value))
