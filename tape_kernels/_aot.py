@@ -45,6 +45,7 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 2
     ccs: tuple[int, ...] = TARGET_CCS
+    maxnreg: int | None = None
 
 
 def _jit_fn(kernel: Any) -> Any:
@@ -103,6 +104,7 @@ def kernel_spec(
     pointers: dict[str, torch.dtype] | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    maxnreg: int | None = None,
 ) -> AotSpec:
     """An :class:`AotSpec` with :func:`signature`'s signature. ``constexprs`` gives the constexpr
     parameters' values (those with a default may be left out) and nothing else."""
@@ -113,7 +115,7 @@ def kernel_spec(
     values = {**defaults, **constexprs}
     if set(values) != allowed:
         raise ValueError(f"{name}: constexprs {sorted(constexprs)} do not fit the kernel's {sorted(allowed)}")
-    return AotSpec(name, kernel, sig, values, num_warps, num_stages)
+    return AotSpec(name, kernel, sig, values, num_warps, num_stages, maxnreg=maxnreg)
 
 
 def compile_spec(spec: AotSpec, cc: int) -> Any:
@@ -127,6 +129,8 @@ def compile_spec(spec: AotSpec, cc: int) -> Any:
         raise ValueError(f"{spec.name}: signature lacks {missing}")
     src = ASTSource(fn, signature=spec.signature, constexprs=spec.constexprs)
     opts = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.maxnreg is not None:
+        opts["maxnreg"] = spec.maxnreg
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
 
 

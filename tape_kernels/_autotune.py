@@ -1,12 +1,13 @@
 """Autotuning with configs that are known to fit: each tile config carries the resources the compiler
 reported for it, and the autotuner only times the configs that fit the device.
 
-A :class:`TileConfig` lists, per element size of the data, the shared memory (bytes per block) and the
-registers (per thread) that ptxas reported for sm_86 (``python -m tape_kernels._aot`` and
-``benchmarks/kernel_report.py`` re-measure them). Before timing, :meth:`TunedKernel.prune` keeps the
-configs of the launch's element size whose shared memory fits one block on this device and, when
-registers are known, whose estimated occupancy reaches ``min_occupancy``: a config that fits but
-leaves the SM mostly idle is slower at the small shapes this package runs, and timing it costs a compile.
+A :class:`TileConfig` lists, per data type of the launch ("fp16", "bf16", "fp32" with IEEE products,
+"tf32" for fp32 data with TF32 products), the shared memory (bytes per block) and the registers (per
+thread) that ptxas reported for sm_86 (``python -m tape_kernels._aot`` and ``benchmarks/kernel_report.py``
+re-measure them). Before timing, :meth:`TunedKernel.prune` keeps the configs listed for the launch's
+type whose shared memory fits one block on this device and, when registers are known, whose estimated
+occupancy reaches ``min_occupancy``: a config that fits but leaves the SM mostly idle is slower at the
+small shapes this package runs, and timing it costs a compile.
 
 Under the Triton interpreter nothing is timed: one fixed config runs (autotuning would re-run the numpy
 emulation per config). ``TAPE_KERNELS_ATTN_AUTOTUNE=0`` launches the first config that survives the
@@ -33,12 +34,26 @@ SMEM_RESERVED_PER_BLOCK = 1024  # the driver reserves 1 KiB of shared memory per
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One autotune config and, per element size, (shared bytes, registers per thread or None) on sm_86."""
+    """One autotune config and, per launch type (see :func:`resource_key`), (shared bytes, registers per
+    thread or None) on sm_86.
+
+    ``maxnreg`` caps the registers per thread (ptxas ``.maxnreg``): ptxas otherwise spends registers
+    freely (up to 255) for instruction-level parallelism, which caps occupancy instead."""
 
     meta: dict[str, int]
     num_warps: int
     num_stages: int
-    resources: dict[int, tuple[int, int | None]] = field(default_factory=dict)
+    resources: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    maxnreg: int | None = None
+
+
+def resource_key(dtype: torch.dtype, precision: str | None = None) -> str:
+    """The key of a launch in :attr:`TileConfig.resources`: its data type, "tf32" for fp32 data whose
+    products run in TF32 (``input_precision="tf32"``: another kernel, other registers)."""
+    from tape_kernels._utils import TRITON_TYPE
+
+    key = TRITON_TYPE[dtype]
+    return "tf32" if key == "fp32" and precision == "tf32" else key
 
 
 def autotune_enabled() -> bool:
@@ -104,7 +119,7 @@ class TunedKernel:
         # Resources by Config object identity. Not stored on the Config: Triton's autotune disk cache
         # rebuilds Configs with Config(**c.all_kwargs()), which an extra attribute breaks (triton 3.6,
         # TRITON_CACHE_AUTOTUNING=1).
-        self._resources: dict[int, tuple[object, dict[int, tuple[int, int | None]]]] = {}
+        self._resources: dict[int, tuple[object, dict[str, tuple[int, int | None]]]] = {}
 
     @property
     def tuned(self) -> Any:
@@ -114,7 +129,7 @@ class TunedKernel:
 
             configs = []
             for tc in self.table:
-                c = triton.Config(dict(tc.meta), num_warps=tc.num_warps, num_stages=tc.num_stages)
+                c = triton.Config(dict(tc.meta), num_warps=tc.num_warps, num_stages=tc.num_stages, maxnreg=tc.maxnreg)
                 self._resources[id(c)] = (c, tc.resources)
                 configs.append(c)
             self._tuned = triton.autotune(configs=configs, key=self.key, prune_configs_by={"early_config_prune": self.prune})(
@@ -122,18 +137,26 @@ class TunedKernel:
             )
         return self._tuned
 
-    def resources(self, config: Any) -> dict[int, tuple[int, int | None]]:
-        """{element size: (shared bytes, registers)} recorded for an autotune config ({} if unknown)."""
+    def resources(self, config: Any) -> dict[str, tuple[int, int | None]]:
+        """{launch type: (shared bytes, registers)} recorded for an autotune config ({} if unknown)."""
         hit = self._resources.get(id(config))
         return hit[1] if hit is not None and hit[0] is config else {}
 
+    def fits(self, t: torch.Tensor, precision: str) -> bool:
+        """Whether some config of this launch type fits one block's shared memory on ``t``'s device."""
+        key, limit = resource_key(t.dtype, precision), device_limits(t.device)["smem_block"]
+        return any(key in tc.resources and tc.resources[key][0] <= limit for tc in self.table)
+
     def prune(self, configs: list, named_args: dict, **kwargs: Any) -> list:
-        """Keep the configs measured for this element size that fit one block's shared memory on this
+        """Keep the configs measured for this launch type that fit one block's shared memory on this
         device and reach ``min_occupancy``; when none does, the one with the highest occupancy (or, when
-        none fits, the smallest shared memory) so that something always launches."""
+        none fits, the smallest shared memory) so that something always launches. ``kwargs``: the launch's
+        constexprs (Triton passes them), of which ``PREC`` tells fp32 from TF32."""
         t = named_args[self.data_arg]
-        elt, limits = t.element_size(), device_limits(t.device)
+        elt, limits = resource_key(t.dtype, kwargs.get("PREC")), device_limits(t.device)
         own = [c for c in configs if elt in self.resources(c)]
+        if not own:  # callers check fits() first and take another path
+            raise RuntimeError(f"{self.kernel.__name__}: no autotune config for {elt} launches")
 
         def occ(c: Any) -> float:
             smem, regs = self.resources(c)[elt]
@@ -156,6 +179,9 @@ class TunedKernel:
             self.tuned[grid](*args, **consts)
         else:
             named = dict(zip(self.kernel.arg_names, args))
-            c = self.prune(self.tuned.configs, named)[0]
+            c = self.prune(self.tuned.configs, named, **consts)[0]
             meta = dict(c.kwargs)
-            self.kernel[grid(meta)](*args, **consts, **meta, num_warps=c.num_warps, num_stages=c.num_stages)
+            opts = {"num_warps": c.num_warps, "num_stages": c.num_stages}
+            if c.maxnreg is not None:
+                opts["maxnreg"] = c.maxnreg
+            self.kernel[grid(meta)](*args, **consts, **meta, **opts)

@@ -9,28 +9,35 @@ The reference (``CachedMultiheadAttention`` in the TapeTransformer, training pat
 
 ``need_weights`` pushes PyTorch off its fused path and stores B·H·S² probabilities per block. Here the
 in/out projections stay cuBLAS GEMMs (``F.linear``) and the core runs as Triton kernels that keep every
-probability tile on chip:
+probability tile on chip. Each kernel but one works on a single head, with 2-D tiles, so that programs
+are small and many of them share an SM; the head average p̄ the statistics need is rebuilt by a pass
+that loops over the heads:
 
-* forward, one program per (batch, query block) holding *all heads* as 3-D tiles (H, BLOCK_M, dh):
-  pass 1 over key blocks finds each head's log-sum-exp; pass 2 recomputes the exact probabilities
-  p_h, accumulates O_h += p_h·V_h, averages p̄ = mean_h p_h in registers and reduces it to entropy,
-  row sums and column-sum partials, one row per 16 queries: a (B, S/16 + 1, S) fp32 buffer (S²/16 per
-  batch, vs. B·H·S² in eager MHA). A separate ``sum`` over its rows gives aw, so the column sums are
-  deterministic (no float atomics): bit-identical run to run.
-* backward (three kernels: δ preprocessing, dQ per query block, dK/dV per key block, all heads per
-  program) recomputes p_h from the saved log-sum-exp; see ``_CriticAttnCore`` for the derivation of
-  the softmax-backward row term δ, which the entropy and aw gradients change. Saved for backward:
-  qkv, O and the (B, H, S) log-sum-exp.
+* forward: (1) one program per (query block, batch·head), FlashAttention-2 style: one sweep over the
+  key blocks with an online (max, sum) softmax gives O_h and the row log-sum-exp (B, H, S); memory
+  traffic q + K + V + O per head. (2) the statistics pass, one program per (query block, batch): per
+  key block it recomputes every head's exact probabilities p_h = exp2(s_h − lse_h) (one QKᵀ per head,
+  no PV), averages them into p̄ in registers and reduces p̄ to entropy, row sums and column-sum
+  partials, one row per 16 queries: a (B, S/16 + 1, S) fp32 buffer (S²/16 per batch, vs. B·H·S² in
+  eager MHA). A separate ``sum`` over its rows gives aw, so the column sums are deterministic (no float
+  atomics): bit-identical run to run. FLOPs: 4·B·S²·D for (1) + 2·B·S²·D for (2), as the former
+  two-pass all-heads kernel.
+* backward: three per-head kernels, δ preprocessing, dQ per query block and dK/dV per key block, which
+  recompute p_h from the saved log-sum-exp; see ``CriticAttentionFunction`` for the derivation of the
+  softmax-backward row term δ, which the entropy and aw gradients change. Without statistics gradients
+  (the model's training loss) this is plain FlashAttention-2 backward. With an aw gradient one extra
+  load per key tile; with an entropy gradient every tile also rebuilds p̄ from all heads (H more QKᵀ
+  per tile), the price of per-head programs. Saved for backward: qkv, O and the log-sum-exp.
 * decode (``tape_kernels.attention_decode``, re-exported here): a split-T (flash-decoding) kernel for a
   few new query rows against a cache of projected K/V, with a combine kernel when the cache is split.
 
 The Triton kernels live in ``tape_kernels._attention_kernels``; the autotuning machinery (configs with
-their measured shared memory, pruned per device) in ``tape_kernels._autotune``.
+their measured shared memory and registers, pruned per device) in ``tape_kernels._autotune``.
 
-Supported by the Triton path: any H and dh with next_pow2(H)·max(16, next_pow2(dh)) ≤ 256 (e.g. D = 256
-with 4 heads, the model's configuration; D = 128 with 4 or 8 heads); fp32, fp16, bf16. Other sizes, float64,
-and dropout > 0 in training take the eager path (``backend="auto"``) or raise ``ValueError``
-(``backend="triton"``). CPU tensors run the kernels only under ``TRITON_INTERPRET=1``.
+Supported by the Triton path: any number of heads H and head dims dh ≤ 256 (tiles padded to
+max(16, next_pow2(dh))); fp32, fp16, bf16. Other sizes, float64, and dropout > 0 in training take the
+eager path (``backend="auto"``) or raise ``ValueError`` (``backend="triton"``). CPU tensors run the
+kernels only under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tape_kernels._attention_configs import CONFIGS
 from tape_kernels._autotune import TileConfig, TunedKernel
 from tape_kernels._dispatch import check_backend, triton_available, use_triton
 from tape_kernels._utils import FLOAT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, dot_precision, next_pow2
@@ -57,12 +65,13 @@ if triton_available():
         _attn_bwd_dkv_kernel,
         _attn_bwd_dq_kernel,
         _attn_fwd_kernel,
+        _attn_stats_kernel,
     )
 
 ENTROPY_EPS = 1e-12
 LOG2E = 1.4426950408889634
-# next_pow2(H) * max(16, next_pow2(dh)): the 3-D tiles (H, BLOCK, dh) live in registers.
-MAX_HEAD_TILE = 256
+# max(16, next_pow2(dh)): the padded head dim of the per-head tiles.
+MAX_HEAD_DIM = 256
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,56 +147,20 @@ def _stats_from_probs(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _head_tile(num_heads: int, dh: int) -> tuple[int, int]:
-    """(HP, DP): heads and head dim padded to powers of two (dh ≥ 16 for tl.dot)."""
-    return next_pow2(num_heads), max(16, next_pow2(dh))
+def _head_dim_tile(dh: int) -> int:
+    """DP: the head dim padded to a power of two (≥ 16 for tl.dot)."""
+    return max(16, next_pow2(dh))
 
 
 def kernel_supports(embed_dim: int, num_heads: int) -> bool:
     """Whether the Triton path handles this attention shape (see module docstring)."""
     if num_heads <= 0 or embed_dim % num_heads:
         return False
-    hp, dp = _head_tile(num_heads, embed_dim // num_heads)
-    return hp * dp <= MAX_HEAD_TILE
+    return _head_dim_tile(embed_dim // num_heads) <= MAX_HEAD_DIM
 
 
-# Tile configs per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, {element size: shared bytes}). The
-# shared-memory figures are what the compiler reports for sm_86 at the largest supported head tile
-# (HP·DP = 256, causal, statistics gradients on); `python -m tape_kernels._aot attention` re-measures them
-# for sm_86 and sm_90 and fails above 101376 B. A config is only offered to the element sizes it lists.
-# The configs listed compile without register spills for sm_86 at that head tile (checked with
-# benchmarks/kernel_report.py; the fp32 dQ tile spills 12 B): larger tiles (e.g. 32×64 with 4 warps, 64×64) spill, since the 3-D tiles
-# keep HP·BLOCK·DP fp32 accumulators per program. fp32 with IEEE products has no tensor-core path (its
-# 3-D dots are FMA loops over fp32 tiles staged in shared memory), so it gets one small tile per kernel:
-# it is the exact path, bf16/fp16 the fast one.
-_CONFIGS: dict[str, tuple] = {
-    "fwd": (
-        (16, 32, 4, 2, {2: 24576}),
-        (32, 32, 4, 2, {2: 32768}),
-        (32, 32, 8, 2, {2: 40960}),
-        (32, 64, 8, 2, {2: 65536}),
-        (64, 32, 8, 2, {2: 65536}),
-        (16, 16, 8, 1, {4: 49152}),
-    ),
-    "delta": (
-        (16, 32, 4, 2, {2: 24576}),
-        (32, 32, 4, 2, {2: 32768}),
-        (32, 64, 8, 2, {2: 49152}),
-        (16, 16, 4, 1, {4: 32768}),
-    ),
-    "dq": (
-        (16, 16, 4, 2, {2: 32768}),
-        (16, 32, 4, 2, {2: 49152}),
-        (32, 32, 8, 2, {2: 65536}),
-        (16, 16, 8, 1, {4: 69632}),
-    ),
-    "dkv": (
-        (16, 16, 4, 2, {2: 35328}),
-        (32, 16, 8, 2, {2: 54272}),
-        (16, 32, 8, 2, {2: 53760}),
-        (16, 16, 4, 1, {4: 98304}),  # TF32 products need 98304 B, IEEE 69632 B
-    ),
-}
+# Occupancy floors of the autotune prune: the notebook's tables (DP 64, no statistics gradient), the others.
+MIN_OCCUPANCY, MIN_OCCUPANCY_OTHER = 0.5, 0.25
 INTERP_CONFIG = (32, 64, 4, 1)  # interpreter: one fixed (BLOCK_M, BLOCK_N, warps, stages)
 
 
@@ -196,45 +169,55 @@ def _interp_meta() -> tuple[dict[str, int], int]:
     return {"BLOCK_M": bm, "BLOCK_N": bn}, warps
 
 
-def _tuned_kernels() -> dict[str, TunedKernel]:
-    kernels = {"fwd": _attn_fwd_kernel, "delta": _attn_bwd_delta_kernel, "dq": _attn_bwd_dq_kernel,
-               "dkv": _attn_bwd_dkv_kernel}  # fmt: skip
+def _tuned_kernels() -> dict[tuple[str, int], TunedKernel]:
+    kernels = {"fwd": _attn_fwd_kernel, "stats": _attn_stats_kernel, "delta": _attn_bwd_delta_kernel,
+               "dq": _attn_bwd_dq_kernel, "dkv": _attn_bwd_dkv_kernel}  # fmt: skip
     out = {}
-    for name, kernel in kernels.items():
-        table = [TileConfig({"BLOCK_M": bm, "BLOCK_N": bn}, w, st, {e: (b, None) for e, b in smem.items()})
-                 for bm, bn, w, st, smem in _CONFIGS[name]]  # fmt: skip
-        key = ["seq_len", "n_heads", "dh", "CAUSAL"] + ([] if name == "fwd" else ["HAS_ENT", "HAS_AW"])
-        out[name] = TunedKernel(kernel, table, key, "QKV", _interp_meta)
+    for name, by_dp in CONFIGS.items():
+        base, _, variant = name.partition("+")
+        key = ["seq_len", "n_heads", "DH", "CAUSAL"] + (["HAS_ENT", "HAS_AW"] if base in ("delta", "dq", "dkv") else [])
+        for dp, table in by_dp.items():
+            configs = [TileConfig({"BLOCK_M": bm, "BLOCK_N": bn}, w, st, dict(res), maxnreg)
+                       for bm, bn, w, st, maxnreg, res in table]  # fmt: skip
+            floor = MIN_OCCUPANCY if dp == 64 and not variant else MIN_OCCUPANCY_OTHER
+            out[name, dp] = TunedKernel(kernels[base], configs, key, "QKV", _interp_meta, floor)
     return out
 
 
-TUNED: dict[str, TunedKernel] = _tuned_kernels() if triton_available() else {}
+TUNED: dict[tuple[str, int], TunedKernel] = _tuned_kernels() if triton_available() else {}
+
+
+def _tuned(name: str, dp: int, stats_grad: bool = False) -> TunedKernel:
+    """The tuned kernel for a padded head dim (tables at DP 64, 128, 256), "+stats" with statistics gradients."""
+    return TUNED[name + ("+stats" if stats_grad else ""), max(dp, 64)]
+
 
 def _attn_forward(qkv: torch.Tensor, num_heads: int, causal: bool):
     """qkv (B, S, 3D) contiguous -> o (B, S, D), lse2 (B, H, S) fp32, entropy (B, S) fp32, aw (B, S) fp32."""
     b, s, d3 = qkv.shape
     d = d3 // 3
     dh = d // num_heads
-    hp, dp = _head_tile(num_heads, dh)
+    dp = _head_dim_tile(dh)
     o = torch.empty(b, s, d, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(b, num_heads, s, device=qkv.device, dtype=torch.float32)
     ent = torch.empty(b, s, device=qkv.device, dtype=torch.float32)
     # Halved column-sum partials, one row per 16 queries (see the kernel), independent of the tuned BLOCK_M,
     # plus a last row of halved row sums: aw = colp.sum(1), a deterministic reduction.
     colp = torch.empty(b, triton.cdiv(s, 16) + 1, s, device=qkv.device, dtype=torch.float32)
-    sm_scale = 1.0 / math.sqrt(dh)
-
-    def grid(meta):  # noqa: ANN001, ANN202
-        return (triton.cdiv(s, meta["BLOCK_M"]), b)
-
-    TUNED["fwd"].launch(
-        grid,
-        (qkv, o, lse, ent, colp, s, num_heads, dh, d, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
-         sm_scale * LOG2E, 1.0 / num_heads, colp.stride(0)),
-        {"CAUSAL": causal, "HP": hp, "DP": dp, "PREC": dot_precision(qkv.dtype)},
-    )  # fmt: skip
-    aw = colp.sum(dim=1)
-    return o, lse, ent, aw
+    qk_scale2 = LOG2E / math.sqrt(dh)
+    consts = {"CAUSAL": causal, "DH": dh, "DP": dp, "PREC": dot_precision(qkv.dtype)}
+    strides = (qkv.stride(0), qkv.stride(1))
+    _tuned("fwd", dp).launch(
+        lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * num_heads),
+        (qkv, o, lse, s, num_heads, d, *strides, o.stride(0), o.stride(1), qk_scale2),
+        consts,
+    )
+    _tuned("stats", dp).launch(
+        lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b),
+        (qkv, lse, ent, colp, s, num_heads, d, *strides, qk_scale2, 1.0 / num_heads, colp.stride(0)),
+        consts,
+    )
+    return o, lse, ent, colp.sum(dim=1)
 
 
 def _attn_backward(qkv, o, lse, do, g_ent, g_aw, num_heads: int, causal: bool):  # noqa: ANN001, ANN202
@@ -242,8 +225,7 @@ def _attn_backward(qkv, o, lse, do, g_ent, g_aw, num_heads: int, causal: bool): 
     b, s, d3 = qkv.shape
     d = d3 // 3
     dh = d // num_heads
-    hp, dp = _head_tile(num_heads, dh)
-    sm_scale = 1.0 / math.sqrt(dh)
+    dp = _head_dim_tile(dh)
     has_ent, has_aw = g_ent is not None, g_aw is not None
     dummy = lse.new_zeros(1)
     g_ent = g_ent.float().contiguous() if has_ent else dummy
@@ -251,18 +233,18 @@ def _attn_backward(qkv, o, lse, do, g_ent, g_aw, num_heads: int, causal: bool): 
     do = do.contiguous()
     delta = torch.empty_like(lse)
     dqkv = torch.empty_like(qkv)
-    common = {"CAUSAL": causal, "HAS_ENT": has_ent, "HAS_AW": has_aw, "HP": hp, "DP": dp, "PREC": dot_precision(qkv.dtype)}
-    dims = (s, num_heads, dh, d, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), sm_scale * LOG2E)
-
-    def grid_m(meta):  # noqa: ANN001, ANN202
-        return (triton.cdiv(s, meta["BLOCK_M"]), b)
-
-    def grid_n(meta):  # noqa: ANN001, ANN202
-        return (triton.cdiv(s, meta["BLOCK_N"]), b)
-
-    TUNED["delta"].launch(grid_m, (qkv, o, do, lse, g_ent, g_aw, delta, *dims, 1.0 / num_heads), common)
-    TUNED["dq"].launch(grid_m, (qkv, do, lse, delta, g_ent, g_aw, dqkv, *dims, sm_scale, 1.0 / num_heads), common)
-    TUNED["dkv"].launch(grid_n, (qkv, do, lse, delta, g_ent, g_aw, dqkv, *dims, sm_scale, 1.0 / num_heads), common)
+    consts = {"CAUSAL": causal, "HAS_ENT": has_ent, "HAS_AW": has_aw, "DH": dh, "DP": dp,
+              "PREC": dot_precision(qkv.dtype)}  # fmt: skip
+    dims = (s, num_heads, d, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), LOG2E / math.sqrt(dh))
+    scales = (1.0 / math.sqrt(dh), 1.0 / num_heads)
+    bh = b * num_heads
+    by_rows = lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), bh)  # noqa: E731
+    stats_grad = has_ent or has_aw
+    _tuned("delta", dp, stats_grad).launch(by_rows, (qkv, o, do, lse, g_ent, g_aw, delta, *dims, 1.0 / num_heads),
+                                           consts)  # fmt: skip
+    _tuned("dq", dp, stats_grad).launch(by_rows, (qkv, do, lse, delta, g_ent, g_aw, dqkv, *dims, *scales), consts)
+    _tuned("dkv", dp, stats_grad).launch(lambda meta: (triton.cdiv(s, meta["BLOCK_N"]), bh),
+                                         (qkv, do, lse, delta, g_ent, g_aw, dqkv, *dims, *scales), consts)  # fmt: skip
     return dqkv
 
 
@@ -279,7 +261,7 @@ class CriticAttentionFunction(torch.autograd.Function):
         δ_h[i]     = Σ_j p_h[i, j]·dp_h[i, j] = dO_h[i]·O_h[i] + (1/H)·Σ_j p_h[i, j]·dp̄[i, j].
 
     The row term δ is therefore not just dO·O: its second part needs p̄ over every key, computed by a
-    preprocessing pass per (batch, query block) before the dQ and dK/dV passes. Any part of dp̄ constant
+    preprocessing pass per (query block, head) before the dQ and dK/dV passes. Any part of dp̄ constant
     along j (here ḡ_aw[i]/2) adds the same constant to dp_h and δ_h (Σ_j p_h = 1) and cancels in ds_h,
     so the kernels drop it. dQ_h = scale·Σ_j ds_h K_h, dK_h = scale·Σ_i ds_hᵀ Q_h, dV_h = Σ_i p_hᵀ dO_h.
     """
@@ -298,8 +280,22 @@ class CriticAttentionFunction(torch.autograd.Function):
         qkv, o, lse = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
+        dp = _head_dim_tile(qkv.shape[-1] // 3 // ctx.num_heads)
+        stats_grad = g_ent is not None or g_aw is not None
+        if not all(_tuned(k, dp, stats_grad).fits(qkv, dot_precision(qkv.dtype)) for k in ("delta", "dq", "dkv")):
+            # No backward config fits this device's shared memory (e.g. dh > 128 with statistics gradients
+            # and TF32 products on a 100 KB sm_86 block): the eager backward, exact but (B, H, S, S).
+            return _eager_backward(qkv, do, g_ent, g_aw, ctx.num_heads, ctx.causal), None, None
         dqkv = _attn_backward(qkv, o, lse, do, g_ent, g_aw, ctx.num_heads, ctx.causal)
         return dqkv, None, None
+
+
+def _eager_backward(qkv, do, g_ent, g_aw, num_heads: int, causal: bool) -> torch.Tensor:  # noqa: ANN001
+    with torch.enable_grad():
+        leaf = qkv.detach().requires_grad_()
+        outs = attention_core_ref(leaf, num_heads, causal)
+        grads = [(o, g) for o, g in zip(outs, (do, g_ent, g_aw)) if g is not None]
+        return torch.autograd.grad([o for o, _ in grads], leaf, [g.to(o.dtype) for o, g in grads])[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,11 +355,13 @@ def _kernel_ok(t: torch.Tensor, d: int, num_heads: int, backend: str) -> bool:
     if not use_triton(t, backend=backend):
         return False
     reason = None
+    dp = _head_dim_tile(d // num_heads)
     if t.dtype not in KERNEL_DTYPES:
         reason = f"dtype {t.dtype} (kernels take {KERNEL_DTYPES})"
     elif not kernel_supports(d, num_heads):
-        hp, dp = _head_tile(num_heads, d // num_heads)
-        reason = f"head tile next_pow2(H)·max(16, next_pow2(dh)) = {hp}·{dp} > {MAX_HEAD_TILE}"
+        reason = f"head tile max(16, next_pow2(dh)) = {dp} > {MAX_HEAD_DIM}"
+    elif not all(_tuned(k, dp).fits(t, dot_precision(t.dtype)) for k in ("fwd", "stats")):
+        reason = f"head dim {d // num_heads} in {t.dtype} on this device (no config fits its shared memory)"
     if reason is None:
         return True
     if backend == "triton":
@@ -440,33 +438,31 @@ class CriticAttention(nn.Module):
 
 
 def aot_specs() -> list:
-    """Every kernel × config × dtype, at the largest supported head tile (HP·DP = 4·64, the model's D = 256)."""
+    """Every kernel × config × launch type of its table (fp16, bf16, fp32 with IEEE and with TF32
+    products) at the table's DP, causal; the backward with and without statistics gradients."""
     if not triton_available():
         return []
     from tape_kernels._aot import kernel_spec
 
     specs = []
     stats = dict.fromkeys(("LSE", "ENT", "COLP", "GENT", "GAW", "DELTA"), torch.float32)
-    for dtype in KERNEL_DTYPES:
-        for name, tuned in TUNED.items():
-            kernel = tuned.kernel
+    launch_types = {"fp16": (torch.float16, "ieee"), "bf16": (torch.bfloat16, "ieee"), "fp32": (torch.float32, "ieee"),
+                    "tf32": (torch.float32, "tf32")}  # fmt: skip
+    for key, (dtype, prec) in launch_types.items():
+        for (name, dp), tuned in TUNED.items():
             for tc in tuned.table:
-                if dtype.itemsize not in tc.resources:
+                if key not in tc.resources:
                     continue
                 bm, bn = tc.meta["BLOCK_M"], tc.meta["BLOCK_N"]
-                # fp32 launches with IEEE products by default and TF32 when the user enabled it in torch.
-                for prec in ("ieee", "tf32") if dtype == torch.float32 else ("ieee",):
-                    consts = {"CAUSAL": True, "HP": 4, "DP": 64, "BLOCK_M": bm, "BLOCK_N": bn, "PREC": prec}
-                    if name != "fwd":
-                        consts.update(HAS_ENT=True, HAS_AW=True)
-                    tag = f"{TRITON_TYPE[dtype]},{prec},bm{bm},bn{bn},w{tc.num_warps},s{tc.num_stages}"
-                    specs.append(kernel_spec(f"{_jit_name(kernel)}[{tag}]", kernel, dtype, consts, pointers=stats,
-                                             num_warps=tc.num_warps, num_stages=tc.num_stages))  # fmt: skip
+                consts = {"CAUSAL": True, "DH": dp, "DP": dp, "BLOCK_M": bm, "BLOCK_N": bn, "PREC": prec}
+                if name.partition("+")[0] in ("delta", "dq", "dkv"):
+                    consts.update(HAS_ENT="+stats" in name, HAS_AW="+stats" in name)
+                tag = (f"{TRITON_TYPE[dtype]},{prec},dp{dp},bm{bm},bn{bn},w{tc.num_warps},s{tc.num_stages}"
+                       + (f",r{tc.maxnreg}" if tc.maxnreg else "") + (",stats" if "+stats" in name else ""))
+                specs.append(kernel_spec(f"{tuned.kernel.__name__}[{tag}]", tuned.kernel, dtype, consts,
+                                         pointers=stats, num_warps=tc.num_warps, num_stages=tc.num_stages,
+                                         maxnreg=tc.maxnreg))  # fmt: skip
     return specs
-
-
-def _jit_name(kernel) -> str:  # noqa: ANN001
-    return getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
 
 
 __all__ = [

@@ -12,17 +12,9 @@ import os
 import subprocess
 import sys
 
+import _accuracy as acc
 import pytest
 import torch
-from _accuracy import (
-    GRAD_FACTOR,
-    NONFINITE,
-    NONFINITE_IDS,
-    OUT_FACTOR,
-    assert_nonfinite_like_eager,
-    assert_within_torch_error,
-    max_err,
-)
 
 from tape_kernels.activation import FusedReferenceActivation, reference_activation, reference_activation_ref
 
@@ -64,9 +56,10 @@ def test_forward_error_vs_torch(dtype: torch.dtype) -> None:
     ref = reference_activation_ref(x64)
     out = reference_activation(x, backend="triton")
     assert out.dtype == dtype and out.shape == x.shape
-    assert_within_torch_error(out, ref, reference_activation_ref(x), OUT_FACTOR, floor=ULP_FLOOR[dtype], name="y")
+    torch_out = reference_activation_ref(x)
+    acc.assert_within_torch_error(out, ref, torch_out, acc.OUT_FACTOR, floor=ULP_FLOOR[dtype], name="y")
     if dtype == torch.float32:
-        assert max_err(out, ref) <= 1e-6
+        assert acc.max_err(out, ref) <= 1e-6
 
 
 def test_relative_accuracy_near_zero() -> None:
@@ -97,7 +90,7 @@ def test_gradient_error_vs_torch(dtype: torch.dtype) -> None:
     d = _grad(lambda t: reference_activation(t, backend="triton"), x, g.to(dtype))
     assert d.dtype == dtype
     d_torch = _grad(reference_activation_ref, x, g.to(dtype))
-    assert_within_torch_error(d, d_ref, d_torch, GRAD_FACTOR, floor=4 * ULP_FLOOR[dtype], name="dx")
+    acc.assert_within_torch_error(d, d_ref, d_torch, acc.GRAD_FACTOR, floor=4 * ULP_FLOOR[dtype], name="dx")
 
 
 def test_derivative_at_zero_is_one() -> None:
@@ -152,10 +145,10 @@ def test_bias_activation(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     y, dx, db = run(lambda a, b: reference_activation(a, b, backend="triton"), x, bias)
     yt, dxt, dbt = run(lambda a, b: reference_activation_ref(a + b), x, bias)
     assert y.dtype == dx.dtype == db.dtype == dtype
-    for name, out, ref, tor, k in (("y", y, y64, yt, OUT_FACTOR), ("dx", dx, dx64, dxt, GRAD_FACTOR),
-                                   ("dbias", db, db64, dbt, GRAD_FACTOR)):  # fmt: skip
+    for name, out, ref, tor, k in (("y", y, y64, yt, acc.OUT_FACTOR), ("dx", dx, dx64, dxt, acc.GRAD_FACTOR),
+                                   ("dbias", db, db64, dbt, acc.GRAD_FACTOR)):  # fmt: skip
         scale = max(1.0, ref.abs().max().item())
-        assert_within_torch_error(out, ref, tor, k, floor=4 * ULP_FLOOR[dtype] * scale, name=name)
+        acc.assert_within_torch_error(out, ref, tor, k, floor=4 * ULP_FLOOR[dtype] * scale, name=name)
 
 
 def test_bias_gradient_is_deterministic_and_mixed_dtype() -> None:
@@ -216,7 +209,7 @@ NONFINITE_CASE_IDS = [f"{w}-{'bias' if b else 'nobias'}" for w, b in NONFINITE_C
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+@pytest.mark.parametrize("value", acc.NONFINITE, ids=acc.NONFINITE_IDS)
 @pytest.mark.parametrize("where,with_bias", NONFINITE_CASES, ids=NONFINITE_CASE_IDS)
 def test_nonfinite_propagate_like_eager(where: str, with_bias: bool, value: float, dtype: torch.dtype) -> None:
     """NaN / ±inf in x or in the bias: outputs and gradients non-finite exactly where the eager path's are."""
@@ -230,9 +223,9 @@ def test_nonfinite_propagate_like_eager(where: str, with_bias: bool, value: floa
         bias[7] = value
     gy = torch.randn(6, 40, generator=gen)
     if with_bias:
-        assert_nonfinite_like_eager(lambda a, b: reference_activation(a, b, backend="triton"),
+        acc.assert_nonfinite_like_eager(lambda a, b: reference_activation(a, b, backend="triton"),
                                     lambda a, b: reference_activation_ref(a + b), [x, bias], [gy],
                                     ["x", "bias"], exact=math.isnan(value))  # fmt: skip
     else:
-        assert_nonfinite_like_eager(lambda a: reference_activation(a, backend="triton"), reference_activation_ref, [x],
-                                    [gy], ["x"], exact=math.isnan(value))  # fmt: skip
+        acc.assert_nonfinite_like_eager(lambda a: reference_activation(a, backend="triton"), reference_activation_ref,
+                                        [x], [gy], ["x"], exact=math.isnan(value))  # fmt: skip

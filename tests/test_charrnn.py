@@ -15,16 +15,9 @@ import subprocess
 import sys
 import textwrap
 
+import _accuracy as acc
 import pytest
 import torch
-from _accuracy import (
-    GRAD_FACTOR,
-    NONFINITE,
-    NONFINITE_IDS,
-    OUT_FACTOR,
-    assert_nonfinite_like_eager,
-    assert_within_torch_error,
-)
 
 from tape_kernels.charrnn import CharRNN, charrnn, charrnn_ref, charrnn_step
 
@@ -95,10 +88,10 @@ def _check_against_fp64(model: CharRNN, emb, h0, dtype: torch.dtype) -> None:
     assert [o.shape for o in outs] == [o.shape for o in outs64]
     assert all(o.dtype == dtype for o in outs + grads)
     f_out, f_grad = FLOOR[dtype]
-    assert_within_torch_error(outs, outs64, outs_t, OUT_FACTOR, floor=f_out, name="outputs")
+    acc.assert_within_torch_error(outs, outs64, outs_t, acc.OUT_FACTOR, floor=f_out, name="outputs")
     for i, (gk, gt, g64) in enumerate(zip(grads, grads_t, grads64)):
         scale = max(1.0, g64.abs().max().item())
-        assert_within_torch_error(gk, g64, gt, GRAD_FACTOR, floor=f_grad * scale, name=f"grad #{i}")
+        acc.assert_within_torch_error(gk, g64, gt, acc.GRAD_FACTOR, floor=f_grad * scale, name=f"grad #{i}")
 
 
 @pytest.mark.parametrize("with_h0", [False, True])
@@ -350,13 +343,13 @@ def test_gpu_against_fp64(dtype: torch.dtype) -> None:
     outs_t, grads_t = _run(charrnn_ref, eq.cuda(), cuda, [h.cuda() for h in hq], go.cuda(), [x.cuda() for x in gh])
     f_out, f_grad = FLOOR[dtype]
     for i, (ok, ot, o64) in enumerate(zip(outs, outs_t, outs64)):
-        assert_within_torch_error(ok.cpu(), o64, ot.cpu(), OUT_FACTOR, floor=f_out, name=f"output {i}")
+        acc.assert_within_torch_error(ok.cpu(), o64, ot.cpu(), acc.OUT_FACTOR, floor=f_out, name=f"output {i}")
     for i, (gk, gt, g64) in enumerate(zip(grads, grads_t, grads64)):
         scale = max(1.0, g64.abs().max().item())
-        assert_within_torch_error(gk.cpu(), g64, gt.cpu(), GRAD_FACTOR, floor=f_grad * scale, name=f"grad #{i}")
+        acc.assert_within_torch_error(gk.cpu(), g64, gt.cpu(), acc.GRAD_FACTOR, floor=f_grad * scale, name=f"grad #{i}")
 
 
-@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+@pytest.mark.parametrize("value", acc.NONFINITE, ids=acc.NONFINITE_IDS)
 @pytest.mark.parametrize("where", ["emb", "h0", "W_iL", "W_hR", "b_hL"])
 def test_nonfinite_propagate_like_eager(where: str, value: float) -> None:
     """NaN / ±inf in the input, the initial state or a weight: the output trajectory, the last states and
@@ -383,5 +376,5 @@ def test_nonfinite_propagate_like_eager(where: str, value: float) -> None:
         return run
 
     names = ["emb"] + [f"weights[{i}]" for i in range(len(weights))] + [f"h0[{l}]" for l in range(layers)]
-    assert_nonfinite_like_eager(flat(lambda e, w, h: charrnn(e, w, h, backend="triton")), flat(charrnn_ref),
+    acc.assert_nonfinite_like_eager(flat(lambda e, w, h: charrnn(e, w, h, backend="triton")), flat(charrnn_ref),
                                 [emb, *weights, *h0], cot, names, exact=math.isnan(value))  # fmt: skip

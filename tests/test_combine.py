@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import math
 
+import _accuracy as acc
 import pytest
 import torch
-from _accuracy import (
-    GRAD_FACTOR,
-    NONFINITE,
-    NONFINITE_IDS,
-    OUT_FACTOR,
-    assert_nonfinite_like_eager,
-    assert_within_torch_error,
-)
 
 from tape_kernels.combine import TapeHeadCombine, tapehead_combine, tapehead_combine_ref
 
@@ -47,7 +40,7 @@ def test_forward_matches_ref_and_fp64(mode, dtype, shape):
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
     exact = tapehead_combine_ref(hl.double(), hr.double(), mode)
-    assert_within_torch_error(out, exact, ref, OUT_FACTOR, atol=FLOOR[dtype], name="h")
+    acc.assert_within_torch_error(out, exact, ref, acc.OUT_FACTOR, atol=FLOOR[dtype], name="h")
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
@@ -68,7 +61,7 @@ def test_backward_matches_ref_and_fp64(mode, dtype):
     for k, r, e in zip(got, ref, exact):
         assert k.dtype == dtype
         torch.testing.assert_close(k, r, atol=atol, rtol=rtol)
-        assert_within_torch_error(k, e, r, GRAD_FACTOR, atol=FLOOR[dtype])
+        acc.assert_within_torch_error(k, e, r, acc.GRAD_FACTOR, atol=FLOOR[dtype])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow inside the interpreter, masked by tl.where
@@ -138,7 +131,7 @@ def test_cpu_without_interpreter_takes_the_eager_path(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+@pytest.mark.parametrize("value", acc.NONFINITE, ids=acc.NONFINITE_IDS)
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_nonfinite_propagate_like_eager(mode: int, value: float, dtype: torch.dtype) -> None:
     """NaN / ±inf in hl, in hr, and in both at one place: h, dhl, dhr non-finite exactly where the
@@ -149,6 +142,6 @@ def test_nonfinite_propagate_like_eager(mode: int, value: float, dtype: torch.dt
     hr[1, 8] = value
     hl[2, 20] = hr[2, 20] = value
     hl[3, 1], hr[3, 1] = value, -value  # opposite infinities
-    assert_nonfinite_like_eager(lambda a, b: tapehead_combine(a, b, mode, backend="triton"),
+    acc.assert_nonfinite_like_eager(lambda a, b: tapehead_combine(a, b, mode, backend="triton"),
                                 lambda a, b: tapehead_combine_ref(a, b, mode), [hl, hr], [g], ["hl", "hr"],
                                 exact=math.isnan(value))  # fmt: skip

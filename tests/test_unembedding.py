@@ -9,17 +9,9 @@ from __future__ import annotations
 
 import math
 
+import _accuracy as acc
 import pytest
 import torch
-from _accuracy import (
-    GRAD_FACTOR,
-    NONFINITE,
-    NONFINITE_IDS,
-    OUT_FACTOR,
-    assert_nonfinite_like_eager,
-    assert_within_torch_error,
-    max_err,
-)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,9 +81,9 @@ def test_forward_backward_vs_ref_and_fp64(case, dtype):
     assert dh.dtype == dtype and du.dtype == dtype
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out, ref, atol=atol * (1 + ref.abs().max().item()), rtol=rtol)
-    assert_within_torch_error(out, ex, ref, OUT_FACTOR, atol=1e-6, name="logp")
+    acc.assert_within_torch_error(out, ex, ref, acc.OUT_FACTOR, atol=1e-6, name="logp")
     for name, k, r, e in (("dh", dh, dh_ref, dh_ex), ("dU", du, du_ref, du_ex)):
-        assert_within_torch_error(k, e, r, GRAD_FACTOR, atol=1e-6, rtol=ULP[dtype], name=name)
+        acc.assert_within_torch_error(k, e, r, acc.GRAD_FACTOR, atol=1e-6, rtol=ULP[dtype], name=name)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -107,7 +99,7 @@ def test_huge_logits_need_max_subtraction(dtype):
     out = _kernel(h, u)
     assert torch.isfinite(out).all()
     ref = _ref(h.float(), u.float())
-    assert_within_torch_error(out, ex, ref, OUT_FACTOR, atol=1e-6, name="logp")
+    acc.assert_within_torch_error(out, ex, ref, acc.OUT_FACTOR, atol=1e-6, name="logp")
     torch.testing.assert_close(out.exp().sum(-1), torch.ones(4, 8), atol=1e-5, rtol=0)
 
 
@@ -228,7 +220,7 @@ def test_nll_vs_ref_and_fp64(case, reduction):
     r64 = run(ref, h.double(), u.double())
     assert got[0].shape == r32[0].shape and got[0].dtype == torch.float32
     for name, k, r, e in zip(("loss", "dh", "dU"), got, r32, r64):
-        assert_within_torch_error(k, e, r, GRAD_FACTOR, atol=1e-6, rtol=1e-6, name=name)
+        acc.assert_within_torch_error(k, e, r, acc.GRAD_FACTOR, atol=1e-6, rtol=1e-6, name=name)
 
 
 def test_nll_matches_unembedding_and_int32_targets():
@@ -301,9 +293,9 @@ def test_cuda_vs_fp64(dtype, v):
     out, dh, du = _grads(_kernel, h, u, g)
     ref, dh_ref, du_ref = _grads(_ref, h.float(), u.float(), g)
     ex, dh_ex, du_ex = _grads(_ref, h.double(), u.double(), g.double())
-    assert_within_torch_error(out, ex, ref, OUT_FACTOR, atol=1e-6, name="logp")
+    acc.assert_within_torch_error(out, ex, ref, acc.OUT_FACTOR, atol=1e-6, name="logp")
     for k, r, e in ((dh, dh_ref, dh_ex), (du, du_ref, du_ex)):
-        assert_within_torch_error(k, e, r, GRAD_FACTOR, atol=1e-6, rtol=ULP[dtype])
+        acc.assert_within_torch_error(k, e, r, acc.GRAD_FACTOR, atol=1e-6, rtol=ULP[dtype])
     y = torch.randint(0, v, (16, 128), device="cuda")
     # Per-row losses against the same 2x rule. (A single mean is no test of it: PyTorch's error on
     # one fp32 scalar of ~30 can fall far below its ulp, 1.9e-6, by luck.) The mean is then within
@@ -311,8 +303,8 @@ def test_cuda_vs_fp64(dtype, v):
     rows = student_t_nll(h, u, y, "none")
     rows_ex = student_t_nll_ref(h.double(), u.double(), y, "none")
     rows_32 = student_t_nll_ref(h.float(), u.float(), y, "none")
-    row_err = max_err(rows, rows_ex)
-    assert_within_torch_error(rows, rows_ex, rows_32, OUT_FACTOR, atol=1e-6, name="nll rows")
+    row_err = acc.max_err(rows, rows_ex)
+    acc.assert_within_torch_error(rows, rows_ex, rows_32, acc.OUT_FACTOR, atol=1e-6, name="nll rows")
     nll, nll_ex = student_t_nll(h, u, y), rows_ex.mean()
     assert abs(nll.item() - nll_ex.item()) <= row_err + 2 * torch.finfo(torch.float32).eps * abs(nll_ex.item())
 
@@ -381,9 +373,9 @@ def test_property_random_shapes_fp32(n, d, v, seed):
     out, dh, du = _grads(_kernel, h, u, g.float())
     ref, dh_ref, du_ref = _grads(_ref, h, u, g.float())
     ex, dh_ex, du_ex = _grads(_ref, h.double(), u.double(), g)
-    assert_within_torch_error(out, ex, ref, OUT_FACTOR, atol=1e-6, name="logp")
+    acc.assert_within_torch_error(out, ex, ref, acc.OUT_FACTOR, atol=1e-6, name="logp")
     for k, r, e in ((dh, dh_ref, dh_ex), (du, du_ref, du_ex)):
-        assert_within_torch_error(k, e, r, GRAD_FACTOR, atol=1e-6, rtol=1e-6)
+        acc.assert_within_torch_error(k, e, r, acc.GRAD_FACTOR, atol=1e-6, rtol=1e-6)
     y = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed + 2))
     nll = student_t_nll(h, u, y, backend="triton")
     nll_ex = student_t_nll_ref(h.double()[None], u.double(), y[None])
@@ -391,7 +383,7 @@ def test_property_random_shapes_fp32(n, d, v, seed):
     assert abs(nll.item() - nll_ex.item()) <= 2 * abs(nll_32.item() - nll_ex.item()) + 1e-6 * (1 + nll_ex.abs().item())
 
 
-@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+@pytest.mark.parametrize("value", acc.NONFINITE, ids=acc.NONFINITE_IDS)
 @pytest.mark.parametrize("where", ["hidden_states", "unembedding"])
 @pytest.mark.parametrize("op", ["logp", "nll"])
 @pytest.mark.parametrize("v", [37, 150], ids=["V37", "V150"])  # one vocab tile / online log-sum-exp over tiles
@@ -411,4 +403,5 @@ def test_nonfinite_propagate_like_eager(v: int, op: str, where: str, value: floa
             return student_t_nll_ref(a.reshape(1, -1, 24), b, y.reshape(1, -1), "none").reshape(2, 5)
 
         g = torch.rand(2, 5, generator=torch.Generator().manual_seed(21)) + 0.5
-    assert_nonfinite_like_eager(kernel, eager, [h, u], [g], ["hidden_states", "unembedding"], exact=math.isnan(value))
+    names = ["hidden_states", "unembedding"]
+    acc.assert_nonfinite_like_eager(kernel, eager, [h, u], [g], names, exact=math.isnan(value))
