@@ -48,6 +48,14 @@ def _zero_times(base, lo, hi, n_rows, stride_s, offs_d, DH, BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _head_program(n_heads, BLOCK: tl.constexpr, DP: tl.constexpr):
+    """A per-head program's ids, grid (row block, batch·head): (block, b·h, b, h, its rows, head-dim offsets)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    return pid, bh, bh // n_heads, bh % n_heads, pid * BLOCK + tl.arange(0, BLOCK), tl.arange(0, DP)
+
+
+@triton.jit
 def _valid(offs_m, offs_n, seq_len, CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N): query and key in range, and key ≤ query when causal."""
     valid = (offs_m[:, None] < seq_len) & (offs_n[None, :] < seq_len)
@@ -103,12 +111,7 @@ def _attn_fwd_kernel(
     """One (query block, batch·head): O_h = softmax(q kᵀ/√DH) v with an online (max, sum) in log2 units,
     and the row log2-sum-exp for the statistics pass and the backward. Reads q once, K and V once per
     query block; writes O and 4 B per row."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, DP)
+    pid_m, bh, b, h, offs_m, offs_d = _head_program(n_heads, BLOCK_M, DP)
     head = QKV + b.to(tl.int64) * stride_qb + h * DH
     hi = seq_len
     acc = tl.zeros((BLOCK_M, DP), tl.float32)
@@ -254,12 +257,7 @@ def _attn_bwd_delta_kernel(
 ):  # fmt: skip
     """One (query block, batch·head): δ_h = dO_h·O_h, plus (1/H)·Σ_j p_h·dp̄ when the statistics have a
     gradient (a sweep over the keys)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, DP)
+    pid_m, bh, b, h, offs_m, offs_d = _head_program(n_heads, BLOCK_M, DP)
     o = _load_rows(O + b.to(tl.int64) * stride_ob + h * DH, offs_m, seq_len, stride_os, offs_d, DH)
     do = _load_rows(DO + b.to(tl.int64) * stride_ob + h * DH, offs_m, seq_len, stride_os, offs_d, DH)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -292,12 +290,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One (query block, batch·head): dQ_h = scale·Σ_j ds K_h over the visible keys."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, DP)
+    pid_m, bh, b, h, offs_m, offs_d = _head_program(n_heads, BLOCK_M, DP)
     k_head = QKV + b.to(tl.int64) * stride_qb + d_model + h * DH
     hi = seq_len
     dq = tl.zeros((BLOCK_M, DP), tl.float32)
@@ -329,12 +322,7 @@ def _attn_bwd_dkv_kernel(
 ):  # fmt: skip
     """One (key block, batch·head): dK_h = scale·Σ_i dsᵀ Q_h and dV_h = Σ_i pᵀ dO_h over the rows that
     see these keys."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, DP)
+    pid_n, bh, b, h, offs_n, offs_d = _head_program(n_heads, BLOCK_N, DP)
     q_head = QKV + b.to(tl.int64) * stride_qb + h * DH
     lo = 0
     dk = tl.zeros((BLOCK_N, DP), tl.float32)
