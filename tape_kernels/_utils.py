@@ -9,10 +9,10 @@ import torch
 
 from tape_kernels._dispatch import interpreting, triton_available
 
-# The dtypes the Triton kernels take (fp32 math inside). FLOAT_DTYPES is what the public ops accept:
-# float64 runs their eager reference.
+# The dtypes the Triton kernels take (fp32 math inside). INPUT_DTYPES is what the public float ops
+# accept: float64 runs their eager reference.
 KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-FLOAT_DTYPES: tuple[torch.dtype, ...] = (*KERNEL_DTYPES, torch.float64)
+INPUT_DTYPES: tuple[torch.dtype, ...] = (*KERNEL_DTYPES, torch.float64)
 # torch dtype -> Triton's scalar type name (pointer types in a kernel signature are "*" + this).
 TRITON_TYPE: dict[torch.dtype, str] = {
     torch.float32: "fp32",

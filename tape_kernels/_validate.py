@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from tape_kernels._utils import KERNEL_DTYPES as FLOAT_DTYPES  # noqa: F401 - int8.py's name for the kernel dtypes
 
 
 def check_tensor(

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tape_kernels._dispatch import triton_available, use_triton
-from tape_kernels._utils import FLOAT_DTYPES, KERNEL_DTYPES, TRITON_TYPE
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE
 from tape_kernels._validate import check_same_device, check_tensor
 
 _BLOCK = 1024
@@ -218,9 +218,9 @@ class ReferenceActivationFunction(torch.autograd.Function):
 
 
 def _check_inputs(x: torch.Tensor, bias: torch.Tensor | None) -> None:
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dtypes=INPUT_DTYPES)
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
+        check_tensor("bias", bias, ndim=1, dtypes=INPUT_DTYPES)
         if x.dim() == 0:
             raise ValueError("x must have at least 1 dim when a bias is given")
         if bias.shape[0] != x.shape[-1]:

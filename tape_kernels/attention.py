@@ -51,7 +51,7 @@ from torch import nn
 from tape_kernels._attention_configs import CONFIGS
 from tape_kernels._autotune import TileConfig, TunedKernel
 from tape_kernels._dispatch import check_backend, triton_available, use_triton
-from tape_kernels._utils import FLOAT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, dot_precision, next_pow2
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, dot_precision, next_pow2
 from tape_kernels._validate import check_same_device, check_same_dtype, check_tensor
 
 # Decode lives in its own module; these names stay importable from here.
@@ -312,7 +312,7 @@ def _check_inputs(x, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bia
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if d % num_heads:
         raise ValueError(f"embed_dim {d} is not divisible by num_heads {num_heads}")
-    floats = FLOAT_DTYPES
+    floats = INPUT_DTYPES
     check_tensor("x", x, dtypes=floats)
     check_tensor("in_proj_weight", in_proj_weight, shape=(3 * d, d), dtypes=floats)
     check_tensor("out_proj_weight", out_proj_weight, shape=(d, d), dtypes=floats)
@@ -340,7 +340,7 @@ def attention_stats(
     Returns (o (B, S, D) in qkv's dtype, entropy (B, S) fp32, aw (B, S) fp32); differentiable.
     """
     check_backend(backend)
-    check_tensor("qkv", qkv, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("qkv", qkv, ndim=3, dtypes=INPUT_DTYPES)
     if qkv.numel() == 0:
         raise ValueError(f"qkv must be non-empty (B, S, 3D), got shape {tuple(qkv.shape)}")
     if qkv.shape[-1] % 3 or (qkv.shape[-1] // 3) % num_heads:

@@ -20,7 +20,7 @@ import math
 import torch
 
 from tape_kernels._dispatch import check_backend, interpreting, triton_available, use_triton
-from tape_kernels._utils import FLOAT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, dot_precision, next_pow2
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, dot_precision, next_pow2
 from tape_kernels._validate import check_same_device, check_same_dtype, check_tensor
 
 LOG2E = 1.4426950408889634
@@ -196,7 +196,7 @@ def critic_attention_decode(
     in a CUDA graph and replayed as the cache fills.
     """
     check_backend(backend)
-    check_tensor("q_new", q_new, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("q_new", q_new, ndim=4, dtypes=INPUT_DTYPES)
     b, h, tn, dh = q_new.shape
     check_tensor("k_cache", k_cache, shape=(b, h, None, dh))
     t = k_cache.shape[2]

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from tape_kernels._dispatch import triton_available, use_triton
-from tape_kernels._utils import FLOAT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, dot_precision
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, dot_precision
 from tape_kernels._validate import check_same_device, check_same_dtype, check_tensor
 from tape_kernels.activation import reference_activation, reference_activation_ref
 
@@ -248,7 +248,7 @@ def _check_weights(weights: Sequence[torch.Tensor]) -> tuple[int, int, int]:
     if not isinstance(weights, (list, tuple)) or len(weights) == 0 or len(weights) % _PER_LAYER:
         raise ValueError(f"weights must be a non-empty list of {_PER_LAYER}·num_layers tensors")
     num_layers = len(weights) // _PER_LAYER
-    w0 = check_tensor("weights[0]", weights[0], ndim=2, dtypes=FLOAT_DTYPES)
+    w0 = check_tensor("weights[0]", weights[0], ndim=2, dtypes=INPUT_DTYPES)
     hd, d = w0.shape
     for l in range(num_layers):
         din = d if l == 0 else hd
@@ -277,7 +277,7 @@ def _check_state(
 
 def _check_emb(emb: torch.Tensor, weights: Sequence[torch.Tensor]) -> tuple[int, int, int]:
     num_layers, d, hd = _check_weights(weights)
-    check_tensor("emb", emb, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("emb", emb, ndim=3, dtypes=INPUT_DTYPES)
     if emb.shape[2] != d:
         raise ValueError(f"emb has shape {tuple(emb.shape)}; its last dim must be embed_dim = {d}")
     if emb.shape[0] < 1 or emb.shape[1] < 1:

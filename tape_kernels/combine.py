@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tape_kernels._dispatch import triton_available, use_triton
-from tape_kernels._utils import FLOAT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, rtne_bf16
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, rtne_bf16
 from tape_kernels._validate import check_same_device, check_same_dtype, check_tensor
 
 MODES = (0, 1, 2)
@@ -100,8 +100,8 @@ def _check_mode(mode: object) -> int:
 
 
 def _check_inputs(hl: torch.Tensor, hr: torch.Tensor) -> None:
-    check_tensor("hl", hl, dtypes=FLOAT_DTYPES)
-    check_tensor("hr", hr, dtypes=FLOAT_DTYPES)
+    check_tensor("hl", hl, dtypes=INPUT_DTYPES)
+    check_tensor("hr", hr, dtypes=INPUT_DTYPES)
     if hl.shape != hr.shape:
         raise ValueError(f"hl and hr must have the same shape, got {tuple(hl.shape)} and {tuple(hr.shape)}")
     check_same_device(hl=hl, hr=hr)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tape_kernels._dispatch import triton_available, use_triton
-from tape_kernels._utils import FLOAT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, rtne_bf16
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, rtne_bf16
 from tape_kernels._validate import check_same_device, check_tensor
 
 MAX_D = 4096
@@ -183,7 +183,7 @@ class AddLayerNormFunction(torch.autograd.Function):
 
 
 def _check(x, residual, weight, bias) -> None:
-    dts = FLOAT_DTYPES
+    dts = INPUT_DTYPES
     check_tensor("x", x, dtypes=dts)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dim (..., D)")

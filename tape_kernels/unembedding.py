@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tape_kernels._dispatch import interpreting, triton_available, use_triton
-from tape_kernels._utils import FLOAT_DTYPES, TRITON_TYPE, dot_precision
+from tape_kernels._utils import INPUT_DTYPES, TRITON_TYPE, dot_precision
 from tape_kernels._validate import check_same_device, check_tensor
 
 DEFAULT_DF = 2.718281828459
@@ -366,7 +366,7 @@ class StudentTNLLFunction(torch.autograd.Function):
 
 
 def _check(h: torch.Tensor, u: torch.Tensor, df: float) -> None:
-    dts = FLOAT_DTYPES
+    dts = INPUT_DTYPES
     check_tensor("hidden_states", h, dtypes=dts)
     if h.dim() < 1:
         raise ValueError("hidden_states must have shape (..., D), got a 0-dim tensor")
