@@ -1,7 +1,7 @@
 """Static resource use of every Triton kernel config on a target GPU, without the GPU.
 
     python benchmarks/kernel_report.py [--cc 86] [module ...] [--out FILE.json] [--md FILE.md]
-                                       [--fail-on-spill]
+                                       [--fail-on-spill] [-j JOBS]
 
 Compiles every ``aot_specs()`` entry of the ``tape_kernels`` op modules for compute capability
 ``--cc`` (default 86, the RTX 30xx the package is tuned for) exactly as ``tape_kernels._aot`` does,
@@ -123,50 +123,76 @@ def occupancy(cc: int, regs: int, num_warps: int, shared: int) -> dict[str, Any]
     }
 
 
-def report(cc: int, modules: list[str] | None = None, verbose: bool = True) -> list[dict[str, Any]]:
-    from tape_kernels._aot import collect_specs, compile_spec
+_SPECS: list = []
+
+
+def _analyse(job: tuple[int, int, str, str | None]) -> dict[str, Any]:
+    """Compile spec #i of _SPECS for cc and read its resources (runs in a worker process)."""
+    from tape_kernels._aot import compile_spec
+
+    i, cc, tool, ptxas = job
+    mod, spec = _SPECS[i]
+    lim = SM_LIMITS.get(cc, SM_LIMITS[86])
+    row: dict[str, Any] = {"module": mod, "name": spec.name, "cc": cc, "num_warps": spec.num_warps,
+                           "num_stages": spec.num_stages}
+    try:
+        k = compile_spec(spec, cc)
+    except Exception as e:  # reported, not fatal: `make aot` is the compile gate
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return row
+    use = resource_usage(k.asm["cubin"], tool)
+    shared = int(k.metadata.shared)
+    row.update(regs=use.get("reg"), local_bytes=use.get("local", 0), stack_bytes=use.get("stack", 0),
+               shared=shared)
+    if ptxas and (row["stack_bytes"] or row["local_bytes"]):
+        row.update(spill_stats(k.asm["ptx"], cc, ptxas))
+    row.update(occupancy(cc, row["regs"] or 0, spec.num_warps, shared))
+    problems = []
+    if row.get("spill_stores"):
+        problems.append(f"spills {row['spill_stores']} B of registers")
+    elif row["local_bytes"] or row["stack_bytes"]:
+        problems.append(f"local memory {row['local_bytes'] + row['stack_bytes']} B (stack frame, no spills)"
+                        if "spill_stores" in row else "uses local memory (spills or local arrays)")
+    if shared > lim["smem_block"]:
+        problems.append(f"shared {shared} B > {lim['smem_block']} B per block")
+    if row["blocks_per_sm"] == 0:
+        problems.append("no block fits on an SM")
+    row["problems"] = problems
+    return row
+
+
+def report(cc: int, modules: list[str] | None = None, verbose: bool = True, jobs: int = 1) -> list[dict[str, Any]]:
+    global _SPECS
+    from tape_kernels._aot import collect_specs
 
     tool = find_cuobjdump()
     if tool is None:
         raise SystemExit("cuobjdump not found (set TRITON_CUOBJDUMP_PATH)")
     ptxas = find_ptxas()
-    lim = SM_LIMITS.get(cc, SM_LIMITS[86])
-    rows = []
-    for mod, spec in collect_specs(modules):
-        if cc not in spec.ccs:
-            continue
-        row: dict[str, Any] = {"module": mod, "name": spec.name, "cc": cc, "num_warps": spec.num_warps,
-                               "num_stages": spec.num_stages}
-        try:
-            k = compile_spec(spec, cc)
-        except Exception as e:  # reported, not fatal: `make aot` is the compile gate
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            rows.append(row)
-            continue
-        use = resource_usage(k.asm["cubin"], tool)
-        shared = int(k.metadata.shared)
-        row.update(regs=use.get("reg"), local_bytes=use.get("local", 0), stack_bytes=use.get("stack", 0),
-                   shared=shared)
-        if ptxas and (row["stack_bytes"] or row["local_bytes"]):
-            row.update(spill_stats(k.asm["ptx"], cc, ptxas))
-        row.update(occupancy(cc, row["regs"] or 0, spec.num_warps, shared))
-        problems = []
-        if row.get("spill_stores"):
-            problems.append(f"spills {row['spill_stores']} B of registers")
-        elif row["local_bytes"] or row["stack_bytes"]:
-            problems.append(f"local memory {row['local_bytes'] + row['stack_bytes']} B (stack frame, no spills)"
-                            if "spill_stores" in row else "uses local memory (spills or local arrays)")
-        if shared > lim["smem_block"]:
-            problems.append(f"shared {shared} B > {lim['smem_block']} B per block")
-        if row["blocks_per_sm"] == 0:
-            problems.append("no block fits on an SM")
-        row["problems"] = problems
-        rows.append(row)
-        if verbose:
-            flag = ("  <-- " + "; ".join(problems)) if problems else ""
-            print(f"sm_{cc} {mod}:{spec.name:<58} w{spec.num_warps} s{spec.num_stages} regs={row['regs']:>3} "
-                  f"shared={shared:>6} occ={row['occupancy']:.2f}({row['limited_by']}){flag}", flush=True)
+    _SPECS = [(mod, spec) for mod, spec in collect_specs(modules) if cc in spec.ccs]
+    work = [(i, cc, tool, ptxas) for i in range(len(_SPECS))]
+    if jobs > 1 and len(work) > 1:
+        import multiprocessing as mp
+
+        # fork: workers inherit the collected specs; no CUDA context exists to be broken by it.
+        with mp.get_context("fork").Pool(jobs) as pool:
+            rows = list(pool.imap(_analyse, work, chunksize=1))
+    else:
+        rows = [_analyse(job) for job in work]
+    for row in rows:
+        if verbose and "error" not in row:
+            flag = ("  <-- " + "; ".join(row["problems"])) if row["problems"] else ""
+            print(f"sm_{cc} {row['module']}:{row['name']:<58} w{row['num_warps']} s{row['num_stages']} "
+                  f"regs={row['regs']:>3} shared={row['shared']:>6} occ={row['occupancy']:.2f}({row['limited_by']})"
+                  f"{flag}", flush=True)
+        elif verbose:
+            print(f"sm_{cc} {row['module']}:{row['name']}  ERROR {row['error']}", flush=True)
     return rows
+
+
+def notebook_attention(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The attention configs the notebook shape (dh 64, training loss: no statistics gradient) can launch."""
+    return [r for r in rows if r["module"] == "attention" and ",dp64," in r["name"] and ",stats" not in r["name"]]
 
 
 def to_markdown(rows: list[dict[str, Any]], cc: int) -> str:
@@ -175,6 +201,18 @@ def to_markdown(rows: list[dict[str, Any]], cc: int) -> str:
         f"Static resource use on sm_{cc} (ptxas via cuobjdump; no GPU involved): {len(rows)} kernel configs, "
         f"{len(bad)} flagged.",
         "",
+    ]
+    nb = notebook_attention(rows)
+    if nb:
+        ok = [r for r in nb if "error" not in r]
+        occ = min((r["occupancy"] for r in ok), default=0.0)
+        flagged = sum(bool(r.get("problems") or r.get("error")) for r in nb)
+        lines += [
+            f"Attention at the notebook shape (dh 64, no statistics gradient; fp16, bf16, fp32 and TF32 launches, "
+            f"forward and backward): {len(nb)} configs, lowest occupancy {occ:.2f}, {flagged} flagged.",
+            "",
+        ]
+    lines += [
         "| module | kernel config | warps | stages | regs | local B | shared B | blocks/SM | occ. | limit | problems |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
@@ -199,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", help="write a markdown table here")
     ap.add_argument("--fail-on-spill", action="store_true", help="exit 1 when any config is flagged")
     ap.add_argument("-q", "--quiet", action="store_true")
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    rows = report(args.cc, args.modules or None, verbose=not args.quiet)
+    rows = report(args.cc, args.modules or None, verbose=not args.quiet, jobs=max(1, args.jobs))
     for path, text in ((args.out, json.dumps(rows, indent=1)), (args.md, to_markdown(rows, args.cc))):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

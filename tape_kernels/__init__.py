@@ -7,20 +7,9 @@ tensors run them only under ``TRITON_INTERPRET=1``, anything else takes the eage
 """
 
 from tape_kernels._dispatch import interpreting, triton_available, triton_runnable, use_triton
-from tape_kernels.activation import (
-    ReferenceActivation,
-    ReferenceActivationRef,
-    reference_activation,
-    reference_activation_ref,
-)
-from tape_kernels.attention import (
-    CriticAttention,
-    attention_stats,
-    critic_attention,
-    critic_attention_decode,
-    critic_attention_decode_ref,
-    critic_attention_ref,
-)
+from tape_kernels.activation import FusedReferenceActivation, reference_activation, reference_activation_ref
+from tape_kernels.attention import CriticAttention, attention_stats, critic_attention, critic_attention_ref
+from tape_kernels.attention_decode import critic_attention_decode, critic_attention_decode_ref
 from tape_kernels.charrnn import CharRNN, charrnn_ref, charrnn_step
 from tape_kernels.combine import TapeHeadCombine, tapehead_combine, tapehead_combine_ref
 from tape_kernels.int8 import Int8Linear, Int8MultiheadAttention, int8_linear, quantize_weight
@@ -39,10 +28,9 @@ __all__ = [
     "AddLayerNorm",
     "CharRNN",
     "CriticAttention",
+    "FusedReferenceActivation",
     "Int8Linear",
     "Int8MultiheadAttention",
-    "ReferenceActivation",
-    "ReferenceActivationRef",
     "StudentTUnembedding",
     "TapeHeadCombine",
     "add_layer_norm",

@@ -1,9 +1,11 @@
 """Ahead-of-time compilation of every Triton kernel for sm_86 and sm_90, without a GPU.
 
 Each op module that owns Triton kernels exposes ``aot_specs() -> list[AotSpec]``: one entry per
-kernel × autotune config × dtype it can launch. ``python -m tape_kernels._aot`` compiles them all
-with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and fails when a kernel
-does not compile or needs more shared memory than an RTX 3050/3060 (sm_86) gives one block.
+kernel × autotune config × dtype it can launch, built with :func:`kernel_spec`, which derives the
+Triton signature from the kernel's own parameter list (see :func:`signature` for the naming
+convention it relies on). ``python -m tape_kernels._aot`` compiles them all with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and fails when a kernel does not
+compile or needs more shared memory than an RTX 3050/3060 (sm_86) gives one block.
 
 This must run where ``TRITON_INTERPRET`` is unset: interpreted kernels cannot be compiled.
 """
@@ -12,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import pkgutil
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 # Shared memory per block on sm_86 (RTX 30xx): 99 KB opt-in (101376 bytes).
 SM86_MAX_SHARED = 101376
@@ -40,6 +45,7 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 2
     ccs: tuple[int, ...] = TARGET_CCS
+    maxnreg: int | None = None
 
 
 def _jit_fn(kernel: Any) -> Any:
@@ -47,6 +53,69 @@ def _jit_fn(kernel: Any) -> Any:
     while not hasattr(kernel, "arg_names") and hasattr(kernel, "fn"):
         kernel = kernel.fn
     return kernel
+
+
+# Scalar annotations a kernel parameter may carry (a string under `from __future__ import annotations`).
+_SCALAR_ANNOTATIONS = {"float32": "fp32", "int32": "i32", "int64": "i64"}
+
+
+def _params(kernel: Any) -> list[tuple[str, str, Any]]:
+    """(name, normalised annotation, default or ``inspect.Parameter.empty``) of each parameter of a JIT
+    or interpreted kernel."""
+    fn = _jit_fn(kernel)
+    py = getattr(fn, "fn", fn)
+    out = []
+    for p in inspect.signature(py).parameters.values():
+        ann = "" if p.annotation is inspect.Parameter.empty else str(getattr(p.annotation, "__name__", p.annotation))
+        ann = ann.removeprefix("triton.language.").removeprefix("tl.")
+        out.append((p.name, ann, p.default))
+    return out
+
+
+def signature(kernel: Any, dtype: torch.dtype, pointers: dict[str, torch.dtype] | None = None) -> dict[str, str]:
+    """The Triton signature of ``kernel`` when its data tensors have ``dtype``, from its parameter list.
+
+    The kernels of this package follow one naming convention, which is what makes this possible:
+    ``tl.constexpr`` parameters are "constexpr"; UPPERCASE parameters are tensors (pointers), of
+    element type ``dtype`` unless ``pointers`` names another one (fp32 statistics, int32 counters;
+    names the kernel lacks are ignored, so one map serves all kernels of a module); lower-case parameters are scalars: the type they are annotated with (float scalars carry
+    ``tl.float32``), else i32.
+    """
+    from tape_kernels._utils import TRITON_TYPE
+
+    pointers = pointers or {}
+    sig = {}
+    for name, ann, _ in _params(kernel):
+        if ann == "constexpr":
+            sig[name] = "constexpr"
+        elif name in pointers or name.isupper():
+            sig[name] = "*" + TRITON_TYPE[pointers.get(name, dtype)]
+        else:
+            sig[name] = _SCALAR_ANNOTATIONS.get(ann, "i32")
+    return sig
+
+
+def kernel_spec(
+    name: str,
+    kernel: Any,
+    dtype: torch.dtype,
+    constexprs: dict[str, Any],
+    *,
+    pointers: dict[str, torch.dtype] | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    maxnreg: int | None = None,
+) -> AotSpec:
+    """An :class:`AotSpec` with :func:`signature`'s signature. ``constexprs`` gives the constexpr
+    parameters' values (those with a default may be left out) and nothing else."""
+    sig = signature(kernel, dtype, pointers)
+    params = _params(kernel)
+    defaults = {n: d for n, ann, d in params if ann == "constexpr" and d is not inspect.Parameter.empty}
+    allowed = {n for n, ann, _ in params if ann == "constexpr"}
+    values = {**defaults, **constexprs}
+    if set(values) != allowed:
+        raise ValueError(f"{name}: constexprs {sorted(constexprs)} do not fit the kernel's {sorted(allowed)}")
+    return AotSpec(name, kernel, sig, values, num_warps, num_stages, maxnreg=maxnreg)
 
 
 def compile_spec(spec: AotSpec, cc: int) -> Any:
@@ -60,6 +129,8 @@ def compile_spec(spec: AotSpec, cc: int) -> Any:
         raise ValueError(f"{spec.name}: signature lacks {missing}")
     src = ASTSource(fn, signature=spec.signature, constexprs=spec.constexprs)
     opts = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.maxnreg is not None:
+        opts["maxnreg"] = spec.maxnreg
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from tape_kernels._utils import KERNEL_DTYPES as FLOAT_DTYPES  # noqa: F401 - int8.py's name for the kernel dtypes
 
 
 def check_tensor(
@@ -36,19 +36,18 @@ def check_tensor(
     return t
 
 
-def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+def _check_same(what: str, attr: str, tensors: dict[str, torch.Tensor | None]) -> object:
     present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        desc = ", ".join(f"{k} on {v.device}" for k, v in present.items())
-        raise ValueError(f"tensors must be on one device: {desc}")
-    return next(iter(devices))
+    values = {getattr(v, attr) for v in present.values()}
+    if len(values) > 1:
+        desc = ", ".join(f"{k}: {getattr(v, attr)}" for k, v in present.items())
+        raise ValueError(f"tensors must {what}: {desc}")
+    return next(iter(values))
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    return _check_same("be on one device", "device", tensors)
 
 
 def check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    dtypes = {v.dtype for v in present.values()}
-    if len(dtypes) > 1:
-        desc = ", ".join(f"{k}: {v.dtype}" for k, v in present.items())
-        raise ValueError(f"tensors must share one dtype: {desc}")
-    return next(iter(dtypes))
+    return _check_same("share one dtype", "dtype", tensors)

@@ -18,7 +18,7 @@ cancellation is harmless there. The derivative, from the same intermediates:
 At exactly x = 0 this is 1, the true derivative; the eager reference's autograd returns 0 there
 (torch differentiates sign and |·| as 0 at 0). Elsewhere the two agree.
 
-``_act_fwd`` / ``_act_fwd_bwd`` are ``@triton.jit`` device functions: the Char-RNN kernels and
+``act_fwd`` / ``act_fwd_bwd`` are ``@triton.jit`` device functions: the Char-RNN kernels and
 the bias + activation epilogue call them.
 
 ``reference_activation(x, bias=None)``: with a bias (a vector over x's last dim) the kernel adds it
@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from tape_kernels._dispatch import triton_available, use_triton
-from tape_kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE
+from tape_kernels._validate import check_same_device, check_tensor
 
 _BLOCK = 1024
 _BLOCK_M = 32
@@ -87,13 +88,13 @@ if triton_available():
         return y, e, w, l, r, q
 
     @triton.jit
-    def _act_fwd(x):
+    def act_fwd(x):
         """ReferenceActivation of an fp32 tensor (device function)."""
         y, e, w, l, r, q = _act_core(x)
         return y
 
     @triton.jit
-    def _act_fwd_bwd(x):
+    def act_fwd_bwd(x):
         """(ReferenceActivation(x), its derivative) for an fp32 tensor (device function)."""
         y, e, w, l, r, q = _act_core(x)
         dy = _math.div(_math.div(e, 1.0 - w * w) * (r * r * r), 1.0 - q * q)
@@ -105,7 +106,7 @@ if triton_available():
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + offs, _act_fwd(x).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + offs, act_fwd(x).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _act_bwd_kernel(G, X, DX, n, BLOCK: tl.constexpr):
@@ -114,44 +115,42 @@ if triton_available():
         mask = offs < n
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        y, dy = _act_fwd_bwd(x)
+        y, dy = act_fwd_bwd(x)
         tl.store(DX + offs, (g * dy).to(DX.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _bias_act_fwd_kernel(X, BIAS, Y, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # X, Y contiguous (M, N); BIAS (N,).
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        mask = (rows < M)[:, None] & cmask[None, :]
-        offs = rows[:, None] * N + cols[None, :]
+    def _bias_tile(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(cols, column mask, tile mask, offsets) of this program's (BLOCK_M, BLOCK_N) tile of a
+        contiguous (n_rows, n_cols) tensor; program ids (row block, column block)."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < n_cols
+        mask = (rows < n_rows)[:, None] & cmask[None, :]
+        return cols, cmask, mask, rows[:, None] * n_cols + cols[None, :]
+
+    @triton.jit
+    def _bias_act_fwd_kernel(X, BIAS, Y, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # X, Y contiguous (n_rows, n_cols); BIAS (n_cols,).
+        cols, cmask, mask, offs = _bias_tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
-        y = _act_fwd(x + b[None, :])
+        y = act_fwd(x + b[None, :])
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _bias_act_bwd_kernel(
-        G, X, BIAS, DX, DB_PART, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+        G, X, BIAS, DX, DB_PART, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     ):
-        # DB_PART (cdiv(M, BLOCK_M), N) fp32: each row block's column sums of dx, summed afterwards
+        # DB_PART (cdiv(n_rows, BLOCK_M), n_cols) fp32: each row block's column sums of dx, summed afterwards
         # in a fixed order, so the bias gradient is deterministic (no atomics).
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        mask = (rows < M)[:, None] & cmask[None, :]
-        offs = rows[:, None] * N + cols[None, :]
+        cols, cmask, mask, offs = _bias_tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
-        y, dy = _act_fwd_bwd(x + b[None, :])
+        y, dy = act_fwd_bwd(x + b[None, :])
         dx = tl.where(mask, g * dy, 0.0)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DB_PART + pid_m.to(tl.int64) * N + cols, tl.sum(dx, axis=0), mask=cmask)
+        tl.store(DB_PART + tl.program_id(0).to(tl.int64) * n_cols + cols, tl.sum(dx, axis=0), mask=cmask)
 
 
 def reference_activation_ref(x: torch.Tensor) -> torch.Tensor:
@@ -160,16 +159,6 @@ def reference_activation_ref(x: torch.Tensor) -> torch.Tensor:
     log_s = torch.sign(s) * torch.log1p(torch.abs(s))
     p = log_s / torch.sqrt(1 + 24 * log_s**2)
     return 2 * torch.atanh(p / 2)
-
-
-class ReferenceActivationRef(nn.Module):
-    """Eager module form; ``gamma`` is accepted and ignored, as in the original."""
-
-    def __init__(self, gamma: float = 24) -> None:
-        super().__init__()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference_activation_ref(x)
 
 
 def _as_2d(x: torch.Tensor) -> tuple[int, int]:
@@ -214,7 +203,7 @@ def _act_bwd_launch(
     return dx, db_part.sum(dim=0).to(bias.dtype)
 
 
-class _ReferenceActivationFn(torch.autograd.Function):
+class ReferenceActivationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x = x.contiguous()
@@ -229,9 +218,9 @@ class _ReferenceActivationFn(torch.autograd.Function):
 
 
 def _check_inputs(x: torch.Tensor, bias: torch.Tensor | None) -> None:
-    check_tensor("x", x, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("x", x, dtypes=INPUT_DTYPES)
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,))
+        check_tensor("bias", bias, ndim=1, dtypes=INPUT_DTYPES)
         if x.dim() == 0:
             raise ValueError("x must have at least 1 dim when a bias is given")
         if bias.shape[0] != x.shape[-1]:
@@ -249,14 +238,15 @@ def reference_activation(x: torch.Tensor, bias: torch.Tensor | None = None, *, b
     _check_inputs(x, bias)
     fused = x.dtype != torch.float64 and (bias is None or bias.dtype != torch.float64)
     if fused and use_triton(x, bias, backend=backend):
-        return _ReferenceActivationFn.apply(x, bias)
+        return ReferenceActivationFunction.apply(x, bias)
     if backend == "triton":
         raise ValueError("backend='triton' supports fp16/bf16/fp32 only; float64 runs eager")
     return reference_activation_ref(x if bias is None else x + bias)
 
 
-class ReferenceActivation(nn.Module):
-    """Drop-in fused ReferenceActivation; ``gamma`` is accepted and ignored, as in the original."""
+class FusedReferenceActivation(nn.Module):
+    """Drop-in for the TapeTransformer's ``ReferenceActivation`` module, running the fused kernel;
+    ``gamma`` is accepted and ignored, as in the original."""
 
     def __init__(self, gamma: float = 24, backend: str = "auto") -> None:
         super().__init__()
@@ -268,47 +258,17 @@ class ReferenceActivation(nn.Module):
 
 def aot_specs() -> list:
     """One AOT entry per kernel × dtype (fixed block sizes, no autotuning)."""
-    from tape_kernels._aot import AotSpec
+    from tape_kernels._aot import kernel_spec
 
     specs = []
-    for ty in ("fp32", "fp16", "bf16"):
-        p = f"*{ty}"
-        blk = {"BLOCK": _BLOCK}
-        blk2 = {"BLOCK_M": _BLOCK_M, "BLOCK_N": _BLOCK_N}
+    for dt in KERNEL_DTYPES:
+        ty = TRITON_TYPE[dt]
+        blk, blk2 = {"BLOCK": _BLOCK}, {"BLOCK_M": _BLOCK_M, "BLOCK_N": _BLOCK_N}
         specs += [
-            AotSpec(
-                name=f"act_fwd_{ty}",
-                kernel=_act_fwd_kernel,
-                signature={"X": p, "Y": p, "n": "i32", "BLOCK": "constexpr"},
-                constexprs=blk,
-                num_warps=_NUM_WARPS,
-            ),
-            AotSpec(
-                name=f"act_bwd_{ty}",
-                kernel=_act_bwd_kernel,
-                signature={"G": p, "X": p, "DX": p, "n": "i32", "BLOCK": "constexpr"},
-                constexprs=blk,
-                num_warps=_NUM_WARPS,
-            ),
-            AotSpec(
-                name=f"bias_act_fwd_{ty}",
-                kernel=_bias_act_fwd_kernel,
-                signature={
-                    "X": p, "BIAS": p, "Y": p, "M": "i32", "N": "i32",
-                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                },
-                constexprs=blk2,
-                num_warps=_BIAS_WARPS,
-            ),
-            AotSpec(
-                name=f"bias_act_bwd_{ty}",
-                kernel=_bias_act_bwd_kernel,
-                signature={
-                    "G": p, "X": p, "BIAS": p, "DX": p, "DB_PART": "*fp32", "M": "i32", "N": "i32",
-                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                },
-                constexprs=blk2,
-                num_warps=_BIAS_WARPS,
-            ),
+            kernel_spec(f"act_fwd_{ty}", _act_fwd_kernel, dt, blk, num_warps=_NUM_WARPS),
+            kernel_spec(f"act_bwd_{ty}", _act_bwd_kernel, dt, blk, num_warps=_NUM_WARPS),
+            kernel_spec(f"bias_act_fwd_{ty}", _bias_act_fwd_kernel, dt, blk2, num_warps=_BIAS_WARPS),
+            kernel_spec(f"bias_act_bwd_{ty}", _bias_act_bwd_kernel, dt, blk2, pointers={"DB_PART": torch.float32},
+                        num_warps=_BIAS_WARPS),
         ]
     return specs

@@ -47,7 +47,8 @@ import torch
 from torch import nn
 
 from tape_kernels._dispatch import triton_available, use_triton
-from tape_kernels._validate import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, dot_precision
+from tape_kernels._validate import check_same_device, check_same_dtype, check_tensor
 from tape_kernels.activation import reference_activation, reference_activation_ref
 
 _BLOCK_B = 16
@@ -64,187 +65,8 @@ _PER_LAYER = 8  # flat weight order per layer: W_iL, b_iL, W_hL, b_hL, W_iR, b_i
 
 if triton_available():
     import triton
-    import triton.language as tl
 
-    from tape_kernels.activation import _act_fwd, _act_fwd_bwd
-
-    @triton.jit
-    def _grid_sync(COUNTER, target):
-        # Grid-wide barrier (cooperative-groups pattern): every thread's stores are ordered before
-        # the CTA barrier, one release-add publishes them at GPU scope, acquire-loads spin until all
-        # programs of this round arrived. Requires every program to be resident.
-        tl.debug_barrier()
-        tl.atomic_add(COUNTER, 1, sem="release", scope="gpu")
-        seen = tl.atomic_add(COUNTER, 0, sem="acquire", scope="gpu")
-        while seen < target:
-            seen = tl.atomic_add(COUNTER, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
-
-    @triton.jit
-    def _combine(zl, zr):
-        # h = ½(a + b − 2ab) with a = act(act(z_L)), b = act(act(z_R))
-        a = _act_fwd(_act_fwd(zl))
-        b = _act_fwd(_act_fwd(zr))
-        return 0.5 * (a + b) - a * b
-
-    @triton.jit
-    def _rnn_fwd_kernel(
-        P, WH, HS, Z, COUNTER, B, HD, t0, n_steps,
-        stride_pb, stride_pt, stride_hb, stride_ht, stride_zb, stride_zt,
-        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-        GRID_SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):
-        # P (B, S, 2Hd) input projections incl. both biases; WH (2Hd, Hd) = [W_hL; W_hR] contiguous;
-        # HS (B, S+1, Hd) states (HS[:, t] = h_{t-1}); Z (B, S, 2Hd) fp32 pre-activations (saved).
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-        hmask = offs_h < HD
-        for i in range(n_steps):
-            t = t0 + i
-            for b0 in range(0, B, BLOCK_B):
-                offs_b = b0 + tl.arange(0, BLOCK_B)
-                bmask = offs_b < B
-                acc_l = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                for k0 in range(0, HD, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    kmask = offs_k < HD
-                    h = tl.load(
-                        HS + offs_b[:, None] * stride_hb + t * stride_ht + offs_k[None, :],
-                        mask=bmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg",
-                    )
-                    wmask = kmask[:, None] & hmask[None, :]
-                    w_l = tl.load(WH + offs_h[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
-                    w_r = tl.load(WH + (offs_h + HD)[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
-                    acc_l = tl.dot(h, w_l, acc_l, input_precision=DOT_PRECISION)
-                    acc_r = tl.dot(h, w_r, acc_r, input_precision=DOT_PRECISION)
-                m2 = bmask[:, None] & hmask[None, :]
-                p_ptr = P + offs_b[:, None] * stride_pb + t * stride_pt + offs_h[None, :]
-                zl = acc_l + tl.load(p_ptr, mask=m2, other=0.0).to(tl.float32)
-                zr = acc_r + tl.load(p_ptr + HD, mask=m2, other=0.0).to(tl.float32)
-                z_ptr = Z + offs_b[:, None] * stride_zb + t * stride_zt + offs_h[None, :]
-                tl.store(z_ptr, zl, mask=m2)
-                tl.store(z_ptr + HD, zr, mask=m2)
-                h_new = _combine(zl, zr)
-                h_ptr = HS + offs_b[:, None] * stride_hb + (t + 1) * stride_ht + offs_h[None, :]
-                tl.store(h_ptr, h_new.to(HS.dtype.element_ty), mask=m2)
-            if GRID_SYNC:
-                _grid_sync(COUNTER, (i + 1) * nprog)
-
-    @triton.jit
-    def _rnn_bwd_kernel(
-        DOUT, DHLAST, Z, WH, DZ, COUNTER, B, S, HD, t0, n_steps,
-        stride_ob, stride_ot, stride_zb, stride_zt,
-        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-        GRID_SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):
-        # Reverse time from t0 for n_steps. DOUT (B, S, Hd) fp32: dL/dh_t from above (output or next
-        # layer); DHLAST (B, Hd) fp32: dL/dh_{S-1} from the returned state; Z, DZ (B, S, 2Hd) fp32.
-        # dh_t = DOUT[:, t] + dZ_{t+1}·WH (WH = [W_hL; W_hR], (2Hd, Hd)); then through h = ½(a+b) − ab,
-        # a = act(c_L), c_L = act(z_L):  dz_L = dh·(½ − b)·act'(c_L)·act'(z_L), symmetrically for R.
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-        hmask = offs_h < HD
-        for i in range(n_steps):
-            t = t0 - i
-            for b0 in range(0, B, BLOCK_B):
-                offs_b = b0 + tl.arange(0, BLOCK_B)
-                bmask = offs_b < B
-                m2 = bmask[:, None] & hmask[None, :]
-                g = tl.load(DOUT + offs_b[:, None] * stride_ob + t * stride_ot + offs_h[None, :], mask=m2, other=0.0)
-                if t + 1 < S:
-                    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    for k0 in range(0, 2 * HD, BLOCK_K):
-                        offs_k = k0 + tl.arange(0, BLOCK_K)
-                        kmask = offs_k < 2 * HD
-                        dz = tl.load(
-                            DZ + offs_b[:, None] * stride_zb + (t + 1) * stride_zt + offs_k[None, :],
-                            mask=bmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg",
-                        )
-                        w = tl.load(
-                            WH + offs_k[:, None] * HD + offs_h[None, :], mask=kmask[:, None] & hmask[None, :], other=0.0
-                        )
-                        acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
-                    g += acc
-                else:
-                    g += tl.load(DHLAST + offs_b[:, None] * HD + offs_h[None, :], mask=m2, other=0.0)
-                z_ptr = Z + offs_b[:, None] * stride_zb + t * stride_zt + offs_h[None, :]
-                zl = tl.load(z_ptr, mask=m2, other=0.0)
-                zr = tl.load(z_ptr + HD, mask=m2, other=0.0)
-                cl, dcl = _act_fwd_bwd(zl)
-                cr, dcr = _act_fwd_bwd(zr)
-                a, da = _act_fwd_bwd(cl)
-                b, db = _act_fwd_bwd(cr)
-                dz_ptr = DZ + offs_b[:, None] * stride_zb + t * stride_zt + offs_h[None, :]
-                tl.store(dz_ptr, g * (0.5 - b) * da * dcl, mask=m2)
-                tl.store(dz_ptr + HD, g * (0.5 - a) * db * dcr, mask=m2)
-            if GRID_SYNC:
-                _grid_sync(COUNTER, (i + 1) * nprog)
-
-    @triton.jit
-    def _rnn_decode_kernel(
-        X, WI0, WIR, WH, BIAS, HIN, HOUT, COUNTER, B, D, HD, l0, n_layers,
-        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-        GRID_SYNC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):
-        # One token through layers l0 .. l0+n_layers−1. X (B, D); WI0 (2Hd, D); WIR (L−1, 2Hd, Hd)
-        # input weights of layers ≥ 1; WH (L, 2Hd, Hd); BIAS (L, 2Hd) fp32 (b_i + b_h);
-        # HIN, HOUT (L, B, Hd): states before / after. Layer l ≥ 1 reads HOUT[l−1].
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        offs_h = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-        hmask = offs_h < HD
-        two_hd_hd = 2 * HD * HD
-        for i in range(n_layers):
-            l = l0 + i
-            for b0 in range(0, B, BLOCK_B):
-                offs_b = b0 + tl.arange(0, BLOCK_B)
-                bmask = offs_b < B
-                acc_l = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                if l == 0:
-                    for k0 in range(0, D, BLOCK_K):
-                        offs_k = k0 + tl.arange(0, BLOCK_K)
-                        kmask = offs_k < D
-                        x = tl.load(X + offs_b[:, None] * D + offs_k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
-                        wmask = kmask[:, None] & hmask[None, :]
-                        w_l = tl.load(WI0 + offs_h[None, :] * D + offs_k[:, None], mask=wmask, other=0.0)
-                        w_r = tl.load(WI0 + (offs_h + HD)[None, :] * D + offs_k[:, None], mask=wmask, other=0.0)
-                        acc_l = tl.dot(x, w_l, acc_l, input_precision=DOT_PRECISION)
-                        acc_r = tl.dot(x, w_r, acc_r, input_precision=DOT_PRECISION)
-                else:
-                    wi = WIR + (l - 1) * two_hd_hd
-                    for k0 in range(0, HD, BLOCK_K):
-                        offs_k = k0 + tl.arange(0, BLOCK_K)
-                        kmask = offs_k < HD
-                        x = tl.load(
-                            HOUT + (l - 1) * B * HD + offs_b[:, None] * HD + offs_k[None, :],
-                            mask=bmask[:, None] & kmask[None, :], other=0.0, cache_modifier=".cg",
-                        )
-                        wmask = kmask[:, None] & hmask[None, :]
-                        w_l = tl.load(wi + offs_h[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
-                        w_r = tl.load(wi + (offs_h + HD)[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
-                        acc_l = tl.dot(x, w_l, acc_l, input_precision=DOT_PRECISION)
-                        acc_r = tl.dot(x, w_r, acc_r, input_precision=DOT_PRECISION)
-                wh = WH + l * two_hd_hd
-                for k0 in range(0, HD, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    kmask = offs_k < HD
-                    h = tl.load(HIN + l * B * HD + offs_b[:, None] * HD + offs_k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
-                    wmask = kmask[:, None] & hmask[None, :]
-                    w_l = tl.load(wh + offs_h[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
-                    w_r = tl.load(wh + (offs_h + HD)[None, :] * HD + offs_k[:, None], mask=wmask, other=0.0)
-                    acc_l = tl.dot(h, w_l, acc_l, input_precision=DOT_PRECISION)
-                    acc_r = tl.dot(h, w_r, acc_r, input_precision=DOT_PRECISION)
-                zl = acc_l + tl.load(BIAS + l * 2 * HD + offs_h, mask=hmask, other=0.0)[None, :]
-                zr = acc_r + tl.load(BIAS + l * 2 * HD + HD + offs_h, mask=hmask, other=0.0)[None, :]
-                h_new = _combine(zl, zr)
-                m2 = bmask[:, None] & hmask[None, :]
-                tl.store(HOUT + l * B * HD + offs_b[:, None] * HD + offs_h[None, :], h_new.to(HOUT.dtype.element_ty), mask=m2)
-            if GRID_SYNC:
-                _grid_sync(COUNTER, (i + 1) * nprog)
+    from tape_kernels._charrnn_kernels import rnn_bwd_kernel, rnn_decode_kernel, rnn_fwd_kernel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,12 +112,6 @@ def charrnn_ref(
 # launchers
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _layout(hd: int, device: torch.device, persistent: bool | None) -> tuple[int, int, bool]:
     """(BLOCK_H, BLOCK_K, grid_sync): persistent on CUDA when a config's grid fits on the SMs.
 
@@ -322,14 +138,14 @@ def _recurrent_forward(p: torch.Tensor, wh: torch.Tensor, hs: torch.Tensor, z: t
     hd = two_hd // 2
     bh, bk, sync = _layout(hd, p.device, persistent)
     grid = (triton.cdiv(hd, bh),)
-    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(wh.dtype), **_LAUNCH)
+    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=dot_precision(wh.dtype), **_LAUNCH)
     strides = (p.stride(0), p.stride(1), hs.stride(0), hs.stride(1), z.stride(0), z.stride(1))
     counter = torch.zeros(1, dtype=torch.int32, device=p.device)
     if sync:
-        _rnn_fwd_kernel[grid](p, wh, hs, z, counter, bsz, hd, 0, seq, *strides, GRID_SYNC=True, **common)
+        rnn_fwd_kernel[grid](p, wh, hs, z, counter, bsz, hd, 0, seq, *strides, GRID_SYNC=True, **common)
         return
     for t in range(seq):
-        _rnn_fwd_kernel[grid](p, wh, hs, z, counter, bsz, hd, t, 1, *strides, GRID_SYNC=False, **common)
+        rnn_fwd_kernel[grid](p, wh, hs, z, counter, bsz, hd, t, 1, *strides, GRID_SYNC=False, **common)
 
 
 def _recurrent_backward(
@@ -339,14 +155,14 @@ def _recurrent_backward(
     hd = two_hd // 2
     bh, bk, sync = _layout(hd, z.device, persistent)
     grid = (triton.cdiv(hd, bh),)
-    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(wh.dtype), **_LAUNCH)
+    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=dot_precision(wh.dtype), **_LAUNCH)
     strides = (dout.stride(0), dout.stride(1), z.stride(0), z.stride(1))
     counter = torch.zeros(1, dtype=torch.int32, device=z.device)
     if sync:
-        _rnn_bwd_kernel[grid](dout, dhlast, z, wh, dz, counter, bsz, seq, hd, seq - 1, seq, *strides, GRID_SYNC=True, **common)
+        rnn_bwd_kernel[grid](dout, dhlast, z, wh, dz, counter, bsz, seq, hd, seq - 1, seq, *strides, GRID_SYNC=True, **common)
         return
     for t in range(seq - 1, -1, -1):
-        _rnn_bwd_kernel[grid](dout, dhlast, z, wh, dz, counter, bsz, seq, hd, t, 1, *strides, GRID_SYNC=False, **common)
+        rnn_bwd_kernel[grid](dout, dhlast, z, wh, dz, counter, bsz, seq, hd, t, 1, *strides, GRID_SYNC=False, **common)
 
 
 def _stack_layer(weights: Sequence[torch.Tensor], l: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -358,7 +174,7 @@ def _stack_layer(weights: Sequence[torch.Tensor], l: int) -> tuple[torch.Tensor,
     return wi, bias, wh
 
 
-class _CharRNNFn(torch.autograd.Function):
+class CharRNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb: torch.Tensor, h0: torch.Tensor, persistent: bool | None, *weights: torch.Tensor):
         # emb (B, S, D); h0 (L, B, Hd). Returns out (B, S, Hd) and the last states (L, B, Hd).
@@ -432,7 +248,7 @@ def _check_weights(weights: Sequence[torch.Tensor]) -> tuple[int, int, int]:
     if not isinstance(weights, (list, tuple)) or len(weights) == 0 or len(weights) % _PER_LAYER:
         raise ValueError(f"weights must be a non-empty list of {_PER_LAYER}·num_layers tensors")
     num_layers = len(weights) // _PER_LAYER
-    w0 = check_tensor("weights[0]", weights[0], ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+    w0 = check_tensor("weights[0]", weights[0], ndim=2, dtypes=INPUT_DTYPES)
     hd, d = w0.shape
     for l in range(num_layers):
         din = d if l == 0 else hd
@@ -461,7 +277,7 @@ def _check_state(
 
 def _check_emb(emb: torch.Tensor, weights: Sequence[torch.Tensor]) -> tuple[int, int, int]:
     num_layers, d, hd = _check_weights(weights)
-    check_tensor("emb", emb, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("emb", emb, ndim=3, dtypes=INPUT_DTYPES)
     if emb.shape[2] != d:
         raise ValueError(f"emb has shape {tuple(emb.shape)}; its last dim must be embed_dim = {d}")
     if emb.shape[0] < 1 or emb.shape[1] < 1:
@@ -503,7 +319,7 @@ def charrnn(
         h0_t = emb.new_zeros(num_layers, bsz, hd)
     else:
         h0_t = torch.stack([h[:, -1] for h in h0], dim=0)
-    out, last = _CharRNNFn.apply(emb.contiguous(), h0_t, persistent, *weights)
+    out, last = CharRNNFunction.apply(emb.contiguous(), h0_t, persistent, *weights)
     return out, [last[l].unsqueeze(1) for l in range(num_layers)]
 
 
@@ -540,14 +356,14 @@ def _decode_launch(x: torch.Tensor, packed: DecodeWeights, hin: torch.Tensor, pe
     hout = torch.empty_like(hin)
     bh, bk, sync = _layout(hd, x.device, persistent)
     grid = (triton.cdiv(hd, bh),)
-    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=_dot_precision(x.dtype), **_LAUNCH)
+    common = dict(BLOCK_B=_BLOCK_B, BLOCK_H=bh, BLOCK_K=bk, DOT_PRECISION=dot_precision(x.dtype), **_LAUNCH)
     counter = torch.zeros(1, dtype=torch.int32, device=x.device)
     args = (x, packed.wi0, packed.wir, packed.wh, packed.bias, hin, hout, counter, bsz, d, hd)
     if sync:
-        _rnn_decode_kernel[grid](*args, 0, num_layers, GRID_SYNC=True, **common)
+        rnn_decode_kernel[grid](*args, 0, num_layers, GRID_SYNC=True, **common)
     else:
         for l in range(num_layers):
-            _rnn_decode_kernel[grid](*args, l, 1, GRID_SYNC=False, **common)
+            rnn_decode_kernel[grid](*args, l, 1, GRID_SYNC=False, **common)
     return hout
 
 
@@ -592,8 +408,9 @@ def charrnn_step(
 # modules
 
 
-class CharRNNCell(nn.Module):
-    """The reference CharRNNCell: cell(x, h) = act(i2h(x) + h2h(h)). x (..., in), h (..., Hd)."""
+class FusedCharRNNCell(nn.Module):
+    """The reference CharRNNCell (its parameter layout), with the fused activation:
+    cell(x, h) = act(i2h(x) + h2h(h)). x (..., in), h (..., Hd)."""
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -621,8 +438,8 @@ class CharRNN(nn.Module):
         self.num_layers = num_layers
         self.backend = backend
         sizes = [embed_dim] + [hidden_size] * (num_layers - 1)
-        self.cells_right = nn.ModuleList(CharRNNCell(s, hidden_size) for s in sizes)
-        self.cells_left = nn.ModuleList(CharRNNCell(s, hidden_size) for s in sizes)
+        self.cells_right = nn.ModuleList(FusedCharRNNCell(s, hidden_size) for s in sizes)
+        self.cells_left = nn.ModuleList(FusedCharRNNCell(s, hidden_size) for s in sizes)
         self._decode_cache: tuple[tuple, DecodeWeights] | None = None
 
     def flat_weights(self) -> list[torch.Tensor]:
@@ -662,39 +479,17 @@ class CharRNN(nn.Module):
 
 def aot_specs() -> list:
     """Every kernel × (layout, block config) × dtype (× tf32 for fp32) that the launchers can pick."""
-    from tape_kernels._aot import AotSpec
+    from tape_kernels._aot import kernel_spec
 
     configs = [(_STEP_CONFIG, False)] + [(c, True) for c in _PERSISTENT_CONFIGS]
+    kernels = (("fwd", rnn_fwd_kernel), ("bwd", rnn_bwd_kernel), ("decode", rnn_decode_kernel))
+    # Z, dZ, upstream gradients and the folded biases are fp32 whatever the data dtype.
+    ptrs = {**dict.fromkeys(("Z", "DZ", "DOUT", "DHLAST", "BIAS"), torch.float32), "COUNTER": torch.int32}
     specs = []
-    for ty in ("fp32", "fp16", "bf16"):
-        p = f"*{ty}"
-        precisions = ("ieee", "tf32") if ty == "fp32" else ("ieee",)
+    for dt in KERNEL_DTYPES:
         for (bh, bk), sync in configs:
-            for prec in precisions:
+            for prec in ("ieee", "tf32") if dt == torch.float32 else ("ieee",):
                 cx = {"BLOCK_B": _BLOCK_B, "BLOCK_H": bh, "BLOCK_K": bk, "GRID_SYNC": sync, "DOT_PRECISION": prec}
-                tag = f"{ty}_bh{bh}_bk{bk}_{'persistent' if sync else 'step'}_{prec}"
-                cxs = dict.fromkeys(cx, "constexpr")
-                specs.append(AotSpec(
-                    name=f"rnn_fwd_{tag}", kernel=_rnn_fwd_kernel, constexprs=cx, **_LAUNCH,
-                    signature={
-                        "P": p, "WH": p, "HS": p, "Z": "*fp32", "COUNTER": "*i32", "B": "i32", "HD": "i32",
-                        "t0": "i32", "n_steps": "i32", "stride_pb": "i32", "stride_pt": "i32", "stride_hb": "i32",
-                        "stride_ht": "i32", "stride_zb": "i32", "stride_zt": "i32", **cxs,
-                    },
-                ))  # fmt: skip
-                specs.append(AotSpec(
-                    name=f"rnn_bwd_{tag}", kernel=_rnn_bwd_kernel, constexprs=cx, **_LAUNCH,
-                    signature={
-                        "DOUT": "*fp32", "DHLAST": "*fp32", "Z": "*fp32", "WH": p, "DZ": "*fp32", "COUNTER": "*i32",
-                        "B": "i32", "S": "i32", "HD": "i32", "t0": "i32", "n_steps": "i32", "stride_ob": "i32",
-                        "stride_ot": "i32", "stride_zb": "i32", "stride_zt": "i32", **cxs,
-                    },
-                ))  # fmt: skip
-                specs.append(AotSpec(
-                    name=f"rnn_decode_{tag}", kernel=_rnn_decode_kernel, constexprs=cx, **_LAUNCH,
-                    signature={
-                        "X": p, "WI0": p, "WIR": p, "WH": p, "BIAS": "*fp32", "HIN": p, "HOUT": p, "COUNTER": "*i32",
-                        "B": "i32", "D": "i32", "HD": "i32", "l0": "i32", "n_layers": "i32", **cxs,
-                    },
-                ))  # fmt: skip
+                tag = f"{TRITON_TYPE[dt]}_bh{bh}_bk{bk}_{'persistent' if sync else 'step'}_{prec}"
+                specs += [kernel_spec(f"rnn_{kind}_{tag}", k, dt, cx, pointers=ptrs, **_LAUNCH) for kind, k in kernels]
     return specs

@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tape_kernels._dispatch import interpreting, triton_available, use_triton
-from tape_kernels._validate import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from tape_kernels._dispatch import triton_available, use_triton
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, rtne_bf16
+from tape_kernels._validate import check_same_device, check_same_dtype, check_tensor
 
 MODES = (0, 1, 2)
 _BLOCK = 1024
@@ -25,15 +26,13 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from tape_kernels._utils import cast_out
+
     @triton.jit
-    def cast_out(x, dtype: tl.constexpr, RTNE_BF16: tl.constexpr):
-        """fp32 -> dtype. The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even);
-        RTNE_BF16 rounds the bits first so CPU tests see the GPU's rounding. Finite values only."""
-        if RTNE_BF16:
-            u = x.to(tl.uint32, bitcast=True)
-            u = u + 0x7FFF + ((u >> 16) & 1)
-            x = u.to(tl.float32, bitcast=True)
-        return x.to(dtype)
+    def _inf_poison(hl, hr):
+        """0, or NaN where hl or hr is not finite: the eager pair softmax (max-subtracted, then c·softmax(c))
+        is NaN there, and its gradient too, where the sigmoid form would give ±inf or a finite value."""
+        return 0.0 * hl + 0.0 * hr
 
     @triton.jit
     def _combine_fwd_kernel(HL, HR, OUT, n, MODE: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr):
@@ -49,7 +48,7 @@ if triton_available():
         elif MODE == 1:
             # s·hl + (1−s)·hr rather than hr + δ·s: δ may overflow to ±inf where s is exactly 0 or 1.
             s = tl.sigmoid(hl - hr)
-            h = s * hl + (1.0 - s) * hr
+            h = s * hl + (1.0 - s) * hr + _inf_poison(hl, hr)
         else:
             h = hl + hr
         tl.store(OUT + offs, cast_out(h, OUT.dtype.element_ty, RTNE_BF16), mask=mask)
@@ -75,7 +74,7 @@ if triton_available():
             delta = hl - hr
             s = tl.sigmoid(delta)
             t = s * (1.0 - s)
-            k = s + tl.where(t > 0.0, delta * t, 0.0)
+            k = s + tl.where(t > 0.0, delta * t, 0.0) + _inf_poison(hl, hr)
             dl = g * k
             dr = g * (1.0 - k)
         tl.store(DHL + offs, cast_out(dl, DHL.dtype.element_ty, RTNE_BF16), mask=mask)
@@ -101,8 +100,8 @@ def _check_mode(mode: object) -> int:
 
 
 def _check_inputs(hl: torch.Tensor, hr: torch.Tensor) -> None:
-    check_tensor("hl", hl, dtypes=FLOAT_DTYPES + (torch.float64,))
-    check_tensor("hr", hr, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("hl", hl, dtypes=INPUT_DTYPES)
+    check_tensor("hr", hr, dtypes=INPUT_DTYPES)
     if hl.shape != hr.shape:
         raise ValueError(f"hl and hr must have the same shape, got {tuple(hl.shape)} and {tuple(hr.shape)}")
     check_same_device(hl=hl, hr=hr)
@@ -111,11 +110,6 @@ def _check_inputs(hl: torch.Tensor, hr: torch.Tensor) -> None:
 
 def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, _BLOCK),)
-
-
-def rtne_bf16(dtype: torch.dtype) -> bool:
-    """Whether kernels storing ``dtype`` must round bf16 by hand (only under the interpreter)."""
-    return dtype == torch.bfloat16 and interpreting()
 
 
 def _combine_fwd(hl: torch.Tensor, hr: torch.Tensor, mode: int) -> torch.Tensor:
@@ -183,38 +177,16 @@ class TapeHeadCombine(nn.Module):
         return f"mode={self.mode}"
 
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def aot_specs() -> list:
     """Every (kernel, mode, dtype) the launchers can emit."""
-    from tape_kernels._aot import AotSpec
+    from tape_kernels._aot import kernel_spec
 
     specs = []
-    for dt in _TRITON_DTYPE.values():
-        p = f"*{dt}"
+    for dt in KERNEL_DTYPES:
         for mode in MODES:
-            specs.append(
-                AotSpec(
-                    name=f"combine_fwd_mode{mode}_{dt}",
-                    kernel=_combine_fwd_kernel,
-                    signature={"HL": p, "HR": p, "OUT": p, "n": "i32", "MODE": "constexpr", "BLOCK": "constexpr",
-                               "RTNE_BF16": "constexpr"},
-                    constexprs={"MODE": mode, "BLOCK": _BLOCK, "RTNE_BF16": False},
-                    num_warps=_NUM_WARPS,
-                )
-            )
-        for mode in (0, 1):
-            specs.append(
-                AotSpec(
-                    name=f"combine_bwd_mode{mode}_{dt}",
-                    kernel=_combine_bwd_kernel,
-                    signature={
-                        "G": p, "HL": p, "HR": p, "DHL": p, "DHR": p, "n": "i32",
-                        "MODE": "constexpr", "BLOCK": "constexpr", "RTNE_BF16": "constexpr",
-                    },
-                    constexprs={"MODE": mode, "BLOCK": _BLOCK, "RTNE_BF16": False},
-                    num_warps=_NUM_WARPS,
-                )
-            )
+            consts = {"MODE": mode, "BLOCK": _BLOCK, "RTNE_BF16": False}
+            kernels = {"fwd": _combine_fwd_kernel} if mode == 2 else {"fwd": _combine_fwd_kernel, "bwd": _combine_bwd_kernel}
+            for kind, kernel in kernels.items():  # the sum's backward is the identity: no kernel
+                name = f"combine_{kind}_mode{mode}_{TRITON_TYPE[dt]}"
+                specs.append(kernel_spec(name, kernel, dt, consts, num_warps=_NUM_WARPS))
     return specs

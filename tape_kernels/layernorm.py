@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tape_kernels._dispatch import triton_available, use_triton
-from tape_kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
-from tape_kernels.combine import rtne_bf16
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, rtne_bf16
+from tape_kernels._validate import check_same_device, check_tensor
 
 MAX_D = 4096
 # Second-stage tile: narrow in D so that even D = 256 spreads the column sums over 8 programs.
@@ -29,23 +29,23 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from tape_kernels.combine import cast_out
+    from tape_kernels._utils import cast_out
 
     @triton.jit
     def _add_ln_fwd_kernel(
-        X, R, W, B, Y, MEAN, RSTD, D, eps,
+        X, R, W, B, Y, MEAN, RSTD, d, eps: tl.float32,
         BLOCK_D: tl.constexpr, RTNE_BF16: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
-        mask = cols < D
-        base = row * D
+        mask = cols < d
+        base = row * d
         z = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
         z += tl.load(R + base + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(z, axis=0) / D
+        mean = tl.sum(z, axis=0) / d
         zc = tl.where(mask, z - mean, 0.0)
         # Two-pass variance (centred first): no cancellation when |mean| >> std.
-        var = tl.sum(zc * zc, axis=0) / D
+        var = tl.sum(zc * zc, axis=0) / d
         rstd = 1.0 / tl.sqrt(var + eps)
         w = tl.load(W + cols, mask=mask, other=0.0)
         b = tl.load(B + cols, mask=mask, other=0.0)
@@ -56,18 +56,18 @@ if triton_available():
 
     @triton.jit
     def _add_ln_bwd_kernel(
-        DY, X, R, W, MEAN, RSTD, DZ, DW_PART, DB_PART, N, D, rows_per_prog,
+        DY, X, R, W, MEAN, RSTD, DZ, DW_PART, DB_PART, n_rows, d, rows_per_prog,
         BLOCK_D: tl.constexpr, RTNE_BF16: tl.constexpr,
     ):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
-        mask = cols < D
+        mask = cols < d
         w = tl.load(W + cols, mask=mask, other=0.0)
         dw = tl.zeros([BLOCK_D], dtype=tl.float32)
         db = tl.zeros([BLOCK_D], dtype=tl.float32)
         row_start = pid * rows_per_prog
-        row_end = tl.minimum(row_start + rows_per_prog, N)
-        base = row_start.to(tl.int64) * D  # advanced by D per row: no i32 overflow for N·D ≥ 2³¹
+        row_end = tl.minimum(row_start + rows_per_prog, n_rows)
+        base = row_start.to(tl.int64) * d  # advanced by d per row: no i32 overflow for n_rows·d ≥ 2³¹
         for row in range(row_start, row_end):
             z = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
             z += tl.load(R + base + cols, mask=mask, other=0.0).to(tl.float32)
@@ -78,27 +78,27 @@ if triton_available():
             wdy = w * dy
             # dz = rstd·(w·dy − mean(w·dy) − x̂·mean(x̂·w·dy)): the projection out of the
             # mean and scale directions that LayerNorm removes.
-            c1 = tl.sum(xhat * wdy, axis=0) / D
-            c2 = tl.sum(wdy, axis=0) / D
+            c1 = tl.sum(xhat * wdy, axis=0) / d
+            c2 = tl.sum(wdy, axis=0) / d
             dz = (wdy - (xhat * c1 + c2)) * rstd
             tl.store(DZ + base + cols, cast_out(dz, DZ.dtype.element_ty, RTNE_BF16), mask=mask)
             dw += dy * xhat
             db += dy
-            base += D
-        tl.store(DW_PART + pid * D + cols, dw, mask=mask)
-        tl.store(DB_PART + pid * D + cols, db, mask=mask)
+            base += d
+        tl.store(DW_PART + pid * d + cols, dw, mask=mask)
+        tl.store(DB_PART + pid * d + cols, db, mask=mask)
 
     @triton.jit
-    def _partial_sum_kernel(DW_PART, DB_PART, DW, DB, P, D, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _partial_sum_kernel(DW_PART, DB_PART, DW, DB, n_part, d, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         pid = tl.program_id(0)
         cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cols < D
+        cmask = cols < d
         acc_w = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
+        for p0 in range(0, n_part, BLOCK_P):
             rows = p0 + tl.arange(0, BLOCK_P)
-            m = (rows[:, None] < P) & cmask[None, :]
-            offs = rows[:, None] * D + cols[None, :]
+            m = (rows[:, None] < n_part) & cmask[None, :]
+            offs = rows[:, None] * d + cols[None, :]
             acc_w += tl.load(DW_PART + offs, mask=m, other=0.0)
             acc_b += tl.load(DB_PART + offs, mask=m, other=0.0)
         tl.store(DW + cols, tl.sum(acc_w, axis=0), mask=cmask)
@@ -183,7 +183,7 @@ class AddLayerNormFunction(torch.autograd.Function):
 
 
 def _check(x, residual, weight, bias) -> None:
-    dts = FLOAT_DTYPES + (torch.float64,)
+    dts = INPUT_DTYPES
     check_tensor("x", x, dtypes=dts)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dim (..., D)")
@@ -242,53 +242,19 @@ class AddLayerNorm(nn.Module):
         return f"{self.normalized_shape}, eps={self.eps}"
 
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def aot_specs() -> list:
     """Every (kernel, BLOCK_D, dtype) the launchers can emit: BLOCK_D = next_pow2(D) in [64, 4096]."""
-    from tape_kernels._aot import AotSpec
+    from tape_kernels._aot import kernel_spec
 
     specs = []
-    block_ds = [1 << k for k in range(6, 13)]
-    for dt in _TRITON_DTYPE.values():
-        p = f"*{dt}"
-        for bd in block_ds:
-            specs.append(
-                AotSpec(
-                    name=f"add_ln_fwd_D{bd}_{dt}",
-                    kernel=_add_ln_fwd_kernel,
-                    signature={
-                        "X": p, "R": p, "W": "*fp32", "B": "*fp32", "Y": p, "MEAN": "*fp32", "RSTD": "*fp32",
-                        "D": "i32", "eps": "fp32", "BLOCK_D": "constexpr", "RTNE_BF16": "constexpr",
-                    },
-                    constexprs={"BLOCK_D": bd, "RTNE_BF16": False},
-                    num_warps=_num_warps(bd),
-                )
-            )
-            specs.append(
-                AotSpec(
-                    name=f"add_ln_bwd_D{bd}_{dt}",
-                    kernel=_add_ln_bwd_kernel,
-                    signature={
-                        "DY": p, "X": p, "R": p, "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "DZ": p,
-                        "DW_PART": "*fp32", "DB_PART": "*fp32", "N": "i32", "D": "i32", "rows_per_prog": "i32",
-                        "BLOCK_D": "constexpr", "RTNE_BF16": "constexpr",
-                    },
-                    constexprs={"BLOCK_D": bd, "RTNE_BF16": False},
-                    num_warps=_num_warps(bd),
-                )
-            )
-    specs.append(
-        AotSpec(
-            name="add_ln_partial_sum",
-            kernel=_partial_sum_kernel,
-            signature={
-                "DW_PART": "*fp32", "DB_PART": "*fp32", "DW": "*fp32", "DB": "*fp32", "P": "i32", "D": "i32",
-                "BLOCK_P": "constexpr", "BLOCK_C": "constexpr",
-            },
-            constexprs={"BLOCK_P": _RED_BLOCK_P, "BLOCK_C": _RED_BLOCK_C},
-            num_warps=4,
-        )
-    )
+    stats = {"W": torch.float32, "B": torch.float32, "MEAN": torch.float32, "RSTD": torch.float32,
+             "DW_PART": torch.float32, "DB_PART": torch.float32}  # fmt: skip
+    for dt in KERNEL_DTYPES:
+        for bd in (1 << k for k in range(6, 13)):
+            for kind, kernel in (("fwd", _add_ln_fwd_kernel), ("bwd", _add_ln_bwd_kernel)):
+                specs.append(kernel_spec(f"add_ln_{kind}_D{bd}_{TRITON_TYPE[dt]}", kernel, dt,
+                                         {"BLOCK_D": bd, "RTNE_BF16": False}, pointers=stats,
+                                         num_warps=_num_warps(bd)))  # fmt: skip
+    consts = {"BLOCK_P": _RED_BLOCK_P, "BLOCK_C": _RED_BLOCK_C}
+    specs.append(kernel_spec("add_ln_partial_sum", _partial_sum_kernel, torch.float32, consts))
     return specs

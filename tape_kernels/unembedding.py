@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tape_kernels._dispatch import interpreting, triton_available, use_triton
-from tape_kernels._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from tape_kernels._utils import INPUT_DTYPES, TRITON_TYPE, dot_precision
+from tape_kernels._validate import check_same_device, check_tensor
 
 DEFAULT_DF = 2.718281828459
 D2_CLAMP = 1e-12
@@ -74,6 +75,11 @@ def student_t_nll_ref(
     hidden_states (B, S, D), unembedding (D, V)."""
     logp = student_t_unembedding_ref(hidden_states, unembedding, df)
     nll = -logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    return _reduce(nll, reduction)
+
+
+def _reduce(nll: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-position losses -> their mean, sum, or themselves ("none")."""
     if reduction == "mean":
         return nll.mean()
     if reduction == "sum":
@@ -90,37 +96,40 @@ if triton_available():
     @triton.jit
     def _log1p(x):
         # log1p without libdevice (absent in the interpreter): log(u)·x/(u − 1) with u = 1 + x
-        # cancels the rounding of u (Goldberg), so small x keeps full relative precision.
+        # cancels the rounding of u (Goldberg), so small x keeps full relative precision. At x = +inf
+        # the ratio would be inf/inf: log1p(inf) = inf is returned instead (NaN stays NaN).
         u = 1.0 + x
         tiny = u == 1.0
-        return tl.where(tiny, x, _math.log(u) * _math.div(x, tl.where(tiny, 1.0, u - 1.0)))
+        big = u == float("inf")
+        ratio = _math.div(x, tl.where(tiny | big, 1.0, u - 1.0))
+        return tl.where(tiny | big, x, _math.log(u) * ratio)
 
     @triton.jit
-    def _row_sqnorm(H, rows, rmask, D, stride_hn, stride_hd, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _row_sqnorm(H, rows, rmask, dim, stride_hn, stride_hd, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         hn = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in range(0, dim, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             h = tl.load(
                 H + rows[:, None] * stride_hn + ds[None, :] * stride_hd,
-                mask=rmask[:, None] & (ds[None, :] < D), other=0.0,
+                mask=rmask[:, None] & (ds[None, :] < dim), other=0.0,
             ).to(tl.float32)
             hn += tl.sum(h * h, axis=1)
         return hn
 
     @triton.jit
     def _logit_tile(
-        H, U, hn, rows, rmask, v0, V, D, stride_hn, stride_hd, stride_ud, stride_uv, coef, inv_df,
+        H, U, hn, rows, rmask, v0, n_vocab, dim, stride_hn, stride_hd, stride_ud, stride_uv, coef, inv_df,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_F32: tl.constexpr, PREC: tl.constexpr,
     ):
-        """Logits of rows × columns [v0, v0 + BLOCK_V): (logits with −inf past V, raw d2, d2, cols)."""
+        """Logits of rows × columns [v0, v0 + BLOCK_V): (logits with −inf past n_vocab, raw d2, d2, cols)."""
         cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < V
+        cmask = cols < n_vocab
         acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
         un = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in range(0, dim, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
-            dmask = ds < D
+            dmask = ds < dim
             h = tl.load(
                 H + rows[:, None] * stride_hn + ds[None, :] * stride_hd,
                 mask=rmask[:, None] & dmask[None, :], other=0.0,
@@ -138,65 +147,65 @@ if triton_available():
                 # as upcasting first, at tensor-core speed.
                 acc = tl.dot(h, u, acc)
         raw = hn[:, None] - 2.0 * acc + un[None, :]
-        d2 = tl.maximum(raw, 1e-12)
+        d2 = tl.maximum(raw, 1e-12, propagate_nan=tl.PropagateNan.ALL)  # clamp(min=1e-12): NaN stays NaN
         logits = coef * _log1p(d2 * inv_df)
         logits = tl.where(cmask[None, :], logits, float("-inf"))
         return logits, raw, d2, cols
 
     @triton.jit
     def _unembed_fwd_kernel(
-        H, U, OUT, MAX, LOGS, TGT, LOSS, N, V, D,
-        stride_hn, stride_hd, stride_ud, stride_uv, stride_on, coef, inv_df,
+        H, U, OUT, MAX, LOGS, TGT, LOSS, n_rows, n_vocab, dim,
+        stride_hn, stride_hd, stride_ud, stride_uv, stride_on, coef: tl.float32, inv_df: tl.float32,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         SINGLE: tl.constexpr, NLL: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < N
-        hn = _row_sqnorm(H, rows, rmask, D, stride_hn, stride_hd, BLOCK_M, BLOCK_D)
+        rmask = rows < n_rows
+        hn = _row_sqnorm(H, rows, rmask, dim, stride_hn, stride_hd, BLOCK_M, BLOCK_D)
         if NLL:
             tgt = tl.load(TGT + rows, mask=rmask, other=0)
         t_logit = tl.zeros([BLOCK_M], dtype=tl.float32)
         if SINGLE:
             logits, raw, d2, cols = _logit_tile(
-                H, U, hn, rows, rmask, 0, V, D, stride_hn, stride_hd, stride_ud, stride_uv, coef, inv_df,
+                H, U, hn, rows, rmask, 0, n_vocab, dim, stride_hn, stride_hd, stride_ud, stride_uv, coef, inv_df,
                 BLOCK_M, BLOCK_V, BLOCK_D, DOT_F32, PREC,
             )
             # Max-subtracted: logits are O(−1e3), exp of them unshifted would underflow to 0.
             m = tl.max(logits, axis=1)
             log_s = _math.log(tl.sum(_math.exp(logits - m[:, None]), axis=1))
             if NLL:
-                t_logit = tl.sum(tl.where((cols[None, :] == tgt[:, None]) & (cols[None, :] < V), logits, 0.0), axis=1)
+                t_logit = tl.sum(tl.where((cols[None, :] == tgt[:, None]) & (cols[None, :] < n_vocab), logits, 0.0), axis=1)
             else:
                 # (logit − m) − log s, never logit − (m + log s): m + log s would round at the
                 # logits' magnitude (an ulp of 1e3 is 6e-5) and shift every log-prob by that.
                 tl.store(
                     OUT + rows[:, None] * stride_on + cols[None, :], (logits - m[:, None]) - log_s[:, None],
-                    mask=rmask[:, None] & (cols[None, :] < V),
+                    mask=rmask[:, None] & (cols[None, :] < n_vocab),
                 )
         else:
             m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             s = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for v0 in range(0, V, BLOCK_V):
+            for v0 in range(0, n_vocab, BLOCK_V):
                 logits, raw, d2, cols = _logit_tile(
-                    H, U, hn, rows, rmask, v0, V, D, stride_hn, stride_hd, stride_ud, stride_uv, coef, inv_df,
+                    H, U, hn, rows, rmask, v0, n_vocab, dim, stride_hn, stride_hd, stride_ud, stride_uv, coef, inv_df,
                     BLOCK_M, BLOCK_V, BLOCK_D, DOT_F32, PREC,
                 )
                 m_new = tl.maximum(m, tl.max(logits, axis=1))
                 s = s * _math.exp(m - m_new) + tl.sum(_math.exp(logits - m_new[:, None]), axis=1)
                 m = m_new
                 if NLL:
-                    t_logit += tl.sum(tl.where((cols[None, :] == tgt[:, None]) & (cols[None, :] < V), logits, 0.0), axis=1)
+                    t_logit += tl.sum(tl.where((cols[None, :] == tgt[:, None]) & (cols[None, :] < n_vocab), logits, 0.0), axis=1)
             log_s = _math.log(s)
             if not NLL:
-                for v0 in range(0, V, BLOCK_V):
+                for v0 in range(0, n_vocab, BLOCK_V):
                     logits, raw, d2, cols = _logit_tile(
-                        H, U, hn, rows, rmask, v0, V, D, stride_hn, stride_hd, stride_ud, stride_uv, coef, inv_df,
+                        H, U, hn, rows, rmask, v0, n_vocab, dim, stride_hn, stride_hd, stride_ud, stride_uv, coef, inv_df,
                         BLOCK_M, BLOCK_V, BLOCK_D, DOT_F32, PREC,
                     )
                     tl.store(
                         OUT + rows[:, None] * stride_on + cols[None, :], (logits - m[:, None]) - log_s[:, None],
-                        mask=rmask[:, None] & (cols[None, :] < V),
+                        mask=rmask[:, None] & (cols[None, :] < n_vocab),
                     )
         tl.store(MAX + rows, m, mask=rmask)
         tl.store(LOGS + rows, log_s, mask=rmask)
@@ -205,15 +214,15 @@ if triton_available():
 
     @triton.jit
     def _unembed_bwd_kernel(
-        H, U, MAX, LOGS, G, GSUM, TGT, GROW, DD2, DSUM, N, V, D,
-        stride_hn, stride_hd, stride_ud, stride_uv, stride_gn, stride_dn, coef, inv_df, df,
+        H, U, MAX, LOGS, G, GSUM, TGT, GROW, DD2, DSUM, n_rows, n_vocab, dim,
+        stride_hn, stride_hd, stride_ud, stride_uv, stride_gn, stride_dn, coef: tl.float32, inv_df: tl.float32, df: tl.float32,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         NLL: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < N
-        hn = _row_sqnorm(H, rows, rmask, D, stride_hn, stride_hd, BLOCK_M, BLOCK_D)
+        rmask = rows < n_rows
+        hn = _row_sqnorm(H, rows, rmask, dim, stride_hn, stride_hd, BLOCK_M, BLOCK_D)
         m = tl.load(MAX + rows, mask=rmask, other=0.0)
         log_s = tl.load(LOGS + rows, mask=rmask, other=0.0)
         if NLL:
@@ -222,12 +231,12 @@ if triton_available():
         else:
             gsum = tl.load(GSUM + rows, mask=rmask, other=0.0)
         dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in range(0, n_vocab, BLOCK_V):
             logits, raw, d2, cols = _logit_tile(
-                H, U, hn, rows, rmask, v0, V, D, stride_hn, stride_hd, stride_ud, stride_uv, coef, inv_df,
+                H, U, hn, rows, rmask, v0, n_vocab, dim, stride_hn, stride_hd, stride_ud, stride_uv, coef, inv_df,
                 BLOCK_M, BLOCK_V, BLOCK_D, DOT_F32, PREC,
             )
-            mask = rmask[:, None] & (cols[None, :] < V)
+            mask = rmask[:, None] & (cols[None, :] < n_vocab)
             p = _math.exp((logits - m[:, None]) - log_s[:, None])
             if NLL:
                 dlogit = grow[:, None] * (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0))
@@ -258,9 +267,7 @@ def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
     """(DOT_F32, input precision). fp32 uses IEEE unless the user enabled TF32 for matmuls in torch;
     16-bit inputs take the native MMA, except bf16 in the interpreter (whose bf16 dot is wrong;
     its fp16 dot is exact, so CPU tests do cover the native path)."""
-    if dtype == torch.float32:
-        return True, ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
-    return dtype == torch.bfloat16 and interpreting(), "ieee"
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()), dot_precision(dtype)
 
 
 def _launch_fwd(h2: torch.Tensor, u: torch.Tensor, df: float, targets: torch.Tensor | None):
@@ -359,7 +366,7 @@ class StudentTNLLFunction(torch.autograd.Function):
 
 
 def _check(h: torch.Tensor, u: torch.Tensor, df: float) -> None:
-    dts = FLOAT_DTYPES + (torch.float64,)
+    dts = INPUT_DTYPES
     check_tensor("hidden_states", h, dtypes=dts)
     if h.dim() < 1:
         raise ValueError("hidden_states must have shape (..., D), got a 0-dim tensor")
@@ -449,11 +456,7 @@ def student_t_nll(
         h2 = hidden_states.to(dt).reshape(-1, d)
         tgt = targets.reshape(-1).to(torch.int64).contiguous()
         loss = StudentTNLLFunction.apply(h2, unembedding.to(dt), tgt, float(df))
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss.view(lead)
+    return _reduce(loss.view(lead), reduction)
 
 
 class StudentTUnembedding(nn.Module):
@@ -476,59 +479,28 @@ class StudentTUnembedding(nn.Module):
         return f"df={self.df}"
 
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def aot_specs() -> list:
     """Every (kernel, BLOCK_V/sweep, NLL, dtype/precision) the launchers can emit on a GPU."""
-    from tape_kernels._aot import AotSpec
+    from tape_kernels._aot import kernel_spec
 
-    variants = [("fp32", True, "ieee"), ("fp32", True, "tf32"), ("fp16", False, "ieee"), ("bf16", False, "ieee")]
-    tiles = [(32, True), (128, True), (128, False)]
+    f32, i64 = torch.float32, torch.int64
+    variants = [(f32, "ieee"), (f32, "tf32"), (torch.float16, "ieee"), (torch.bfloat16, "ieee")]
     specs = []
-    for dt, dot_f32, prec in variants:
-        tag = f"{dt}_{prec}" if dt == "fp32" else dt
+    for dt, prec in variants:
+        tag = f"{TRITON_TYPE[dt]}_{prec}" if dt == f32 else TRITON_TYPE[dt]
         for nll in (False, True):
-            for block_v, single in tiles:
-                specs.append(
-                    AotSpec(
-                        name=f"unembed_fwd_{'nll' if nll else 'logp'}_V{block_v}{'' if single else 'x'}_{tag}",
-                        kernel=_unembed_fwd_kernel,
-                        signature={
-                            "H": f"*{dt}", "U": f"*{dt}", "OUT": "*fp32", "MAX": "*fp32", "LOGS": "*fp32",
-                            "TGT": "*i64" if nll else "*fp32",
-                            "LOSS": "*fp32", "N": "i32", "V": "i32", "D": "i32",
-                            "stride_hn": "i32", "stride_hd": "i32", "stride_ud": "i32", "stride_uv": "i32",
-                            "stride_on": "i32", "coef": "fp32", "inv_df": "fp32",
-                            "BLOCK_M": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr",
-                            "SINGLE": "constexpr", "NLL": "constexpr", "DOT_F32": "constexpr", "PREC": "constexpr",
-                        },
-                        constexprs={
-                            "BLOCK_M": _BLOCK_M, "BLOCK_V": block_v, "BLOCK_D": _BLOCK_D,
-                            "SINGLE": single, "NLL": nll, "DOT_F32": dot_f32, "PREC": prec,
-                        },
-                        num_warps=_warps(block_v),
-                    )
-                )
+            # Row statistics, log-probs, losses and dd2 are fp32; TGT is a dummy fp32 pointer without NLL.
+            ptrs = dict.fromkeys(("OUT", "MAX", "LOGS", "LOSS", "G", "GSUM", "GROW", "DD2", "DSUM"), f32)
+            ptrs["TGT"] = i64 if nll else f32
+            kind = "nll" if nll else "logp"
+            for block_v, single in ((32, True), (128, True), (128, False)):
+                consts = {"BLOCK_M": _BLOCK_M, "BLOCK_V": block_v, "BLOCK_D": _BLOCK_D, "SINGLE": single, "NLL": nll,
+                          "DOT_F32": dt == f32, "PREC": prec}  # fmt: skip
+                specs.append(kernel_spec(f"unembed_fwd_{kind}_V{block_v}{'' if single else 'x'}_{tag}",
+                                         _unembed_fwd_kernel, dt, consts, pointers=ptrs, num_warps=_warps(block_v)))
             for block_v in (32, 128):
-                specs.append(
-                    AotSpec(
-                        name=f"unembed_bwd_{'nll' if nll else 'logp'}_V{block_v}_{tag}",
-                        kernel=_unembed_bwd_kernel,
-                        signature={
-                            "H": f"*{dt}", "U": f"*{dt}", "MAX": "*fp32", "LOGS": "*fp32", "G": "*fp32", "GSUM": "*fp32",
-                            "TGT": "*i64" if nll else "*fp32", "GROW": "*fp32", "DD2": "*fp32", "DSUM": "*fp32",
-                            "N": "i32", "V": "i32", "D": "i32",
-                            "stride_hn": "i32", "stride_hd": "i32", "stride_ud": "i32", "stride_uv": "i32",
-                            "stride_gn": "i32", "stride_dn": "i32", "coef": "fp32", "inv_df": "fp32", "df": "fp32",
-                            "BLOCK_M": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr",
-                            "NLL": "constexpr", "DOT_F32": "constexpr", "PREC": "constexpr",
-                        },
-                        constexprs={
-                            "BLOCK_M": _bwd_block_m(block_v), "BLOCK_V": block_v, "BLOCK_D": _BLOCK_D,
-                            "NLL": nll, "DOT_F32": dot_f32, "PREC": prec,
-                        },
-                        num_warps=_warps(block_v),
-                    )
-                )
+                consts = {"BLOCK_M": _bwd_block_m(block_v), "BLOCK_V": block_v, "BLOCK_D": _BLOCK_D, "NLL": nll,
+                          "DOT_F32": dt == f32, "PREC": prec}  # fmt: skip
+                specs.append(kernel_spec(f"unembed_bwd_{kind}_V{block_v}_{tag}", _unembed_bwd_kernel, dt, consts,
+                                         pointers=ptrs, num_warps=_warps(block_v)))
     return specs

@@ -7,19 +7,16 @@ issue's absolute bound of 1e-6 over the whole real line.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 
+import _accuracy as acc
 import pytest
 import torch
 
-from tape_kernels.activation import (
-    ReferenceActivation,
-    ReferenceActivationRef,
-    reference_activation,
-    reference_activation_ref,
-)
+from tape_kernels.activation import FusedReferenceActivation, reference_activation, reference_activation_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Floor for the "≤ k × torch's error" comparisons: one ulp of the dtype at |y| ≈ 0.2 (the
@@ -59,11 +56,10 @@ def test_forward_error_vs_torch(dtype: torch.dtype) -> None:
     ref = reference_activation_ref(x64)
     out = reference_activation(x, backend="triton")
     assert out.dtype == dtype and out.shape == x.shape
-    err = (out.double() - ref).abs().max().item()
-    torch_err = (reference_activation_ref(x).double() - ref).abs().max().item()
-    assert err <= 2 * max(torch_err, ULP_FLOOR[dtype]), (err, torch_err)
+    torch_out = reference_activation_ref(x)
+    acc.assert_within_torch_error(out, ref, torch_out, acc.OUT_FACTOR, floor=ULP_FLOOR[dtype], name="y")
     if dtype == torch.float32:
-        assert err <= 1e-6
+        assert acc.max_err(out, ref) <= 1e-6
 
 
 def test_relative_accuracy_near_zero() -> None:
@@ -93,9 +89,8 @@ def test_gradient_error_vs_torch(dtype: torch.dtype) -> None:
     d_ref = _grad(reference_activation_ref, x.double(), g)
     d = _grad(lambda t: reference_activation(t, backend="triton"), x, g.to(dtype))
     assert d.dtype == dtype
-    err = (d.double() - d_ref).abs().max().item()
-    torch_err = (_grad(reference_activation_ref, x, g.to(dtype)).double() - d_ref).abs().max().item()
-    assert err <= 3 * max(torch_err, 4 * ULP_FLOOR[dtype]), (err, torch_err)
+    d_torch = _grad(reference_activation_ref, x, g.to(dtype))
+    acc.assert_within_torch_error(d, d_ref, d_torch, acc.GRAD_FACTOR, floor=4 * ULP_FLOOR[dtype], name="dx")
 
 
 def test_derivative_at_zero_is_one() -> None:
@@ -150,11 +145,10 @@ def test_bias_activation(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     y, dx, db = run(lambda a, b: reference_activation(a, b, backend="triton"), x, bias)
     yt, dxt, dbt = run(lambda a, b: reference_activation_ref(a + b), x, bias)
     assert y.dtype == dx.dtype == db.dtype == dtype
-    for out, ref, tor, k in ((y, y64, yt, 2), (dx, dx64, dxt, 3), (db, db64, dbt, 3)):
-        err = (out.double() - ref).abs().max().item()
-        terr = (tor.double() - ref).abs().max().item()
+    for name, out, ref, tor, k in (("y", y, y64, yt, acc.OUT_FACTOR), ("dx", dx, dx64, dxt, acc.GRAD_FACTOR),
+                                   ("dbias", db, db64, dbt, acc.GRAD_FACTOR)):  # fmt: skip
         scale = max(1.0, ref.abs().max().item())
-        assert err <= k * max(terr, 4 * ULP_FLOOR[dtype] * scale), (err, terr)
+        acc.assert_within_torch_error(out, ref, tor, k, floor=4 * ULP_FLOOR[dtype] * scale, name=name)
 
 
 def test_bias_gradient_is_deterministic_and_mixed_dtype() -> None:
@@ -177,8 +171,8 @@ def test_bias_gradient_is_deterministic_and_mixed_dtype() -> None:
 
 def test_module_and_backends() -> None:
     x = torch.randn(4, 9) * 5
-    m = ReferenceActivation(gamma=3.0)
-    torch.testing.assert_close(m(x), ReferenceActivationRef()(x), atol=2e-7, rtol=0)
+    m = FusedReferenceActivation(gamma=3.0)
+    torch.testing.assert_close(m(x), reference_activation_ref(x), atol=2e-7, rtol=0)
     assert torch.equal(reference_activation(x, backend="eager"), reference_activation_ref(x))
     assert list(m.parameters()) == []
 
@@ -207,3 +201,31 @@ def test_aot_compile_sm86_sm90() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "kernel compilations OK" in proc.stdout
+
+
+# (input holding the non-finite value, with a bias)
+NONFINITE_CASES = [("x", False), ("x", True), ("bias", True)]
+NONFINITE_CASE_IDS = [f"{w}-{'bias' if b else 'nobias'}" for w, b in NONFINITE_CASES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("value", acc.NONFINITE, ids=acc.NONFINITE_IDS)
+@pytest.mark.parametrize("where,with_bias", NONFINITE_CASES, ids=NONFINITE_CASE_IDS)
+def test_nonfinite_propagate_like_eager(where: str, with_bias: bool, value: float, dtype: torch.dtype) -> None:
+    """NaN / ±inf in x or in the bias: outputs and gradients non-finite exactly where the eager path's are."""
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(6, 40, generator=gen) * 3).to(dtype)
+    bias = torch.randn(40, generator=gen).to(dtype)
+    if where == "x":
+        x[2, 5] = value
+        x[4, 33] = value
+    else:
+        bias[7] = value
+    gy = torch.randn(6, 40, generator=gen)
+    if with_bias:
+        acc.assert_nonfinite_like_eager(lambda a, b: reference_activation(a, b, backend="triton"),
+                                    lambda a, b: reference_activation_ref(a + b), [x, bias], [gy],
+                                    ["x", "bias"], exact=math.isnan(value))  # fmt: skip
+    else:
+        acc.assert_nonfinite_like_eager(lambda a: reference_activation(a, backend="triton"), reference_activation_ref,
+                                        [x], [gy], ["x"], exact=math.isnan(value))  # fmt: skip

@@ -9,11 +9,13 @@ not demand exactness.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import subprocess
 import sys
 import textwrap
 
+import _accuracy as acc
 import pytest
 import torch
 
@@ -64,10 +66,6 @@ def _run(fn, emb, weights, h0, go, gh):
     return [out] + hs, list(grads)
 
 
-def _max_err(xs, refs) -> float:
-    return max((x.double() - r).abs().max().item() for x, r in zip(xs, refs))
-
-
 def _check_against_fp64(model: CharRNN, emb, h0, dtype: torch.dtype) -> None:
     weights = [w.detach().to(dtype) for w in model.flat_weights()]
     emb = emb.to(dtype)
@@ -90,12 +88,10 @@ def _check_against_fp64(model: CharRNN, emb, h0, dtype: torch.dtype) -> None:
     assert [o.shape for o in outs] == [o.shape for o in outs64]
     assert all(o.dtype == dtype for o in outs + grads)
     f_out, f_grad = FLOOR[dtype]
-    err, terr = _max_err(outs, outs64), _max_err(outs_t, outs64)
-    assert err <= 2 * max(terr, f_out), f"outputs: kernel err {err:.3g} vs torch {terr:.3g}"
+    acc.assert_within_torch_error(outs, outs64, outs_t, acc.OUT_FACTOR, floor=f_out, name="outputs")
     for i, (gk, gt, g64) in enumerate(zip(grads, grads_t, grads64)):
         scale = max(1.0, g64.abs().max().item())
-        err, terr = _max_err([gk], [g64]), _max_err([gt], [g64])
-        assert err <= 3 * max(terr, f_grad * scale), f"grad #{i}: kernel err {err:.3g} vs torch {terr:.3g}"
+        acc.assert_within_torch_error(gk, g64, gt, acc.GRAD_FACTOR, floor=f_grad * scale, name=f"grad #{i}")
 
 
 @pytest.mark.parametrize("with_h0", [False, True])
@@ -347,7 +343,38 @@ def test_gpu_against_fp64(dtype: torch.dtype) -> None:
     outs_t, grads_t = _run(charrnn_ref, eq.cuda(), cuda, [h.cuda() for h in hq], go.cuda(), [x.cuda() for x in gh])
     f_out, f_grad = FLOOR[dtype]
     for i, (ok, ot, o64) in enumerate(zip(outs, outs_t, outs64)):
-        assert _max_err([ok.cpu()], [o64]) <= 2 * max(_max_err([ot.cpu()], [o64]), f_out), f"output {i}"
-    for gk, gt, g64 in zip(grads, grads_t, grads64):
+        acc.assert_within_torch_error(ok.cpu(), o64, ot.cpu(), acc.OUT_FACTOR, floor=f_out, name=f"output {i}")
+    for i, (gk, gt, g64) in enumerate(zip(grads, grads_t, grads64)):
         scale = max(1.0, g64.abs().max().item())
-        assert _max_err([gk.cpu()], [g64]) <= 3 * max(_max_err([gt.cpu()], [g64]), f_grad * scale)
+        acc.assert_within_torch_error(gk.cpu(), g64, gt.cpu(), acc.GRAD_FACTOR, floor=f_grad * scale, name=f"grad #{i}")
+
+
+@pytest.mark.parametrize("value", acc.NONFINITE, ids=acc.NONFINITE_IDS)
+@pytest.mark.parametrize("where", ["emb", "h0", "W_iL", "W_hR", "b_hL"])
+def test_nonfinite_propagate_like_eager(where: str, value: float) -> None:
+    """NaN / ±inf in the input, the initial state or a weight: the output trajectory, the last states and
+    every gradient non-finite exactly where the eager loop's are (forward and BPTT)."""
+    b, s, d, hd, layers = 3, 4, 8, 16, 2
+    model = _model(d, hd, layers, seed=2)
+    emb, h0 = _inputs(b, s, d, hd, layers, True, seed=3)
+    weights = [w.detach().clone() for w in model.flat_weights()]
+    index = {"W_iL": 0, "b_hL": 3, "W_hR": 6}
+    if where == "emb":
+        emb[1, 2, 5] = value
+    elif where == "h0":
+        h0[1][2, -1, 7] = value
+    else:
+        weights[index[where]].view(-1)[5] = value
+    g = torch.Generator().manual_seed(4)
+    cot = [torch.randn(b, s, hd, generator=g)] + [torch.randn(b, 1, hd, generator=g) for _ in range(layers)]
+
+    def flat(fn):  # noqa: ANN001, ANN202 - (emb, *weights, *h0) -> (out, *hs)
+        def run(e, *rest):  # noqa: ANN001, ANN202
+            out, hs = fn(e, list(rest[: len(weights)]), list(rest[len(weights) :]))
+            return [out, *hs]
+
+        return run
+
+    names = ["emb"] + [f"weights[{i}]" for i in range(len(weights))] + [f"h0[{l}]" for l in range(layers)]
+    acc.assert_nonfinite_like_eager(flat(lambda e, w, h: charrnn(e, w, h, backend="triton")), flat(charrnn_ref),
+                                [emb, *weights, *h0], cot, names, exact=math.isnan(value))  # fmt: skip

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import _accuracy as acc
 import pytest
 import torch
 
@@ -26,10 +29,6 @@ def _inputs(shape, dtype, seed=0, scale=3.0):
     return hl, hr
 
 
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 @pytest.mark.parametrize("mode", [0, 1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -41,7 +40,7 @@ def test_forward_matches_ref_and_fp64(mode, dtype, shape):
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
     exact = tapehead_combine_ref(hl.double(), hr.double(), mode)
-    assert _max_err(out, exact) <= 2 * _max_err(ref, exact) + FLOOR[dtype]
+    acc.assert_within_torch_error(out, exact, ref, acc.OUT_FACTOR, atol=FLOOR[dtype], name="h")
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
@@ -62,7 +61,7 @@ def test_backward_matches_ref_and_fp64(mode, dtype):
     for k, r, e in zip(got, ref, exact):
         assert k.dtype == dtype
         torch.testing.assert_close(k, r, atol=atol, rtol=rtol)
-        assert _max_err(k, e) <= 3 * _max_err(r, e) + FLOOR[dtype]
+        acc.assert_within_torch_error(k, e, r, acc.GRAD_FACTOR, atol=FLOOR[dtype])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow inside the interpreter, masked by tl.where
@@ -129,3 +128,20 @@ def test_cpu_without_interpreter_takes_the_eager_path(monkeypatch):
         assert torch.equal(tapehead_combine(hl, hr, mode), tapehead_combine_ref(hl, hr, mode))
     with pytest.raises(RuntimeError, match="backend='triton'"):
         tapehead_combine(hl, hr, 0, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("value", acc.NONFINITE, ids=acc.NONFINITE_IDS)
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_nonfinite_propagate_like_eager(mode: int, value: float, dtype: torch.dtype) -> None:
+    """NaN / ±inf in hl, in hr, and in both at one place: h, dhl, dhr non-finite exactly where the
+    eager combine's are."""
+    hl, hr = _inputs((4, 33), dtype, seed=6)
+    g = _inputs((4, 33), dtype, seed=7, scale=1.0)[0]
+    hl[0, 3] = value
+    hr[1, 8] = value
+    hl[2, 20] = hr[2, 20] = value
+    hl[3, 1], hr[3, 1] = value, -value  # opposite infinities
+    acc.assert_nonfinite_like_eager(lambda a, b: tapehead_combine(a, b, mode, backend="triton"),
+                                lambda a, b: tapehead_combine_ref(a, b, mode), [hl, hr], [g], ["hl", "hr"],
+                                exact=math.isnan(value))  # fmt: skip

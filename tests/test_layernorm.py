@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import _accuracy as acc
 import pytest
 import torch
 from hypothesis import given, settings
@@ -40,10 +43,6 @@ def _run(fn, x, r, w, b, dy):
     return y.detach(), grads
 
 
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 def _kernel(x, r, w, b):
     return add_layer_norm(x, r, w, b, backend="triton")
 
@@ -58,14 +57,14 @@ def test_forward_backward_vs_ref_and_fp64(shape, dtype):
     assert y.dtype == dtype and y.shape == x.shape
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
-    assert _max_err(y, y64) <= 2 * _max_err(y_ref, y64) + FLOOR[dtype]
+    acc.assert_within_torch_error(y, y64, y_ref, acc.OUT_FACTOR, atol=FLOOR[dtype], name="y")
     # dweight sums dy·x̂ over all rows, so its absolute scale grows like sqrt(rows).
     rows = x.numel() // x.shape[-1]
     for name, k, ref, exact in zip(("dx", "dresidual", "dweight", "dbias"), grads, grads_ref, grads64):
         assert k.dtype == dtype, name
         scale = rows**0.5 if name in ("dweight", "dbias") else 1.0
         torch.testing.assert_close(k, ref, atol=atol * scale, rtol=rtol, msg=name)
-        assert _max_err(k, exact) <= 3 * _max_err(ref, exact) + FLOOR[dtype] * scale, name
+        acc.assert_within_torch_error(k, exact, ref, acc.GRAD_FACTOR, atol=FLOOR[dtype] * scale, name=name)
 
 
 def test_large_mean_rows_keep_precision():
@@ -74,9 +73,9 @@ def test_large_mean_rows_keep_precision():
     y, grads = _run(_kernel, x, r, w, b, dy)
     y64, grads64 = _run(add_layer_norm_ref, *(t.double() for t in (x, r, w, b, dy)))
     y_ref, grads_ref = _run(add_layer_norm_ref, x, r, w, b, dy)
-    assert _max_err(y, y64) <= 2 * _max_err(y_ref, y64) + 1e-6
+    acc.assert_within_torch_error(y, y64, y_ref, acc.OUT_FACTOR, atol=1e-6, name="y")
     for k, ref, exact in zip(grads, grads_ref, grads64):
-        assert _max_err(k, exact) <= 3 * _max_err(ref, exact) + 1e-6
+        acc.assert_within_torch_error(k, exact, ref, acc.GRAD_FACTOR, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows", [9, 50])
@@ -166,7 +165,7 @@ def test_cuda_autocast_gives_fp32_like_layer_norm(dtype):
     assert out.dtype == ref.dtype == torch.float32
     # The kernel does not round x + residual to the low-precision dtype first: compare to fp64.
     exact = add_layer_norm_ref(*(t.to(dtype).double() for t in (x, r)), w.double(), b.double())
-    assert _max_err(out, exact) <= 2 * _max_err(ref, exact) + 1e-6
+    acc.assert_within_torch_error(out, exact, ref, acc.OUT_FACTOR, atol=1e-6, name="y")
 
 
 @pytest.mark.gpu
@@ -176,9 +175,9 @@ def test_cuda_matches_ref(dtype):
     y, grads = _run(_kernel, x, r, w, b, dy)
     y_ref, grads_ref = _run(add_layer_norm_ref, x, r, w, b, dy)
     y64, grads64 = _run(add_layer_norm_ref, *(t.double() for t in (x, r, w, b, dy)))
-    assert _max_err(y, y64) <= 2 * _max_err(y_ref, y64) + FLOOR[dtype]
+    acc.assert_within_torch_error(y, y64, y_ref, acc.OUT_FACTOR, atol=FLOOR[dtype], name="y")
     for k, ref, exact in zip(grads, grads_ref, grads64):
-        assert _max_err(k, exact) <= 3 * _max_err(ref, exact) + FLOOR[dtype] * 2048**0.5
+        acc.assert_within_torch_error(k, exact, ref, acc.GRAD_FACTOR, atol=FLOOR[dtype] * 2048**0.5)
 
 
 def test_cpu_without_interpreter_takes_the_eager_path(monkeypatch):
@@ -207,6 +206,19 @@ def test_property_random_shapes_fp32(rows, d, seed):
     y, grads = _run(_kernel, x, r, w, b, dy)
     y_ref, grads_ref = _run(add_layer_norm_ref, x, r, w, b, dy)
     y64, grads64 = _run(add_layer_norm_ref, *(t.double() for t in (x, r, w, b, dy)))
-    assert _max_err(y, y64) <= 2 * _max_err(y_ref, y64) + FLOOR[torch.float32]
+    acc.assert_within_torch_error(y, y64, y_ref, acc.OUT_FACTOR, atol=FLOOR[torch.float32], name="y")
     for k, ref, exact in zip(grads, grads_ref, grads64):
-        assert _max_err(k, exact) <= 3 * _max_err(ref, exact) + FLOOR[torch.float32] * rows**0.5
+        acc.assert_within_torch_error(k, exact, ref, acc.GRAD_FACTOR, atol=FLOOR[torch.float32] * rows**0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("value", acc.NONFINITE, ids=acc.NONFINITE_IDS)
+@pytest.mark.parametrize("where", ["x", "residual", "weight", "bias"])
+def test_nonfinite_propagate_like_eager(where: str, value: float, dtype: torch.dtype) -> None:
+    """NaN / ±inf in an activation or a parameter: y, dx, dresidual, dweight, dbias non-finite exactly
+    where F.layer_norm(x + residual)'s are."""
+    x, r, w, b, dy = _inputs((5, 3, 24), dtype, seed=9)
+    t = {"x": x, "residual": r, "weight": w, "bias": b}[where]
+    t.view(-1)[[7, 40 % t.numel()]] = value
+    names = ["x", "residual", "weight", "bias"]
+    acc.assert_nonfinite_like_eager(_kernel, add_layer_norm_ref, [x, r, w, b], [dy], names, exact=math.isnan(value))
