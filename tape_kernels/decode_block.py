@@ -237,7 +237,7 @@ if triton_available():
     from triton.language.extra import libdevice
 
     from tape_kernels import _math
-    from tape_kernels.activation import _act_fwd
+    from tape_kernels.activation import act_fwd as _act_fwd
 
     _PRECISE = tl.constexpr(not interpreting())
 
