@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from tape_kernels._dispatch import check_backend, interpreting, triton_available, use_triton
+from tape_kernels._dispatch import check_backend, triton_available, use_triton
 from tape_kernels._validate import check_same_device, check_tensor
 from tape_kernels.activation import reference_activation_ref
 from tape_kernels.combine import MODES, rtne_bf16, tapehead_combine_ref
@@ -662,24 +662,31 @@ def _grads_or_none(ctx, start: int, grads: Sequence[torch.Tensor | None]) -> lis
 
 
 class _GroupedLinearFn(torch.autograd.Function):
-    """y (G, M, N) = x_g W_gᵀ + b_g. Inputs: x, cdt, then W_0, b_0, W_1, b_1 (b may be None for all)."""
+    """y (G, M, N) = x_g W_gᵀ + b_g. Inputs: x, cdt, return_input, then W_0, b_0, W_1, b_1 (b may be None
+    for all). With return_input the outputs are (y, x as a view): the view's gradient (x's second
+    consumer) is added to dx in the dX epilogue instead of by a separate autograd ``add``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cdt: torch.dtype, *wb: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, cdt: torch.dtype, return_input: bool, *wb: torch.Tensor | None):  # noqa: ANN001, ANN205
         ws, bs = list(wb[0::2]), list(wb[1::2])
         x = x.contiguous()
         y, _, _, _ = _fwd(x, ws, bs, cdt, y_dtype=cdt)
         ctx.save_for_backward(x, *ws)
         ctx.cdt = cdt
         ctx.bias_dtypes = None if bs[0] is None else [b.dtype for b in bs]
-        return y
+        ctx.set_materialize_grads(False)
+        return (y, x.view_as(x)) if return_input else y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, dy: torch.Tensor | None, dx_view: torch.Tensor | None = None):  # noqa: ANN001, ANN205
         x, *ws = ctx.saved_tensors
-        dx, dws, dbs, _ = _bwd(dy.contiguous(), ws, x, ctx.cdt, dx_dtype=x.dtype, bias_dtypes=ctx.bias_dtypes)
+        if dy is None:  # only the input view was used
+            dy = torch.zeros((len(ws), x.shape[-2], ws[0].shape[0]), device=x.device, dtype=ctx.cdt)
+        res = None if dx_view is None else dx_view.contiguous()
+        dx, dws, dbs, _ = _bwd(dy.contiguous(), ws, x, ctx.cdt, res_grad=res, dx_dtype=x.dtype,
+                               bias_dtypes=ctx.bias_dtypes)  # fmt: skip
         wb = [t for pair in zip(dws, dbs or [None] * len(dws)) for t in pair]
-        return (dx if ctx.needs_input_grad[0] else None, None, *_grads_or_none(ctx, 2, wb))
+        return (dx if ctx.needs_input_grad[0] else None, None, None, *_grads_or_none(ctx, 3, wb))
 
 
 class _GroupedLinearLNFn(torch.autograd.Function):
@@ -824,11 +831,16 @@ def _kernel_path(backend: str, tensors: list[torch.Tensor | None], ln_n: int | N
 
 
 def grouped_linear(
-    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], *, backend: str = "auto"
-) -> torch.Tensor:
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], *,
+    return_input: bool = False, backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """G Linear layers: x (M, K) shared by the groups or (G, M, K) one per group; weights G × (N, K);
     biases G × (N,) or G × None -> (G, M, N), in the autocast dtype under autocast, else x's dtype.
-    G = 1 or 2. Differentiable in every input."""
+    G = 1 or 2. Differentiable in every input.
+
+    ``return_input=True`` returns (y, x'), x' a view of x to hand to x's other consumer (the residual
+    of the block's LayerNorm): on the kernel path x''s gradient is then added to dx inside the backward
+    kernel, where autograd would launch an ``add`` for a tensor with two consumers."""
     ws = _check_groups("weights", weights, len(weights) if isinstance(weights, (list, tuple)) else 0)
     g = len(ws)
     if not 1 <= g <= MAX_GROUPS:
@@ -838,9 +850,10 @@ def grouped_linear(
     _check_x("x", x, g, k)
     check_same_device(x=x, **{f"weights[{i}]": w for i, w in enumerate(ws)}, **{f"biases[{i}]": b for i, b in enumerate(bs)})
     if not _kernel_path(backend, [x, *ws, *bs]):
-        return grouped_linear_ref(x, ws, bs)
+        y = grouped_linear_ref(x, ws, bs)
+        return (y, x) if return_input else y
     wb = [t for pair in zip(ws, bs) for t in pair]
-    return _GroupedLinearFn.apply(x, _compute_dtype(x), *wb)
+    return _GroupedLinearFn.apply(x, _compute_dtype(x), bool(return_input), *wb)
 
 
 def grouped_linear_add_layer_norm(
