@@ -190,32 +190,32 @@ if triton_available():
     @triton.jit
     def _fl_fwd_kernel(
         X, W0, W1, B0, B1, R, Y, XHAT, RSTD, LNW0, LNW1, LNB0, LNB1, OUT,
-        M, N, K, stride_xg, stride_rg, eps: tl.float32,
+        m, n, k, stride_xg, stride_rg, eps: tl.float32,
         G: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_IN: tl.constexpr, HAS_RES: tl.constexpr,
         LN: tl.constexpr, STORE_Y: tl.constexpr, COMBINE: tl.constexpr, CDT: tl.constexpr,
         PREC: tl.constexpr, RTNE_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        """Y[g] = epilogue(act?(X[g]) W_gᵀ) for g < G, grid (M tiles, N tiles). Groups share X when
-        stride_xg = 0 (R likewise). Y, XHAT (G, M, N); RSTD (G, M); OUT (M, N) = combine(y_0, y_1)."""
+        """Y[g] = epilogue(act?(X[g]) W_gᵀ) for g < G, grid (m tiles, n tiles). Groups share X when
+        stride_xg = 0 (R likewise). Y, XHAT (G, m, n); RSTD (G, m); OUT (m, n) = combine(y_0, y_1)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         y0 = _fwd_group(
-            X, W0, B0, R, Y, XHAT, RSTD, LNW0, LNB0, rows, cols, M, N, K, eps,
+            X, W0, B0, R, Y, XHAT, RSTD, LNW0, LNB0, rows, cols, m, n, k, eps,
             HAS_BIAS, ACT_IN, HAS_RES, LN, STORE_Y, CDT, PREC, RTNE_BF16, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         if G == 2:
-            mn = M.to(tl.int64) * N
+            mn = m.to(tl.int64) * n
             y1 = _fwd_group(
-                X + stride_xg, W1, B1, R + stride_rg, Y + mn, XHAT + mn, RSTD + M, LNW1, LNB1, rows, cols,
-                M, N, K, eps, HAS_BIAS, ACT_IN, HAS_RES, LN, STORE_Y, CDT, PREC, RTNE_BF16,
+                X + stride_xg, W1, B1, R + stride_rg, Y + mn, XHAT + mn, RSTD + m, LNW1, LNB1, rows, cols,
+                m, n, k, eps, HAS_BIAS, ACT_IN, HAS_RES, LN, STORE_Y, CDT, PREC, RTNE_BF16,
                 BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
             if COMBINE >= 0:
-                mask = (rows < M)[:, None] & (cols < N)[None, :]
-                offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+                mask = (rows < m)[:, None] & (cols < n)[None, :]
+                offs = rows[:, None].to(tl.int64) * n + cols[None, :]
                 h = _combine_fwd(y0, y1, COMBINE)
                 tl.store(OUT + offs, cast_out(h, OUT.dtype.element_ty, RTNE_BF16), mask=mask)
 
@@ -302,56 +302,56 @@ if triton_available():
     @triton.jit
     def _fl_bwd_kernel(
         DY, W0, W1, X, R, DX, DW0, DW1, DB0, DB1, PW, PB, DLNW0, DLNW1, DLNB0, DLNB1,
-        M, N, K, P, stride_xg, stride_rg, stride_dxg, n_dx, n_dw,
+        m, n, k, p, stride_xg, stride_rg, stride_dxg, n_dx, n_dw,
         G: tl.constexpr, SUM_G: tl.constexpr, ACT_IN: tl.constexpr, HAS_RES: tl.constexpr,
         HAS_DB: tl.constexpr, LN_RED: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
         RTNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        """Backward of Y[g] = act?(X[g]) W_gᵀ (+ b_g) given DY (G, M, N), in one launch:
+        """Backward of Y[g] = act?(X[g]) W_gᵀ (+ b_g) given DY (G, m, n), in one launch:
 
         programs [0, n_dx):          dX tiles (BLOCK_M × BLOCK_K): dX[g] = (DY[g] W_g) · act'(X[g]) + R[g],
                                      or one dX = Σ_g DY[g] W_g + R for groups sharing X (SUM_G);
         programs [n_dx, n_dx+n_dw):  dW tiles (BLOCK_N × BLOCK_K) of every group, with db;
-        programs after:              dγ_g, dβ_g of a LayerNorm (LN_RED): column sums of the (G, P, N)
+        programs after:              dγ_g, dβ_g of a LayerNorm (LN_RED): column sums of the (G, p, n)
                                      partials PW, PB that ``_ln_bwd_kernel`` wrote, BLOCK_K columns each.
         """
         pid = tl.program_id(0)
-        tiles_k = tl.cdiv(K, BLOCK_K)
-        mn = M.to(tl.int64) * N
+        tiles_k = tl.cdiv(k, BLOCK_K)
+        mn = m.to(tl.int64) * n
         if pid < n_dx:
             pid_m = pid // tiles_k
             pid_k = pid % tiles_k
             rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-            acc = _mm_dyw(DY, W0, rows, ks, M, N, K, CDT, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _mm_dyw(DY, W0, rows, ks, m, n, k, CDT, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
             if G == 2:
                 if SUM_G:
-                    acc += _mm_dyw(DY + mn, W1, rows, ks, M, N, K, CDT, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                    acc += _mm_dyw(DY + mn, W1, rows, ks, m, n, k, CDT, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
                 else:
-                    acc1 = _mm_dyw(DY + mn, W1, rows, ks, M, N, K, CDT, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-                    _dx_store(acc1, X + stride_xg, R + stride_rg, DX + stride_dxg, rows, ks, M, K,
+                    acc1 = _mm_dyw(DY + mn, W1, rows, ks, m, n, k, CDT, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                    _dx_store(acc1, X + stride_xg, R + stride_rg, DX + stride_dxg, rows, ks, m, k,
                               ACT_IN, HAS_RES, RTNE_BF16)  # fmt: skip
-            _dx_store(acc, X, R, DX, rows, ks, M, K, ACT_IN, HAS_RES, RTNE_BF16)
+            _dx_store(acc, X, R, DX, rows, ks, m, k, ACT_IN, HAS_RES, RTNE_BF16)
         elif pid < n_dx + n_dw:
             q = pid - n_dx
             pid_n = q // tiles_k
             pid_k = q % tiles_k
             ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-            _dw_group(DY, X, DW0, DB0, ns, ks, pid_k, M, N, K, ACT_IN, HAS_DB, CDT, PREC, RTNE_BF16,
+            _dw_group(DY, X, DW0, DB0, ns, ks, pid_k, m, n, k, ACT_IN, HAS_DB, CDT, PREC, RTNE_BF16,
                       BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
             if G == 2:
-                _dw_group(DY + mn, X + stride_xg, DW1, DB1, ns, ks, pid_k, M, N, K, ACT_IN, HAS_DB, CDT, PREC,
+                _dw_group(DY + mn, X + stride_xg, DW1, DB1, ns, ks, pid_k, m, n, k, ACT_IN, HAS_DB, CDT, PREC,
                           RTNE_BF16, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
         else:
             if LN_RED:
                 cols = (pid - n_dx - n_dw) * BLOCK_K + tl.arange(0, BLOCK_K)
-                pn = P.to(tl.int64) * N
-                _colsum_store(PW, DLNW0, cols, P, N, RTNE_BF16, BLOCK_M, BLOCK_K)
-                _colsum_store(PB, DLNB0, cols, P, N, RTNE_BF16, BLOCK_M, BLOCK_K)
+                pn = p.to(tl.int64) * n
+                _colsum_store(PW, DLNW0, cols, p, n, RTNE_BF16, BLOCK_M, BLOCK_K)
+                _colsum_store(PB, DLNB0, cols, p, n, RTNE_BF16, BLOCK_M, BLOCK_K)
                 if G == 2:
-                    _colsum_store(PW + pn, DLNW1, cols, P, N, RTNE_BF16, BLOCK_M, BLOCK_K)
-                    _colsum_store(PB + pn, DLNB1, cols, P, N, RTNE_BF16, BLOCK_M, BLOCK_K)
+                    _colsum_store(PW + pn, DLNW1, cols, p, n, RTNE_BF16, BLOCK_M, BLOCK_K)
+                    _colsum_store(PB + pn, DLNB1, cols, p, n, RTNE_BF16, BLOCK_M, BLOCK_K)
 
     @triton.jit
     def _ln_bwd_row(dy, xhat, rstd, w, nf):
@@ -363,20 +363,20 @@ if triton_available():
 
     @triton.jit
     def _ln_bwd_kernel(
-        DY, XHAT, RSTD, LNW0, LNW1, LNB0, LNB1, DR, DRSUM, PW, PB, M, N, rows_per_prog,
+        DY, XHAT, RSTD, LNW0, LNW1, LNB0, LNB1, DR, DRSUM, PW, PB, m, n, rows_per_prog,
         G: tl.constexpr, COMBINE: tl.constexpr, HAS_SUM: tl.constexpr, RTNE_BF16: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         """LayerNorm backward of G groups, rows_per_prog rows per program (all groups of a row in one
-        program). DY (G, M, N), or with COMBINE (M, N): the gradient of combine(y_0, y_1), whose
-        backward runs here on y_g = x̂_g γ_g + β_g. Writes DR (G, M, N), DRSUM (M, N) = Σ_g DR[g] for a
-        residual the groups share, and this program's partial dγ, dβ rows of PW, PB (G, P, N)."""
+        program). DY (G, m, n), or with COMBINE (m, n): the gradient of combine(y_0, y_1), whose
+        backward runs here on y_g = x̂_g γ_g + β_g. Writes DR (G, m, n), DRSUM (m, n) = Σ_g DR[g] for a
+        residual the groups share, and this program's partial dγ, dβ rows of PW, PB (G, P, n)."""
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
         cols = tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        nf = N.to(tl.float32)
-        mn = M.to(tl.int64) * N
+        cmask = cols < n
+        nf = n.to(tl.float32)
+        mn = m.to(tl.int64) * n
         w0 = tl.load(LNW0 + cols, mask=cmask, other=0.0).to(tl.float32)
         w1 = w0
         if G == 2:
@@ -391,8 +391,8 @@ if triton_available():
         pw1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         pb1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         row_start = pid * rows_per_prog
-        row_end = tl.minimum(row_start + rows_per_prog, M)
-        base = row_start.to(tl.int64) * N  # advanced by N per row: no i32 overflow for M·N ≥ 2³¹
+        row_end = tl.minimum(row_start + rows_per_prog, m)
+        base = row_start.to(tl.int64) * n  # advanced by n per row: no i32 overflow for m·n ≥ 2³¹
         for row in range(row_start, row_end):
             offs = base + cols
             xh0 = tl.load(XHAT + offs, mask=cmask, other=0.0)
@@ -401,7 +401,7 @@ if triton_available():
             r1 = r0
             if G == 2:
                 xh1 = tl.load(XHAT + mn + offs, mask=cmask, other=0.0)
-                r1 = tl.load(RSTD + M + row)
+                r1 = tl.load(RSTD + m + row)
             if COMBINE >= 0:
                 g = tl.load(DY + offs, mask=cmask, other=0.0).to(tl.float32)
                 dy0, dy1 = _combine_bwd(g, xh0 * w0 + b0, xh1 * w1 + b1, COMBINE)
@@ -423,12 +423,12 @@ if triton_available():
                 drs = dr0 + dr1
             if HAS_SUM:
                 tl.store(DRSUM + offs, cast_out(drs, DRSUM.dtype.element_ty, RTNE_BF16), mask=cmask)
-            base += N
-        prow = pid.to(tl.int64) * N + cols
+            base += n
+        prow = pid.to(tl.int64) * n + cols
         tl.store(PW + prow, pw0, mask=cmask)
         tl.store(PB + prow, pb0, mask=cmask)
         if G == 2:
-            pn = n_prog.to(tl.int64) * N
+            pn = n_prog.to(tl.int64) * n
             tl.store(PW + pn + prow, pw1, mask=cmask)
             tl.store(PB + pn + prow, pb1, mask=cmask)
 
@@ -925,3 +925,119 @@ def grouped_mlp_add_layer_norm(
     cdt = _compute_dtype(h)
     params = [t for i in range(g) for t in (wes[i], bes[i], wls[i], lnws[i], lnbs[i])]
     return _GroupedMLPLNFn.apply(h, cdt, _ln_dtype(cdt, h), float(eps), combine, *params)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation
+# --------------------------------------------------------------------------------------------------
+
+_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def kernel_signature(kernel, pointers: dict[str, torch.dtype], default: torch.dtype) -> dict[str, str]:  # noqa: ANN001
+    """Triton signature from a kernel's parameter list (this package's convention): ``tl.constexpr``
+    parameters are constexprs, UPPERCASE parameters pointers (``pointers[name]`` or ``default``),
+    lower-case ones scalars (fp32 where annotated ``tl.float32``, else i32)."""
+    import inspect
+
+    fn = kernel
+    while not hasattr(fn, "arg_names") and hasattr(fn, "fn"):
+        fn = fn.fn
+    sig = {}
+    for p in inspect.signature(fn.fn).parameters.values():
+        ann = str(p.annotation)
+        if ann.endswith("constexpr"):
+            sig[p.name] = "constexpr"
+        elif p.name.isupper():
+            sig[p.name] = "*" + _TY[pointers.get(p.name, default)]
+        else:
+            sig[p.name] = "fp32" if ann.endswith("float32") else "i32"
+    return sig
+
+
+# Pointer dtypes per launch under autocast (cdt = the autocast dtype; parameters and LayerNorm outputs
+# fp32, GEMM outputs cdt), by what each launcher passes.
+def _autocast_pointers(kind: str, cdt: torch.dtype) -> dict[str, torch.dtype]:
+    f32 = torch.float32
+    return {
+        "in_proj": {"X": f32, "Y": cdt},  # x is the previous LayerNorm's fp32 output (or fp32 embeddings)
+        "out_proj_ln": {"X": cdt, "R": f32, "Y": f32, "OUT": f32},
+        "mlp_ln": {"X": cdt, "R": f32, "Y": f32, "OUT": f32},
+        "bwd_in_proj": {"DY": cdt, "X": f32, "R": f32, "DX": f32},
+        "bwd_out_proj": {"DY": f32, "X": cdt, "DX": cdt},
+        "bwd_mlp_linear": {"DY": f32, "X": cdt, "DX": cdt},
+        "bwd_mlp_expand": {"DY": cdt, "X": f32, "R": f32, "DX": f32},
+        "ln_bwd": {"DY": f32, "DR": f32, "DRSUM": f32},
+    }[kind]
+
+
+def aot_specs() -> list:
+    """The kernel variants the launchers emit: the model's paths (G = 2, shared and per-group inputs,
+    every combine mode) in fp32, fp16, bf16 and under bf16/fp16 autocast at the notebook's LayerNorm
+    width (256), every LayerNorm tile width 16 … 1024 and G = 1 in fp32."""
+    from tape_kernels._aot import AotSpec
+
+    f32 = torch.float32
+    stats = {"XHAT": f32, "RSTD": f32, "PW": f32, "PB": f32}
+    schemes = [("fp32", f32, None), ("fp16", torch.float16, None), ("bf16", torch.bfloat16, None),
+               ("ac_bf16", f32, torch.bfloat16), ("ac_fp16", f32, torch.float16)]  # fmt: skip
+    specs = []
+
+    def add(name: str, kernel, kind: str, scheme: tuple, consts: dict, warps: int) -> None:  # noqa: ANN001
+        tag, dt, ac = scheme
+        ptrs = dict(stats)
+        if ac is not None:
+            ptrs.update(_autocast_pointers(kind, ac))
+        cdt = ac or dt
+        c = dict(consts)
+        if "CDT" in c:
+            c["CDT"], c["PREC"] = _CDT[cdt], "ieee"
+        c.setdefault("RTNE_BF16", False)
+        specs.append(AotSpec(name=f"{name}_{tag}", kernel=kernel, signature=kernel_signature(kernel, ptrs, dt),
+                             constexprs=c, num_warps=warps))  # fmt: skip
+
+    fbm, fbn, fbk, fw = _FWD_TILE
+    bbm, bbn, bbk, bw = _BWD_TILE
+    base_f = {"HAS_BIAS": True, "ACT_IN": False, "HAS_RES": False, "LN": False, "STORE_Y": True, "COMBINE": -1,
+              "CDT": 0, "PREC": "ieee"}  # fmt: skip
+    base_b = {"SUM_G": False, "ACT_IN": False, "HAS_RES": False, "HAS_DB": True, "LN_RED": False, "CDT": 0,
+              "PREC": "ieee", "BLOCK_M": bbm, "BLOCK_N": bbn, "BLOCK_K": bbk}  # fmt: skip
+
+    def ln_fwd(n: int, **kw) -> dict:
+        bm, bn, bk, _ = _ln_tile(n)
+        return {**base_f, "LN": True, "HAS_RES": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **kw}
+
+    for scheme in schemes:
+        tag = scheme[0]
+        groups = (1, 2) if tag == "fp32" else (2,)
+        for g in groups:
+            gs = f"G{g}"
+            add(f"fl_fwd_linear_{gs}", _fl_fwd_kernel, "in_proj", scheme,
+                {**base_f, "G": g, "BLOCK_M": fbm, "BLOCK_N": fbn, "BLOCK_K": fbk}, fw)  # fmt: skip
+            add(f"fl_fwd_linear_ln_N256_{gs}", _fl_fwd_kernel, "out_proj_ln", scheme, {**ln_fwd(256), "G": g},
+                _ln_tile(256)[3])  # fmt: skip
+            for mode in ((-1, 0, 1, 2) if g == 2 else (-1,)):
+                add(f"fl_fwd_mlp_ln_combine{mode}_N256_{gs}", _fl_fwd_kernel, "mlp_ln", scheme,
+                    {**ln_fwd(256, HAS_BIAS=False, ACT_IN=True, STORE_Y=mode < 0, COMBINE=mode), "G": g},
+                    _ln_tile(256)[3])  # fmt: skip
+            for shared in ((True, False) if g == 2 else (True,)):
+                add(f"fl_bwd_in_proj_{'shared' if shared else 'grouped'}_{gs}", _fl_bwd_kernel, "bwd_in_proj",
+                    scheme, {**base_b, "G": g, "SUM_G": shared, "HAS_RES": True}, bw)  # fmt: skip
+            add(f"fl_bwd_out_proj_{gs}", _fl_bwd_kernel, "bwd_out_proj", scheme, {**base_b, "G": g, "LN_RED": True}, bw)
+            add(f"fl_bwd_mlp_linear_{gs}", _fl_bwd_kernel, "bwd_mlp_linear", scheme,
+                {**base_b, "G": g, "ACT_IN": True, "HAS_DB": False, "LN_RED": True}, bw)  # fmt: skip
+            add(f"fl_bwd_mlp_expand_{gs}", _fl_bwd_kernel, "bwd_mlp_expand", scheme,
+                {**base_b, "G": g, "HAS_RES": True}, bw)  # fmt: skip
+            for mode, has_sum in (((-1, True), (-1, False), (0, False), (1, False), (2, False)) if g == 2
+                                  else ((-1, True),)):  # fmt: skip
+                add(f"ln_bwd_combine{mode}{'_sum' if has_sum else ''}_N256_{gs}", _ln_bwd_kernel, "ln_bwd", scheme,
+                    {"G": g, "COMBINE": mode, "HAS_SUM": has_sum, "BLOCK_N": 256}, 1)  # fmt: skip
+    for bn in (16, 32, 64, 128, 512, 1024):  # other model widths, fp32
+        n = bn
+        add(f"fl_fwd_linear_ln_N{bn}_G2", _fl_fwd_kernel, "out_proj_ln", schemes[0], {**ln_fwd(n), "G": 2},
+            _ln_tile(n)[3])  # fmt: skip
+        add(f"fl_fwd_mlp_ln_combine1_N{bn}_G2", _fl_fwd_kernel, "mlp_ln", schemes[0],
+            {**ln_fwd(n, HAS_BIAS=False, ACT_IN=True, STORE_Y=False, COMBINE=1), "G": 2}, _ln_tile(n)[3])  # fmt: skip
+        add(f"ln_bwd_combine1_N{bn}_G2", _ln_bwd_kernel, "ln_bwd", schemes[0],
+            {"G": 2, "COMBINE": 1, "HAS_SUM": False, "BLOCK_N": bn}, min(max(bn // 256, 1), 8))  # fmt: skip
+    return specs

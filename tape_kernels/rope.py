@@ -27,6 +27,7 @@ from tape_kernels.combine import rtne_bf16
 __all__ = ["rope_embed", "rope_embed_ref"]
 
 MAX_GROUPS = 2
+MAX_D = 4096  # one row per tile on the kernel path
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 if triton_available():
@@ -54,26 +55,26 @@ if triton_available():
 
     @triton.jit
     def _rope_fwd_kernel(
-        TOK, POS0, POS1, F0, F1, X, n_rows, S, D, stride_pos0, stride_pos1,
+        TOK, POS0, POS1, F0, F1, X, n_rows, seq, d, stride_pos0, stride_pos1,
         G: tl.constexpr, ROTATE: tl.constexpr, RTNE_BF16: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """X[g, r, :] = RoPE(TOK[r, :] + POS_g[r % S, :]) for rows r of (B·S, D); POS_g rows are
+        """X[g, r, :] = RoPE(TOK[r, :] + POS_g[r % seq, :]) for rows r of (B·seq, d); POS_g rows are
         stride_pos_g apart."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_D)
         rmask = rows < n_rows
-        dmask = cols < D
+        dmask = cols < d
         mask = rmask[:, None] & dmask[None, :]
-        t = rows % S
+        t = rows % seq
         partner = cols ^ 1
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        offs_p = rows[:, None].to(tl.int64) * D + partner[None, :]
+        offs = rows[:, None].to(tl.int64) * d + cols[None, :]
+        offs_p = rows[:, None].to(tl.int64) * d + partner[None, :]
         e = tl.load(TOK + offs, mask=mask, other=0.0).to(tl.float32)
         e_p = tl.load(TOK + offs_p, mask=mask, other=0.0).to(tl.float32)
         sign = tl.where((cols % 2) == 0, -1.0, 1.0)
-        nrd = n_rows.to(tl.int64) * D
+        nrd = n_rows.to(tl.int64) * d
         for g in tl.static_range(G):
             if g == 0:
                 POS = POS0
@@ -93,7 +94,7 @@ if triton_available():
 
     @triton.jit
     def _rope_bwd_kernel(
-        DX, F0, F1, DTOK, n_rows, S, D,
+        DX, F0, F1, DTOK, n_rows, seq, d,
         G: tl.constexpr, ROTATE: tl.constexpr, RTNE_BF16: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -102,13 +103,13 @@ if triton_available():
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_D)
         rmask = rows < n_rows
-        dmask = cols < D
+        dmask = cols < d
         mask = rmask[:, None] & dmask[None, :]
-        t = rows % S
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        offs_p = rows[:, None].to(tl.int64) * D + (cols ^ 1)[None, :]
+        t = rows % seq
+        offs = rows[:, None].to(tl.int64) * d + cols[None, :]
+        offs_p = rows[:, None].to(tl.int64) * d + (cols ^ 1)[None, :]
         sign = tl.where((cols % 2) == 0, 1.0, -1.0)
-        nrd = n_rows.to(tl.int64) * D
+        nrd = n_rows.to(tl.int64) * d
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         for g in tl.static_range(G):
             dx = tl.load(DX + g * nrd + offs, mask=mask, other=0.0).to(tl.float32)
@@ -214,10 +215,33 @@ def rope_embed(
         check_tensor(f"freqs[{i}]", f, shape=(d // 2,), dtypes=(*KERNEL_DTYPES, torch.float64))
     check_same_device(tok=tok, **{f"pos_embs[{i}]": t for i, t in enumerate(pos_embs)},
                       **{f"freqs[{i}]": t for i, t in enumerate(freqs)})  # fmt: skip
-    fused = tok.dtype != torch.float64 and all(t.dtype != torch.float64 for t in (*pos_embs, *freqs))
+    fused = tok.dtype != torch.float64 and all(t.dtype != torch.float64 for t in (*pos_embs, *freqs)) and d <= MAX_D
     if not fused and backend == "triton":
-        raise ValueError("rope_embed: backend='triton' supports fp32/fp16/bf16; float64 runs eager")
+        raise ValueError(f"rope_embed: backend='triton' supports fp32/fp16/bf16 and D <= {MAX_D}; this input runs "
+                         "eager")  # fmt: skip
     if not fused or not use_triton(tok, *pos_embs, *freqs, backend=backend):
         return rope_embed_ref(tok, pos_embs, freqs, rotate)
     pos = [pe if pe.stride(2) == 1 else pe.contiguous() for pe in pos_embs]
     return _RopeEmbedFn.apply(tok, bool(rotate), *pos, *(f.contiguous() for f in freqs))
+
+
+def aot_specs() -> list:
+    """Forward and backward for G = 1, 2, rotated or not, fp32/fp16/bf16 at D = 256 (the notebook's
+    width), and every BLOCK_D 16 … 4096 in fp32."""
+    from tape_kernels._aot import AotSpec
+    from tape_kernels.fused_linear import kernel_signature
+
+    specs = []
+    combos = [(dt, bd) for dt in KERNEL_DTYPES for bd in (256,)]
+    combos += [(torch.float32, bd) for bd in (16, 32, 64, 128, 512, 1024, 2048, 4096)]
+    for dt, bd in combos:
+        ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
+        for g in (1, 2):
+            for rot in (True, False):
+                c = {"G": g, "ROTATE": rot, "RTNE_BF16": False, "BLOCK_R": _block_r(bd), "BLOCK_D": bd}
+                tag = f"G{g}_{'rot' if rot else 'norot'}_D{bd}_{ty}"
+                specs.append(AotSpec(f"rope_fwd_{tag}", _rope_fwd_kernel, kernel_signature(_rope_fwd_kernel, {}, dt),
+                                     dict(c), num_warps=4))  # fmt: skip
+                specs.append(AotSpec(f"rope_bwd_{tag}", _rope_bwd_kernel, kernel_signature(_rope_bwd_kernel, {}, dt),
+                                     dict(c), num_warps=4))  # fmt: skip
+    return specs
