@@ -188,42 +188,60 @@ if triton_available():
         return y
 
     @triton.jit
+    def _pick(g, a, b):
+        """a for group 0, b for group 1 (g is a runtime program index)."""
+        if g == 0:
+            r = a
+        else:
+            r = b
+        return r
+
+    @triton.jit
     def _fl_fwd_kernel(
         X, W0, W1, B0, B1, R, Y, XHAT, RSTD, LNW0, LNW1, LNB0, LNB1, OUT,
         m, n, k, stride_xg, stride_rg, eps: tl.float32,
-        G: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_IN: tl.constexpr, HAS_RES: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACT_IN: tl.constexpr, HAS_RES: tl.constexpr,
         LN: tl.constexpr, STORE_Y: tl.constexpr, COMBINE: tl.constexpr, CDT: tl.constexpr,
         PREC: tl.constexpr, RTNE_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        """Y[g] = epilogue(act?(X[g]) W_gᵀ) for g < G, grid (m tiles, n tiles). Groups share X when
-        stride_xg = 0 (R likewise). Y, XHAT (G, m, n); RSTD (G, m); OUT (m, n) = combine(y_0, y_1)."""
+        """Y[g] = epilogue(act?(X[g]) W_gᵀ). Grid (m tiles, n tiles, G): one group per program, its
+        pointers picked by program id. With COMBINE (G = 2, whole rows) one program computes both
+        groups' row tiles and writes OUT (m, n) = combine(y_0, y_1); grid (m tiles, 1, 1). Groups share
+        X when stride_xg = 0 (R likewise). Y, XHAT (G, m, n); RSTD (G, m)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        y0 = _fwd_group(
-            X, W0, B0, R, Y, XHAT, RSTD, LNW0, LNB0, rows, cols, m, n, k, eps,
-            HAS_BIAS, ACT_IN, HAS_RES, LN, STORE_Y, CDT, PREC, RTNE_BF16, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-        if G == 2:
-            mn = m.to(tl.int64) * n
+        mn = m.to(tl.int64) * n
+        if COMBINE < 0:
+            g = tl.program_id(2)
+            _fwd_group(
+                X + g * stride_xg, _pick(g, W0, W1), _pick(g, B0, B1), R + g * stride_rg, Y + g * mn,
+                XHAT + g * mn, RSTD + g * m, _pick(g, LNW0, LNW1), _pick(g, LNB0, LNB1), rows, cols, m, n, k, eps,
+                HAS_BIAS, ACT_IN, HAS_RES, LN, STORE_Y, CDT, PREC, RTNE_BF16, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+        else:
+            y0 = _fwd_group(
+                X, W0, B0, R, Y, XHAT, RSTD, LNW0, LNB0, rows, cols, m, n, k, eps,
+                HAS_BIAS, ACT_IN, HAS_RES, LN, STORE_Y, CDT, PREC, RTNE_BF16, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
             y1 = _fwd_group(
                 X + stride_xg, W1, B1, R + stride_rg, Y + mn, XHAT + mn, RSTD + m, LNW1, LNB1, rows, cols,
                 m, n, k, eps, HAS_BIAS, ACT_IN, HAS_RES, LN, STORE_Y, CDT, PREC, RTNE_BF16,
                 BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
-            if COMBINE >= 0:
-                mask = (rows < m)[:, None] & (cols < n)[None, :]
-                offs = rows[:, None].to(tl.int64) * n + cols[None, :]
-                h = _combine_fwd(y0, y1, COMBINE)
-                tl.store(OUT + offs, cast_out(h, OUT.dtype.element_ty, RTNE_BF16), mask=mask)
+            mask = (rows < m)[:, None] & (cols < n)[None, :]
+            offs = rows[:, None].to(tl.int64) * n + cols[None, :]
+            h = _combine_fwd(y0, y1, COMBINE)
+            tl.store(OUT + offs, cast_out(h, OUT.dtype.element_ty, RTNE_BF16), mask=mask)
 
     @triton.jit
     def _mm_dyw(
         DY, W, rows, ks, M, N, K, CDT: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
+        # BLOCK_M × BLOCK_K output tile, BLOCK_N-deep reduction steps
         """acc[m, k] = Σ_n DY[m, n]·W[n, k] in fp32; DY (M, N), W (N, K) row-major."""
         ns = tl.arange(0, BLOCK_N)
         rmask = rows < M
@@ -305,53 +323,57 @@ if triton_available():
         m, n, k, p, stride_xg, stride_rg, stride_dxg, n_dx, n_dw,
         G: tl.constexpr, SUM_G: tl.constexpr, ACT_IN: tl.constexpr, HAS_RES: tl.constexpr,
         HAS_DB: tl.constexpr, LN_RED: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
-        RTNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        RTNE_BF16: tl.constexpr, DX_M: tl.constexpr, DX_K: tl.constexpr, DX_R: tl.constexpr,
+        DW_N: tl.constexpr, DW_K: tl.constexpr, DW_R: tl.constexpr,
     ):  # fmt: skip
-        """Backward of Y[g] = act?(X[g]) W_gᵀ (+ b_g) given DY (G, m, n), in one launch:
+        """Backward of Y[g] = act?(X[g]) W_gᵀ (+ b_g) given DY (G, m, n), in one launch (1-D grid):
 
-        programs [0, n_dx):          dX tiles (BLOCK_M × BLOCK_K): dX[g] = (DY[g] W_g) · act'(X[g]) + R[g],
-                                     or one dX = Σ_g DY[g] W_g + R for groups sharing X (SUM_G);
-        programs [n_dx, n_dx+n_dw):  dW tiles (BLOCK_N × BLOCK_K) of every group, with db;
-        programs after:              dγ_g, dβ_g of a LayerNorm (LN_RED): column sums of the (G, p, n)
-                                     partials PW, PB that ``_ln_bwd_kernel`` wrote, BLOCK_K columns each.
+        programs [0, n_dx):          dX tiles (DX_M × DX_K, reduction steps of DX_R over n), group-major:
+                                     dX[g] = (DY[g] W_g)·act'(X[g]) + R[g]; or, for groups sharing X
+                                     (SUM_G), one dX = Σ_g DY[g] W_g + R accumulated in one program;
+        programs [n_dx, n_dx+n_dw):  dW tiles (DW_N × DW_K, steps of DW_R rows over all m), group-major,
+                                     with db from the first K tile's programs;
+        programs after:              dγ_g, dβ_g of a LayerNorm (LN_RED): column sums (DW_K columns a
+                                     program) of the (G, p, n) partials PW, PB of ``_ln_bwd_kernel``.
         """
         pid = tl.program_id(0)
-        tiles_k = tl.cdiv(k, BLOCK_K)
         mn = m.to(tl.int64) * n
         if pid < n_dx:
-            pid_m = pid // tiles_k
-            pid_k = pid % tiles_k
-            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-            acc = _mm_dyw(DY, W0, rows, ks, m, n, k, CDT, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-            if G == 2:
-                if SUM_G:
-                    acc += _mm_dyw(DY + mn, W1, rows, ks, m, n, k, CDT, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-                else:
-                    acc1 = _mm_dyw(DY + mn, W1, rows, ks, m, n, k, CDT, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-                    _dx_store(acc1, X + stride_xg, R + stride_rg, DX + stride_dxg, rows, ks, m, k,
-                              ACT_IN, HAS_RES, RTNE_BF16)  # fmt: skip
-            _dx_store(acc, X, R, DX, rows, ks, m, k, ACT_IN, HAS_RES, RTNE_BF16)
+            tiles_k = tl.cdiv(k, DX_K)
+            tiles = tl.cdiv(m, DX_M) * tiles_k
+            g = pid // tiles
+            t = pid % tiles
+            rows = (t // tiles_k) * DX_M + tl.arange(0, DX_M)
+            ks = (t % tiles_k) * DX_K + tl.arange(0, DX_K)
+            if SUM_G:
+                acc = _mm_dyw(DY, W0, rows, ks, m, n, k, CDT, PREC, DX_M, DX_R, DX_K)
+                if G == 2:
+                    acc += _mm_dyw(DY + mn, W1, rows, ks, m, n, k, CDT, PREC, DX_M, DX_R, DX_K)
+                _dx_store(acc, X, R, DX, rows, ks, m, k, ACT_IN, HAS_RES, RTNE_BF16)
+            else:
+                acc = _mm_dyw(DY + g * mn, _pick(g, W0, W1), rows, ks, m, n, k, CDT, PREC, DX_M, DX_R, DX_K)
+                _dx_store(acc, X + g * stride_xg, R + g * stride_rg, DX + g * stride_dxg, rows, ks, m, k,
+                          ACT_IN, HAS_RES, RTNE_BF16)  # fmt: skip
         elif pid < n_dx + n_dw:
             q = pid - n_dx
-            pid_n = q // tiles_k
-            pid_k = q % tiles_k
-            ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-            _dw_group(DY, X, DW0, DB0, ns, ks, pid_k, m, n, k, ACT_IN, HAS_DB, CDT, PREC, RTNE_BF16,
-                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-            if G == 2:
-                _dw_group(DY + mn, X + stride_xg, DW1, DB1, ns, ks, pid_k, m, n, k, ACT_IN, HAS_DB, CDT, PREC,
-                          RTNE_BF16, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+            tiles_k = tl.cdiv(k, DW_K)
+            tiles = tl.cdiv(n, DW_N) * tiles_k
+            g = q // tiles
+            t = q % tiles
+            pid_k = t % tiles_k
+            ns = (t // tiles_k) * DW_N + tl.arange(0, DW_N)
+            ks = pid_k * DW_K + tl.arange(0, DW_K)
+            _dw_group(DY + g * mn, X + g * stride_xg, _pick(g, DW0, DW1), _pick(g, DB0, DB1), ns, ks, pid_k, m, n, k,
+                      ACT_IN, HAS_DB, CDT, PREC, RTNE_BF16, DW_R, DW_N, DW_K)  # fmt: skip
         else:
             if LN_RED:
-                cols = (pid - n_dx - n_dw) * BLOCK_K + tl.arange(0, BLOCK_K)
-                pn = p.to(tl.int64) * n
-                _colsum_store(PW, DLNW0, cols, p, n, RTNE_BF16, BLOCK_M, BLOCK_K)
-                _colsum_store(PB, DLNB0, cols, p, n, RTNE_BF16, BLOCK_M, BLOCK_K)
-                if G == 2:
-                    _colsum_store(PW + pn, DLNW1, cols, p, n, RTNE_BF16, BLOCK_M, BLOCK_K)
-                    _colsum_store(PB + pn, DLNB1, cols, p, n, RTNE_BF16, BLOCK_M, BLOCK_K)
+                q = pid - n_dx - n_dw
+                tiles_c = tl.cdiv(n, DW_K)
+                g = q // tiles_c
+                cols = (q % tiles_c) * DW_K + tl.arange(0, DW_K)
+                pn = g * p.to(tl.int64) * n
+                _colsum_store(PW + pn, _pick(g, DLNW0, DLNW1), cols, p, n, RTNE_BF16, DX_M, DW_K)
+                _colsum_store(PB + pn, _pick(g, DLNB0, DLNB1), cols, p, n, RTNE_BF16, DX_M, DW_K)
 
     @triton.jit
     def _ln_bwd_row(dy, xhat, rstd, w, nf):
@@ -512,18 +534,38 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-# Tiles. Plain GEMM tiles: 64 × 64 outputs, 32-deep K steps (4 warps: 32 fp32 accumulators a thread).
-# LayerNorm tiles hold whole rows: 16 rows × next_pow2(N) columns (N = 256: 32 accumulators a thread;
-# the combine keeps the first group's row tile live while the second is computed).
-_FWD_TILE = (64, 64, 32, 4)
-_BWD_TILE = (32, 64, 64, 4)  # (BLOCK_M, BLOCK_N, BLOCK_K, warps): dX tiles 32 × 64, dW tiles 64 × 64
-_LN_BLOCK_M = 16
+# Tiles (rows × columns × reduction step, warps), by the dot's operand class, chosen with
+# benchmarks/kernel_report.py so that no variant spills on sm_86. fp32 products are FMA loops whose
+# operands sit in registers (no tensor cores in IEEE mode): 32 × 32 tiles, 16-deep steps. 16-bit
+# operands take the MMA path: 64 × 64 tiles, 32-deep steps, 8 warps. Where the activation runs in a
+# prologue or epilogue (≈ 10 live fp32 temporaries per element) the tiles it touches shrink. LayerNorm
+# tiles hold whole rows: 16 rows × next_pow2(N) columns, 8 warps (N = 256: 16 fp32 accumulators a
+# thread; the combine keeps the first group's rows live while the second is computed).
+NUM_STAGES = 2  # what the AOT specs compile (Triton's launch default would be 3)
 
 
-def _ln_tile(n: int) -> tuple[int, int, int, int]:
+def _fwd_tile(fp32: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps) of a plain GEMM tile."""
+    return (32, 32, 16, 4) if fp32 else (64, 64, 32, 8)
+
+
+def _bwd_tile(fp32: bool, act: bool) -> tuple[int, ...]:
+    """(DX_M, DX_K, DX_R, DW_N, DW_K, DW_R, warps): dX tiles DX_M × DX_K in steps of DX_R, dW tiles
+    DW_N × DW_K in steps of DW_R rows."""
+    if fp32:
+        return (32, 32, 16, 32, 32, 16, 8 if act else 4)
+    return (32, 64, 32, 64, 64, 16, 8) if act else (64, 64, 32, 64, 64, 32, 8)
+
+
+def _ln_tile(n: int, fp32: bool, act: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps) of a whole-row LayerNorm tile of width n."""
     bn = max(16, _pow2(n))
-    bk = 32 if bn <= 256 else 16
-    return _LN_BLOCK_M, bn, bk, (4 if bn <= 256 else 8)
+    bk = 16 if fp32 or act or bn > 256 else 32
+    return 16, bn, bk, (4 if bn <= 64 else 8)
+
+
+def _ln_bwd_warps(block_n: int) -> int:
+    return min(max(block_n // 256, 1), 8)
 
 
 def _num_ln_progs(m: int, device: torch.device) -> int:
@@ -549,21 +591,22 @@ def _fwd(
     has_bias = bs[0] is not None
     y = torch.empty((g, m, n), device=dev, dtype=y_dtype) if store_y else None
     out = torch.empty((m, n), device=dev, dtype=y_dtype) if combine is not None else None
+    fp32 = cdt == torch.float32
     if ln is not None:
         xhat = torch.empty((g, m, n), device=dev, dtype=torch.float32)
         rstd = torch.empty((g, m), device=dev, dtype=torch.float32)
         lnws, lnbs, eps = ln
-        bm, bn, bk, warps = _ln_tile(n)
+        bm, bn, bk, warps = _ln_tile(n, fp32, act_in)
     else:
         xhat = rstd = None
         lnws = lnbs = (ws[0],) * g
         eps = 0.0
-        bm, bn, bk, warps = _FWD_TILE
+        bm, bn, bk, warps = _fwd_tile(fp32)
     dummy = ws[0]
     w1 = ws[1] if g == 2 else dummy
     b0 = bs[0] if has_bias else dummy
     b1 = bs[1] if has_bias and g == 2 else dummy
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), 1 if combine is not None else g)
     if m:
         _fl_fwd_kernel[grid](
             x, ws[0], w1, b0, b1, res if res is not None else dummy,
@@ -571,9 +614,9 @@ def _fwd(
             xhat if xhat is not None else dummy, rstd if rstd is not None else dummy,
             lnws[0], lnws[-1], lnbs[0], lnbs[-1], out if out is not None else dummy,
             m, n, k, (m * k if x.dim() == 3 else 0), (m * n if res is not None and res.dim() == 3 else 0), float(eps),
-            G=g, HAS_BIAS=has_bias, ACT_IN=act_in, HAS_RES=res is not None, LN=ln is not None, STORE_Y=store_y,
+            HAS_BIAS=has_bias, ACT_IN=act_in, HAS_RES=res is not None, LN=ln is not None, STORE_Y=store_y,
             COMBINE=-1 if combine is None else combine, CDT=_CDT[cdt], PREC=_prec(cdt),
-            RTNE_BF16=rtne_bf16(y_dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+            RTNE_BF16=rtne_bf16(y_dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=NUM_STAGES,
         )  # fmt: skip
     return y, xhat, rstd, out
 
@@ -594,16 +637,16 @@ def _bwd(
     dx = torch.empty(x.shape, device=dev, dtype=dx_dtype)
     dws = [torch.empty_like(w) for w in ws]
     dbs = None if bias_dtypes is None else [torch.empty(n, device=dev, dtype=dt) for dt in bias_dtypes]
-    bm, bn, bk, warps = _BWD_TILE
-    n_dx = triton.cdiv(m, bm) * triton.cdiv(k, bk)
-    n_dw = triton.cdiv(n, bn) * triton.cdiv(k, bk)
+    dxm, dxk, dxr, dwn, dwk, dwr, warps = _bwd_tile(cdt == torch.float32, act_in)
+    n_dx = triton.cdiv(m, dxm) * triton.cdiv(k, dxk) * (1 if shared else g)
+    n_dw = triton.cdiv(n, dwn) * triton.cdiv(k, dwk) * g
     n_red = 0
     dummy = dws[0]
     if ln_partials is not None:
         pw, pb, lnws, lnbs = ln_partials
         dlnws = [torch.empty_like(t) for t in lnws]
         dlnbs = [torch.empty_like(t) for t in lnbs]
-        n_red = triton.cdiv(n, bk)
+        n_red = triton.cdiv(n, dwk) * g
         p = pw.shape[1]
     else:
         pw = pb = dummy
@@ -617,7 +660,7 @@ def _bwd(
             (m * k if res_grad is not None and res_grad.dim() == 3 else 0), (0 if shared else m * k), n_dx, n_dw,
             G=g, SUM_G=shared, ACT_IN=act_in, HAS_RES=res_grad is not None, HAS_DB=dbs is not None,
             LN_RED=ln_partials is not None, CDT=_CDT[cdt], PREC=_prec(cdt), RTNE_BF16=rtne_bf16(dx_dtype),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+            DX_M=dxm, DX_K=dxk, DX_R=dxr, DW_N=dwn, DW_K=dwk, DW_R=dwr, num_warps=warps, num_stages=NUM_STAGES,
         )  # fmt: skip
     else:
         for t in dws + (dbs or []) + (list(dlnws) + list(dlnbs) if ln_partials is not None else []):
@@ -644,7 +687,7 @@ def _ln_bwd(
         _ln_bwd_kernel[(p,)](
             dy, xhat, rstd, lnws[0], lnws[-1], lnbs[0], lnbs[-1], dr, drsum if drsum is not None else dr, pw, pb,
             m, n, rows_per_prog, G=g, COMBINE=-1 if combine is None else combine, HAS_SUM=want_sum,
-            RTNE_BF16=rtne_bf16(dr_dtype), BLOCK_N=bn, num_warps=min(max(bn // 256, 1), 8),
+            RTNE_BF16=rtne_bf16(dr_dtype), BLOCK_N=bn, num_warps=_ln_bwd_warps(bn), num_stages=NUM_STAGES,
         )  # fmt: skip
     else:
         pw.zero_()
@@ -972,15 +1015,16 @@ def _autocast_pointers(kind: str, cdt: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def aot_specs() -> list:
-    """The kernel variants the launchers emit: the model's paths (G = 2, shared and per-group inputs,
-    every combine mode) in fp32, fp16, bf16 and under bf16/fp16 autocast at the notebook's LayerNorm
-    width (256), every LayerNorm tile width 16 … 1024 and G = 1 in fp32."""
+    """The kernel variants the launchers emit: in fp32 every op variant (G = 1 and 2, shared and
+    per-group inputs, every combine mode) at the notebook's LayerNorm width (256) and the LayerNorm
+    tiles of widths 16, 64 and 1024; the model's own variants in bf16 and under bf16/fp16 autocast (the
+    16-bit MMA path; pure fp16 compiles as bf16 does)."""
     from tape_kernels._aot import AotSpec
 
     f32 = torch.float32
     stats = {"XHAT": f32, "RSTD": f32, "PW": f32, "PB": f32}
-    schemes = [("fp32", f32, None), ("fp16", torch.float16, None), ("bf16", torch.bfloat16, None),
-               ("ac_bf16", f32, torch.bfloat16), ("ac_fp16", f32, torch.float16)]  # fmt: skip
+    schemes = [("fp32", f32, None), ("bf16", torch.bfloat16, None), ("ac_bf16", f32, torch.bfloat16),
+               ("ac_fp16", f32, torch.float16)]  # fmt: skip
     specs = []
 
     def add(name: str, kernel, kind: str, scheme: tuple, consts: dict, warps: int) -> None:  # noqa: ANN001
@@ -994,50 +1038,57 @@ def aot_specs() -> list:
             c["CDT"], c["PREC"] = _CDT[cdt], "ieee"
         c.setdefault("RTNE_BF16", False)
         specs.append(AotSpec(name=f"{name}_{tag}", kernel=kernel, signature=kernel_signature(kernel, ptrs, dt),
-                             constexprs=c, num_warps=warps))  # fmt: skip
+                             constexprs=c, num_warps=warps, num_stages=NUM_STAGES))  # fmt: skip
 
-    fbm, fbn, fbk, fw = _FWD_TILE
-    bbm, bbn, bbk, bw = _BWD_TILE
     base_f = {"HAS_BIAS": True, "ACT_IN": False, "HAS_RES": False, "LN": False, "STORE_Y": True, "COMBINE": -1,
               "CDT": 0, "PREC": "ieee"}  # fmt: skip
-    base_b = {"SUM_G": False, "ACT_IN": False, "HAS_RES": False, "HAS_DB": True, "LN_RED": False, "CDT": 0,
-              "PREC": "ieee", "BLOCK_M": bbm, "BLOCK_N": bbn, "BLOCK_K": bbk}  # fmt: skip
 
-    def ln_fwd(n: int, **kw) -> dict:
-        bm, bn, bk, _ = _ln_tile(n)
-        return {**base_f, "LN": True, "HAS_RES": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **kw}
+    def fwd_tile(fp32: bool) -> tuple[dict, int]:
+        bm, bn, bk, w = _fwd_tile(fp32)
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w
+
+    def bwd(fp32: bool, **kw) -> tuple[dict, int]:
+        dxm, dxk, dxr, dwn, dwk, dwr, w = _bwd_tile(fp32, kw.get("ACT_IN", False))
+        return {"G": 2, "SUM_G": False, "ACT_IN": False, "HAS_RES": False, "HAS_DB": True, "LN_RED": False,
+                "CDT": 0, "PREC": "ieee", "DX_M": dxm, "DX_K": dxk, "DX_R": dxr, "DW_N": dwn, "DW_K": dwk,
+                "DW_R": dwr, **kw}, w  # fmt: skip
+
+    def ln_fwd(n: int, fp32: bool, **kw) -> tuple[dict, int]:
+        bm, bn, bk, w = _ln_tile(n, fp32, kw.get("ACT_IN", False))
+        return {**base_f, "LN": True, "HAS_RES": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **kw}, w
 
     for scheme in schemes:
-        tag = scheme[0]
-        groups = (1, 2) if tag == "fp32" else (2,)
-        for g in groups:
-            gs = f"G{g}"
-            add(f"fl_fwd_linear_{gs}", _fl_fwd_kernel, "in_proj", scheme,
-                {**base_f, "G": g, "BLOCK_M": fbm, "BLOCK_N": fbn, "BLOCK_K": fbk}, fw)  # fmt: skip
-            add(f"fl_fwd_linear_ln_N256_{gs}", _fl_fwd_kernel, "out_proj_ln", scheme, {**ln_fwd(256), "G": g},
-                _ln_tile(256)[3])  # fmt: skip
-            for mode in ((-1, 0, 1, 2) if g == 2 else (-1,)):
-                add(f"fl_fwd_mlp_ln_combine{mode}_N256_{gs}", _fl_fwd_kernel, "mlp_ln", scheme,
-                    {**ln_fwd(256, HAS_BIAS=False, ACT_IN=True, STORE_Y=mode < 0, COMBINE=mode), "G": g},
-                    _ln_tile(256)[3])  # fmt: skip
+        tag, dt, ac = scheme
+        fp32 = (ac or dt) == f32
+        full = tag == "fp32"  # every variant in fp32; the model's own in the 16-bit schemes
+        tile, fw = fwd_tile(fp32)
+        add("fl_fwd_linear", _fl_fwd_kernel, "in_proj", scheme, {**base_f, **tile}, fw)
+        add("fl_fwd_linear_ln_N256", _fl_fwd_kernel, "out_proj_ln", scheme, *ln_fwd(256, fp32))
+        for mode in ((-1, 0, 1, 2) if full else (0, 1)):
+            add(f"fl_fwd_mlp_ln_combine{mode}_N256", _fl_fwd_kernel, "mlp_ln", scheme,
+                *ln_fwd(256, fp32, HAS_BIAS=False, ACT_IN=True, STORE_Y=mode < 0, COMBINE=mode))  # fmt: skip
+        for g in ((1, 2) if full else (2,)):
             for shared in ((True, False) if g == 2 else (True,)):
-                add(f"fl_bwd_in_proj_{'shared' if shared else 'grouped'}_{gs}", _fl_bwd_kernel, "bwd_in_proj",
-                    scheme, {**base_b, "G": g, "SUM_G": shared, "HAS_RES": True}, bw)  # fmt: skip
-            add(f"fl_bwd_out_proj_{gs}", _fl_bwd_kernel, "bwd_out_proj", scheme, {**base_b, "G": g, "LN_RED": True}, bw)
-            add(f"fl_bwd_mlp_linear_{gs}", _fl_bwd_kernel, "bwd_mlp_linear", scheme,
-                {**base_b, "G": g, "ACT_IN": True, "HAS_DB": False, "LN_RED": True}, bw)  # fmt: skip
-            add(f"fl_bwd_mlp_expand_{gs}", _fl_bwd_kernel, "bwd_mlp_expand", scheme,
-                {**base_b, "G": g, "HAS_RES": True}, bw)  # fmt: skip
-            for mode, has_sum in (((-1, True), (-1, False), (0, False), (1, False), (2, False)) if g == 2
-                                  else ((-1, True),)):  # fmt: skip
-                add(f"ln_bwd_combine{mode}{'_sum' if has_sum else ''}_N256_{gs}", _ln_bwd_kernel, "ln_bwd", scheme,
-                    {"G": g, "COMBINE": mode, "HAS_SUM": has_sum, "BLOCK_N": 256}, 1)  # fmt: skip
-    for bn in (16, 32, 64, 128, 512, 1024):  # other model widths, fp32
-        n = bn
-        add(f"fl_fwd_linear_ln_N{bn}_G2", _fl_fwd_kernel, "out_proj_ln", schemes[0], {**ln_fwd(n), "G": 2},
-            _ln_tile(n)[3])  # fmt: skip
-        add(f"fl_fwd_mlp_ln_combine1_N{bn}_G2", _fl_fwd_kernel, "mlp_ln", schemes[0],
-            {**ln_fwd(n, HAS_BIAS=False, ACT_IN=True, STORE_Y=False, COMBINE=1), "G": 2}, _ln_tile(n)[3])  # fmt: skip
+                add(f"fl_bwd_in_proj_{'shared' if shared else 'grouped'}_G{g}", _fl_bwd_kernel, "bwd_in_proj",
+                    scheme, *bwd(fp32, G=g, SUM_G=shared, HAS_RES=True))  # fmt: skip
+        add("fl_bwd_out_proj", _fl_bwd_kernel, "bwd_out_proj", scheme, *bwd(fp32, LN_RED=True))
+        add("fl_bwd_mlp_linear", _fl_bwd_kernel, "bwd_mlp_linear", scheme,
+            *bwd(fp32, ACT_IN=True, HAS_DB=False, LN_RED=True))  # fmt: skip
+        add("fl_bwd_mlp_expand", _fl_bwd_kernel, "bwd_mlp_expand", scheme, *bwd(fp32, HAS_RES=True))
+        for g in ((1, 2) if full else (2,)):
+            if g == 1:
+                variants: tuple = ((-1, True),)
+            elif full:
+                variants = ((-1, True), (-1, False), (0, False), (1, False), (2, False))
+            else:
+                variants = ((-1, True), (-1, False), (1, False))
+            for mode, has_sum in variants:
+                add(f"ln_bwd_combine{mode}{'_sum' if has_sum else ''}_N256_G{g}", _ln_bwd_kernel, "ln_bwd", scheme,
+                    {"G": g, "COMBINE": mode, "HAS_SUM": has_sum, "BLOCK_N": 256}, _ln_bwd_warps(256))  # fmt: skip
+    for bn in (16, 64, 1024):  # other model widths, fp32
+        add(f"fl_fwd_linear_ln_N{bn}", _fl_fwd_kernel, "out_proj_ln", schemes[0], *ln_fwd(bn, True))
+        add(f"fl_fwd_mlp_ln_combine1_N{bn}", _fl_fwd_kernel, "mlp_ln", schemes[0],
+            *ln_fwd(bn, True, HAS_BIAS=False, ACT_IN=True, STORE_Y=False, COMBINE=1))  # fmt: skip
         add(f"ln_bwd_combine1_N{bn}_G2", _ln_bwd_kernel, "ln_bwd", schemes[0],
-            {"G": 2, "COMBINE": 1, "HAS_SUM": False, "BLOCK_N": bn}, min(max(bn // 256, 1), 8))  # fmt: skip
+            {"G": 2, "COMBINE": 1, "HAS_SUM": False, "BLOCK_N": bn}, _ln_bwd_warps(bn))  # fmt: skip
     return specs

@@ -147,7 +147,7 @@ def rope_embed_ref(
 
 
 def _block_r(block_d: int) -> int:
-    return max(1, min(16, 4096 // block_d))
+    return max(1, min(16, 1024 // block_d))
 
 
 class _RopeEmbedFn(torch.autograd.Function):
@@ -164,7 +164,7 @@ class _RopeEmbedFn(torch.autograd.Function):
         if n:
             _rope_fwd_kernel[(triton.cdiv(n, br),)](
                 tok, pos[0], pos[-1], freqs[0], freqs[-1], x, n, s, d, pos[0].stride(1), pos[-1].stride(1),
-                G=g, ROTATE=rotate, RTNE_BF16=rtne_bf16(x.dtype), BLOCK_R=br, BLOCK_D=bd, num_warps=4,
+                G=g, ROTATE=rotate, RTNE_BF16=rtne_bf16(x.dtype), BLOCK_R=br, BLOCK_D=bd, num_warps=4, num_stages=2,
             )  # fmt: skip
         ctx.save_for_backward(*freqs)
         ctx.meta = (g, rotate, tok.shape, tok.dtype)
@@ -183,7 +183,7 @@ class _RopeEmbedFn(torch.autograd.Function):
         if n:
             _rope_bwd_kernel[(triton.cdiv(n, br),)](
                 dx, freqs[0], freqs[-1], dtok, n, s, d,
-                G=g, ROTATE=rotate, RTNE_BF16=rtne_bf16(dtype), BLOCK_R=br, BLOCK_D=bd, num_warps=4,
+                G=g, ROTATE=rotate, RTNE_BF16=rtne_bf16(dtype), BLOCK_R=br, BLOCK_D=bd, num_warps=4, num_stages=2,
             )  # fmt: skip
         return (dtok, None, *([None] * (2 * g)))
 
@@ -226,22 +226,21 @@ def rope_embed(
 
 
 def aot_specs() -> list:
-    """Forward and backward for G = 1, 2, rotated or not, fp32/fp16/bf16 at D = 256 (the notebook's
-    width), and every BLOCK_D 16 … 4096 in fp32."""
+    """Forward and backward: fp32 for G = 1, 2, rotated or not, at D = 256 (the notebook's width) and
+    BLOCK_D 16, 1024, 4096; fp16 and bf16 for the model's variant (G = 2, rotated, D = 256)."""
     from tape_kernels._aot import AotSpec
     from tape_kernels.fused_linear import kernel_signature
 
     specs = []
-    combos = [(dt, bd) for dt in KERNEL_DTYPES for bd in (256,)]
-    combos += [(torch.float32, bd) for bd in (16, 32, 64, 128, 512, 1024, 2048, 4096)]
-    for dt, bd in combos:
+    combos = [(torch.float32, 256, g, rot) for g in (1, 2) for rot in (True, False)]
+    combos += [(dt, 256, 2, True) for dt in (torch.float16, torch.bfloat16)]
+    combos += [(torch.float32, bd, 2, True) for bd in (16, 1024, 4096)]
+    for dt, bd, g, rot in combos:
         ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
-        for g in (1, 2):
-            for rot in (True, False):
-                c = {"G": g, "ROTATE": rot, "RTNE_BF16": False, "BLOCK_R": _block_r(bd), "BLOCK_D": bd}
-                tag = f"G{g}_{'rot' if rot else 'norot'}_D{bd}_{ty}"
-                specs.append(AotSpec(f"rope_fwd_{tag}", _rope_fwd_kernel, kernel_signature(_rope_fwd_kernel, {}, dt),
-                                     dict(c), num_warps=4))  # fmt: skip
-                specs.append(AotSpec(f"rope_bwd_{tag}", _rope_bwd_kernel, kernel_signature(_rope_bwd_kernel, {}, dt),
-                                     dict(c), num_warps=4))  # fmt: skip
+        c = {"G": g, "ROTATE": rot, "RTNE_BF16": False, "BLOCK_R": _block_r(bd), "BLOCK_D": bd}
+        tag = f"G{g}_{'rot' if rot else 'norot'}_D{bd}_{ty}"
+        specs.append(AotSpec(f"rope_fwd_{tag}", _rope_fwd_kernel, kernel_signature(_rope_fwd_kernel, {}, dt),
+                             dict(c), num_warps=4))  # fmt: skip
+        specs.append(AotSpec(f"rope_bwd_{tag}", _rope_bwd_kernel, kernel_signature(_rope_bwd_kernel, {}, dt),
+                             dict(c), num_warps=4))  # fmt: skip
     return specs
