@@ -537,10 +537,11 @@ def _pow2(n: int) -> int:
 # Tiles (rows × columns × reduction step, warps), by the dot's operand class, chosen with
 # benchmarks/kernel_report.py so that no variant spills on sm_86. fp32 products are FMA loops whose
 # operands sit in registers (no tensor cores in IEEE mode): 32 × 32 tiles, 16-deep steps. 16-bit
-# operands take the MMA path: 64 × 64 tiles, 32-deep steps, 8 warps. Where the activation runs in a
-# prologue or epilogue (≈ 10 live fp32 temporaries per element) the tiles it touches shrink. LayerNorm
-# tiles hold whole rows: 16 rows × next_pow2(N) columns, 8 warps (N = 256: 16 fp32 accumulators a
-# thread; the combine keeps the first group's rows live while the second is computed).
+# operands take the MMA path: 64 × 64 tiles, 32-deep steps (16 rows deep for dW), 8 warps. Where the
+# activation runs in a prologue or epilogue (≈ 10 live fp32 temporaries per element) the tiles it
+# touches shrink. LayerNorm tiles hold whole rows: 16 rows × next_pow2(N) columns, 8 warps at N = 256
+# (16 fp32 accumulators a thread; the combine keeps the first group's rows live while the second is
+# computed).
 NUM_STAGES = 2  # what the AOT specs compile (Triton's launch default would be 3)
 
 
@@ -554,14 +555,15 @@ def _bwd_tile(fp32: bool, act: bool) -> tuple[int, ...]:
     DW_N × DW_K in steps of DW_R rows."""
     if fp32:
         return (32, 32, 16, 32, 32, 16, 8 if act else 4)
-    return (32, 64, 32, 64, 64, 16, 8) if act else (64, 64, 32, 64, 64, 32, 8)
+    return (32, 64, 32, 64, 64, 16, 8) if act else (64, 64, 32, 64, 64, 16, 8)
 
 
 def _ln_tile(n: int, fp32: bool, act: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps) of a whole-row LayerNorm tile of width n."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps) of a whole-row LayerNorm tile of width n: 16 rows, 16-deep steps.
+    Spill-free on sm_86 up to n = 256 with the combine (the model's D = 256) and n = 512 without;
+    wider rows are correct but spill (kernel_report)."""
     bn = max(16, _pow2(n))
-    bk = 16 if fp32 or act or bn > 256 else 32
-    return 16, bn, bk, (4 if bn <= 64 else 8)
+    return 16, bn, 16, (4 if bn <= 64 else 8 if bn <= 256 else 16)
 
 
 def _ln_bwd_warps(block_n: int) -> int:
@@ -710,7 +712,7 @@ class _GroupedLinearFn(torch.autograd.Function):
     consumer) is added to dx in the dX epilogue instead of by a separate autograd ``add``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cdt: torch.dtype, return_input: bool, *wb: torch.Tensor | None):  # noqa: ANN001, ANN205
+    def forward(ctx, x, cdt, return_input, *wb):  # noqa: ANN001, ANN205
         ws, bs = list(wb[0::2]), list(wb[1::2])
         x = x.contiguous()
         y, _, _, _ = _fwd(x, ws, bs, cdt, y_dtype=cdt)
@@ -891,7 +893,8 @@ def grouped_linear(
     bs = _check_groups("biases", biases, g, optional=True)
     n, k = _check_weights(ws, bs, "weights", "biases")
     _check_x("x", x, g, k)
-    check_same_device(x=x, **{f"weights[{i}]": w for i, w in enumerate(ws)}, **{f"biases[{i}]": b for i, b in enumerate(bs)})
+    check_same_device(x=x, **{f"weights[{i}]": w for i, w in enumerate(ws)},
+                      **{f"biases[{i}]": b for i, b in enumerate(bs)})  # fmt: skip
     if not _kernel_path(backend, [x, *ws, *bs]):
         y = grouped_linear_ref(x, ws, bs)
         return (y, x) if return_input else y
@@ -1017,7 +1020,7 @@ def _autocast_pointers(kind: str, cdt: torch.dtype) -> dict[str, torch.dtype]:
 def aot_specs() -> list:
     """The kernel variants the launchers emit: in fp32 every op variant (G = 1 and 2, shared and
     per-group inputs, every combine mode) at the notebook's LayerNorm width (256) and the LayerNorm
-    tiles of widths 16, 64 and 1024; the model's own variants in bf16 and under bf16/fp16 autocast (the
+    tiles of widths 16, 64, 512 and 1024; the model's own variants in bf16 and under bf16/fp16 autocast (the
     16-bit MMA path; pure fp16 compiles as bf16 does)."""
     from tape_kernels._aot import AotSpec
 
@@ -1085,7 +1088,7 @@ def aot_specs() -> list:
             for mode, has_sum in variants:
                 add(f"ln_bwd_combine{mode}{'_sum' if has_sum else ''}_N256_G{g}", _ln_bwd_kernel, "ln_bwd", scheme,
                     {"G": g, "COMBINE": mode, "HAS_SUM": has_sum, "BLOCK_N": 256}, _ln_bwd_warps(256))  # fmt: skip
-    for bn in (16, 64, 1024):  # other model widths, fp32
+    for bn in (16, 64, 512, 1024):  # other model widths, fp32
         add(f"fl_fwd_linear_ln_N{bn}", _fl_fwd_kernel, "out_proj_ln", schemes[0], *ln_fwd(bn, True))
         add(f"fl_fwd_mlp_ln_combine1_N{bn}", _fl_fwd_kernel, "mlp_ln", schemes[0],
             *ln_fwd(bn, True, HAS_BIAS=False, ACT_IN=True, STORE_Y=False, COMBINE=1))  # fmt: skip

@@ -147,7 +147,13 @@ def rope_embed_ref(
 
 
 def _block_r(block_d: int) -> int:
-    return max(1, min(16, 1024 // block_d))
+    """Rows per program: 512 elements (D = 256: 2 rows), at least one row."""
+    return max(1, min(16, 512 // block_d))
+
+
+def _warps(block_d: int) -> int:
+    """4 warps up to D = 1024, then one per 256 columns (≤ 16): about 4 values of a row per thread."""
+    return max(4, min(16, block_d // 256))
 
 
 class _RopeEmbedFn(torch.autograd.Function):
@@ -164,7 +170,8 @@ class _RopeEmbedFn(torch.autograd.Function):
         if n:
             _rope_fwd_kernel[(triton.cdiv(n, br),)](
                 tok, pos[0], pos[-1], freqs[0], freqs[-1], x, n, s, d, pos[0].stride(1), pos[-1].stride(1),
-                G=g, ROTATE=rotate, RTNE_BF16=rtne_bf16(x.dtype), BLOCK_R=br, BLOCK_D=bd, num_warps=4, num_stages=2,
+                G=g, ROTATE=rotate, RTNE_BF16=rtne_bf16(x.dtype), BLOCK_R=br, BLOCK_D=bd, num_warps=_warps(bd),
+                num_stages=2,
             )  # fmt: skip
         ctx.save_for_backward(*freqs)
         ctx.meta = (g, rotate, tok.shape, tok.dtype)
@@ -183,7 +190,8 @@ class _RopeEmbedFn(torch.autograd.Function):
         if n:
             _rope_bwd_kernel[(triton.cdiv(n, br),)](
                 dx, freqs[0], freqs[-1], dtok, n, s, d,
-                G=g, ROTATE=rotate, RTNE_BF16=rtne_bf16(dtype), BLOCK_R=br, BLOCK_D=bd, num_warps=4, num_stages=2,
+                G=g, ROTATE=rotate, RTNE_BF16=rtne_bf16(dtype), BLOCK_R=br, BLOCK_D=bd, num_warps=_warps(bd),
+                num_stages=2,
             )  # fmt: skip
         return (dtok, None, *([None] * (2 * g)))
 
@@ -240,7 +248,7 @@ def aot_specs() -> list:
         c = {"G": g, "ROTATE": rot, "RTNE_BF16": False, "BLOCK_R": _block_r(bd), "BLOCK_D": bd}
         tag = f"G{g}_{'rot' if rot else 'norot'}_D{bd}_{ty}"
         specs.append(AotSpec(f"rope_fwd_{tag}", _rope_fwd_kernel, kernel_signature(_rope_fwd_kernel, {}, dt),
-                             dict(c), num_warps=4))  # fmt: skip
+                             dict(c), num_warps=_warps(bd)))  # fmt: skip
         specs.append(AotSpec(f"rope_bwd_{tag}", _rope_bwd_kernel, kernel_signature(_rope_bwd_kernel, {}, dt),
-                             dict(c), num_warps=4))  # fmt: skip
+                             dict(c), num_warps=_warps(bd)))  # fmt: skip
     return specs

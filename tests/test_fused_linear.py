@@ -321,3 +321,73 @@ def test_rope_embed_bad_inputs() -> None:
         rope_embed(tok, pos, freqs[:1])
     with pytest.raises(ValueError, match=r"freqs\[1\] has shape"):
         rope_embed(tok, pos, [freqs[0], freqs[1][:3]])
+
+
+# ------------------------------------------------------------------------------ the model's pair path
+
+
+def _tiny_model(causal: bool = False, dropout: float = 0.0, seed: int = 0):
+    from tapetransformer.model import TapeTransformer
+
+    torch.manual_seed(seed)
+    return TapeTransformer(17, seq_len=12, embed_dim=32, num_heads=2, dropout=dropout, causal=causal,
+                           backend="triton").train()  # fmt: skip
+
+
+def _loss_and_grads(model, x, y, aux: bool) -> tuple[torch.Tensor, dict]:
+    from tapetransformer.reference import nll_loss
+
+    model.zero_grad(set_to_none=True)
+    if aux:
+        logp, ent, aw = model(x)
+        loss = nll_loss(logp, y) + 0.01 * ent + aw.square().sum()
+    else:
+        loss = model.loss(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("causal, aux", [(False, False), (True, False), (False, True)])
+def test_model_pair_path_equals_per_block_path(monkeypatch, causal: bool, aux: bool) -> None:
+    """Training on the Triton path runs each layer's two blocks as a pair; the per-block Triton path
+    (FusedTapeHeadBlock.forward and a combine) computes the same loss and gradients, the same gradient
+    pattern (exact zeros for the dead parameters, None nowhere else)."""
+    from tapetransformer.blocks import FusedTapeHead
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 17, (3, 12), generator=g)
+    y = torch.randint(0, 17, (3, 12), generator=g)
+    calls = []
+    real = FusedTapeHead.pair_forward
+
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(FusedTapeHead, "pair_forward", counted)
+    loss_p, grads_p = _loss_and_grads(_tiny_model(causal), x, y, aux)
+    assert len(calls) == (2 + 4 * (2 if aux else 1))  # coda 2 layers, critics 4 (all of them with aux)
+    monkeypatch.setattr(FusedTapeHead, "pair_ok", lambda *a: False)
+    loss_b, grads_b = _loss_and_grads(_tiny_model(causal), x, y, aux)
+    torch.testing.assert_close(loss_p, loss_b, rtol=1e-5, atol=1e-6)
+    assert [n for n, gr in grads_p.items() if gr is None] == [n for n, gr in grads_b.items() if gr is None]
+    for name, gb in grads_b.items():
+        if gb is None:
+            continue
+        gp = grads_p[name]
+        if torch.count_nonzero(gb) == 0:
+            assert torch.count_nonzero(gp) == 0, name
+        else:  # relative to the largest entry, as the golden-vector tests judge fp32 gradients (2e-4)
+            assert _max_err(gp, gb) <= 2e-4 * gb.abs().max().item(), name
+
+
+def test_model_pair_path_only_where_it_applies() -> None:
+    m = _tiny_model(dropout=0.1)
+    head = m.codahead
+    tok = torch.zeros(1, 4, 32)
+    assert not head.pair_ok(head.blocks_left[0], head.blocks_right[0], tok, None)  # dropout in training
+    m.eval()
+    assert head.pair_ok(head.blocks_left[0], head.blocks_right[0], tok, None)
+    assert not head.pair_ok(head.blocks_left[0], head.blocks_right[0], torch.zeros(1, 13, 32), None)  # > seq_len
+    m.backend = "eager"
+    assert not head.pair_ok(head.blocks_left[0], head.blocks_right[0], tok, None)
