@@ -535,13 +535,12 @@ def _pow2(n: int) -> int:
 
 
 # Tiles (rows × columns × reduction step, warps), by the dot's operand class, chosen with
-# benchmarks/kernel_report.py so that no variant spills on sm_86. fp32 products are FMA loops whose
-# operands sit in registers (no tensor cores in IEEE mode): 32 × 32 tiles, 16-deep steps. 16-bit
-# operands take the MMA path: 64 × 64 tiles, 32-deep steps (16 rows deep for dW), 8 warps. Where the
-# activation runs in a prologue or epilogue (≈ 10 live fp32 temporaries per element) the tiles it
-# touches shrink. LayerNorm tiles hold whole rows: 16 rows × next_pow2(N) columns, 8 warps at N = 256
-# (16 fp32 accumulators a thread; the combine keeps the first group's rows live while the second is
-# computed).
+# benchmarks/kernel_report.py so that no variant the model uses spills on sm_86. fp32 products are FMA
+# loops whose operands sit in registers (no tensor cores in IEEE mode): 32 × 32 tiles, 16-deep steps.
+# 16-bit operands take the MMA path: 64 × 64 tiles, 16-deep steps, 8 warps. Where the activation runs
+# in a prologue or epilogue (≈ 10 live fp32 temporaries per element) the tiles it touches shrink.
+# LayerNorm tiles hold whole rows: 16 rows × next_pow2(N) columns, 8 warps at N = 256 (16 fp32
+# accumulators a thread; the combine keeps the first group's rows live while the second is computed).
 NUM_STAGES = 2  # what the AOT specs compile (Triton's launch default would be 3)
 
 
@@ -555,7 +554,7 @@ def _bwd_tile(fp32: bool, act: bool) -> tuple[int, ...]:
     DW_N × DW_K in steps of DW_R rows."""
     if fp32:
         return (32, 32, 16, 32, 32, 16, 8 if act else 4)
-    return (32, 64, 32, 64, 64, 16, 8) if act else (64, 64, 32, 64, 64, 16, 8)
+    return (32, 64, 32, 64, 64, 16, 8) if act else (64, 64, 16, 64, 64, 16, 8)
 
 
 def _ln_tile(n: int, fp32: bool, act: bool = False) -> tuple[int, int, int, int]:
