@@ -1,9 +1,10 @@
 """Grouped Linear layers with fused prologues and epilogues: the GEMMs of a TapeHead block pair.
 
 A TapeHead layer runs two blocks (left and right) on the same input. Every op here takes ``G`` groups
-(G = 1 or 2: one block, or a layer's pair) and their weights as separate tensors: the kernels read
-both groups' weight pointers and loop over the groups inside each program, so a pair costs the
-launches of one block and no per-step weight stacking.
+(G = 1 or 2: one block, or a layer's pair) and their weights as separate tensors: the kernels take
+both groups' weight pointers and pick one by program id, so a pair costs the launches of one block
+and no per-step weight stacking. Where the groups must meet (the combine of their outputs, the sum
+of a shared input's gradients) one program handles both.
 
 Ops (x shared by the groups: (M, K); or one per group: (G, M, K)):
 
@@ -17,9 +18,10 @@ Ops (x shared by the groups: (M, K); or one per group: (G, M, K)):
 Kernels (all fp32 accumulation; operands rounded to the compute dtype where eager rounds them):
 
 * ``_fl_fwd_kernel``: tile GEMM acc = act?(X) Wᵀ with the bias / residual / LayerNorm / combine
-  epilogue. The MLP's activation runs in the *second* GEMM's prologue (on each loaded tile of the
-  pre-activation z), so the (M, 8D) activation is never written: the forward writes z once and
-  reads it once. The LayerNorm epilogue saves x̂ (fp32) and rstd for the backward.
+  epilogue, grid (M tiles, N tiles, G). The MLP's activation runs in the *second* GEMM's prologue
+  (on each loaded tile of the pre-activation z), so the (M, 8D) activation is never written: the
+  forward writes z once and reads it once. The LayerNorm epilogue saves x̂ (fp32) and rstd for the
+  backward.
 * ``_fl_bwd_kernel``: one launch holds three kinds of programs, told apart by the program id:
   dX tiles (dX = dY W, with act'(z) or a residual gradient folded into the epilogue, summed over
   the groups when they share x), dW tiles (dW = dYᵀ act?(X), looping over all M rows, and the bias
@@ -31,7 +33,9 @@ Kernels (all fp32 accumulation; operands rounded to the compute dtype where eage
   per-program partial sums of dγ, dβ.
 
 Launches per block pair (forward + backward): in-projection 1 + 1, out-projection + LN 1 + 2,
-MLP + LN + combine 2 + 3.
+MLP + LN + combine 2 + 3. Memory traffic saved against eager: the activation's (M, 8D) output (written
+and read twice), the bias/residual sums before each LayerNorm, the combine's inputs; weights are read
+in place in any dtype (no autocast copies).
 
 Autocast: the GEMM operands are rounded to the autocast dtype inside the kernels (weights stay
 fp32 in memory: no cast launches), GEMM outputs are written in it, LayerNorm outputs in fp32 on
