@@ -6,7 +6,12 @@ Ops at the notebook's training size (batch 16 × seq 128 = 2048 rows, D = 256, v
   * ``nll``: the NLL of targets: eager/compile gather from the log-probs, fused uses
     ``student_t_nll`` (no (N, V) log-probs in the forward);
   * ``add_ln``: LayerNorm(x + residual) (fp32 and bf16);
-  * ``combine-xor`` / ``combine-pairsm``: the TapeHead combines.
+  * ``combine-xor`` / ``combine-pairsm``: the TapeHead combines;
+  * a TapeHead layer's block pair (two blocks sharing their input, G = 2), fp32 and bf16 autocast:
+    ``pair-in_proj`` (grouped Linear D -> 3D), ``pair-out_proj_ln`` (Linear D -> D + residual +
+    LayerNorm), ``pair-mlp_ln_combine`` (Linear D -> 8D, ReferenceActivation, Linear 8D -> D, residual,
+    LayerNorm and the pair-softmax combine), ``pair-rope`` (pos_emb + RoPE of both first-layer blocks).
+    eager = the ops PyTorch runs for the two blocks (``tape_kernels.fused_linear`` / ``rope`` ``*_ref``).
 
 impls: ``eager`` = the eager ``*_ref`` (runs on CPU too), ``compile`` = ``torch.compile`` of it
 (CUDA only), ``fused`` = the Triton op (CUDA only: the interpreter is not a speed). A round is one
@@ -22,7 +27,16 @@ import torch
 from common import is_cuda, peak_memory_mb, record, synced, timed_first_call, warm
 
 from tape_kernels.combine import tapehead_combine, tapehead_combine_ref
+from tape_kernels.fused_linear import (
+    grouped_linear,
+    grouped_linear_add_layer_norm,
+    grouped_linear_add_layer_norm_ref,
+    grouped_linear_ref,
+    grouped_mlp_add_layer_norm,
+    grouped_mlp_add_layer_norm_ref,
+)
 from tape_kernels.layernorm import add_layer_norm, add_layer_norm_ref
+from tape_kernels.rope import rope_embed, rope_embed_ref
 from tape_kernels.unembedding import (
     student_t_nll,
     student_t_nll_ref,
@@ -139,3 +153,83 @@ def test_combine(benchmark, device: torch.device, impl: str, mode: int) -> None:
         lambda a, b: tapehead_combine_ref(a, b, mode), lambda a, b: tapehead_combine(a, b, mode),
         [hl, hr], grad, rows=ROWS, dim=D,
     )
+
+
+# ------------------------------------------------------------------ a TapeHead layer's block pair (G = 2)
+
+PAIR_CASES = ["in_proj", "out_proj_ln", "mlp_ln_combine", "rope"]
+
+
+def _pair_inputs(op: str, device: torch.device) -> tuple[list[torch.Tensor], Callable, Callable, tuple]:
+    """(leaves, eager fn, fused fn, output shape) of one pair op at the notebook's size; the fns take
+    the leaves flat."""
+    f = 8 * D
+    if op == "in_proj":
+        leaves = [_leaf((ROWS, D), device), *(_leaf((3 * D, D), device, scale=D**-0.5, seed=1 + i) for i in range(2)),
+                  *(_leaf((3 * D,), device, seed=3 + i) for i in range(2))]  # fmt: skip
+
+        def ref(x, w0, w1, b0, b1):
+            return grouped_linear_ref(x, [w0, w1], [b0, b1])
+
+        def fused(x, w0, w1, b0, b1):
+            return grouped_linear(x, [w0, w1], [b0, b1])
+
+        return leaves, ref, fused, (2, ROWS, 3 * D)
+    if op == "out_proj_ln":
+        leaves = [_leaf((2, ROWS, D), device), _leaf((ROWS, D), device, seed=1),
+                  *(_leaf((D, D), device, scale=D**-0.5, seed=2 + i) for i in range(2)),
+                  *(_leaf((D,), device, seed=4 + i) for i in range(6))]  # fmt: skip
+
+        def ref(o, x, w0, w1, b0, b1, g0, g1, be0, be1):
+            return grouped_linear_add_layer_norm_ref(o, x, [w0, w1], [b0, b1], [g0, g1], [be0, be1])
+
+        def fused(o, x, w0, w1, b0, b1, g0, g1, be0, be1):
+            return grouped_linear_add_layer_norm(o, x, [w0, w1], [b0, b1], [g0, g1], [be0, be1])
+
+        return leaves, ref, fused, (2, ROWS, D)
+    if op == "mlp_ln_combine":
+        leaves = [_leaf((2, ROWS, D), device), *(_leaf((f, D), device, scale=D**-0.5, seed=1 + i) for i in range(2)),
+                  *(_leaf((f,), device, seed=3 + i) for i in range(2)),
+                  *(_leaf((D, f), device, scale=f**-0.5, seed=5 + i) for i in range(2)),
+                  *(_leaf((D,), device, seed=7 + i) for i in range(4))]  # fmt: skip
+
+        def ref(h, we0, we1, be0, be1, wl0, wl1, g0, g1, b0, b1):
+            return grouped_mlp_add_layer_norm_ref(h, [we0, we1], [be0, be1], [wl0, wl1], [g0, g1], [b0, b1], combine=1)
+
+        def fused(h, we0, we1, be0, be1, wl0, wl1, g0, g1, b0, b1):
+            return grouped_mlp_add_layer_norm(h, [we0, we1], [be0, be1], [wl0, wl1], [g0, g1], [b0, b1], combine=1)
+
+        return leaves, ref, fused, (ROWS, D)
+    from tapetransformer.reference import rope_frequencies, sinusoidal_positions
+
+    seq = 128
+    pos = [sinusoidal_positions(seq, D).to(device)] * 2
+    freqs = [rope_frequencies(D).to(device)] * 2
+    leaves = [_leaf((ROWS // seq, seq, D), device)]
+    return leaves, (lambda t: rope_embed_ref(t, pos, freqs)), (lambda t: rope_embed(t, pos, freqs)), \
+        (2, ROWS // seq, seq, D)  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+@pytest.mark.parametrize("op", PAIR_CASES)
+def test_block_pair_ops(benchmark, device: torch.device, impl: str, amp: str, op: str) -> None:
+    _skip(impl, device)
+    if amp == "bf16" and not is_cuda(device):
+        pytest.skip("bf16 autocast case on CUDA only")
+    if amp == "bf16" and op == "rope":
+        pytest.skip("rope runs before any GEMM: no autocast dtype")
+    leaves, ref, fused, shape = _pair_inputs(op, device)
+    if amp == "bf16":
+        ref = _autocast(ref, device)
+        fused = _autocast(fused, device)
+    grad = torch.randn(shape, device=device, dtype=torch.float32)
+    _bench(benchmark, device, impl, f"pair-{op}-{amp}", ref, fused, leaves, grad, rows=ROWS, dim=D, groups=2)
+
+
+def _autocast(fn: Callable, device: torch.device) -> Callable:
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(*args).float()
+
+    return run

@@ -136,7 +136,8 @@ def test_estimate_memory_orders() -> None:
     assert estimate_memory(cfg, 10_000_000, amp=True).per_sample < base.per_sample
     assert estimate_memory(cfg, 10_000_000, need_aux=True).per_sample > base.per_sample
     assert estimate_memory(cfg, 10_000_000, fused=False).per_sample > base.per_sample
-    assert base.per_sample_recompute < base.per_sample / 4
+    # the fused pair path keeps ~16·D per token and block, recomputation ~3·D plus one block: ~3.7x less
+    assert base.per_sample_recompute < base.per_sample / 3
     assert estimate_memory(cfg, 10_000_000, optimizer="sgd").fixed < base.fixed
 
 

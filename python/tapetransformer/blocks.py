@@ -9,6 +9,10 @@ order, so state_dicts are interchangeable) and computes it with ``tape_kernels``
 * ``decode_step`` (eval, one token, static shapes, no host synchronisation: CUDA-graph capturable).
 
 :class:`FusedTapeHead` runs its left/right block stacks and combines them, in the same three modes.
+In training on the Triton path, the two blocks of a layer run *as a pair* (:meth:`FusedTapeHead.pair_forward`):
+both read the same input, so every GEMM, LayerNorm and attention launch serves both blocks, with the
+combine fused into the MLP's LayerNorm epilogue (``tape_kernels.fused_linear``): ~17 launches per layer
+forward + backward instead of ~60 for two blocks and a combine.
 
 Options shared by every block of a model (``FusedOptions``: causal semantics, kernel backend, dead-work
 skipping, activation recomputation) live in one object the model owns. A block's int8 weights for
@@ -24,11 +28,18 @@ import torch
 import torch.nn.functional as F
 
 from tape_kernels import decode_block as db
-from tape_kernels._dispatch import check_backend, use_triton
+from tape_kernels._dispatch import check_backend, triton_runnable, use_triton
 from tape_kernels.activation import reference_activation
-from tape_kernels.attention import critic_attention, critic_attention_decode
+from tape_kernels.attention import attention_stats, critic_attention, critic_attention_decode, kernel_supports
 from tape_kernels.combine import tapehead_combine
+from tape_kernels.fused_linear import (
+    grouped_linear,
+    grouped_linear_add_layer_norm,
+    grouped_mlp_add_layer_norm,
+    supports_ln_width,
+)
 from tape_kernels.layernorm import add_layer_norm
+from tape_kernels.rope import rope_embed
 from tapetransformer.kvcache import BlockKV, KVCache
 from tapetransformer.reference import TapeHead, TapeHeadBlock, apply_rope
 
@@ -281,6 +292,83 @@ class FusedTapeHead(TapeHead):
             return checkpoint(blk, *args, use_reentrant=False)
         return blk(*args)
 
+    def pair_ok(self, left: FusedTapeHeadBlock, right: FusedTapeHeadBlock, tok: torch.Tensor,
+                prev_h: torch.Tensor | None) -> bool:  # fmt: skip
+        """Whether a layer's two blocks can run as one pair (:meth:`pair_forward`): the Triton path on
+        these tensors, dead work skipped, no active dropout (the fused kernels have none), no int8 weights
+        in use, kernel-supported sizes and dtypes, and the same attention heads and LayerNorm eps."""
+        o = self.opts
+        if o.backend == "eager" or not o.skip_dead or not triton_runnable(tok):
+            return False
+        d = tok.shape[-1]
+        la, ra = left.attention, right.attention
+        dt = la.in_proj_weight.dtype
+        if dt not in (torch.float32, torch.float16, torch.bfloat16):
+            return False
+        if tok.dtype != dt and not torch.is_autocast_enabled(tok.device.type):
+            return False
+        if prev_h is None and tok.shape[1] > min(left.pos_emb.shape[1], right.pos_emb.shape[1]):
+            return False  # the per-block path reports the too-long sequence
+        for blk in (left, right):
+            if self.training and (blk.attention.dropout > 0 or blk.mlp.dropout.p > 0):
+                return False
+            if blk.int8 is not None and not torch.is_grad_enabled():
+                return False
+        return (la.num_heads == ra.num_heads and kernel_supports(d, la.num_heads) and supports_ln_width(d)
+                and left.ln_attn.eps == right.ln_attn.eps and left.ln_mlp.eps == right.ln_mlp.eps
+                and self.discriminate in (0, 1, 2))  # fmt: skip
+
+    def pair_forward(
+        self, left: FusedTapeHeadBlock, right: FusedTapeHeadBlock, tok: torch.Tensor, prev_h: torch.Tensor | None,
+        stats: bool = True,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None], tuple | None]:  # fmt: skip
+        """One layer's left and right blocks and their combine, computed together -> (h (B, S, D),
+        (layer_emb left, right) or Nones, ((ent_l, aw_l), (ent_r, aw_r)) or None without ``stats``).
+
+        The same dataflow as two ``FusedTapeHeadBlock.forward`` calls and a combine: the in-projection
+        GEMM writes both blocks' qkv as one (2B, S, 3D) batch for the attention kernels, and the
+        fused Linear ops take both blocks' weights (``tape_kernels.fused_linear``)."""
+        b, s, d = tok.shape
+        m = b * s
+        be = self.opts.backend
+        if prev_h is None:  # a first layer: each block embeds the tokens with its own tables
+            rotate = self.opts.causal or s > 1
+            xs = rope_embed(tok, [left.pos_emb, right.pos_emb], [left.rope_freqs, right.rope_freqs], rotate,
+                            backend=be)  # (2, B, S, D)  # fmt: skip
+            embs: tuple[torch.Tensor | None, torch.Tensor | None] = (xs[0], xs[1])
+            x = xs.view(2, m, d)
+        else:  # both blocks read the previous layer's output
+            x = (prev_h if prev_h.shape[1] == s else prev_h[:, -s:, :]).reshape(m, d)
+            embs = (None, None)
+        la, ra = left.attention, right.attention
+        # x also feeds the LayerNorm residual: through the returned view, whose gradient the in-projection's
+        # backward kernel adds to its own
+        qkv, x = grouped_linear(x, [la.in_proj_weight, ra.in_proj_weight], [la.in_proj_bias, ra.in_proj_bias],
+                                return_input=True, backend=be)  # (2, M, 3D)  # fmt: skip
+        o, ent, aw = attention_stats(qkv.view(2 * b, s, 3 * d), la.num_heads, self.opts.causal, backend=be)
+        h = grouped_linear_add_layer_norm(
+            o.view(2, m, d), x, [la.out_proj.weight, ra.out_proj.weight], [la.out_proj.bias, ra.out_proj.bias],
+            [left.ln_attn.weight, right.ln_attn.weight], [left.ln_attn.bias, right.ln_attn.bias], left.ln_attn.eps,
+            backend=be,
+        )  # (2, M, D)
+        out = grouped_mlp_add_layer_norm(
+            h, [left.mlp.expand.weight, right.mlp.expand.weight], [left.mlp.expand.bias, right.mlp.expand.bias],
+            [left.mlp.linear.weight, right.mlp.linear.weight], [left.ln_mlp.weight, right.ln_mlp.weight],
+            [left.ln_mlp.bias, right.ln_mlp.bias], left.ln_mlp.eps, combine=self.discriminate, backend=be,
+        ).view(b, s, d)
+        if not stats:
+            return out, embs, None
+        ent2 = ent.view(2, b, s)
+        aw2 = torch.softmax(aw.view(2, b, s), dim=-1)
+        return out, embs, ((ent2[0], aw2[0]), (ent2[1], aw2[1]))
+
+    def _pair(self, *args: Any) -> tuple[Any, ...]:
+        if self.opts.recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.pair_forward, *args, use_reentrant=False)
+        return self.pair_forward(*args)
+
     def forward(
         self, tok: torch.Tensor, prev_h: torch.Tensor | None, prev_emb: torch.Tensor | None, stats: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -291,9 +379,14 @@ class FusedTapeHead(TapeHead):
         ents, aws = [], []
         h = prev_h
         for left, right in zip(self.blocks_left, self.blocks_right):
-            hl, prev_emb_l, ent_l, aw_l = self._block(left, tok, prev_h_l, prev_emb_l, stats)
-            hr, prev_emb_r, ent_r, aw_r = self._block(right, tok, prev_h_r, prev_emb_r, stats)
-            h = self.combine(hl, hr)
+            if prev_h_l is prev_h_r and self.pair_ok(left, right, tok, prev_h_l):
+                h, (prev_emb_l, prev_emb_r), st = self._pair(left, right, tok, prev_h_l, stats)
+                if stats:
+                    (ent_l, aw_l), (ent_r, aw_r) = st
+            else:
+                hl, prev_emb_l, ent_l, aw_l = self._block(left, tok, prev_h_l, prev_emb_l, stats)
+                hr, prev_emb_r, ent_r, aw_r = self._block(right, tok, prev_h_r, prev_emb_r, stats)
+                h = self.combine(hl, hr)
             prev_h_l = prev_h_r = h
             if stats:
                 ents.append((ent_l + ent_r) / 2.0)

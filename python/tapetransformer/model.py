@@ -8,7 +8,9 @@ together, keeps the reference's gradient pattern, and manages the generation cac
 
 * every critic attention, residual+LayerNorm, MLP bias+activation, TapeHead combine and the Student-t
   unembedding run fused kernels (``backend="triton"``; ``"eager"`` runs the same dataflow in plain
-  PyTorch; ``"auto"`` picks Triton on CUDA and eager on CPU unless ``TRITON_INTERPRET=1``);
+  PyTorch; ``"auto"`` picks Triton on CUDA and eager on CPU unless ``TRITON_INTERPRET=1``); in
+  training the two blocks of each TapeHead layer run as one pair of grouped GEMM kernels with fused
+  epilogues (``FusedTapeHead.pair_forward``, ``tape_kernels.fused_linear``);
 * ``skip_dead=True`` (default) skips what provably cannot change an output (spec findings 1–3): the
   prophet and ``rnn_projection`` never run, the concatenation that only kept them in the graph is gone,
   and with ``need_aux=False`` critics 0..n−2 do not run either. The parameters the reference reaches

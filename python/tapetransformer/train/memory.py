@@ -49,11 +49,12 @@ class MemoryPlan:
 
 
 # Values autograd keeps per token and TapeHead block, in units of D, measured with
-# measure_activation_bytes (fp32, dropout 0): the Triton kernels keep ~25·D (x, qkv, attention output
-# and statistics, residual+LayerNorm outputs, the 8D MLP pre-activation and activation); the eager
-# backend ~84·D (every elementwise op of the activation keeps its 8D input) plus the (H, S)
-# attention probabilities; with recomputation ~3·D of block inputs/outputs remain.
-FUSED_D_PER_TOKEN_BLOCK = 26
+# measure_activation_bytes (fp32, dropout 0): the Triton kernels keep ~15.5·D (the layer pair's shared
+# input, qkv, attention output and statistics, the LayerNorms' x̂ and the first one's output, the 8D
+# MLP pre-activation: the activation is recomputed from it, never stored); the eager backend ~84·D
+# (every elementwise op of the activation keeps its 8D input) plus the (H, S) attention
+# probabilities; with recomputation ~3·D of block inputs/outputs remain.
+FUSED_D_PER_TOKEN_BLOCK = 16
 EAGER_D_PER_TOKEN_BLOCK = 86
 RECOMPUTE_D_PER_TOKEN_BLOCK = 3
 BACKWARD_SAFETY = 1.5  # gradient buffers of the largest saved tensors live next to them in backward
