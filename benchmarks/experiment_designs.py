@@ -555,8 +555,9 @@ def summarize(paths: Sequence[Path]) -> str:
         cfg, val = r["config"], r["validation"]
         out += [f"## {r['corpus']}", "",
                 f"{r['data']}, {r['corpus_chars']:,} characters, vocabulary {r['vocab_size']}. "
-                f"seq_len {cfg['seq_len']}, batch {cfg['batch_size']}, {cfg['steps']} steps ({r['tokens_per_model']:,} training characters per "
-                f"model), Adam lr {cfg['lr']} constant, gradient clipping {cfg['grad_clip']}, seed(s) "
+                f"seq_len {cfg['seq_len']}, batch {cfg['batch_size']}, {cfg['steps']} steps "
+                f"({r['tokens_per_model']:,} training characters per model), Adam lr {cfg['lr']} constant, "
+                f"gradient clipping {cfg['grad_clip']}, seed(s) "
                 f"{', '.join(map(str, r['seeds']))}; {r['device']}, {r['threads']} thread(s), backend {r['backend']}, "
                 f"torch {r['torch']}, {r['date']}.", "",
                 f"Validation: the {val['split']}, {val['val_chars']:,} characters, as {val['windows_total']} "
@@ -608,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", default="embedded", help="'embedded', 'shakespeare' (downloads) or a text file")
     ap.add_argument("--name", help="the corpus's name in the output files (default: from --data)")
     ap.add_argument("--steps", type=int, help="override the config's steps")
-    ap.add_argument("--tokens", type=int, 
+    ap.add_argument("--tokens", type=int,
                     help="training characters per model (sets steps = tokens / (batch x seq_len))")
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
