@@ -350,11 +350,14 @@ def run_experiment(cfg: ExpConfig, text: str, *, corpus: str, data_desc: str, se
                    device: str | torch.device = "cpu", backend: str | None = None, amp: str = "off",
                    control_match: str = "both", models: Sequence[str] | None = None,
                    on_model_done: Callable[[dict[str, Any]], None] | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None, previous: dict[str, Any] | None = None,
+                   ) -> dict[str, Any]:
     """Train every model on ``text`` for every seed; returns the results dict (the JSON's schema).
 
     ``models``: a subset of :func:`models_for`'s names (default: all of them); ``on_model_done`` is
-    called with the partial results after each model (the CLI writes the JSON there)."""
+    called with the partial results after each model (the CLI writes the JSON there). ``previous``:
+    an earlier result of the same config and corpus whose runs are kept (a seed run again replaces
+    its old run), so seeds and models can be added by later invocations."""
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     dev = torch.device(device)
@@ -368,6 +371,10 @@ def run_experiment(cfg: ExpConfig, text: str, *, corpus: str, data_desc: str, se
             raise ValueError(f"unknown model {n!r}; choose from {MODELS}")
     ds = CharDataset(text)
     vocab = ds.vocab.size
+    if previous is not None:
+        same = tuple(previous.get(k) for k in ("schema", "config", "corpus_chars", "vocab_size"))
+        if same != (SCHEMA, asdict(cfg), len(text), vocab):
+            raise ValueError("previous results were made with another config or corpus; they cannot be merged")
     vx, vy = val_windows(ds, cfg.seq_len)
     subset = torch.randperm(vx.shape[0], generator=torch.Generator().manual_seed(cfg.val_subset_seed))
     curve = (vx[subset[: cfg.curve_windows]], vy[subset[: cfg.curve_windows]])
@@ -424,6 +431,9 @@ def run_experiment(cfg: ExpConfig, text: str, *, corpus: str, data_desc: str, se
                               "context = the last seq_len characters, full forward per character, no cache"},
         "models": {},
     }
+    if previous is not None:
+        result["models"] = dict(previous["models"])
+        result["seeds"] = sorted(set(previous["seeds"]) | set(seeds))
     for name in names:
         entry: dict[str, Any] = {"label": LABELS[name], "runs": []}
         for seed in seeds:
@@ -442,6 +452,8 @@ def run_experiment(cfg: ExpConfig, text: str, *, corpus: str, data_desc: str, se
             run["seed"] = seed
             entry["runs"].append(run)
             del model
+        kept = [r for r in result["models"].get(name, {}).get("runs", []) if r["seed"] not in seeds]
+        entry["runs"] = sorted(kept + entry["runs"], key=lambda r: r["seed"])
         finals = [r["final_val_bpc"] for r in entry["runs"]]
         entry["parameters"] = counts[name]
         if name in shapes:
@@ -452,6 +464,7 @@ def run_experiment(cfg: ExpConfig, text: str, *, corpus: str, data_desc: str, se
         entry["final_val_bpc_mean"] = sum(finals) / len(finals)
         entry["final_val_bpc_min"], entry["final_val_bpc_max"] = min(finals), max(finals)
         result["models"][name] = entry
+        result["models"] = {m: result["models"][m] for m in MODELS if m in result["models"]}
         if on_model_done is not None:
             on_model_done(result)
     return result
@@ -487,12 +500,13 @@ def plot_results(result: dict[str, Any], path: Path, size: tuple[int, int] = (76
     img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    series = []
+    series, others = [], []
     for name, entry in result["models"].items():
         run = entry["runs"][0]
         val = [(p["step"], p["val_bpc"]) for p in run["curve"]]
         tr = [(p["step"], p["train_bpc"]) for p in run["curve"] if p["train_bpc"] is not None]
         series.append((name, val, tr))
+        others += [(name, [(p["step"], p["val_bpc"]) for p in r["curve"]]) for r in entry["runs"][1:]]
     pts = [v for _, val, tr in series for _, v in val + tr if math.isfinite(v)]
     steps = [s for _, val, _ in series for s, _ in val]
     if not pts:
@@ -525,8 +539,11 @@ def plot_results(result: dict[str, Any], path: Path, size: tuple[int, int] = (76
     ImageDraw.Draw(label).text((0, 0), "bits per character (validation)", fill=(0, 0, 0), font=font)
     label = label.rotate(90, expand=True)
     img.paste(label, (4, int((top + h - bottom) / 2 - label.height / 2)))
-    draw.text((left, 8), f"{result['corpus']}: validation bpc (thick, dots) and training bpc (thin), "
-                         f"seed {result['seeds'][0]}", fill=(0, 0, 0), font=font)
+    more = f"; seeds {', '.join(map(str, result['seeds'][1:]))}: validation, thin" if others else ""
+    draw.text((left, 8), f"{result['corpus']}: seed {result['seeds'][0]}: validation bpc (thick, dots), training bpc "
+                         f"(faint){more}", fill=(0, 0, 0), font=font)
+    for name, val in others:  # further seeds: their validation curves, thin
+        draw.line([pt(s, v) for s, v in val], fill=COLOURS[name], width=1)
     for name, val, tr in series:
         col = COLOURS[name]
         faint = tuple(int(c + (255 - c) * 0.55) for c in col)
@@ -539,8 +556,8 @@ def plot_results(result: dict[str, Any], path: Path, size: tuple[int, int] = (76
     for i, (name, _, _) in enumerate(series):
         y = h - bottom + 34 + 14 * i
         draw.line([(left, y + 6), (left + 24, y + 6)], fill=COLOURS[name], width=3)
-        final = result["models"][name]["runs"][0]["final_val_bpc"]
-        draw.text((left + 30, y), f"{LABELS[name]}: final val {final:.3f} bpc", fill=(0, 0, 0), font=font)
+        finals = ", ".join(f"{r['final_val_bpc']:.3f}" for r in result["models"][name]["runs"])
+        draw.text((left + 30, y), f"{LABELS[name]}: final val {finals} bpc", fill=(0, 0, 0), font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")
     return path
@@ -617,6 +634,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--backend", choices=("eager", "triton", "auto"), help="default: eager on CPU, auto on CUDA")
     ap.add_argument("--amp", choices=("off", "bf16"), default="off")
     ap.add_argument("--control-match", choices=("seed", "reference", "both"), default="both")
+    ap.add_argument("--models", nargs="+", choices=MODELS, help="train only these (default: per --control-match)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the runs of the existing JSON (same config and corpus) and add these seeds/models")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (1 on a loaded CPU)")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     ap.add_argument("--summarize", action="store_true", help="write experiment-designs.md from the JSONs in --out-dir")
@@ -654,10 +674,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_desc = {"embedded": "CPython's pydoc topics (the embedded corpus)"}.get(
         args.data, f"tiny-shakespeare ({Path(args.data).name})" if "shakespeare" in args.data else args.data)
     json_path = out_dir / f"experiment-designs-{corpus}.json"
+    previous = json.loads(json_path.read_text(encoding="utf-8")) if args.merge and json_path.is_file() else None
     say = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     result = run_experiment(cfg, text, corpus=corpus, data_desc=data_desc, seeds=args.seeds, device=args.device,
                             backend=args.backend, amp=args.amp, control_match=args.control_match,
-                            on_model_done=lambda r: write_json(r, json_path), progress=say)
+                            models=args.models, on_model_done=lambda r: write_json(r, json_path), progress=say,
+                            previous=previous)
     png = plot_results(result, out_dir / f"experiment-designs-{corpus}.png")
     print(json_path)
     print(png)

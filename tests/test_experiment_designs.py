@@ -137,3 +137,22 @@ def test_bad_arguments() -> None:
         ed.models_for("neither")
     with pytest.raises(SystemExit):
         ed.main(["--config", "tiny", "--steps", "3", "--tokens", "1000"])
+
+
+def test_merge_adds_seeds(results: tuple[dict, str], tmp_path) -> None:
+    r, out = results
+    (tmp_path / "experiment-designs-embedded.json").write_text(json.dumps(r))
+    args = ["--config", "tiny", "--out-dir", str(tmp_path), "--quiet", "--merge", "--models", "control-reference",
+            "--seeds", "1"]
+    assert ed.main(args) == 0
+    m = json.loads((tmp_path / "experiment-designs-embedded.json").read_text())
+    assert m["seeds"] == [0, 1] and list(m["models"]) == list(r["models"])
+    runs = m["models"]["control-reference"]["runs"]
+    assert [x["seed"] for x in runs] == [0, 1]
+    assert runs[0] == r["models"]["control-reference"]["runs"][0]
+    assert runs[1]["train_loss"] != runs[0]["train_loss"]  # another seed, another run
+    finals = [x["final_val_bpc"] for x in runs]
+    assert m["models"]["control-reference"]["final_val_bpc_mean"] == pytest.approx(sum(finals) / 2)
+    assert m["models"]["seed"] == r["models"]["seed"]
+    with pytest.raises(ValueError, match="another config"):
+        ed.main(args[:-2] + ["--seeds", "2", "--steps", "4"])
