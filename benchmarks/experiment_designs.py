@@ -350,14 +350,11 @@ def run_experiment(cfg: ExpConfig, text: str, *, corpus: str, data_desc: str, se
                    device: str | torch.device = "cpu", backend: str | None = None, amp: str = "off",
                    control_match: str = "both", models: Sequence[str] | None = None,
                    on_model_done: Callable[[dict[str, Any]], None] | None = None,
-                   progress: Callable[[str], None] | None = None, previous: dict[str, Any] | None = None,
-                   ) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train every model on ``text`` for every seed; returns the results dict (the JSON's schema).
 
     ``models``: a subset of :func:`models_for`'s names (default: all of them); ``on_model_done`` is
-    called with the partial results after each model (the CLI writes the JSON there). ``previous``:
-    an earlier result of the same config and corpus whose runs are kept (a seed run again replaces
-    its old run), so seeds and models can be added by later invocations."""
+    called with the partial results after each model (the CLI writes the JSON there)."""
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     dev = torch.device(device)
@@ -371,10 +368,6 @@ def run_experiment(cfg: ExpConfig, text: str, *, corpus: str, data_desc: str, se
             raise ValueError(f"unknown model {n!r}; choose from {MODELS}")
     ds = CharDataset(text)
     vocab = ds.vocab.size
-    if previous is not None:
-        same = tuple(previous.get(k) for k in ("schema", "config", "corpus_chars", "vocab_size"))
-        if same != (SCHEMA, asdict(cfg), len(text), vocab):
-            raise ValueError("previous results were made with another config or corpus; they cannot be merged")
     vx, vy = val_windows(ds, cfg.seq_len)
     subset = torch.randperm(vx.shape[0], generator=torch.Generator().manual_seed(cfg.val_subset_seed))
     curve = (vx[subset[: cfg.curve_windows]], vy[subset[: cfg.curve_windows]])
@@ -431,9 +424,6 @@ def run_experiment(cfg: ExpConfig, text: str, *, corpus: str, data_desc: str, se
                               "context = the last seq_len characters, full forward per character, no cache"},
         "models": {},
     }
-    if previous is not None:
-        result["models"] = dict(previous["models"])
-        result["seeds"] = sorted(set(previous["seeds"]) | set(seeds))
     for name in names:
         entry: dict[str, Any] = {"label": LABELS[name], "runs": []}
         for seed in seeds:
@@ -452,22 +442,48 @@ def run_experiment(cfg: ExpConfig, text: str, *, corpus: str, data_desc: str, se
             run["seed"] = seed
             entry["runs"].append(run)
             del model
-        kept = [r for r in result["models"].get(name, {}).get("runs", []) if r["seed"] not in seeds]
-        entry["runs"] = sorted(kept + entry["runs"], key=lambda r: r["seed"])
-        finals = [r["final_val_bpc"] for r in entry["runs"]]
+        _seed_stats(entry)
         entry["parameters"] = counts[name]
         if name in shapes:
             entry["shape"] = {"d_model": cfg.control_width, "layers": shapes[name][0], "d_ff": shapes[name][1],
                               "heads": cfg.control_heads, "matched_to": name.removeprefix("control-")}
         else:
             entry["shape"] = {"embed_dim": cfg.embed_dim, "critics": cfg.num_critics, "design": name, "causal": True}
-        entry["final_val_bpc_mean"] = sum(finals) / len(finals)
-        entry["final_val_bpc_min"], entry["final_val_bpc_max"] = min(finals), max(finals)
         result["models"][name] = entry
-        result["models"] = {m: result["models"][m] for m in MODELS if m in result["models"]}
         if on_model_done is not None:
             on_model_done(result)
     return result
+
+
+def _seed_stats(entry: dict[str, Any]) -> None:
+    finals = [r["final_val_bpc"] for r in entry["runs"]]
+    entry["final_val_bpc_mean"] = sum(finals) / len(finals)
+    entry["final_val_bpc_min"], entry["final_val_bpc_max"] = min(finals), max(finals)
+
+
+MERGE_KEYS = ("schema", "corpus", "config", "corpus_chars", "vocab_size")
+
+
+def merge_results(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the runs of ``extra`` (the same config and corpus) added: a seed that both hold
+    takes ``extra``'s run; models only one holds are kept. Parameter counts and shapes must agree."""
+    for k in MERGE_KEYS:
+        if base.get(k) != extra.get(k):
+            raise ValueError(f"cannot merge results with different {k}: {base.get(k)!r} vs {extra.get(k)!r}")
+    out = dict(base)
+    models = dict(base["models"])
+    for name, e in extra["models"].items():
+        old = models.get(name)
+        if old is not None and (old["parameters"], old["shape"]) != (e["parameters"], e["shape"]):
+            raise ValueError(f"cannot merge {name}: its parameters or shape differ")
+        seeds = {r["seed"] for r in e["runs"]}
+        kept = [r for r in (old or {}).get("runs", []) if r["seed"] not in seeds]
+        entry = {**e, "runs": sorted(kept + e["runs"], key=lambda r: r["seed"])}
+        _seed_stats(entry)
+        models[name] = entry
+    out["models"] = {m: models[m] for m in MODELS if m in models}
+    out["seeds"] = sorted(set(base["seeds"]) | set(extra["seeds"]))
+    return out
 
 
 def _device_name(dev: torch.device) -> str:
@@ -637,12 +653,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", choices=MODELS, help="train only these (default: per --control-match)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the runs of the existing JSON (same config and corpus) and add these seeds/models")
+    ap.add_argument("--combine", nargs=2, metavar=("BASE", "EXTRA"),
+                    help="add EXTRA's runs (a JSON of the same config and corpus) to BASE, in place, and exit")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (1 on a loaded CPU)")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     ap.add_argument("--summarize", action="store_true", help="write experiment-designs.md from the JSONs in --out-dir")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir)
+    if args.combine:
+        base, extra = (json.loads(Path(p).read_text(encoding="utf-8")) for p in args.combine)
+        merged = merge_results(base, extra)
+        write_json(merged, Path(args.combine[0]))
+        plot_results(merged, Path(args.combine[0]).with_suffix(".png"))
+        print(args.combine[0])
+        return 0
     if args.summarize:
         paths = sorted(Path(p) for p in glob.glob(str(out_dir / "experiment-designs-*.json")))
         if not paths:
@@ -675,11 +700,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.data, f"tiny-shakespeare ({Path(args.data).name})" if "shakespeare" in args.data else args.data)
     json_path = out_dir / f"experiment-designs-{corpus}.json"
     previous = json.loads(json_path.read_text(encoding="utf-8")) if args.merge and json_path.is_file() else None
+    if previous is not None:  # fail now, not after the first model
+        mine = {"schema": SCHEMA, "corpus": corpus, "config": asdict(cfg), "corpus_chars": len(text),
+                "vocab_size": len(set(text))}
+        bad = [k for k in MERGE_KEYS if previous.get(k) != mine[k]]
+        if bad:
+            raise ValueError(f"--merge: {json_path} was made with another {', '.join(bad)}; it cannot be merged")
+
+    def done(r: dict[str, Any]) -> None:
+        write_json(merge_results(previous, r) if previous is not None else r, json_path)
     say = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     result = run_experiment(cfg, text, corpus=corpus, data_desc=data_desc, seeds=args.seeds, device=args.device,
                             backend=args.backend, amp=args.amp, control_match=args.control_match,
-                            models=args.models, on_model_done=lambda r: write_json(r, json_path), progress=say,
-                            previous=previous)
+                            models=args.models, on_model_done=done, progress=say)
+    if previous is not None:
+        result = merge_results(previous, result)
     png = plot_results(result, out_dir / f"experiment-designs-{corpus}.png")
     print(json_path)
     print(png)

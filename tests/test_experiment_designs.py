@@ -156,3 +156,14 @@ def test_merge_adds_seeds(results: tuple[dict, str], tmp_path) -> None:
     assert m["models"]["seed"] == r["models"]["seed"]
     with pytest.raises(ValueError, match="another config"):
         ed.main(args[:-2] + ["--seeds", "2", "--steps", "4"])
+    # --combine: the same merge from two files (runs made by separate processes)
+    extra = dict(m, seeds=[1], models={"control-reference": dict(m["models"]["control-reference"], runs=runs[1:])})
+    base_p, extra_p = tmp_path / "base.json", tmp_path / "extra.json"
+    base_p.write_text(json.dumps(r))
+    extra_p.write_text(json.dumps(extra))
+    assert ed.main(["--combine", str(base_p), str(extra_p)]) == 0
+    assert json.loads(base_p.read_text()) == m
+    assert (tmp_path / "base.png").is_file()
+    extra_p.write_text(json.dumps(dict(extra, config=dict(extra["config"], lr=0.5))))
+    with pytest.raises(ValueError, match="different config"):
+        ed.main(["--combine", str(base_p), str(extra_p)])
