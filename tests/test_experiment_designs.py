@@ -130,6 +130,13 @@ def test_plot_and_summary(results: tuple[dict, str]) -> None:
     for label in ed.LABELS.values():
         assert label in md
     assert "experiment-designs-embedded.png" in md
+    # the hand-written reading between the notes markers survives a regeneration
+    path = os.path.join(out, "experiment-designs.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(md.replace(ed.NOTES_BEGIN, ed.NOTES_BEGIN + "\nThe seed design wins here.\n"))
+    assert ed.main(["--summarize", "--out-dir", out]) == 0
+    again = open(path, encoding="utf-8").read()
+    assert "The seed design wins here." in again and again.count(ed.NOTES_BEGIN) == 1
 
 
 def test_bad_arguments() -> None:
