@@ -403,7 +403,7 @@ def attribution_markdown(res: dict[str, Any]) -> list[str]:
             f"{_cell(b.get('b+graph'))} | {gain_s} | {_fmt(ra.get('kernels'))} | "
             f"{_fmt(ra.get('kernels_vs_compile'))} | {_fmt(ra.get('graphs'))} |"
         )
-    lines += ["", "What each figure measures: (a) `tapetransformer.reference.TapeTransformer`, the notebook's "
+    lines += ["", "What each figure measures: (a) `tapetransformer.reference.ReferenceTapeTransformer`, the notebook's "
               "module with all its work (prophet, every critic); (b) the fused model with `backend=\"eager\"`: the "
               "same dead-work skipping as (c), plain PyTorch ops; (c) `backend=\"triton\"` (CUDA only); "
               "(d) `torch.compile` of (b); (e) a CUDA-graph replay. Ratios (× = how many times faster):"]

@@ -265,7 +265,7 @@ def graph_breaks() -> int:
 
 
 # The attribution of a speed-up (see collect_results.py): what each variant runs.
-#   a  reference    tapetransformer.reference.TapeTransformer (the notebook's module, all its work)
+#   a  reference    tapetransformer.reference.ReferenceTapeTransformer (the notebook's module, all its work)
 #   b  fused_eager  the fused model with backend="eager": the same dead-work skipping, no kernels
 #   c  fused_triton the fused model with backend="triton" (CUDA; the interpreter is not a speed)
 #   d  compile_*    torch.compile of (b), one variant per mode
@@ -288,7 +288,7 @@ def build_model(case: str, impl: str, device: torch.device | str, seed: int = 0)
             raise RuntimeError("tapetransformer.TapeTransformer (the fused model) does not exist")
         model = cls(**cfg, backend="eager" if impl == "fused_eager" else "triton")
     elif impl in ("reference", "eager", "compile"):
-        from tapetransformer.reference import TapeTransformer
+        from tapetransformer.reference import ReferenceTapeTransformer as TapeTransformer
 
         model = TapeTransformer(**cfg)
     else:

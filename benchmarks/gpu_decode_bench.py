@@ -361,7 +361,7 @@ def eager_ms(cfg: dict[str, int], dev: torch.device, new: int) -> float:
     from tapetransformer.sampling import sample_reference
 
     torch.manual_seed(0)
-    m = ref.TapeTransformer(**cfg, dropout=0.0).to(dev).eval()
+    m = ref.ReferenceTapeTransformer(**cfg, dropout=0.0).to(dev).eval()
     prompt = torch.randint(0, cfg["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1)).to(dev)
     sample_reference(m, prompt, 2, greedy=True)
     _, ms = sample_reference(m, prompt, new, greedy=True)

@@ -7,7 +7,7 @@ prompt of ``--prompt`` tokens is prefilled, then ``--new`` tokens are fed one by
 tokens to every implementation, so each step sees the same context length) and the mean ms per
 decode step is reported, the best of ``--reps`` repetitions:
 
-* ``reference``: ``tapetransformer.reference.TapeTransformer``'s cached loop (fp32; it re-projects
+* ``reference``: ``tapetransformer.reference.ReferenceTapeTransformer``'s cached loop (fp32; it re-projects
   the whole history on every call);
 * ``model``: the fused model's own decode, op by op (``model.prefill`` of one token; fp32, W8A8,
   weight-only int8): what ``generate`` runs where the native step does not apply;
@@ -54,10 +54,10 @@ class CountDispatches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(cfg: dict[str, int], seed: int = 0) -> tuple[TapeTransformer, ref.TapeTransformer]:
+def build(cfg: dict[str, int], seed: int = 0) -> tuple[TapeTransformer, ref.ReferenceTapeTransformer]:
     torch.manual_seed(seed)
     fused = TapeTransformer(**cfg, dropout=0.0, backend="eager").eval()
-    plain = ref.TapeTransformer(**cfg, dropout=0.0).eval()
+    plain = ref.ReferenceTapeTransformer(**cfg, dropout=0.0).eval()
     plain.load_state_dict(fused.state_dict(), strict=True)
     return fused, plain
 
@@ -72,7 +72,7 @@ def set_weights(model: TapeTransformer, weights: str) -> None:
 # Each returns (step(t) -> None feeding token t of x, reset() restoring the prompt-only state).
 
 
-def reference_runner(plain: ref.TapeTransformer, x: torch.Tensor, p: int) -> tuple[Any, Any]:
+def reference_runner(plain: ref.ReferenceTapeTransformer, x: torch.Tensor, p: int) -> tuple[Any, Any]:
     state: dict[str, Any] = {}
 
     def reset() -> None:

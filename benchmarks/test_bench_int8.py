@@ -154,11 +154,11 @@ def test_int8_layer(benchmark, device: torch.device, impl: str, case: tuple[str,
 
 def _gen_model(impl: str, device: torch.device) -> nn.Module:
     from tapetransformer.quantize import quantize_int8
-    from tapetransformer.reference import TapeTransformer
+    from tapetransformer.reference import ReferenceTapeTransformer
 
     cfg = {k: v for k, v in MODEL_CASES["notebook"].items() if k != "batch"}
     torch.manual_seed(0)
-    model = TapeTransformer(**cfg, dropout=0.0).eval()
+    model = ReferenceTapeTransformer(**cfg, dropout=0.0).eval()
     if impl == "quantize_dynamic":
         return _quantize_dynamic(copy.deepcopy(model))
     if impl in ("int8_wo", "int8_w8a8"):

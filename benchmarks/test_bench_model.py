@@ -4,7 +4,7 @@ Every variant runs forward, the mean NLL of the targets, backward and an Adam st
 autocast (:func:`common.bench_amp`: bf16 on a CUDA device that has it, as ``tapetransformer train``
 trains, else fp32; ``TK_BENCH_AMP`` overrides), from the same initial weights and batch:
 
-* ``reference`` (a): ``tapetransformer.reference.TapeTransformer``, the notebook's module — the
+* ``reference`` (a): ``tapetransformer.reference.ReferenceTapeTransformer``, the notebook's module — the
   prophet's Char-RNN loop and every critic run, NLL of ``model(x)[0]``;
 * ``fused_eager`` (b): the fused model with ``backend="eager"``: ``model.loss`` skips the dead work
   (prophet, ``rnn_projection``, critics 0..n−2) exactly as the kernels do, in plain PyTorch ops;

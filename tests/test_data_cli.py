@@ -11,7 +11,7 @@ import torch
 from tapetransformer import cli
 from tapetransformer.checkpoint import ModelConfig, atomic_save, load_checkpoint, save_checkpoint
 from tapetransformer.data import CharDataset, CharVocab, download_tiny_shakespeare, embedded_corpus, load_text
-from tapetransformer.reference import TapeTransformer
+from tapetransformer.reference import ReferenceTapeTransformer
 from tapetransformer.sampling import pick_next, sample_reference
 from tapetransformer.train import TrainConfig, train
 
@@ -75,9 +75,9 @@ def test_load_text_from_file_and_errors(tmp_path: Path) -> None:
         load_text(str(tmp_path / "nope.txt"))
 
 
-def tiny_model(vocab: int = 11) -> TapeTransformer:
+def tiny_model(vocab: int = 11) -> ReferenceTapeTransformer:
     torch.manual_seed(0)
-    return TapeTransformer(vocab, seq_len=8, embed_dim=16, num_heads=1, dropout=0.0)
+    return ReferenceTapeTransformer(vocab, seq_len=8, embed_dim=16, num_heads=1, dropout=0.0)
 
 
 def test_checkpoint_round_trip_is_weights_only(tmp_path: Path) -> None:
@@ -124,7 +124,7 @@ def test_bare_notebook_state_dict_loads_with_inferred_config(tmp_path: Path, gol
     assert ck["config"] == {"vocab_size": 37, "seq_len": 16, "embed_dim": 32, "num_heads": 2, "dropout": 0.0,
                             "design": "reference",
                             "causal": False}
-    model = TapeTransformer(37, seq_len=16, embed_dim=32, num_heads=2).double()
+    model = ReferenceTapeTransformer(37, seq_len=16, embed_dim=32, num_heads=2).double()
     model.load_state_dict(ck["model"], strict=True)
 
 

@@ -380,10 +380,10 @@ def test_int8_mha_matches_dequantized_fp64(batch_first: bool) -> None:
 
 
 def _golden_model(golden: dict):
-    from tapetransformer.reference import TapeTransformer
+    from tapetransformer.reference import ReferenceTapeTransformer
 
     v, s, d, h = (int(c) for c in golden["config"])
-    model = TapeTransformer(v, s, embed_dim=d, num_heads=h, dropout=0.0)
+    model = ReferenceTapeTransformer(v, s, embed_dim=d, num_heads=h, dropout=0.0)
     model.load_state_dict({k: t.float() for k, t in golden["state_dict"].items()})
     return model.eval()
 

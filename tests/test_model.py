@@ -54,7 +54,7 @@ def mixed(out: tuple, golden: dict) -> torch.Tensor:
 def test_state_dict_loads_both_ways(golden: dict) -> None:
     vocab, seq_len, dim, heads = golden["config"].tolist()
     fused = TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads)
-    plain = ref.TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads)
+    plain = ref.ReferenceTapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads)
     assert list(fused.state_dict()) == list(plain.state_dict()) == list(golden["state_dict"])
     fused.load_state_dict(plain.state_dict(), strict=True)
     plain.load_state_dict(fused.state_dict(), strict=True)
@@ -198,7 +198,7 @@ def test_causal_is_causal() -> None:
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_greedy_generation_reproduces_the_reference_loop(golden: dict, backend: str) -> None:
     vocab, seq_len, dim, heads = golden["config"].tolist()
-    plain = ref.TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0)
+    plain = ref.ReferenceTapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0)
     plain.load_state_dict(golden["state_dict"], strict=True)
     fused = fused_from_golden(golden, torch.float32, backend=backend)
     prompt = golden["x"][:2, :5]

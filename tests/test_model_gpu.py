@@ -22,9 +22,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def models(golden: dict) -> tuple[ref.TapeTransformer, TapeTransformer]:
+def models(golden: dict) -> tuple[ref.ReferenceTapeTransformer, TapeTransformer]:
     vocab, seq_len, dim, heads = golden["config"].tolist()
-    plain = ref.TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0)
+    plain = ref.ReferenceTapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0)
     fused = TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0, backend="triton")
     plain.load_state_dict(golden["state_dict"], strict=True)
     fused.load_state_dict(golden["state_dict"], strict=True)
@@ -58,7 +58,7 @@ def test_cuda_autocast_error_within_pytorch_error(golden: dict, dtype: torch.dty
         pytest.skip("no bf16 on this device")
     plain, fused = models(golden)
     x, y = golden["x"].to(DEV), golden["y"].to(DEV)
-    exact = ref.TapeTransformer(*golden["config"].tolist()[:2], embed_dim=int(golden["config"][2]),
+    exact = ref.ReferenceTapeTransformer(*golden["config"].tolist()[:2], embed_dim=int(golden["config"][2]),
                                 num_heads=int(golden["config"][3]), dropout=0.0).double()
     exact.load_state_dict(golden["state_dict"], strict=True)
     exact = exact.to(DEV).train()

@@ -203,7 +203,7 @@ def test_greedy_tokens_equal_the_reference_loop_on_the_golden_model(golden: dict
     from tapetransformer import reference as ref
 
     vocab, seq_len, dim, heads = golden["config"].tolist()
-    plain = ref.TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0)
+    plain = ref.ReferenceTapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0)
     plain.load_state_dict(golden["state_dict"], strict=True)
     fused = TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0, backend="eager")
     fused.load_state_dict(golden["state_dict"], strict=True)

@@ -10,7 +10,7 @@ import torch
 
 from tape_kernels.activation import reference_activation_ref
 from tape_kernels.unembedding import student_t_unembedding_ref
-from tapetransformer.reference import TapeTransformer, Wolf, nll_loss
+from tapetransformer.reference import ReferenceTapeTransformer, Wolf, nll_loss
 
 # float64 everywhere; the golden gradients were stored as float32, hence their looser bound.
 OUT_RTOL = 1e-9
@@ -22,16 +22,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def build(golden: dict) -> TapeTransformer:
+def build(golden: dict) -> ReferenceTapeTransformer:
     vocab, seq_len, dim, heads = golden["config"].tolist()
-    model = TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0).double()
+    model = ReferenceTapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0).double()
     model.load_state_dict(golden["state_dict"], strict=True)
     return model
 
 
 def test_state_dict_keys_shapes_and_order(golden: dict) -> None:
     vocab, seq_len, dim, heads = golden["config"].tolist()
-    model = TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0)
+    model = ReferenceTapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0)
     ours = model.state_dict()
     theirs = golden["state_dict"]
     assert list(ours.keys()) == list(theirs.keys())
@@ -89,7 +89,7 @@ def test_buffers_match_original(golden: dict) -> None:
     torch.set_default_dtype(torch.float64)
     try:
         vocab, seq_len, dim, heads = golden["config"].tolist()
-        fresh = TapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0)
+        fresh = ReferenceTapeTransformer(vocab, seq_len=seq_len, embed_dim=dim, num_heads=heads, dropout=0.0)
     finally:
         torch.set_default_dtype(prev)
     theta = pos_emb_angles(seq_len, dim)
@@ -134,7 +134,7 @@ def test_state_dict_round_trip_strict(golden: dict, tmp_path) -> None:
     model = build(golden)
     path = tmp_path / "sd.pt"
     torch.save(model.state_dict(), path)
-    again = TapeTransformer(*golden["config"].tolist()[:2], embed_dim=int(golden["config"][2]),
+    again = ReferenceTapeTransformer(*golden["config"].tolist()[:2], embed_dim=int(golden["config"][2]),
                             num_heads=int(golden["config"][3]), dropout=0.0).double()
     again.load_state_dict(torch.load(path, weights_only=True), strict=True)
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
@@ -151,7 +151,7 @@ def test_training_outputs(golden: dict) -> None:
     assert rel_err(loss, golden["loss"]) < OUT_RTOL
 
 
-def grads_of(model: TapeTransformer, loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
+def grads_of(model: ReferenceTapeTransformer, loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
     model.zero_grad(set_to_none=True)
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters()}
@@ -180,7 +180,7 @@ def test_grads_nll_and_none_pattern(golden: dict) -> None:
             assert g is not None and torch.count_nonzero(g) == 0, name
 
 
-def mixed_loss(model: TapeTransformer, golden: dict) -> torch.Tensor:
+def mixed_loss(model: ReferenceTapeTransformer, golden: dict) -> torch.Tensor:
     logp, entropy, aw = model(golden["x"])
     return nll_loss(logp, golden["y"]) + 0.01 * entropy + (aw * golden["attn_weight_probe"]).sum()
 
@@ -291,5 +291,5 @@ def test_loads_a_torch_save_of_the_original_layout(golden: dict) -> None:
     torch.save(golden["state_dict"], buf)
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
-    model = TapeTransformer(37, seq_len=16, embed_dim=32, num_heads=2, dropout=0.0).double()
+    model = ReferenceTapeTransformer(37, seq_len=16, embed_dim=32, num_heads=2, dropout=0.0).double()
     model.load_state_dict(sd, strict=True)

@@ -21,8 +21,7 @@ from tapetransformer import cli
 from tapetransformer.checkpoint import ModelConfig, load_checkpoint
 from tapetransformer.model import TapeTransformer
 from tapetransformer.optim import FusedWolf
-from tapetransformer.reference import TapeTransformer as ReferenceTapeTransformer
-from tapetransformer.reference import Wolf, nll_loss
+from tapetransformer.reference import ReferenceTapeTransformer, Wolf, nll_loss
 from tapetransformer.train import (
     MemoryEstimate,
     MemoryPlan,

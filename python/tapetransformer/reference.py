@@ -566,7 +566,3 @@ def nll_loss(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of ``targets`` (B, S) under ``logp`` (B, S, V)."""
     return F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1))
 
-
-# Transitional alias, removed once every caller uses ReferenceTapeTransformer: the package has one
-# ``TapeTransformer`` (the fused one, ``tapetransformer.TapeTransformer``).
-TapeTransformer = ReferenceTapeTransformer
