@@ -366,6 +366,9 @@ def count_decode_token(cfg: dict[str, int], int8: bool) -> dict[str, Any]:
         with lc.counting() as c:
             static_decode_step(model, tok, pos, cache)
     out = c.as_dict()
+    # which weights the counted step read: the fused decode kernels dequantize int8 in their epilogue,
+    # so the int8 count has no extension op and only this says it ran on int8 weights
+    out["int8_blocks"] = sum(bool(blk.int8) for blk in model.fused_blocks())
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

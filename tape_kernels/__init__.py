@@ -12,8 +12,10 @@ from tape_kernels.attention import CriticAttention, attention_stats, critic_atte
 from tape_kernels.attention_decode import critic_attention_decode, critic_attention_decode_ref
 from tape_kernels.charrnn import CharRNN, charrnn_ref, charrnn_step
 from tape_kernels.combine import TapeHeadCombine, tapehead_combine, tapehead_combine_ref
+from tape_kernels.fused_linear import grouped_linear, grouped_linear_add_layer_norm, grouped_mlp_add_layer_norm
 from tape_kernels.int8 import Int8Linear, Int8MultiheadAttention, int8_linear, quantize_weight
 from tape_kernels.layernorm import AddLayerNorm, add_layer_norm, add_layer_norm_ref
+from tape_kernels.rope import rope_embed
 from tape_kernels.unembedding import (
     StudentTUnembedding,
     student_t_nll,
@@ -42,11 +44,15 @@ __all__ = [
     "critic_attention_decode",
     "critic_attention_decode_ref",
     "critic_attention_ref",
+    "grouped_linear",
+    "grouped_linear_add_layer_norm",
+    "grouped_mlp_add_layer_norm",
     "int8_linear",
     "interpreting",
     "quantize_weight",
     "reference_activation",
     "reference_activation_ref",
+    "rope_embed",
     "student_t_nll",
     "student_t_nll_ref",
     "student_t_unembedding",
