@@ -446,20 +446,35 @@ def main(argv: list[str] | None = None) -> int:
                     help="count the training step again after an untimed one and fail unless both agree")
     ap.add_argument("--with-test-config", action="store_true",
                     help="also count the 'test' config (what tests/test_launches.py recomputes) into the JSON")
+    ap.add_argument("--checks-on", choices=("config", "test"), default="config",
+                    help="run --batch-check/--steady-check on --config, or on the 'test' config (with "
+                         "--with-test-config: its counts equal the notebook's, and the interpreter "
+                         "needs ~15 minutes per notebook-size training step on 2 cores)")
     args = ap.parse_args(argv)
     if args.batch < 1 or (args.batch_check is not None and args.batch_check < 1):
         ap.error("batch sizes must be >= 1")
     cfg = CONFIGS[args.config]
     t0 = time.perf_counter()
-    res = count_all(cfg, args.batch, args.batch_check, args.steady_check)
+    on_test = args.checks_on == "test" and args.with_test_config and args.config != "test"
+    if on_test:
+        res = count_all(cfg, args.batch)
+    else:
+        res = count_all(cfg, args.batch, args.batch_check, args.steady_check)
+        for key in ("batch_check", "steady_check"):
+            if key in res:
+                res[key]["config"] = args.config
     res["config_name"] = args.config
     if args.config == "notebook":
         res["notebook_batch"] = NOTEBOOK_BATCH
     if args.with_test_config and args.config != "test":
         print("test config ...")
-        t = count_all(CONFIGS["test"], 1)
+        t = count_all(CONFIGS["test"], 1, args.batch_check if on_test else None, args.steady_check and on_test)
         res["test_config"] = {k: t[k] for k in ("train_step", "decode_token", "train_forward_backward",
                                                 "train_optimizer_step", "config", "batch")}  # fmt: skip
+        for key in ("batch_check", "steady_check"):
+            if on_test and key in t:
+                res[key] = {**t[key], "config": "test"}
+                res["seconds"][f"test_{key}"] = t["seconds"][key]
     res.update(_versions())
     res["method"] = ("CUDA code path (backend='triton') counted on CPU under TRITON_INTERPRET=1: Triton launches, "
                      "ATen ops that launch a device kernel (no views/allocations), tape_kernels extension ops; "

@@ -7,7 +7,7 @@ file records that the test config's counts equal the notebook size's, so the gua
 notebook figure. A count that grew on purpose: regenerate the file with
 
     python benchmarks/launches.py --json benchmarks/results/launches.json --batch-check 2 --steady-check \\
-        --with-test-config
+        --with-test-config --checks-on test
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import launches as L  # noqa: E402  (imported as a module it leaves TRITON_INTER
 
 COUNT_KEYS = ("train_step", "train_forward_backward", "train_optimizer_step")
 REGENERATE = ("python benchmarks/launches.py --json benchmarks/results/launches.json --batch-check 2 "
-              "--steady-check --with-test-config")  # fmt: skip
+              "--steady-check --with-test-config --checks-on test")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,9 @@ def test_committed_file_is_the_notebook_size_and_consistent(committed: dict) -> 
     assert det["train_forward_backward"]["total"] == committed["train_forward_backward"]
     # the int8 step ran on int8 weights (dequantized in the fused kernels' epilogues), the fp32 one not
     assert det["decode_token_int8"]["int8_blocks"] > 0 == det["decode_token_fp32"]["int8_blocks"]
-    # counted at batch 1, and shown not to depend on the batch or on being a process's first step
+    # counted at batch 1, and shown not to depend on the batch or on being a process's first step (on the
+    # notebook config, or on the test config whose counts equal it, checked below)
+    assert {committed["batch_check"]["config"], committed["steady_check"]["config"]} <= {"notebook", "test"}
     assert committed["batch_check"]["identical_by_op"] and committed["steady_check"]["identical_by_op"]
     assert committed["batch_check"]["train_step"] == committed["train_step"]
     # the test config stands for the notebook size: the same counts
