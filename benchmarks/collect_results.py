@@ -102,7 +102,8 @@ PER_IMPL_KEYS = frozenset(["ms_per_token", "tokens_per_s", "prefill_ms", "captur
 # What each attribution ratio measures (the markdown legend; README wording).
 RATIOS = {
     "package_vs_reference": "(a) / fastest of (b), (c): what a user gains over the notebook's module",
-    "kernels": "(b) / (c), launch by launch: what the Triton kernels add over the same dataflow in PyTorch ops",
+    "kernels": ("(b) / (c), launch by launch: what the Triton kernels (on CPU: the native step) add over the same "
+                "dataflow in PyTorch ops"),
     "kernels_with_graphs": "(b) / (c), both replayed from a CUDA graph",
     "kernels_vs_compile": "(d) / (c), each side's fastest: the kernels against torch.compile of (b)",
     "graphs": "(c) / (c) replayed from a CUDA graph: what the graph adds",
@@ -387,7 +388,8 @@ def attribution_markdown(res: dict[str, Any]) -> list[str]:
         f"Attribution on {_hardware(res)}, each row one precision/autocast on every side, one run "
         "(medians; ms per call, or ms per token for generation):",
         "",
-        "| case | precision | metric | (a) reference | (b) fused, eager ops | (c) fused, Triton | (d) torch.compile "
+        "| case | precision | metric | (a) reference | (b) fused, eager ops | (c) fused kernels (Triton on CUDA; the "
+        "native step on CPU) | (d) torch.compile "
         "of (b), best mode | (e) = (c) + CUDA graph | (b) + CUDA graph | package vs reference | kernels b/c | "
         "kernels vs compiler d/c | graphs c/e |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -405,10 +407,11 @@ def attribution_markdown(res: dict[str, Any]) -> list[str]:
         )
     lines += ["", "What each figure measures: (a) `tapetransformer.reference.ReferenceTapeTransformer`, the notebook's "
               "module with all its work (prophet, every critic); (b) the fused model with `backend=\"eager\"`: the "
-              "same dead-work skipping as (c), plain PyTorch ops; (c) `backend=\"triton\"` (CUDA only); "
+              "same dead-work skipping as (c), plain PyTorch ops; (c) `backend=\"triton\"` on CUDA; on a CPU, "
+              "generation's native step (`tape_kernels._C`, one call per token; training has no (c) on CPU); "
               "(d) `torch.compile` of (b); (e) a CUDA-graph replay. Ratios (× = how many times faster):"]
     lines += [f"- {name}: {what}" for name, what in RATIOS.items()]
-    lines.append("- a ratio shown as – needs a variant this run did not have (on CPU: (c) and graphs).")
+    lines.append("- a ratio shown as – needs a variant this run did not have (on CPU: graphs, and (c) for training).")
     return lines
 
 

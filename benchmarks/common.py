@@ -330,8 +330,10 @@ def reference_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
 
 
 def fused_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The same objective through the fused model's ``loss`` (only the modules it depends on)."""
-    return model.loss(x, y)
+    """The same objective through the fused model's ``loss`` (only the modules it depends on), as the
+    training tool calls it: ``check=False``, the token-range check (two host reads, a graph break under
+    ``torch.compile``) done once outside the timed step (:func:`make_train_step`)."""
+    return model.loss(x, y, check=False)
 
 
 def make_train_step(
@@ -348,6 +350,11 @@ def make_train_step(
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     fn = {"forward": reference_nll, "fused": fused_loss}[loss]
+    if loss == "fused":
+        from tapetransformer.reference import check_tokens
+
+        check_tokens(x, model.vocab_size, model.seq_len)
+        check_tokens(y, model.vocab_size, model.seq_len)
     if compile_mode is not None:
         fn = compile_fn(functools.partial(fn, model), compile_mode)
     else:
