@@ -5,6 +5,8 @@ up to ~2⁻²² in log2, and the ``x·log2(e)`` product's rounding scales exp's 
 and fp32 ``/`` and ``tl.sqrt`` to approximate instructions (≈2 ulp). Through a recurrence (the
 Char-RNN) or a log-sum-exp that is several times PyTorch's own fp32 error, measured on an H200. The
 kernels therefore use libdevice ``exp``/``log`` and IEEE-rounded ``div_rn``/``sqrt_rn`` when compiled.
+``tl.cos``/``tl.sin`` may lower to the approximate instructions, whose error grows with |θ| (RoPE angles
+reach seq_len radians): libdevice ``cos``/``sin`` when compiled.
 The interpreter has no libdevice (its calls return None) and computes ``tl`` math in numpy at full
 precision anyway, so it takes the plain ops: ``PRECISE`` is fixed when this module is imported.
 """
@@ -47,3 +49,17 @@ if triton_available():
             return tl.sqrt_rn(x)
         else:
             return tl.sqrt(x)
+
+    @triton.jit
+    def cos(x):
+        if PRECISE:
+            return libdevice.cos(x)
+        else:
+            return tl.cos(x)
+
+    @triton.jit
+    def sin(x):
+        if PRECISE:
+            return libdevice.sin(x)
+        else:
+            return tl.sin(x)

@@ -58,3 +58,12 @@ if triton_available():
             u = u + 0x7FFF + ((u >> 16) & 1)
             x = u.to(tl.float32, bitcast=True)
         return x.to(dtype)
+
+    @triton.jit
+    def pick(g, a, b):
+        """a for group/side 0, b for 1 (g a runtime program index): one launch serves two blocks' pointers."""
+        if g == 0:
+            r = a
+        else:
+            r = b
+        return r

@@ -234,45 +234,11 @@ def decode_finish_ref(r: torch.Tensor, sides: Sequence[BlockDecodeWeights], comb
 if triton_available():
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice
 
     from tape_kernels import _math
+    from tape_kernels._utils import cast_out as _cast
+    from tape_kernels._utils import pick as _pick
     from tape_kernels.activation import act_fwd as _act_fwd
-
-    _PRECISE = tl.constexpr(not interpreting())
-
-    @triton.jit
-    def _cos(x):
-        if _PRECISE:
-            return libdevice.cos(x)
-        else:
-            return tl.cos(x)
-
-    @triton.jit
-    def _sin(x):
-        if _PRECISE:
-            return libdevice.sin(x)
-        else:
-            return tl.sin(x)
-
-    @triton.jit
-    def _cast(x, dtype: tl.constexpr, RTNE_BF16: tl.constexpr):
-        """fp32 -> dtype; the interpreter truncates to bf16 where the GPU rounds to nearest even, so
-        RTNE_BF16 rounds the bits first (finite values)."""
-        if RTNE_BF16:
-            u = x.to(tl.uint32, bitcast=True)
-            u = u + 0x7FFF + ((u >> 16) & 1)
-            x = u.to(tl.float32, bitcast=True)
-        return x.to(dtype)
-
-    @triton.jit
-    def _pick(side, a, b):
-        """The left (side 0) or the right block's pointer: one launch serves both blocks."""
-        if side == 0:
-            r = a
-        else:
-            r = b
-        return r
 
     @triton.jit
     def _mm(x, w, DDT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
@@ -346,7 +312,7 @@ if triton_available():
             f = tl.load(FREQ + cols // 2, mask=cmask, other=0.0).to(tl.float32)
             theta = pos.to(tl.float32) * f
             sgn = tl.where((cols % 2) == 0, -1.0, 1.0)
-            x = x * _cos(theta)[None, :] + (sgn * _sin(theta))[None, :] * xp
+            x = x * _math.cos(theta)[None, :] + (sgn * _math.sin(theta))[None, :] * xp
         return x
 
     @triton.jit

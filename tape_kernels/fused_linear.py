@@ -76,6 +76,7 @@ if triton_available():
     import triton.language as tl
 
     from tape_kernels import _math
+    from tape_kernels._utils import pick as _pick
     from tape_kernels.combine import cast_out
 
     try:  # the public names of the activation's device functions (kernel-hygiene branch)
@@ -190,15 +191,6 @@ if triton_available():
         if STORE_Y:
             tl.store(Y + offs, cast_out(y, Y.dtype.element_ty, RTNE_BF16), mask=mask)
         return y
-
-    @triton.jit
-    def _pick(g, a, b):
-        """a for group 0, b for group 1 (g is a runtime program index)."""
-        if g == 0:
-            r = a
-        else:
-            r = b
-        return r
 
     @triton.jit
     def _fl_fwd_kernel(

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tape_kernels._dispatch import check_backend, interpreting, triton_available, use_triton
+from tape_kernels._dispatch import check_backend, triton_available, use_triton
 from tape_kernels._validate import check_same_device, check_tensor
 from tape_kernels.combine import rtne_bf16
 
@@ -33,20 +33,15 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 if triton_available():
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice
 
+    from tape_kernels import _math
     from tape_kernels.combine import cast_out
-
-    _PRECISE = tl.constexpr(not interpreting())
 
     @triton.jit
     def _cos_sin(theta):
         """(cos θ, sin θ) in fp32: libdevice on a GPU (``tl.cos``/``tl.sin`` may lower to the approximate
         instructions, whose error grows with |θ| up to seq_len rad); numpy in the interpreter."""
-        if _PRECISE:
-            return libdevice.cos(theta), libdevice.sin(theta)
-        else:
-            return tl.cos(theta), tl.sin(theta)
+        return _math.cos(theta), _math.sin(theta)
 
     @triton.jit
     def _angles(FREQS, t, cols, dmask):
