@@ -12,7 +12,10 @@ clipping, Adam; fp32; ``backend="eager"``):
 * ``compile_cold_s`` / ``compile_warm_s``: wall time from a fresh process's start to the end of its
   first compiled step, with an empty Inductor cache (cold) and again with the cache the cold run
   left (warm) — each in a subprocess with its own ``TORCHINDUCTOR_CACHE_DIR``;
-* the break-even step count ``compile_cold_s / (eager_ms − compile_ms)``.
+* the break-even step count ``compile_cold_s / (eager_ms − compile_ms)``;
+* ``gemm_ms``: the matrix products' share of one compiled step (``aten::mm``/``addmm``/``bmm`` self time
+  under the profiler). Inductor leaves them to the same BLAS as eager, so no compile can make the step
+  faster than ``eager_ms / gemm_ms`` (``compile_bound``): the ceiling the ratio is judged against.
 
 Medians of ``--reps`` steps after ``--warmup`` untimed ones. Writes ``<date>-cpu-train-compile.json``
 (rows ``{group: "train", name: "<config>-train-cpu", eager_ms, compile_ms, fused_ms, extra}``, the
@@ -74,6 +77,18 @@ def _median_ms(step: Any, x: torch.Tensor, y: torch.Tensor, reps: int, warmup: i
     return statistics.median(times)
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def gemm_ms(step: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Milliseconds of one ``step`` spent in matrix products (profiler self time of GEMM_OPS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(x, y)
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e3
+
+
 def first_compiled_step(config: str) -> float:
     """Seconds from this process's start of work to the end of its first compiled step."""
     t0 = time.perf_counter()
@@ -105,6 +120,7 @@ def measure(config: str, reps: int, warmup: int, threads: int) -> dict[str, Any]
     eager_ms = _median_ms(st.step, x, y, reps, warmup)
     st.compile()
     compile_ms = _median_ms(st.step, x, y, reps, max(warmup, 1))  # the first call compiles
+    gemm = gemm_ms(st.step, x, y)
     with tempfile.TemporaryDirectory(prefix="tk-inductor-") as cache:
         cold = _subprocess_first_step(config, cache, threads)
         warm = _subprocess_first_step(config, cache, threads)
@@ -118,6 +134,7 @@ def measure(config: str, reps: int, warmup: int, threads: int) -> dict[str, Any]
             "compile_speedup_vs_reference": reference_ms / compile_ms,
             "break_even_steps_cold": cold / saving_s if saving_s > 0 else None,
             "break_even_steps_warm": warm / saving_s if saving_s > 0 else None,
+            "gemm_ms": gemm, "compile_bound": eager_ms / gemm,
             "config": cfg, "threads": threads, "reps": reps,
         },
     }
@@ -149,15 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     with open(stem + ".json", "w") as f:
         json.dump({**env, "date": date, "results": rows}, f, indent=1)
     lines = [f"# CPU training under torch.compile — {env.get('device')}, {a.threads} threads, {date}", "",
-             "Medians of the training tool's step (forward, backward, clipping, Adam), fp32, in one run.", "",
+             "Medians of the training tool's step (forward, backward, clipping, Adam), fp32, in one run. "
+             "First step: wall time from a fresh process's start to the end of its first compiled step, with an "
+             "empty Inductor cache (cold) and with the cache the cold run left (warm). GEMM ms: the matrix "
+             "products in one compiled step, which the compiler leaves to the same BLAS as eager; bound = "
+             "eager ms / GEMM ms, the most any compile of this step could gain.", "",
              "| config | reference ms | fused eager ms | compiled ms | compiled × eager | first step cold s | "
-             "warm s | break-even steps (cold) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "warm s | break-even steps (cold / warm) | GEMM ms | bound |",
+             "|---|" + "---:|" * 9]
     for r in rows:
         e = r["extra"]
-        be = e["break_even_steps_cold"]
+        be, bw = e["break_even_steps_cold"], e["break_even_steps_warm"]
         lines.append(f"| {r['name']} | {e['reference_ms']:.0f} | {r['eager_ms']:.0f} | {r['compile_ms']:.0f} | "
                      f"{e['compile_speedup_vs_eager']:.2f} | {e['compile_cold_s']:.1f} | {e['compile_warm_s']:.1f} | "
-                     f"{'—' if be is None else f'{be:.0f}'} |")
+                     f"{'—' if be is None else f'{be:.0f} / {bw:.0f}'} | {e['gemm_ms']:.0f} | "
+                     f"{e['compile_bound']:.2f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and .md")

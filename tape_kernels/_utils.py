@@ -5,6 +5,9 @@ One definition each, so that a rule (e.g. when fp32 products may use TF32) canno
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 
 from tape_kernels._dispatch import interpreting, triton_available
@@ -38,6 +41,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def fp32_region(device_type: str) -> Any:
+    """A region where autocast is off (math in the inputs' own dtypes): ``torch.autocast(enabled=False)``
+    only when autocast is on. With autocast already off it is a no-op context, so a compiled graph holds no
+    autocast enter/exit nodes, which AOTAutograd's cache cannot key (it would bypass the cache and retrace
+    the joint graph on every warm start)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def rtne_bf16(dtype: torch.dtype) -> bool:

@@ -18,31 +18,45 @@ def check_tensor(
     dtypes: Iterable[torch.dtype] | None = None,
     shape: Sequence[int | None] | None = None,
 ) -> torch.Tensor:
-    """Validate one tensor argument; ``None`` entries in ``shape`` match any size."""
+    """Validate one tensor argument; ``None`` entries in ``shape`` match any size.
+
+    Written as plain loops (no comprehensions or generators): under ``torch.compile`` Dynamo traces
+    every check of every op on every start, and a generator costs it several times a loop's work."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
             raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
-    if dtypes is not None:
-        dtypes = tuple(dtypes)
-        if t.dtype not in dtypes:
-            raise ValueError(f"{name} has dtype {t.dtype}; expected one of {dtypes}")
+    if dtypes is not None and not isinstance(dtypes, (tuple, list, set, frozenset)):
+        dtypes = tuple(dtypes)  # a one-shot iterable would be used up by the membership test
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of {tuple(dtypes)}")
     if shape is not None:
-        if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        ok = t.dim() == len(shape)
+        if ok:
+            for i in range(len(shape)):
+                if shape[i] is not None and shape[i] != t.shape[i]:
+                    ok = False
+                    break
+        if not ok:
             want = tuple("*" if s is None else s for s in shape)
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {want}")
     return t
 
 
 def _check_same(what: str, attr: str, tensors: dict[str, torch.Tensor | None]) -> object:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    values = {getattr(v, attr) for v in present.values()}
-    if len(values) > 1:
-        desc = ", ".join(f"{k}: {getattr(v, attr)}" for k, v in present.items())
-        raise ValueError(f"tensors must {what}: {desc}")
-    return next(iter(values))
+    first = None
+    for v in tensors.values():
+        if v is None:
+            continue
+        value = getattr(v, attr)
+        if first is None:
+            first = value
+        elif value != first:
+            desc = ", ".join(f"{k}: {getattr(u, attr)}" for k, u in tensors.items() if u is not None)
+            raise ValueError(f"tensors must {what}: {desc}")
+    return first
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:

@@ -86,9 +86,43 @@ def test_auto_compiles_only_a_run_long_enough_to_pay_it_back(tmp_path: Path, cor
 
     short = train(cfg_for(tmp_path / "s.ckpt", corpus, 3, compile="auto"))
     assert not short["compiled"]
-    monkeypatch.setattr(loop, "COMPILE_AUTO_COST_S", 0.0)  # any saving pays back a free compile
+    # any saving pays back a free compile (warm or cold: earlier tests may have left this step cached)
+    monkeypatch.setattr(loop, "COMPILE_AUTO_COST_S", 0.0)
+    monkeypatch.setattr(loop, "COMPILE_AUTO_WARM_COST_S", 0.0)
     long = train(cfg_for(tmp_path / "l.ckpt", corpus, 4, compile="auto"))
     assert long["compiled"]
+
+
+def test_auto_counts_a_warm_inductor_cache(tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled step leaves a marker beside Inductor's cache; ``auto`` then weighs the warm start."""
+    from tapetransformer.train import compilecache, loop
+
+    monkeypatch.setattr(compilecache, "inductor_cache_dir", lambda: tmp_path / "inductor")
+    monkeypatch.setattr(loop, "COMPILE_AUTO_COST_S", 1e9)  # a cold compile never pays back
+    monkeypatch.setattr(loop, "COMPILE_AUTO_WARM_COST_S", 0.0)
+    cold = train(cfg_for(tmp_path / "a.ckpt", corpus, 4, compile="auto"))
+    assert not cold["compiled"]
+    assert train(cfg_for(tmp_path / "b.ckpt", corpus, 3, compile="on"))["compiled"]  # leaves the marker
+    assert list((tmp_path / "inductor").rglob("*.json"))
+    warm = train(cfg_for(tmp_path / "c.ckpt", corpus, 4, compile="auto"))
+    assert warm["compiled"]
+    other = train(cfg_for(tmp_path / "d.ckpt", corpus, 4, compile="auto", batch_size=2))  # another shape
+    assert not other["compiled"]
+
+
+def test_step_signature_tells_shapes_and_models_apart() -> None:
+    from tapetransformer.train.compilecache import step_signature
+
+    def model(**kw):
+        torch.manual_seed(0)
+        return TapeTransformer(13, **{**dict(seq_len=8, embed_dim=16, num_heads=2, causal=True), **kw})
+
+    base = step_signature(model(), 4, 8, None, False)
+    assert base == step_signature(model(), 4, 8, None, False)  # weights' values do not matter
+    assert len({base, step_signature(model(), 2, 8, None, False), step_signature(model(), 4, 8, torch.bfloat16, False),
+                step_signature(model(), 4, 8, None, True), step_signature(model(num_heads=3), 4, 8, None, False),
+                step_signature(model(causal=False), 4, 8, None, False),
+                step_signature(model(dropout=0.0), 4, 8, None, False)}) == 7
 
 
 def test_ddp_with_compile_matches_single_process(tmp_path: Path, corpus: Path) -> None:
@@ -101,3 +135,74 @@ def test_ddp_with_compile_matches_single_process(tmp_path: Path, corpus: Path) -
     for k, v in single["model"].state_dict().items():
         assert torch.equal(r0[k], r1[k]), k
         torch.testing.assert_close(r0[k], v, rtol=RTOL, atol=ATOL, msg=k)
+
+
+# Graph nodes that make AOTAutograd bypass its cache: with one in the loss graph every warm start
+# retraces the joint forward-backward graph (~6 s at the notebook size on a 2-core CPU).
+_UNCACHEABLE = ("autograd_function_apply", "_enter_autocast", "_exit_autocast")
+
+
+@pytest.mark.parametrize("design", ["reference", "seed"])
+@pytest.mark.parametrize("link", [True, False])
+def test_training_loss_graph_is_cacheable(design: str, link: bool) -> None:
+    torch.manual_seed(0)
+    m = TapeTransformer(13, seq_len=8, embed_dim=16, num_heads=2, dropout=0.0, design=design, causal=True,
+                        backend="eager")
+    graphs = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randint(0, 13, (2, 8))
+    torch._dynamo.reset()
+    torch.compile(lambda a, b: m.loss(a, b, check=False, link=link), backend=capture, fullgraph=True)(x, x)
+    assert len(graphs) == 1
+    targets = [getattr(n.target, "__name__", str(n.target)) for n in graphs[0].graph.nodes
+               if n.op == "call_function"]
+    assert targets and not [t for t in targets if t in _UNCACHEABLE]
+
+
+def test_compiled_stepper_links_dead_parameters_with_zero_gradients() -> None:
+    """The compiled step applies the zero-gradient link outside the compiled region: every parameter
+    the eager step gives a gradient gets one, the dead ones exactly zero, the others equal to rounding."""
+    from tapetransformer.train import MemoryPlan, Stepper, make_optimizer
+
+    grads = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        m = TapeTransformer(13, seq_len=8, embed_dim=16, num_heads=3, dropout=0.0, causal=True, backend="eager")
+        st = Stepper(m, make_optimizer("sgd", m.parameters(), 0.1), MemoryPlan(4, 1, False, None, 0))
+        if compiled:
+            st.compile(backend="aot_eager")
+            assert st.compiled and not st.loss_net.link
+        x = torch.randint(0, 13, (4, 8), generator=torch.Generator().manual_seed(1))
+        st.accumulate(x, x.roll(1, dims=1))
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    eager, comp = grads
+    dead = [k for k in eager if k.startswith(("prophet.", "rnn_projection.", "residualheads.0.", "residualheads.1."))]
+    assert dead
+    for k, g in eager.items():
+        assert (g is None) == (comp[k] is None), k
+        if g is not None:
+            torch.testing.assert_close(comp[k], g, rtol=RTOL, atol=ATOL, msg=k)
+    for k in dead:
+        assert comp[k] is not None and not comp[k].any(), k
+
+
+def test_compiled_link_keeps_dead_nan_out_of_the_loss() -> None:
+    """Under compile the link is a sum over empty slices: NaN or inf in a dead parameter (which the
+    reference's loss never reads) must not reach the loss, and its gradient is exactly zero."""
+    torch.manual_seed(0)
+    m = TapeTransformer(13, seq_len=8, embed_dim=16, num_heads=2, dropout=0.0, causal=True, backend="eager")
+    with torch.no_grad():
+        m.prophet.cells_left[0].i2h.weight[0, 0] = float("nan")
+        m.rnn_projection.weight[0, 0] = float("inf")
+    x = torch.randint(0, 13, (2, 8))
+    eager = m.loss(x, x, check=False)
+    torch._dynamo.reset()
+    comp = torch.compile(lambda a, b: m.loss(a, b, check=False), backend="aot_eager", fullgraph=True)(x, x)
+    assert torch.isfinite(comp)
+    torch.testing.assert_close(comp, eager, rtol=RTOL, atol=ATOL)
+    comp.backward()
+    assert not m.prophet.cells_left[0].i2h.weight.grad.any() and not m.rnn_projection.weight.grad.any()

@@ -116,6 +116,20 @@ class _ZeroGradLink(torch.autograd.Function):
         return (grad, *zeros)
 
 
+def _link_dead(out: torch.Tensor, dead: list[torch.Tensor]) -> torch.Tensor:
+    """``out`` with exact zero gradients for ``dead`` (see :class:`_ZeroGradLink`).
+
+    Under ``torch.compile`` the link is a sum over empty slices of the parameters instead: exactly 0
+    in the forward (NaN or inf in a dead parameter cannot reach ``out``) and zero tensors in the
+    backward. An autograd.Function in the graph would make AOTAutograd bypass its cache, so every
+    warm start would retrace the joint forward-backward graph (~6 s at the notebook size on CPU)."""
+    if not (torch.is_grad_enabled() and dead):
+        return out
+    if torch.compiler.is_compiling():
+        return out + torch.cat([p.view(-1)[:0] for p in dead]).sum()
+    return _ZeroGradLink.apply(out, *dead)
+
+
 class TapeTransformer(ReferenceTapeTransformer):
     """Fused TapeTransformer; the reference's constructor plus ``causal``, ``backend``, ``skip_dead``, ``design``.
 
@@ -343,12 +357,15 @@ class TapeTransformer(ReferenceTapeTransformer):
             attn = _ZeroGradLink.apply(attn, *dead)
         return logp, entropy, attn
 
-    def loss(self, x: torch.Tensor, targets: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, targets: torch.Tensor, *, check: bool = True, link: bool = True) -> torch.Tensor:
         """Mean NLL of ``targets`` (B, S) through the fused Student-t NLL; runs only the coda and the
         last critic (the reference design). Gradients equal those of ``nll(forward(x)[0], targets)``.
 
         ``check=False`` skips the token-range checks (a host read on CUDA, a graph break under
-        ``torch.compile``): for callers that validated the batch already, outside a captured region."""
+        ``torch.compile``): for callers that validated the batch already, outside a captured region.
+        ``link=False`` leaves out the zero-gradient link to the parameters the loss does not reach (their
+        ``.grad`` stays None): for a caller that applies :meth:`link_dead` to the result itself, outside
+        a compiled region, where the link costs nothing to trace."""
         if check:
             x = check_tokens(x, self.vocab_size, self.seq_len)
             if not isinstance(targets, torch.Tensor) or targets.shape != x.shape:
@@ -364,8 +381,15 @@ class TapeTransformer(ReferenceTapeTransformer):
         h, _, _, _ = self.residualheads[-1](e, coda_h, None, stats=False)
         nll = student_t_nll(h, self.unembedding, targets, "mean", DEFAULT_DF, backend=self.backend,
                             check_targets=False)  # checked above, or by the caller
-        dead = self._dead_params(list(range(self.num_heads - 1)))
-        return _ZeroGradLink.apply(nll, *dead) if torch.is_grad_enabled() and dead else nll
+        return self.link_dead(nll) if link else nll
+
+    def link_dead(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` with exact zero gradients for the parameters the reference design's loss reaches only
+        through discarded paths (the prophet, ``rnn_projection``, critics 0..n−2): what ``loss(link=True)``
+        adds. The seed design has none."""
+        if self.design == "seed":
+            return loss
+        return _link_dead(loss, self._dead_params(list(range(self.num_heads - 1))))
 
     # ------------------------------------------------------------------ eval / generation
 

@@ -30,6 +30,9 @@ COMPILE_MODES = ("auto", "on", "off")
 # costs).
 COMPILE_AUTO_SPEEDUP = 1.29
 COMPILE_AUTO_COST_S = 60.0
+# With Inductor's cache holding the step (train.compilecache: a compiled step of the same signature
+# finished before), the compile costs the warm first step instead.
+COMPILE_AUTO_WARM_COST_S = 10.0
 BACKENDS = ("auto", "triton", "eager")
 CORPORA = ("embedded", "shakespeare")
 # The repaired (causal) semantics by default: the reference's cached generation cannot produce text.

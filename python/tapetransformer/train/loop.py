@@ -25,9 +25,11 @@ from tapetransformer.checkpoint import ModelConfig, load_weights
 from tapetransformer.data import CharDataset, CharVocab, load_text
 from tapetransformer.fileio import remove_stale_temp
 from tapetransformer.train import checkpointing as ckpt
+from tapetransformer.train.compilecache import is_warm
 from tapetransformer.train.config import (
     COMPILE_AUTO_COST_S,
     COMPILE_AUTO_SPEEDUP,
+    COMPILE_AUTO_WARM_COST_S,
     ConfigError,
     TrainConfig,
     validate_config,
@@ -343,12 +345,14 @@ def _launch(run: Run, done: int) -> _Launched:
 
 
 def _compile_pays(run: Run, eager_step_s: float) -> bool:
-    """``compile="auto"`` on CPU: whether the remaining steps save more than a compile costs."""
+    """``compile="auto"`` on CPU: whether the remaining steps save more than a compile costs (a warm
+    start when Inductor's cache holds this step, else a cold compile)."""
     cfg = run.cfg
     if cfg.compile != "auto" or run.device.type != "cpu" or run.stepper.compiled:
         return False
     saving = eager_step_s * (1.0 - 1.0 / COMPILE_AUTO_SPEEDUP)
-    return (cfg.steps - run.start_step - 2) * saving > COMPILE_AUTO_COST_S
+    cost = COMPILE_AUTO_WARM_COST_S if is_warm(run.stepper.compile_signature()) else COMPILE_AUTO_COST_S
+    return (cfg.steps - run.start_step - 2) * saving > cost
 
 
 def _settle(run: Run, pending: list[_Launched], viz: Any) -> tuple[list[dict[str, Any]], float, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from torch import nn
 from tapetransformer.model import ModelConfig, TapeTransformer
 from tapetransformer.optim import FusedWolf
 from tapetransformer.reference import Wolf, check_tokens, nll_loss
+from tapetransformer.train.compilecache import mark_warm, step_signature
 from tapetransformer.train.config import AMP_MODES, OPTIMIZERS, check_model_config
 
 if TYPE_CHECKING:
@@ -36,11 +38,17 @@ def build_model(mcfg: ModelConfig, backend: str = "auto") -> TapeTransformer:
 
 def make_optimizer(name: str, params: Any, lr: float, *, capturable: bool = False) -> torch.optim.Optimizer:
     """``capturable``: Adam keeps its step count on the device and runs fused (one launch), so its
-    step can live in a CUDA graph."""
+    step can live in a CUDA graph.
+
+    Adam runs fused (one pass over each parameter's p, grad, m, v) wherever torch has the kernel: on a
+    2-core CPU at the notebook size that is 45 ms a step instead of the per-parameter loop's 102 ms."""
     if name == "adam":
+        params = list(params)
         if capturable:
             return torch.optim.Adam(params, lr=lr, capturable=True, fused=True)
-        return torch.optim.Adam(params, lr=lr)
+        fused = bool(params) and all(isinstance(p, torch.Tensor) and p.device.type in ("cpu", "cuda")
+                                     and p.is_floating_point() for p in params)
+        return torch.optim.Adam(params, lr=lr, fused=fused or None)
     if name == "wolf":
         return FusedWolf(params, lr=lr)
     if name == "wolf-eager":
@@ -80,6 +88,27 @@ def enable_recompute(model: TapeTransformer) -> None:
 # the step
 
 
+def _prefetch_cpu_isa_probe() -> None:
+    """Start Inductor's CPU vector-ISA probe in a background thread.
+
+    On every start (cache or no cache) Inductor checks each SIMD ISA the CPU reports by loading a probe
+    library in a child process: ~1 s on a 2-core CPU, spent waiting on those children, on the first
+    step's critical path. Started when compilation is requested, it runs while Dynamo traces the loss
+    (~2 s), so the first step finds the answer cached (``functools.cache`` in Inductor). The probe is
+    Inductor's own, so the result is the one it would compute; if the hook moved in another torch
+    version, nothing is prefetched."""
+    try:
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+    except ImportError:
+        return
+
+    def probe() -> None:
+        with contextlib.suppress(Exception):  # the first step repeats the probe and reports its own errors
+            valid_vec_isa_list()
+
+    threading.Thread(target=probe, name="inductor-isa-probe", daemon=True).start()
+
+
 class LossNet(nn.Module):
     """forward(x, y, aux) -> (mean NLL, attention weights (B, S) or None): the unit DDP wraps.
 
@@ -94,6 +123,9 @@ class LossNet(nn.Module):
         # False: the caller validated the batch (a compiled or graph-captured step must not read the
         # token range back from the device).
         self.check = check
+        # False: the caller links the dead parameters' zero gradients itself (TapeTransformer.link_dead),
+        # outside the compiled region.
+        self.link = True
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, Any]:
         if aux:
@@ -103,7 +135,7 @@ class LossNet(nn.Module):
                 logp, _, attn = self.model(x)
             return nll_loss(logp, y), attn.detach()
         if isinstance(self.model, TapeTransformer):
-            return self.model.loss(x, y, check=self.check), None
+            return self.model.loss(x, y, check=self.check, link=self.link), None
         if hasattr(self.model, "loss"):
             return self.model.loss(x, y), None
         return nll_loss(self.model(x)[0], y), None
@@ -142,19 +174,34 @@ class Stepper:
             # the reference's never-used modules (embed_ln, merger, ...) get no gradient at all
             self.net = DDP(self.net, device_ids=ids, find_unused_parameters=True)
         self.hot: nn.Module = self.net  # what the loss-only path calls: the net, or its compiled form
+        self._marked: str | None = None  # the step signature last recorded as compiled in Inductor's cache
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     @property
     def compiled(self) -> bool:
         return self.hot is not self.net
 
-    def compile(self) -> None:
+    def compile(self, backend: str = "inductor") -> None:
         """Compile the loss path from the next step on (Inductor; its caches make a second run start
-        fast). The compile itself happens on the first call, so that step's time includes it."""
+        fast). The compile itself happens on the first call, so that step's time includes it.
+        ``backend``: ``torch.compile``'s (tests use ``"aot_eager"``: the same graphs, no code generation)."""
         if self.compiled:
             return
         self.loss_net.check = False  # validated in step(), outside the compiled region
-        self.hot = torch.compile(self.net)
+        if self.net is self.loss_net and isinstance(self.model, TapeTransformer):
+            # The dead parameters' zero-gradient link runs eagerly after the compiled loss: tracing the
+            # walk over their modules was half of Dynamo's work on every start, cache or no cache.
+            # (Under DDP the link stays inside, where DDP's forward sees the parameters used.)
+            self.loss_net.link = False
+        if self.device.type == "cpu":
+            _prefetch_cpu_isa_probe()
+        self.hot = torch.compile(self.net, backend=backend)
+
+    def compile_signature(self) -> str:
+        """The compiled step's signature for :mod:`~tapetransformer.train.compilecache` (whether Inductor's
+        cache holds it: ``--compile auto`` then counts a warm start, not a cold compile)."""
+        return step_signature(self.model, self.plan.micro_batch, int(getattr(self.model, "seq_len", 0)),
+                              self.amp_dtype, self.net is not self.loss_net)
 
     def autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -174,7 +221,12 @@ class Stepper:
             with sync:
                 with self.autocast():
                     aux_now = aux and i == 0
-                    loss, attn = self.net(xc, yc, True) if aux_now else self.hot(xc, yc)
+                    if aux_now:
+                        loss, attn = self.net(xc, yc, True)
+                    else:
+                        loss, attn = self.hot(xc, yc)
+                        if not self.loss_net.link:
+                            loss = self.model.link_dead(loss)
                 # mean over the micro-batch × its share of the batch = the batch mean's gradient
                 weighted = loss.float() * (xc.shape[0] / n)
                 (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
@@ -208,6 +260,11 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)
         loss, attn = self.accumulate(x, y, aux)
         self.apply_gradients()
+        if self.compiled:
+            sig = self.compile_signature()
+            if sig != self._marked:  # the first compiled step of this shape is done: Inductor cached it
+                mark_warm(sig)
+                self._marked = sig
         return loss, attn
 
     def shrink(self) -> bool:
