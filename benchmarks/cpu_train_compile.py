@@ -9,9 +9,10 @@ clipping, Adam; fp32; ``backend="eager"``):
   + NLL + backward + Adam (the notebook's step);
 * ``eager_ms``: the fused model, eager ops (the package without the compiler);
 * ``compile_ms``: the same step with the loss path under ``torch.compile`` (``Stepper.compile``);
-* ``compile_cold_s`` / ``compile_warm_s``: wall time from a fresh process's start to the end of its
+* ``compile_cold_s`` / ``compile_warm_s``: wall time from launching a fresh process to the end of its
   first compiled step, with an empty Inductor cache (cold) and again with the cache the cold run
-  left (warm) — each in a subprocess with its own ``TORCHINDUCTOR_CACHE_DIR``;
+  left (warm; ``--warm-runs`` of them, median) — each in a subprocess with its own
+  ``TORCHINDUCTOR_CACHE_DIR``;
 * the break-even step count ``compile_cold_s / (eager_ms − compile_ms)``;
 * ``gemm_ms``: the matrix products' share of one compiled step (``aten::mm``/``addmm``/``bmm`` self time
   under the profiler). Inductor leaves them to the same BLAS as eager, so no compile can make the step
@@ -99,19 +100,21 @@ def first_compiled_step(config: str) -> float:
 
 
 def _subprocess_first_step(config: str, cache_dir: str, threads: int) -> float:
+    """Seconds from launching a fresh interpreter to the end of its first compiled step: interpreter
+    start, imports, model, compile (or cache load) and the step, what a user waits for the first step.
+    The child stamps the wall clock when its step ends (its teardown afterwards is not counted)."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
-    code = (f"import sys, torch; sys.path.insert(0, {HERE!r}); torch.set_num_threads({threads}); "
-            f"import cpu_train_compile as b; t0 = __import__('time').perf_counter(); "
-            f"s = b.first_compiled_step({config!r}); print('FIRST', s, __import__('time').perf_counter() - t0)")
-    t0 = time.perf_counter()
+    code = (f"import sys, time, torch; sys.path.insert(0, {HERE!r}); torch.set_num_threads({threads}); "
+            f"import cpu_train_compile as b; b.first_compiled_step({config!r}); print('DONE_AT', time.time())")
+    launched = time.time()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    total = time.perf_counter() - t0  # interpreter start and imports included: what a user waits
-    if out.returncode != 0 or "FIRST" not in out.stdout:
+    done = [ln for ln in out.stdout.splitlines() if ln.startswith("DONE_AT ")]
+    if out.returncode != 0 or not done:
         raise RuntimeError(f"first compiled step failed: {out.stderr[-2000:]}")
-    return total
+    return float(done[-1].split()[1]) - launched
 
 
-def measure(config: str, reps: int, warmup: int, threads: int) -> dict[str, Any]:
+def measure(config: str, reps: int, warmup: int, threads: int, warm_runs: int = 3) -> dict[str, Any]:
     cfg = CONFIGS[config]
     ref, x, y = _stepper(cfg, fused=False)
     reference_ms = _median_ms(ref.step, x, y, reps, warmup)
@@ -123,7 +126,8 @@ def measure(config: str, reps: int, warmup: int, threads: int) -> dict[str, Any]
     gemm = gemm_ms(st.step, x, y)
     with tempfile.TemporaryDirectory(prefix="tk-inductor-") as cache:
         cold = _subprocess_first_step(config, cache, threads)
-        warm = _subprocess_first_step(config, cache, threads)
+        warms = [_subprocess_first_step(config, cache, threads) for _ in range(warm_runs)]
+        warm = statistics.median(warms)
     saving_s = (eager_ms - compile_ms) / 1e3
     return {
         "group": "train", "name": f"{config}-train-cpu", "eager_ms": eager_ms, "compile_ms": compile_ms,
@@ -134,7 +138,7 @@ def measure(config: str, reps: int, warmup: int, threads: int) -> dict[str, Any]
             "compile_speedup_vs_reference": reference_ms / compile_ms,
             "break_even_steps_cold": cold / saving_s if saving_s > 0 else None,
             "break_even_steps_warm": warm / saving_s if saving_s > 0 else None,
-            "gemm_ms": gemm, "compile_bound": eager_ms / gemm,
+            "gemm_ms": gemm, "compile_bound": eager_ms / gemm, "compile_warm_runs_s": warms,
             "config": cfg, "threads": threads, "reps": reps,
         },
     }
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", nargs="+", default=["notebook", "small"], choices=sorted(CONFIGS))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warm-runs", type=int, default=3, help="warm-cache first steps to take the median of")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for c in a.configs:
         print(f"{c} ...", flush=True)
-        rows.append(measure(c, a.reps, a.warmup, a.threads))
+        rows.append(measure(c, a.reps, a.warmup, a.threads, a.warm_runs))
         e = rows[-1]
         print(f"  reference {e['extra']['reference_ms']:.0f} ms, eager {e['eager_ms']:.0f} ms, compiled "
               f"{e['compile_ms']:.0f} ms; first compiled step cold {e['extra']['compile_cold_s']:.1f} s, warm "
@@ -167,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({**env, "date": date, "results": rows}, f, indent=1)
     lines = [f"# CPU training under torch.compile — {env.get('device')}, {a.threads} threads, {date}", "",
              "Medians of the training tool's step (forward, backward, clipping, Adam), fp32, in one run. "
-             "First step: wall time from a fresh process's start to the end of its first compiled step, with an "
-             "empty Inductor cache (cold) and with the cache the cold run left (warm). GEMM ms: the matrix "
+             "First step: wall time from launching a fresh process to the end of its first compiled step, with an "
+             f"empty Inductor cache (cold) and with the cache the cold run left (warm: median of {a.warm_runs} runs). "
+             "GEMM ms: the matrix "
              "products in one compiled step, which the compiler leaves to the same BLAS as eager; bound = "
              "eager ms / GEMM ms, the most any compile of this step could gain.", "",
              "| config | reference ms | fused eager ms | compiled ms | compiled × eager | first step cold s | "
