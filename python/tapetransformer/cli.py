@@ -35,6 +35,7 @@ from tapetransformer.train import (
 from tapetransformer.train.config import (
     COMPILE_AUTO_COST_S,
     COMPILE_AUTO_SPEEDUP,
+    COMPILE_AUTO_WARM_COST_S,
     COMPILE_MODES,
     CORPORA,
     check_backend,
@@ -148,10 +149,12 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
     g.add_argument("--compile", choices=COMPILE_MODES, default="auto",
                    help="torch.compile of the training step. auto: on a CPU, after the second step, when the "
                         f"remaining steps x the measured step time x {1 - 1 / COMPILE_AUTO_SPEEDUP:.2f} (the "
-                        f"compiled step's saving) exceed {COMPILE_AUTO_COST_S:.0f} s (a cold compile). Measured on "
-                        "2 CPU cores at the notebook's size: compiled steps 1.29x faster, break-even after ~120 "
-                        "steps; first compiled step 58 s cold, 20 s warm (Inductor's cache, kept across runs). "
-                        "Never on CUDA, where the CUDA graph holds the step")
+                        f"compiled step's saving) exceed {COMPILE_AUTO_COST_S:.0f} s (a cold compile), or "
+                        f"{COMPILE_AUTO_WARM_COST_S:.0f} s when Inductor's cache already holds this step (a compiled "
+                        "run of the same model, batch and torch finished before; the cache is kept across runs). "
+                        "Measured on 2 CPU cores at the notebook's size: compiled steps 1.61x faster, break-even "
+                        "after ~56 steps cold and ~9 warm; first compiled step 52 s cold, 8.7 s warm. "
+"Never on CUDA, where the CUDA graph holds the step")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA: capture the whole training step (forward, backward, clipping, optimizer) in one CUDA "
                         "graph and replay it, and the decode step where a sample follows (default: on where the "

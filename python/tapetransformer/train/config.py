@@ -22,16 +22,15 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 COMPILE_MODES = ("auto", "on", "off")
 # compile="auto" on CPU: compile once the run's remaining steps would save more than the compile costs,
 # counting a compiled step as COMPILE_AUTO_SPEEDUP times faster than the measured eager step and the
-# compile as COMPILE_AUTO_COST_S seconds. Measured on a 2-core CPU (benchmarks/results/
-# 2026-11-29-cpu-train-compile.md): compiled steps 1.29x (notebook size) and 1.78x (small) faster,
-# cold first compiled step 58 s and 53 s. The smaller speed-up and the larger cost are used, so `auto`
-# compiles only runs that pay back with margin (at the notebook size: ~120 steps break even, auto needs
-# ~125 remaining steps of 2.2 s). The decision is taken after the second step (the first pays one-time
-# costs).
-COMPILE_AUTO_SPEEDUP = 1.29
-COMPILE_AUTO_COST_S = 60.0
-# With Inductor's cache holding the step (train.compilecache: a compiled step of the same signature
-# finished before), the compile costs the warm first step instead.
+# compile as COMPILE_AUTO_COST_S seconds, or COMPILE_AUTO_WARM_COST_S when Inductor's cache holds the
+# step (train.compilecache: a compiled step of the same signature finished before). Measured on a 2-core
+# CPU (benchmarks/results/2026-11-29-cpu-train-compile.md): compiled steps 1.61x (notebook size) and
+# 1.47x (small) faster; first compiled step 52 s / 43 s cold, 8.7 s / 6.7 s warm, from a fresh process.
+# The smaller speed-up and rounded-up costs are used, so `auto` compiles only runs that pay back with
+# margin (notebook size, cold: ~56 steps break even, auto needs ~67 remaining steps of 2.4 s). The
+# decision is taken after the second step (the first pays one-time costs).
+COMPILE_AUTO_SPEEDUP = 1.47
+COMPILE_AUTO_COST_S = 55.0
 COMPILE_AUTO_WARM_COST_S = 10.0
 BACKENDS = ("auto", "triton", "eager")
 CORPORA = ("embedded", "shakespeare")
