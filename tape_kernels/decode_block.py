@@ -33,7 +33,8 @@ fp16, bf16 (the activations' dtype) or int8 with one fp32 scale per output chann
 W8A16: ``y = (x·qᵀ)·s + b``, the dequantization folded into the epilogue).
 
 GEMV tiles: for B = 1 each product is a broadcast multiply and a row reduction in fp32 registers
-(``[BB, BN, BK]`` tiles of ≤ 8192 elements); for B ≥ 16 rows (a batch tile of 16) ``tl.dot``. The
+(``[BB, BN, BK]`` tiles of ≤ 8192 elements); for B ≥ 16 rows (a batch tile of 16) ``tl.dot``, except
+the fp32 in-projection (broadcast tiles: see ``tiles``). The
 weights are the whole memory traffic at decode size — per layer pair at the notebook size (D = 256,
 B = 1): in-projection 2·3D·D, out-projection 2·D², expand 2·8D·D and down 2·8D·D elements, i.e.
 2.6 M weights (2.6 MB in int8); the cache adds 2·2·pos·D elements, the workspace a few KB.
@@ -517,7 +518,8 @@ def _p2(n: int) -> int:
 @dataclass(frozen=True)
 class _Tiles:
     bb: int  # batch rows a program
-    use_dot: bool
+    use_dot: bool  # launches 2 and 3
+    dot1: bool  # launch 1's in-projection
     bd: int  # next_pow2(D)
     bdh: int  # head dim tile
     bn1: int  # in-projection rows a step (launch 1)
@@ -553,8 +555,17 @@ def tiles(b: int, d: int, dh: int, f: int, dtype: torch.dtype, compact: bool | N
             n //= v
         return max(lo, min(hi, _p2(n + 1) // 2 if n >= 1 else 1))
 
+    dot1 = use_dot
     if use_dot and not compact:
-        bn1, bk2, bn2, bk3, bn3 = min(bdh, 64), 32, 32, 64, 16
+        # Chosen from ptxas on sm_86 (benchmarks/results/kernels-sm_86.md) to keep every B = 16 config
+        # free of register spills. An fp32 IEEE tl.dot lowers to FMAs with each thread holding whole
+        # K rows of both operands: at K = D = 256 launch 1 spilled 5.3 KB, so there the in-projection
+        # is the broadcast product in [16, BN, D] tiles of ≤ _TILE elements; 16-bit dots use the tensor
+        # cores, 16 weight rows a step.
+        dot1 = dtype != torch.float32
+        bn1 = 16 if dot1 else fit(bb, bd, hi=bdh)
+        bk2, bn2 = (32, 32) if dot1 else (16, 16)
+        bk3, bn3 = 64, 16
     elif use_dot:
         bn1, bk2, bn2, bk3, bn3 = bdh, bd, min(_p2(f), 256), min(_p2(f), 256), bd
     else:
@@ -563,14 +574,15 @@ def tiles(b: int, d: int, dh: int, f: int, dtype: torch.dtype, compact: bool | N
         bn2 = fit(bb, bd, hi=_p2(f)) if compact else bn1
         bn3 = bd if compact else min(16, _p2(d))
         bk3 = fit(bb, bn3, hi=_p2(f))
-    bt = fit(bb, bdh, hi=64)
+    # B = 16 holds [16, BT, dh] key and value tiles and their products at once: half the budget.
+    bt = fit(bb, bdh, 2 if (use_dot and not compact) else 1, hi=64)
     # Expand rows a program: as many as the out-projection has weights (D² ≈ f_per_prog·D), so the
     # redundant out-projection at most doubles launch 2's L2 traffic while the side spreads over
     # f/D programs.
     f_per_prog = f if compact else max(bn2, _p2(d))
     f_per_prog = _cdiv(f_per_prog, bn2) * bn2
     warps = 8 if bd >= 256 or bb >= 16 else 4
-    return _Tiles(bb, use_dot, bd, bdh, bn1, bt, bk2, bn2, f_per_prog, bn3, bk3, warps)
+    return _Tiles(bb, use_dot, dot1, bd, bdh, bn1, bt, bk2, bn2, f_per_prog, bn3, bk3, warps)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -656,7 +668,7 @@ def decode_layer(inp: DecodeInput, sides: Sequence[BlockDecodeWeights], kv: torc
         ws.x, ws.q, ws.o,
         b, d, dh, num_heads, LOG2E / math.sqrt(dh),
         IN_MODE=inp.kind, CAUSAL=causal, NS_PREV=ns_prev, COMBINE=inp.combine, IS_INT8=i8,
-        BB=t.bb, BD=t.bd, BDH=t.bdh, BN=t.bn1, BT=t.bt, USE_DOT=t.use_dot, PREC=prec, RTNE_BF16=_rtne(dt),
+        BB=t.bb, BD=t.bd, BDH=t.bdh, BN=t.bn1, BT=t.bt, USE_DOT=t.dot1, PREC=prec, RTNE_BF16=_rtne(dt),
         num_warps=t.warps,
     )  # fmt: skip
     ddt = _tl_dtype(dt)
@@ -740,7 +752,7 @@ def aot_specs() -> list:
 
                 for mode, causal, ns_prev in ((EMBED, True, 1), (EMBED, False, 1), (PLAIN, False, 1), (PAIR, True, 2)):
                     consts = {"IN_MODE": mode, "CAUSAL": causal, "NS_PREV": ns_prev, "COMBINE": 1, "IS_INT8": i8,
-                              "BB": t.bb, "BD": t.bd, "BDH": t.bdh, "BN": t.bn1, "BT": t.bt, "USE_DOT": t.use_dot,
+                              "BB": t.bb, "BD": t.bd, "BDH": t.bdh, "BN": t.bn1, "BT": t.bt, "USE_DOT": t.dot1,
                               "PREC": prec, "RTNE_BF16": False}  # fmt: skip
                     ptrs = {"XIN": act, "R": "*fp32", "G0": act, "BE0": act, "G1": act, "BE1": act, "PE0": act,
                             "PE1": act, "FREQ0": act, "FREQ1": act, "POS": "*i64", "W0": wptr, "W1": wptr,

@@ -126,7 +126,7 @@ def _link_dead(out: torch.Tensor, dead: list[torch.Tensor]) -> torch.Tensor:
     if not (torch.is_grad_enabled() and dead):
         return out
     if torch.compiler.is_compiling():
-        return out + torch.cat([p.view(-1)[:0] for p in dead]).sum()
+        return out + torch.cat([p.reshape(-1)[:0] for p in dead]).sum()
     return _ZeroGradLink.apply(out, *dead)
 
 
