@@ -148,19 +148,39 @@ def test_training_loss_graph_is_cacheable(design: str, link: bool) -> None:
     torch.manual_seed(0)
     m = TapeTransformer(13, seq_len=8, embed_dim=16, num_heads=2, dropout=0.0, design=design, causal=True,
                         backend="eager")
+    x = torch.randint(0, 13, (2, 8))
+    targets = _graph_targets(lambda a, b: m.loss(a, b, check=False, link=link), x, x)
+    assert targets and not [t for t in targets if t in _UNCACHEABLE]
+
+
+def _graph_targets(fn, *args) -> list[str]:
+    """Names of the call_function targets of the one graph Dynamo captures from fn(*args)."""
     graphs = []
 
     def capture(gm: torch.fx.GraphModule, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    x = torch.randint(0, 13, (2, 8))
     torch._dynamo.reset()
-    torch.compile(lambda a, b: m.loss(a, b, check=False, link=link), backend=capture, fullgraph=True)(x, x)
+    torch.compile(fn, backend=capture, fullgraph=True)(*args)
     assert len(graphs) == 1
-    targets = [getattr(n.target, "__name__", str(n.target)) for n in graphs[0].graph.nodes
-               if n.op == "call_function"]
-    assert targets and not [t for t in targets if t in _UNCACHEABLE]
+    return [getattr(n.target, "__name__", str(n.target)) for n in graphs[0].graph.nodes if n.op == "call_function"]
+
+
+def test_uncacheable_nodes_are_detected() -> None:
+    """The control for the test above: on this torch the node names it looks for are what an
+    autograd.Function and an autocast region become."""
+    from tapetransformer.model import _ZeroGradLink
+
+    w = torch.nn.Parameter(torch.ones(3))
+
+    def fn(x):
+        with torch.autocast("cpu", enabled=False):
+            y = x * 2
+        return _ZeroGradLink.apply(y.sum(), w)
+
+    found = set(_graph_targets(fn, torch.ones(3))) & set(_UNCACHEABLE)
+    assert "autograd_function_apply" in found and found & {"_enter_autocast", "_exit_autocast"}
 
 
 def test_compiled_stepper_links_dead_parameters_with_zero_gradients() -> None:
