@@ -175,6 +175,7 @@ class Stepper:
             self.net = DDP(self.net, device_ids=ids, find_unused_parameters=True)
         self.hot: nn.Module = self.net  # what the loss-only path calls: the net, or its compiled form
         self._marked: str | None = None  # the step signature last recorded as compiled in Inductor's cache
+        self._signature: tuple[Any, str] | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     @property
@@ -200,8 +201,12 @@ class Stepper:
     def compile_signature(self) -> str:
         """The compiled step's signature for :mod:`~tapetransformer.train.compilecache` (whether Inductor's
         cache holds it: ``--compile auto`` then counts a warm start, not a cold compile)."""
-        return step_signature(self.model, self.plan.micro_batch, int(getattr(self.model, "seq_len", 0)),
-                              self.amp_dtype, self.net is not self.loss_net)
+        key = (self.plan.micro_batch, self.amp_dtype)
+        if self._signature is None or self._signature[0] != key:  # hashing every parameter's shape: once
+            sig = step_signature(self.model, self.plan.micro_batch, int(getattr(self.model, "seq_len", 0)),
+                                 self.amp_dtype, self.net is not self.loss_net)
+            self._signature = (key, sig)
+        return self._signature[1]
 
     def autocast(self) -> Any:
         if self.amp_dtype is None:
