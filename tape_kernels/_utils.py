@@ -43,7 +43,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def fp32_region(device_type: str) -> Any:
+def no_autocast(device_type: str) -> Any:
     """A region where autocast is off (math in the inputs' own dtypes): ``torch.autocast(enabled=False)``
     only when autocast is on. With autocast already off it is a no-op context, so a compiled graph holds no
     autocast enter/exit nodes, which AOTAutograd's cache cannot key (it would bypass the cache and retrace

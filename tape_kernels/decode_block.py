@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from tape_kernels._dispatch import interpreting, triton_available
+from tape_kernels._utils import dot_precision, rtne_bf16
 from tape_kernels.activation import reference_activation_ref
 
 __all__ = [
@@ -589,15 +590,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _prec(dtype: torch.dtype) -> str:
-    """fp32 dots: IEEE unless the user enabled TF32 for matmuls in torch (as the unembedding does)."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _rtne(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and interpreting()
-
-
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -647,7 +639,7 @@ def decode_layer(inp: DecodeInput, sides: Sequence[BlockDecodeWeights], kv: torc
     dt = kv.dtype
     t = tiles(b, d, dh, f, dt)
     nbt = _cdiv(b, t.bb)
-    prec = _prec(dt)
+    prec = dot_precision(dt)
     i8 = l_.int8
     if inp.kind == PAIR:
         p0, p1 = inp.prev[0], inp.prev[-1]
@@ -668,7 +660,7 @@ def decode_layer(inp: DecodeInput, sides: Sequence[BlockDecodeWeights], kv: torc
         ws.x, ws.q, ws.o,
         b, d, dh, num_heads, LOG2E / math.sqrt(dh),
         IN_MODE=inp.kind, CAUSAL=causal, NS_PREV=ns_prev, COMBINE=inp.combine, IS_INT8=i8,
-        BB=t.bb, BD=t.bd, BDH=t.bdh, BN=t.bn1, BT=t.bt, USE_DOT=t.dot1, PREC=prec, RTNE_BF16=_rtne(dt),
+        BB=t.bb, BD=t.bd, BDH=t.bdh, BN=t.bn1, BT=t.bt, USE_DOT=t.dot1, PREC=prec, RTNE_BF16=rtne_bf16(dt),
         num_warps=t.warps,
     )  # fmt: skip
     ddt = _tl_dtype(dt)
@@ -696,7 +688,7 @@ def decode_finish(ws: Workspace, sides: Sequence[BlockDecodeWeights], combine: i
     p0, p1 = sides[0], sides[-1]
     _pair_out_kernel[(_cdiv(b, bb),)](
         ws.r, p0.ln2_w, p0.ln2_b, p1.ln2_w, p1.ln2_b, p0.ln2_eps, p1.ln2_eps, out, out.stride(0), b, d,
-        NS_PREV=len(sides), COMBINE=combine, BB=bb, BD=_p2(d), RTNE_BF16=_rtne(out.dtype),
+        NS_PREV=len(sides), COMBINE=combine, BB=bb, BD=_p2(d), RTNE_BF16=rtne_bf16(out.dtype),
         num_warps=8 if d >= 256 else 4,
     )  # fmt: skip
     return out
@@ -732,7 +724,7 @@ def aot_specs() -> list:
             wptr = "*i8" if i8 else act
             for b in (1, 16):
                 t = tiles(b, d, dh, f, dtype, compact=False)
-                prec = _prec(dtype)
+                prec = dot_precision(dtype)
                 tag = f"{_TL[dtype]},{'int8' if i8 else 'float'},B{b}"
 
                 def sig(kernel, ptrs: dict, consts: dict) -> dict:  # noqa: ANN001

@@ -76,8 +76,8 @@ if triton_available():
     import triton.language as tl
 
     from tape_kernels import _math
+    from tape_kernels._utils import cast_out
     from tape_kernels._utils import pick as _pick
-    from tape_kernels.combine import cast_out
 
     try:  # the public names of the activation's device functions (kernel-hygiene branch)
         from tape_kernels.activation import act_fwd, act_fwd_bwd

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tape_kernels._dispatch import triton_available, use_triton
-from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, fp32_region, rtne_bf16
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, no_autocast, rtne_bf16
 from tape_kernels._validate import check_same_device, check_tensor
 
 MAX_D = 4096
@@ -219,7 +219,7 @@ def add_layer_norm(
         # CUDA autocast runs layer_norm in fp32 (CPU autocast leaves its dtype alone); match it.
         dt = torch.promote_types(dt, torch.float32)
     if dt == torch.float64 or x.shape[-1] > MAX_D or not use_triton(x, residual, weight, bias, backend=backend):
-        with fp32_region(x.device.type):
+        with no_autocast(x.device.type):
             return add_layer_norm_ref(x.to(dt), residual.to(dt), weight.to(dt), bias.to(dt), eps)
     return AddLayerNormFunction.apply(x.to(dt), residual.to(dt), weight, bias, float(eps))
 

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 
 from tape_kernels._dispatch import check_backend, triton_available, use_triton
+from tape_kernels._utils import rtne_bf16
 from tape_kernels._validate import check_same_device, check_tensor
-from tape_kernels.combine import rtne_bf16
 
 __all__ = ["rope_embed", "rope_embed_ref"]
 
@@ -35,7 +35,7 @@ if triton_available():
     import triton.language as tl
 
     from tape_kernels import _math
-    from tape_kernels.combine import cast_out
+    from tape_kernels._utils import cast_out
 
     @triton.jit
     def _cos_sin(theta):

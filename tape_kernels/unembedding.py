@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tape_kernels._dispatch import interpreting, triton_available, use_triton
-from tape_kernels._utils import INPUT_DTYPES, TRITON_TYPE, dot_precision, fp32_region
+from tape_kernels._utils import INPUT_DTYPES, TRITON_TYPE, dot_precision, no_autocast
 from tape_kernels._validate import check_same_device, check_tensor
 
 DEFAULT_DF = 2.718281828459
@@ -324,7 +324,7 @@ def _launch_bwd(h2, u, stats, df, g=None, targets=None, grow=None):
 def _grads_from_dd2(h2, u, dd2, dsum, need_h: bool, need_u: bool):
     # d2 = |h|² − 2h·U + |U|²: each term's share of the chain rule, as autograd of the ref has it.
     # fp32 GEMMs even when backward() is called inside an autocast region.
-    with fp32_region(h2.device.type):
+    with no_autocast(h2.device.type):
         hf, uf = h2.float(), u.float()
         dh = 2.0 * (hf * dsum[:, None] - dd2 @ uf.t()) if need_h else None
         du = 2.0 * (uf * dd2.sum(dim=0)[None, :] - hf.t() @ dd2) if need_u else None
@@ -405,7 +405,7 @@ def student_t_unembedding(
     _check(hidden_states, unembedding, df)
     dt = _math_dtype(hidden_states, unembedding)
     lead, d, v = hidden_states.shape[:-1], hidden_states.shape[-1], unembedding.shape[1]
-    with fp32_region(hidden_states.device.type):
+    with no_autocast(hidden_states.device.type):
         if dt == torch.float64 or not use_triton(hidden_states, unembedding, backend=backend):
             ref_dt = torch.float64 if dt == torch.float64 else torch.float32
             h3 = hidden_states.to(ref_dt).reshape(1, -1, d)  # the ref broadcasts as (B, S, D)
@@ -447,7 +447,7 @@ def student_t_nll(
         if bad.numel():
             raise ValueError(f"targets contain id {int(bad[0])} outside [0, {v}) (vocab size {v})")
     dt = _math_dtype(hidden_states, unembedding)
-    with fp32_region(hidden_states.device.type):
+    with no_autocast(hidden_states.device.type):
         if dt == torch.float64 or not use_triton(hidden_states, unembedding, targets, backend=backend):
             ref_dt = torch.float64 if dt == torch.float64 else torch.float32
             h3 = hidden_states.to(ref_dt).reshape(1, -1, d)

@@ -346,15 +346,15 @@ class TapeTransformer(ReferenceTapeTransformer):
         link = self.skip_dead and torch.is_grad_enabled()
         if link:
             # The log-probs reach critics 0..n-2 only through discarded paths, whether or not they ran.
-            logp = _ZeroGradLink.apply(logp, *self._dead_params(list(range(n - 1))))
+            logp = _link_dead(logp, self._dead_params(list(range(n - 1))))
         if not need_aux:
             return logp, None, None
         entropy = torch.stack(ents).sum() / n + 1
         attn = attn / n
         if link:
             dead = self._dead_params([])
-            entropy = _ZeroGradLink.apply(entropy, *dead)
-            attn = _ZeroGradLink.apply(attn, *dead)
+            entropy = _link_dead(entropy, dead)
+            attn = _link_dead(attn, dead)
         return logp, entropy, attn
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor, *, check: bool = True, link: bool = True) -> torch.Tensor:
