@@ -182,10 +182,11 @@ class Stepper:
     def compiled(self) -> bool:
         return self.hot is not self.net
 
-    def compile(self, backend: str = "inductor") -> None:
+    def compile(self, backend: str = "inductor", mode: str | None = None) -> None:
         """Compile the loss path from the next step on (Inductor; its caches make a second run start
         fast). The compile itself happens on the first call, so that step's time includes it.
-        ``backend``: ``torch.compile``'s (tests use ``"aot_eager"``: the same graphs, no code generation)."""
+        ``backend``: ``torch.compile``'s (tests use ``"aot_eager"``: the same graphs, no code generation);
+        ``mode``: ``torch.compile``'s (the GPU benchmark compares its modes)."""
         if self.compiled:
             return
         self.loss_net.check = False  # validated in step(), outside the compiled region
@@ -196,7 +197,7 @@ class Stepper:
             self.loss_net.link = False
         if self.device.type == "cpu":
             _prefetch_cpu_isa_probe()
-        self.hot = torch.compile(self.net, backend=backend)
+        self.hot = torch.compile(self.net, backend=backend, mode=mode)
 
     def compile_signature(self) -> str:
         """The compiled step's signature for :mod:`~tapetransformer.train.compilecache` (whether Inductor's
