@@ -161,6 +161,10 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
                         "step can be captured)")
     g.add_argument("--sync-every", type=int, default=None, metavar="N",
                    help="read the loss back every N steps (default: 10 with a CUDA graph, else 1)")
+    g.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: keep memory a step frees in the process (glibc malloc's mmap and trim thresholds) "
+                        "instead of returning it to the OS and faulting it back in on the next step "
+                        "(default: on; benchmarks/cpu_heap_ab.py measures it)")
     g = p.add_argument_group("attention visualization (needs Pillow)")
     g.add_argument("--viz", default=None, metavar="DIR",
                    help="write attention frames (PNG) and train.gif to DIR (default: none)")
@@ -273,7 +277,7 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
         device=a.device, backend=a.backend, log_csv=a.log_csv, log_dir=_log_dir(a), model=given or None, amp=a.amp,
         memory_budget_gb=a.memory_budget_gb, micro_batch=a.micro_batch, recompute=a.recompute,
         init_from=a.init_from, viz=a.viz, viz_every=a.viz_every, viz_rows=a.viz_rows,
-        compile=a.compile, cuda_graph=a.cuda_graph, sync_every=a.sync_every,
+        compile=a.compile, cuda_graph=a.cuda_graph, sync_every=a.sync_every, keep_heap=a.keep_heap,
     )
 
 

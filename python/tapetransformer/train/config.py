@@ -79,6 +79,8 @@ class TrainConfig:
     # to pay back (see COMPILE_AUTO_* below); on CUDA "auto" leaves the step to the CUDA graph.
     compile: str = "auto"
     sync_every: int | None = None  # read losses back every N steps (None: 10 with a CUDA graph, else 1)
+    # CPU: keep freed memory in the process (glibc malloc thresholds, see train.heap); process-wide.
+    keep_heap: bool = True
 
 
 class ConfigError(ValueError):
@@ -281,6 +283,7 @@ def validate_config(cfg: TrainConfig) -> torch.device:
     check_bool("progress", cfg.progress)
     check_bool("catch_sigint", cfg.catch_sigint)
     check_bool("cuda_graph", cfg.cuda_graph, optional=True)
+    check_bool("keep_heap", cfg.keep_heap)
     if cfg.cuda_graph and device.type != "cuda":
         raise ConfigError("cuda_graph", f"{{name}} needs a CUDA device, not {device}")
     check_choice("compile", cfg.compile, COMPILE_MODES)

@@ -35,6 +35,7 @@ from tapetransformer.train.config import (
     validate_config,
 )
 from tapetransformer.train.cudagraph import GraphedStepper, graph_unsupported
+from tapetransformer.train.heap import keep_freed_memory
 from tapetransformer.train.logs import RunLog
 from tapetransformer.train.memory import (
     GIB,
@@ -153,6 +154,8 @@ def _setup(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> Run:
     device = _rank_device(torch.device(cfg.device), world)
     if cfg.batch_size % world:
         raise ConfigError("batch_size", f"{{name}} {cfg.batch_size} must be divisible by the {world} DDP ranks")
+    if device.type == "cpu" and cfg.keep_heap:
+        keep_freed_memory()  # before the model's and the steps' allocations
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
