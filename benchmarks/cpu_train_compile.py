@@ -90,22 +90,27 @@ def gemm_ms(step: Any, x: torch.Tensor, y: torch.Tensor) -> float:
     return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e3
 
 
-def first_compiled_step(config: str) -> float:
+def first_compiled_step(config: str, keep_heap: bool = True) -> float:
     """Seconds from this process's start of work to the end of its first compiled step."""
     t0 = time.perf_counter()
+    if keep_heap:  # as `tapetransformer train` does on a CPU
+        from tapetransformer.train.heap import keep_freed_memory
+
+        keep_freed_memory()
     st, x, y = _stepper(CONFIGS[config], fused=True)
     st.compile()
     st.step(x, y)
     return time.perf_counter() - t0
 
 
-def _subprocess_first_step(config: str, cache_dir: str, threads: int) -> float:
+def _subprocess_first_step(config: str, cache_dir: str, threads: int, keep_heap: bool = True) -> float:
     """Seconds from launching a fresh interpreter to the end of its first compiled step: interpreter
     start, imports, model, compile (or cache load) and the step, what a user waits for the first step.
     The child stamps the wall clock when its step ends (its teardown afterwards is not counted)."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
     code = (f"import sys, time, torch; sys.path.insert(0, {HERE!r}); torch.set_num_threads({threads}); "
-            f"import cpu_train_compile as b; b.first_compiled_step({config!r}); print('DONE_AT', time.time())")
+            f"import cpu_train_compile as b; b.first_compiled_step({config!r}, {keep_heap}); "
+            "print('DONE_AT', time.time())")
     launched = time.time()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     done = [ln for ln in out.stdout.splitlines() if ln.startswith("DONE_AT ")]
@@ -114,7 +119,8 @@ def _subprocess_first_step(config: str, cache_dir: str, threads: int) -> float:
     return float(done[-1].split()[1]) - launched
 
 
-def measure(config: str, reps: int, warmup: int, threads: int, warm_runs: int = 3) -> dict[str, Any]:
+def measure(config: str, reps: int, warmup: int, threads: int, warm_runs: int = 3, keep_heap: bool = True
+            ) -> dict[str, Any]:
     cfg = CONFIGS[config]
     ref, x, y = _stepper(cfg, fused=False)
     reference_ms = _median_ms(ref.step, x, y, reps, warmup)
@@ -125,8 +131,8 @@ def measure(config: str, reps: int, warmup: int, threads: int, warm_runs: int = 
     compile_ms = _median_ms(st.step, x, y, reps, max(warmup, 1))  # the first call compiles
     gemm = gemm_ms(st.step, x, y)
     with tempfile.TemporaryDirectory(prefix="tk-inductor-") as cache:
-        cold = _subprocess_first_step(config, cache, threads)
-        warms = [_subprocess_first_step(config, cache, threads) for _ in range(warm_runs)]
+        cold = _subprocess_first_step(config, cache, threads, keep_heap)
+        warms = [_subprocess_first_step(config, cache, threads, keep_heap) for _ in range(warm_runs)]
         warm = statistics.median(warms)
     saving_s = (eager_ms - compile_ms) / 1e3
     return {
@@ -139,7 +145,7 @@ def measure(config: str, reps: int, warmup: int, threads: int, warm_runs: int = 
             "break_even_steps_cold": cold / saving_s if saving_s > 0 else None,
             "break_even_steps_warm": warm / saving_s if saving_s > 0 else None,
             "gemm_ms": gemm, "compile_bound": eager_ms / gemm, "compile_warm_runs_s": warms,
-            "config": cfg, "threads": threads, "reps": reps,
+            "config": cfg, "threads": threads, "reps": reps, "keep_heap": keep_heap,
         },
     }
 
@@ -152,14 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--warm-runs", type=int, default=3, help="warm-cache first steps to take the median of")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-keep-heap", dest="keep_heap", action="store_false",
+                    help="leave glibc's malloc thresholds alone (the tool sets them on a CPU: train.heap)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.keep_heap:
+        from tapetransformer.train.heap import keep_freed_memory
+
+        keep_freed_memory()
     from common import env_info
 
     rows = []
     for c in a.configs:
         print(f"{c} ...", flush=True)
-        rows.append(measure(c, a.reps, a.warmup, a.threads, a.warm_runs))
+        rows.append(measure(c, a.reps, a.warmup, a.threads, a.warm_runs, a.keep_heap))
         e = rows[-1]
         print(f"  reference {e['extra']['reference_ms']:.0f} ms, eager {e['eager_ms']:.0f} ms, compiled "
               f"{e['compile_ms']:.0f} ms; first compiled step cold {e['extra']['compile_cold_s']:.1f} s, warm "
@@ -171,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(stem + ".json", "w") as f:
         json.dump({**env, "date": date, "results": rows}, f, indent=1)
     lines = [f"# CPU training under torch.compile — {env.get('device')}, {a.threads} threads, {date}", "",
-             "Medians of the training tool's step (forward, backward, clipping, Adam), fp32, in one run. "
+             "Medians of the training tool's step (forward, backward, clipping, Adam), fp32, in one run"
+             f"{', with the tool' + chr(39) + 's CPU malloc thresholds (train.heap)' if a.keep_heap else ''}. "
              "First step: wall time from launching a fresh process to the end of its first compiled step, with an "
              f"empty Inductor cache (cold) and with the cache the cold run left (warm: median of {a.warm_runs} runs). "
              "GEMM ms: the matrix "
