@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({**env, "date": date, "results": rows}, f, indent=1)
     lines = [f"# CPU training under torch.compile — {env.get('device')}, {a.threads} threads, {date}", "",
              "Medians of the training tool's step (forward, backward, clipping, Adam), fp32, in one run"
-             f"{', with the tool' + chr(39) + 's CPU malloc thresholds (train.heap)' if a.keep_heap else ''}. "
+             + (", with the tool's CPU malloc thresholds (train.heap). " if a.keep_heap else ". ") +
              "First step: wall time from launching a fresh process to the end of its first compiled step, with an "
              f"empty Inductor cache (cold) and with the cache the cold run left (warm: median of {a.warm_runs} runs). "
              "GEMM ms: the matrix "

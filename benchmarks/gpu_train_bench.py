@@ -164,6 +164,10 @@ def train_row(args: argparse.Namespace, dev: torch.device, budget: Budget) -> di
     if not cuda:
         order = [o for o in dict.fromkeys(order) if "graph" not in o and o in ("reference", "fused_eager", "fused",
                                                                                  "compile_default")]  # fmt: skip
+    if args.variants:
+        order = [o for o in order if o in args.variants]
+    if args.no_compile:
+        order = [o for o in order if not o.startswith("compile")]
     need = {"compile_default": 45.0, "compile_reduce-overhead": 45.0, "compile_max-autotune": 120.0}
     for name in order:
         r = budget.run(f"train {name}", released(lambda n=name: train_variant(n, case, dev, args.steps)),
@@ -304,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="timed training steps per variant")
     ap.add_argument("--iters", type=int, default=30, help="timed attention calls per case")
     ap.add_argument("--tiny", action="store_true", help="a tiny model and attention: a smoke run of the script")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                    help="training variants to run (default: all; e.g. reference fused fused_graph compile_default)")
+    ap.add_argument("--no-compile", action="store_true", help="leave out every torch.compile case")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_train_bench on {env['device']} (budget {args.budget_s:.0f} s)", flush=True)
     rows = [train_row(args, dev, budget)]
     rows += attention_rows(args, dev, budget, compiled=False)
-    _merge(rows, attention_rows(args, dev, budget, compiled=True) if cuda or args.tiny else [])
+    _merge(rows, attention_rows(args, dev, budget, compiled=True) if not args.no_compile else [])
     rows[0]["extra"]["skipped"] = budget.skipped
     out = {**env, "results": rows}
     if not cuda:

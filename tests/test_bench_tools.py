@@ -402,6 +402,39 @@ def test_gpu_check_without_cuda_says_so_and_fails():
     assert "no CUDA device" in proc.stdout
 
 
+def test_gpu_session_without_cuda_says_so_and_fails(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_session.sh")], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stdout
+    assert "no CUDA device" in (tmp_path / "session.log").read_text()
+
+
+def test_gpu_train_bench_smoke_on_a_tiny_model(tmp_path):
+    """The issue-15 GPU benchmark's pipeline on CPU (no figures): rows, schema, attribution keys."""
+    import gpu_train_bench
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("the fused attention case needs the Triton interpreter on CPU")
+    out = tmp_path / "train.json"
+    assert gpu_train_bench.main(["--tiny", "--no-compile", "--variants", "reference", "fused_eager",
+                                 "--out", str(out)]) == 0  # fmt: skip
+    doc = json.loads(out.read_text())
+    train, attn = doc["results"]
+    assert (train["group"], train["name"]) == ("model", "tiny-train")
+    assert train["eager_ms"] > 0 and train["fused_ms"] > 0 and train["compile_ms"] is None
+    ex = train["extra"]
+    assert ex["fused_best"] == "fused_eager" and ex["speedup_vs_reference"] > 0
+    assert ex["fused_eager_launches_per_step"] > 0 and ex["reference_first_step_s"] >= 0
+    assert ex["skipped"] == [] and doc["note"].startswith("CPU smoke run")
+    assert (attn["group"], attn["name"]) == ("attention", "B2-S16-D32-H2-fwdbwd")
+    assert attn["eager_ms"] > 0 and attn["fused_ms"] > 0
+    assert attn["extra"]["fused_vs_eager"] == round(attn["eager_ms"] / attn["fused_ms"], 2)
+
+
 def test_gpu_check_fails_when_no_gpu_test_ran(tmp_path):
     """A gpu-test step in which every test skipped (here: no CUDA) is a failure, not a pass."""
     if torch.cuda.is_available():

@@ -152,8 +152,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
                         f"compiled step's saving) exceed {COMPILE_AUTO_COST_S:.0f} s (a cold compile), or "
                         f"{COMPILE_AUTO_WARM_COST_S:.0f} s when Inductor's cache already holds this step (a compiled "
                         "run of the same model, batch and torch finished before; the cache is kept across runs). "
-                        "Measured on 2 CPU cores at the notebook's size: compiled steps 1.61x faster, break-even "
-                        "after ~56 steps cold and ~9 warm; first compiled step 52 s cold, 8.7 s warm. "
+                        "Measured on 2 CPU cores at the notebook's size: compiled steps 1.31x faster, break-even "
+                        "after ~99 steps cold and ~17 warm; first compiled step 47 s cold, 8.0 s warm. "
 "Never on CUDA, where the CUDA graph holds the step")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA: capture the whole training step (forward, backward, clipping, optimizer) in one CUDA "
