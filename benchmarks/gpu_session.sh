@@ -15,6 +15,10 @@
 # Results: benchmarks/results/<date>-{train,decode}-<device>.json, and with the log and the JUnit
 # reports in $OUT when it is set (the device tool brings back ≤ 8 files). Each step runs under its own
 # `timeout`; a failed step does not stop the later ones; the exit status is non-zero if any failed.
+#
+# GPU_SESSION_DRY_RUN=1 walks the same steps on a machine without CUDA (no build, the benchmarks' tiny
+# smoke runs under the Triton interpreter, results only under $OUT or benchmarks/.gpu_session): a check of
+# this script, never a measurement; it exits non-zero (every gpu test skips).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -42,22 +46,36 @@ run() { # run NAME LIMIT CMD...
     ((rc == 0)) || FAILED+=("$name")
 }
 
+DRY=${GPU_SESSION_DRY_RUN:-0}
+TINY=()
+RESULTS=benchmarks/results
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    say "no CUDA device: nothing to measure"
-    exit 2
+    if [[ $DRY != 1 ]]; then
+        say "no CUDA device: nothing to measure"
+        exit 2
+    fi
+    say "no CUDA device, GPU_SESSION_DRY_RUN=1: a dry run of this script (no figures)"
+    export TRITON_INTERPRET=1
+    TINY=(--tiny)
+    RESULTS=$LOGS
+    FAILED+=("no-cuda(dry run)")
+    dev=cpu-dry-run
+    echo 0 >"$LOGS/build.rc"
+    (exit 0) &
+    BUILD=$!
+else
+    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap,clocks.sm --format=csv
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+        TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
+        export TORCH_CUDA_ARCH_LIST
+    fi
+    dev=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
+    say "build the extension in the background (sm_$TORCH_CUDA_ARCH_LIST)"
+    (timeout 150 "$PY" setup.py build_ext --inplace >"$LOGS/build.log" 2>&1; echo $? >"$LOGS/build.rc") &
+    BUILD=$!
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap,clocks.sm --format=csv
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
-    TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
-    export TORCH_CUDA_ARCH_LIST
-fi
-dev=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 stamp=$(date -u +%Y-%m-%d)
-
-say "build the extension in the background (sm_$TORCH_CUDA_ARCH_LIST)"
-(timeout 150 "$PY" setup.py build_ext --inplace >"$LOGS/build.log" 2>&1; echo $? >"$LOGS/build.rc") &
-BUILD=$!
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 INT8_TESTS=(tests/test_int8.py tests/test_int8_nonfinite.py tests/test_int8_gemv_gpu.py)
@@ -76,12 +94,16 @@ if [[ $brc != 0 ]]; then
 fi
 run tests-int8 45 "$PY" -m pytest "${INT8_TESTS[@]}" -m gpu -q -p no:cacheprovider -rfE \
     --junitxml="$LOGS/tests-int8.xml" "${XDIST[@]}"
-train=benchmarks/results/$stamp-train-$dev.json
-run train-bench 175 "$PY" benchmarks/gpu_train_bench.py --budget-s 140 --out "$train"
-decode=benchmarks/results/$stamp-decode-$dev.json
-run decode-bench 115 "$PY" benchmarks/gpu_decode_bench.py --budget-s 90 --out "$decode"
-if [[ -n "${OUT:-}" ]]; then
+train=$RESULTS/$stamp-train-$dev.json
+TRAIN_DRY=()
+[[ $DRY == 1 ]] && TRAIN_DRY=(--no-compile --variants reference fused_eager)
+run train-bench 175 "$PY" benchmarks/gpu_train_bench.py --budget-s 140 --out "$train" "${TINY[@]}" "${TRAIN_DRY[@]}"
+decode=$RESULTS/$stamp-decode-$dev.json
+run decode-bench 115 "$PY" benchmarks/gpu_decode_bench.py --budget-s 90 --out "$decode" "${TINY[@]}"
+if [[ -n "${OUT:-}" && $RESULTS != "$OUT" ]]; then
     for f in "$train" "$decode"; do [[ -e $f ]] && cp "$f" "$OUT/"; done
+fi
+if [[ -n "${OUT:-}" ]]; then
     rm -f "$OUT/build.rc"
 fi
 if ((${#FAILED[@]})); then
