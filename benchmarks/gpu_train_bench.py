@@ -133,11 +133,14 @@ def train_variant(name: str, case: str, dev: torch.device, steps: int) -> dict[s
     out["ms"] = round(ms, 4)
     out["tokens_per_s"] = round(cfg["batch"] * cfg["seq_len"] / ms * 1e3)
     if not graph and mode is None:
-        with count_launches(dev) as c:
-            step()
-            _sync(dev)
-        out["launches_per_step"] = c["triton"] + c["aten"]
-        out["triton_launches_per_step"] = c["triton"]
+        try:  # a counter that does not fit this Triton's hook API must not lose the timings above
+            with count_launches(dev) as c:
+                step()
+                _sync(dev)
+            out["launches_per_step"] = c["triton"] + c["aten"]
+            out["triton_launches_per_step"] = c["triton"]
+        except Exception as e:  # noqa: BLE001
+            out["launches_error"] = f"{type(e).__name__}: {e}"[:200]
     if mode is not None:
         out["amp"] = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
     return out
