@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
+import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -65,6 +67,37 @@ def warm(fn: Callable[[], Any], n: int = 2) -> None:
     """Call ``fn`` ``n`` times so compilation and autotuning stay out of the timed rounds."""
     for _ in range(n):
         fn()
+
+
+def median_ms(fn: Callable[[], Any], n: int, device: torch.device | str, warmup: int = 0) -> float:
+    """Median of ``n`` per-call times of ``fn`` in ms, after ``warmup`` untimed calls: CUDA events on
+    the current stream on a GPU (no synchronisation between calls), the wall clock on a CPU."""
+    for _ in range(warmup):
+        fn()
+    if not is_cuda(device):
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for a, b in evs:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize(torch.device(device))
+    return statistics.median(a.elapsed_time(b) for a, b in evs)
+
+
+def write_results(path: str, doc: dict[str, Any]) -> str:
+    """``doc`` (``env_info`` fields, ``results`` rows, anything else) as indented JSON at ``path``,
+    its folder made; returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
 
 
 def timed_first_call(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, float]:

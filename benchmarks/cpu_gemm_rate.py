@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -58,17 +55,6 @@ def _product(m: int, n: int, k: int, form: str) -> Callable[[], torch.Tensor]:
     return lambda: a @ b
 
 
-def median_ms(fn: Callable[[], torch.Tensor], reps: int) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -76,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from common import env_info
+    from common import env_info, median_ms, write_results
 
     rows, block_ms = [], 0.0
     for name, (m, n, k, form) in _cases().items():
-        ms = median_ms(_product(m, n, k, form), a.reps)
+        ms = median_ms(_product(m, n, k, form), a.reps, "cpu", warmup=3)
         gflops = 2 * m * n * k / ms / 1e6
         if name != "square-2048":
             block_ms += ms
@@ -89,14 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                      "peak_mem_mb": None, "extra": extra})  # fmt: skip
         print(f"{name:14s} M {m:5d} N {n:5d} K {k:5d} {form}: {ms:7.2f} ms {gflops:6.1f} GFLOP/s", flush=True)
     print(f"one block's twelve products: {block_ms:.1f} ms; x12 blocks: {12 * block_ms:.0f} ms")
-    env = env_info("cpu")
     date = _dt.date.today().isoformat()
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"{date}-cpu-gemm-rate.json")
-    with open(path, "w") as f:
-        json.dump({**env, "date": date, "threads": a.threads, "reps": a.reps, "per_block_ms": block_ms,
-                   "twelve_blocks_ms": 12 * block_ms, "results": rows}, f, indent=1)  # fmt: skip
-    print(f"wrote {path}")
+    write_results(os.path.join(a.out, f"{date}-cpu-gemm-rate.json"),
+                  {**env_info("cpu"), "date": date, "threads": a.threads, "reps": a.reps, "per_block_ms": block_ms,
+                   "twelve_blocks_ms": 12 * block_ms, "results": rows})  # fmt: skip
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import resource
 import statistics
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-compiled", dest="compiled", action="store_false", help="time the eager step only")
     a = ap.parse_args(argv)
-    from common import env_info
+    from common import env_info, write_results
 
     extra: dict[str, Any] = {"config": a.config, "pairs": a.pairs, "reps": a.reps, "threads": a.threads}
     modes = [("eager", False)] + ([("compiled", True)] if a.compiled else [])
@@ -104,13 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                                "note": "eager_ms: malloc as it is; fused_ms: keep_freed_memory() (medians over "
                                        "alternating processes)"}})  # fmt: skip
         print(f"{name}: {d:.0f} -> {k:.0f} ms ({d / k:.3f}x)")
-    env = env_info("cpu")
     date = _dt.date.today().isoformat()
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"{date}-cpu-heap-ab.json")
-    with open(path, "w") as f:
-        json.dump({**env, "date": date, "results": rows}, f, indent=1)
-    print(f"wrote {path}")
+    write_results(os.path.join(a.out, f"{date}-cpu-heap-ab.json"), {**env_info("cpu"), "date": date, "results": rows})
     return 0
 
 

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import env_info  # noqa: E402
+from common import env_info, write_results  # noqa: E402
 
 # Nominal DRAM bandwidth, GB/s, by a substring of the device name (first match wins).
 NOMINAL_BW = (
@@ -406,13 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     out = {**env, "results": rows}
     if not cuda:
         out["note"] = "CPU smoke run under the Triton interpreter: not a measurement"
-    text = json.dumps(out, indent=1)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {args.out}")
+        write_results(args.out, out)
     else:
-        print(text)
+        print(json.dumps(out, indent=1))
     return 0
 
 

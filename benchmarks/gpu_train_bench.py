@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -44,7 +42,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MIB, MODEL_CASES, build_model, env_info, make_batch  # noqa: E402
+from common import MIB, MODEL_CASES, build_model, env_info, make_batch, median_ms, sync, write_results  # noqa: E402
 from gpu_decode_bench import Budget, count_launches  # noqa: E402
 
 ATTN_CASES = {"B16-S128-D256-H4": (16, 128, 256, 4), "B16-S512-D256-H4": (16, 512, 256, 4),
@@ -56,29 +54,6 @@ def _release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def median_ms(fn: Callable[[], Any], n: int, dev: torch.device) -> float:
-    """Median of ``n`` per-call times in ms (CUDA events on the device's stream; wall clock on CPU)."""
-    if dev.type != "cuda":
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for a, b in evs:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize(dev)
-    return statistics.median(a.elapsed_time(b) for a, b in evs)
 
 
 # --------------------------------------------------------------------------------- training step
@@ -116,18 +91,18 @@ def train_variant(name: str, case: str, dev: torch.device, steps: int) -> dict[s
 
     t0 = time.perf_counter()
     loss = step()
-    _sync(dev)
+    sync(dev)
     first_s = time.perf_counter() - t0
     for _ in range(3):
         loss = step()
-    _sync(dev)
+    sync(dev)
     if not torch.isfinite(loss.float()).all():
         raise RuntimeError(f"{name}: non-finite loss {loss}")
     out: dict[str, Any] = {"first_step_s": round(first_s, 2)}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         step()
-        _sync(dev)
+        sync(dev)
         out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / MIB, 1)
     ms = median_ms(step, steps, dev)
     out["ms"] = round(ms, 4)
@@ -136,7 +111,7 @@ def train_variant(name: str, case: str, dev: torch.device, steps: int) -> dict[s
         try:  # a counter that does not fit this Triton's hook API must not lose the timings above
             with count_launches(dev) as c:
                 step()
-                _sync(dev)
+                sync(dev)
             out["launches_per_step"] = c["triton"] + c["aten"]
             out["triton_launches_per_step"] = c["triton"]
         except Exception as e:  # noqa: BLE001
@@ -158,15 +133,10 @@ def train_row(args: argparse.Namespace, dev: torch.device, budget: Budget) -> di
     res: dict[str, dict[str, Any]] = {}
     cuda = dev.type == "cuda"
     # Priority: the headline (graphed fused step) and what it is compared with, then the attribution.
-    order = ["fused_graph", "reference", "compile_default", "fused"]
-    order += (
-        ["fused_eager_graph", "fused_eager", "compile_reduce-overhead", "compile_max-autotune"]
-        if cuda
-        else ["fused_eager", "compile_default"]
-    )
-    if not cuda:
-        order = [o for o in dict.fromkeys(order) if "graph" not in o and o in ("reference", "fused_eager", "fused",
-                                                                                 "compile_default")]  # fmt: skip
+    order = ["fused_graph", "reference", "compile_default", "fused", "fused_eager_graph", "fused_eager",
+             "compile_reduce-overhead", "compile_max-autotune"]
+    if not cuda:  # no CUDA graphs; one compile mode is enough for a smoke run
+        order = [o for o in order if "graph" not in o and o not in ("compile_reduce-overhead", "compile_max-autotune")]
     if args.variants:
         order = [o for o in order if o in args.variants]
     if args.no_compile:
@@ -205,34 +175,13 @@ def train_row(args: argparse.Namespace, dev: torch.device, budget: Budget) -> di
 
 
 def attention_case(impl: str, shape: tuple[int, int, int, int], dev: torch.device, iters: int) -> dict[str, Any]:
-    from test_bench_attention import EagerCritic
+    from test_bench_attention import attention_calls
 
-    from tape_kernels.attention import CriticAttention
-
-    b, s, d, h = shape
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    eager = EagerCritic(d, h).to(device=dev, dtype=dtype).train()
-    if impl == "fused":
-        mod: torch.nn.Module = CriticAttention(d, h, backend="triton").to(device=dev, dtype=dtype).train()
-        mod.load_state_dict(eager.attn.state_dict())
-    elif impl == "compile":
-        mod = torch.compile(eager, dynamic=False)
-    else:
-        mod = eager
-    x = torch.randn(b, s, d, device=dev, dtype=dtype, requires_grad=True)
-    g_out = torch.randn(b, s, d, device=dev, dtype=dtype)
-    w_aw = torch.randn(b, s, device=dev, dtype=torch.float32)
-    params = [x, *mod.parameters()]
-
-    def fwdbwd() -> object:
-        out, ent, aw = mod(x)
-        loss = (out.float() * g_out.float()).sum() + ent.float().sum() + (aw.float() * w_aw).sum()
-        return torch.autograd.grad(loss, params)
-
+    _, fwdbwd = attention_calls(impl, shape, dev, dtype, dynamic=False)
     t0 = time.perf_counter()
     fwdbwd()
-    _sync(dev)
+    sync(dev)
     first_s = time.perf_counter() - t0
     fwdbwd()
     out: dict[str, Any] = {"first_call_s": round(first_s, 2)}
@@ -332,11 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {**env, "results": rows}
     if not cuda:
         out["note"] = "CPU smoke run: not a measurement"
-    text = json.dumps(out, indent=1)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {args.out}")
+        write_results(args.out, out)
     print(table(rows))
     return 0
 

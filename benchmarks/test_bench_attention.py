@@ -62,28 +62,19 @@ def _peak_and_act_mb(fn: Callable[[], object], device: torch.device) -> tuple[fl
     return peak / MIB, (peak - live) / MIB
 
 
-def _cases(device_is_cuda: bool) -> list[tuple[str, tuple[int, int, int, int]]]:
-    return list(CASES.items()) if device_is_cuda else [CPU_CASE]
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", [*CASES, CPU_CASE[0]])
-def test_attention(benchmark, device: torch.device, case: str, impl: str, mode: str) -> None:  # noqa: ANN001
-    cuda = is_cuda(device)
-    if impl in ("compile", "fused") and not cuda:
-        pytest.skip(f"{impl} impl is benchmarked on CUDA only")
-    if (case == CPU_CASE[0]) == cuda:
-        pytest.skip("CUDA runs the GPU cases, CPU the small case")
-    b, s, d, h = dict(_cases(cuda))[case]
-    dtype = torch.bfloat16 if cuda else torch.float32
+def attention_calls(impl: str, shape: tuple[int, int, int, int], device: torch.device | str, dtype: torch.dtype,
+                    dynamic: bool | None = None) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(forward, forward + backward) of one case: ``impl`` eager / compile (``torch.compile(eager,
+    dynamic=dynamic)``) / fused, shape (B, S, D, H), seeded weights and inputs. The backward is that of
+    out·g + Σ entropy + Σ aw·w into x and every parameter."""
+    b, s, d, h = shape
     torch.manual_seed(0)
     eager = EagerCritic(d, h).to(device=device, dtype=dtype).train()
     if impl == "fused":
         mod: nn.Module = CriticAttention(d, h, backend="triton").to(device=device, dtype=dtype).train()
         mod.load_state_dict(eager.attn.state_dict())
     elif impl == "compile":
-        mod = torch.compile(eager)
+        mod = torch.compile(eager, dynamic=dynamic)
     else:
         mod = eager
     x = torch.randn(b, s, d, device=device, dtype=dtype, requires_grad=True)
@@ -99,6 +90,24 @@ def test_attention(benchmark, device: torch.device, case: str, impl: str, mode: 
         loss = (out.float() * g_out.float()).sum() + ent.float().sum() + (aw.float() * w_aw).sum()
         return torch.autograd.grad(loss, params)
 
+    return fwd, fwdbwd
+
+
+def _cases(device_is_cuda: bool) -> list[tuple[str, tuple[int, int, int, int]]]:
+    return list(CASES.items()) if device_is_cuda else [CPU_CASE]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", [*CASES, CPU_CASE[0]])
+def test_attention(benchmark, device: torch.device, case: str, impl: str, mode: str) -> None:  # noqa: ANN001
+    cuda = is_cuda(device)
+    if impl in ("compile", "fused") and not cuda:
+        pytest.skip(f"{impl} impl is benchmarked on CUDA only")
+    if (case == CPU_CASE[0]) == cuda:
+        pytest.skip("CUDA runs the GPU cases, CPU the small case")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    fwd, fwdbwd = attention_calls(impl, dict(_cases(cuda))[case], device, dtype)
     step = synced(fwd if mode == "fwd" else fwdbwd, device)
     compile_s = None
     if impl == "compile":
