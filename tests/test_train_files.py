@@ -193,7 +193,9 @@ def test_sigkill_keeps_checkpoint_log_and_plot(tmp_path: Path, corpus: Path) -> 
     step = load_checkpoint(out)["step"]
     logged = _csv_steps(logs / "log.csv")
     assert step >= 4 and step % 2 == 0 and logged[:step] == list(range(1, step + 1))
-    assert json.loads((logs / "log.json").read_text())["step"] == step
+    # log.json is rewritten right after each checkpoint: a kill that lands between the two writes leaves
+    # it one checkpoint (2 steps) behind, never ahead; log.csv above holds every step either way.
+    assert json.loads((logs / "log.json").read_text())["step"] in (step, step - 2)
     assert (logs / "loss.png").is_file()
     temp_path(out).write_bytes(b"torn")  # as a kill in the middle of a save leaves it
     assert cli.main(_args(corpus, out, "--resume", "--eval-every", "2", steps=step + 2)) == 0
