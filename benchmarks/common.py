@@ -18,6 +18,7 @@ import contextlib
 import datetime as _dt
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -508,3 +509,69 @@ def compiled_greedy_decode(model: Any, mode: str) -> Callable[[torch.Tensor, int
         return torch.cat(out, dim=1)
 
     return run
+
+
+PLOT_COLOURS = [(31, 90, 200), (210, 50, 30), (20, 140, 60), (140, 60, 170), (200, 140, 0), (0, 150, 160)]
+
+
+def line_panels(panels: list[dict[str, Any]], path: str, panel_size: tuple[int, int] = (420, 320)) -> str:
+    """Side-by-side line plots with Pillow (no plotting library needed). A panel: {"title", "xlabel",
+    "ylabel", "log": bool, "series": [(label, [(x, y), ...]), ...], "hline": (label, y) or None}; the
+    legend of the first panel is shared (same label, same colour in every panel)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    pw, ph = panel_size
+    labels: list[str] = []
+    for p in panels:
+        labels += [lab for lab, _ in p["series"] if lab not in labels]
+    legend_h = 14 * len(labels) + 8
+    img = Image.new("RGB", (pw * len(panels), ph + legend_h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    left, right, top, bottom = 58, 12, 26, 40
+    for k, p in enumerate(panels):
+        ox = k * pw
+        tf = (lambda v: math.log10(v)) if p.get("log") else (lambda v: v)
+        pts = [(x, tf(y)) for _, s in p["series"] for x, y in s if math.isfinite(y) and (y > 0 or not p.get("log"))]
+        if p.get("hline"):
+            pts.append((pts[0][0] if pts else 0, tf(p["hline"][1])))
+        if not pts:
+            continue
+        x0, x1 = min(x for x, _ in pts), max(x for x, _ in pts)
+        y0, y1 = min(y for _, y in pts), max(y for _, y in pts)
+        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+
+        def at(x: float, y: float, ox: int = ox, box: tuple = (x0, x1, y0, y1)) -> tuple[float, float]:
+            bx0, bx1, by0, by1 = box
+            return (ox + left + (x - bx0) / (bx1 - bx0) * (pw - left - right),
+                    top + (by1 - y) / (by1 - by0) * (ph - top - bottom))
+
+        draw.rectangle([ox + left, top, ox + pw - right, ph - bottom], outline=(0, 0, 0))
+        for i in range(5):
+            yv = y0 + i * (y1 - y0) / 4
+            _, py = at(x0, yv)
+            draw.line([(ox + left, py), (ox + pw - right, py)], fill=(228, 228, 228))
+            lab = f"{10 ** yv:.2g}" if p.get("log") else f"{yv:.3g}"
+            draw.text((ox + 4, py - 6), lab, fill=(0, 0, 0), font=font)
+            xv = x0 + i * (x1 - x0) / 4
+            px, _ = at(xv, y0)
+            draw.text((px - 8, ph - bottom + 4), f"{xv:.0f}", fill=(0, 0, 0), font=font)
+        draw.text((ox + left, 6), p["title"], fill=(0, 0, 0), font=font)
+        draw.text((ox + left, ph - bottom + 18), f"{p['xlabel']}; y: {p['ylabel']}", fill=(0, 0, 0), font=font)
+        if p.get("hline"):
+            _, py = at(x0, tf(p["hline"][1]))
+            draw.line([(ox + left, py), (ox + pw - right, py)], fill=(90, 90, 90))
+            draw.text((ox + pw - right - 110, py - 12), p["hline"][0], fill=(90, 90, 90), font=font)
+        for lab, s in p["series"]:
+            col = PLOT_COLOURS[labels.index(lab) % len(PLOT_COLOURS)]
+            xy = [at(x, tf(y)) for x, y in s if math.isfinite(y) and (y > 0 or not p.get("log"))]
+            if len(xy) >= 2:
+                draw.line(xy, fill=col, width=2)
+            for px, py in xy if len(xy) < 12 else []:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=col)
+    for i, lab in enumerate(labels):
+        y = ph + 4 + 14 * i
+        draw.line([(left, y + 6), (left + 24, y + 6)], fill=PLOT_COLOURS[i % len(PLOT_COLOURS)], width=3)
+        draw.text((left + 30, y), lab, fill=(0, 0, 0), font=font)
+    img.save(path, format="PNG")
+    return path

@@ -304,7 +304,9 @@ def cfg_for(out: Path, corpus: Path, steps: int, **kw) -> TrainConfig:
 
 
 def test_resume_bit_for_bit_with_wolf_and_accumulation(tmp_path: Path, corpus: Path) -> None:
-    kw = dict(optimizer="wolf", lr=0.05, micro_batch=3, model=ModelConfig(**{**TINY.to_dict(), "dropout": 0.1}))
+    # a constant rate: a cosine schedule's horizon is the target step count, which this resume extends
+    kw = dict(optimizer="wolf", lr=0.05, micro_batch=3, model=ModelConfig(**{**TINY.to_dict(), "dropout": 0.1}),
+              lr_schedule="constant", warmup_steps=0)
     full = train(cfg_for(tmp_path / "a.ckpt", corpus, 4, **kw))
     train(cfg_for(tmp_path / "b.ckpt", corpus, 2, **kw))
     ck = load_checkpoint(tmp_path / "b.ckpt")

@@ -38,11 +38,14 @@ from tapetransformer.train.config import (
     COMPILE_AUTO_WARM_COST_S,
     COMPILE_MODES,
     CORPORA,
+    DEFAULT_LR,
+    LR_CHOICE_NOTE,
     check_backend,
     check_device,
     check_input_file,
     validate_config,
 )
+from tapetransformer.train.schedule import SCHEDULES
 
 PROG = "tapetransformer"
 EXIT_ERROR = 2
@@ -114,7 +117,17 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
                    help="train up to this step (with --resume: the target beyond the checkpoint's step)")
     p.add_argument("--batch-size", type=int, default=batch_size, metavar="B",
                    help="sequences per optimizer step (all DDP ranks and micro-batches together)")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, metavar="LR",
+                   help=f"peak learning rate of the schedule (default: {DEFAULT_LR:g}; {LR_CHOICE_NOTE})")
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="cosine",
+                   help="cosine: linear warm-up, then cosine decay to --min-lr-ratio x --lr at --steps; constant: "
+                        "warm-up, then --lr (default: cosine). Without a warm-up Adam's first full-size steps "
+                        "collapse the hidden state to one vector for every position and the run stalls at the "
+                        "unigram loss (benchmarks/results/training-diagnosis.md)")
+    p.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                   help="linear warm-up steps (default: 5%% of --steps, at most 100)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, metavar="R",
+                   help="the cosine schedule's final rate as a fraction of --lr (default: 0.1)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="wolf: the notebook's optimizer as one multi-tensor step; wolf-eager: its reference loop "
                         "(default: adam; with --resume: the checkpoint's)")
@@ -272,7 +285,8 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
     if not (a.resume or a.init_from):  # a new run: this command's defaults, then the flags given
         given = {**a.model_defaults.to_dict(), **given}
     return TrainConfig(
-        data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr, optimizer=_optimizer(a), grad_clip=a.grad_clip,
+        data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_schedule=a.lr_schedule,
+        warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, optimizer=_optimizer(a), grad_clip=a.grad_clip,
         eval_every=a.eval_every, eval_batches=a.eval_batches, out=a.out, resume=a.resume, seed=a.seed,
         device=a.device, backend=a.backend, log_csv=a.log_csv, log_dir=_log_dir(a), model=given or None, amp=a.amp,
         memory_budget_gb=a.memory_budget_gb, micro_batch=a.micro_batch, recompute=a.recompute,

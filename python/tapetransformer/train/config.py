@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from tapetransformer.model import DESIGNS, ModelConfig
+from tapetransformer.train.schedule import SCHEDULES, LRSchedule, default_warmup
 
 OPTIMIZERS = ("adam", "wolf", "wolf-eager", "sgd")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -37,6 +38,10 @@ BACKENDS = ("auto", "triton", "eager")
 CORPORA = ("embedded", "shakespeare")
 # The repaired (causal) semantics by default: the reference's cached generation cannot produce text.
 DEFAULT_MODEL = ModelConfig(vocab_size=0, seq_len=64, embed_dim=64, num_heads=2, dropout=0.0, causal=True)
+# The default peak learning rate and how it was chosen (--help quotes LR_CHOICE_NOTE).
+DEFAULT_LR = 3e-3
+LR_CHOICE_NOTE = ("chosen by a sweep of both designs on tiny-shakespeare with the default schedule, "
+                  "benchmarks/results/lr-sweep.json")
 # TapeHeadBlock's attention has 4 heads and RoPE rotates pairs: embed_dim must be a multiple of 4.
 ATTENTION_HEADS = 4
 
@@ -46,7 +51,11 @@ class TrainConfig:
     data: str | None = None  # None/"embedded", "shakespeare", or a text file
     steps: int = 200  # the target step count (a resumed run continues up to it)
     batch_size: int = 8  # the global batch (summed over DDP ranks and accumulation micro-batches)
-    lr: float = 3e-3
+    # The peak learning rate of the schedule; the defaults were chosen by measurement (DEFAULT_LR's note).
+    lr: float = DEFAULT_LR
+    lr_schedule: str = "cosine"  # "cosine": warm-up, then cosine decay to min_lr_ratio·lr; "constant": warm-up, then lr
+    warmup_steps: int | None = None  # None: 5 % of steps, at most 100 (train.schedule.default_warmup)
+    min_lr_ratio: float = 0.1  # the cosine schedule's floor, as a fraction of lr
     optimizer: str = "adam"  # "adam" | "wolf" (multi-tensor) | "wolf-eager" (the reference's) | "sgd"
     grad_clip: float = 1.0
     eval_every: int = 50  # also the checkpoint interval; 0: only at the end
@@ -234,6 +243,12 @@ def check_model_config(m: Any, prefix: str = "model.") -> None:
                                              "--reference-semantics (causal=False)")
 
 
+def make_schedule(cfg: TrainConfig) -> LRSchedule:
+    """The run's learning-rate schedule over its ``steps`` (a resumed run recomputes the same one)."""
+    warmup = default_warmup(cfg.steps) if cfg.warmup_steps is None else cfg.warmup_steps
+    return LRSchedule(cfg.lr, cfg.steps, warmup, cfg.min_lr_ratio, cfg.lr_schedule)
+
+
 def validate_config(cfg: TrainConfig) -> torch.device:
     """Check every field; returns the device. Raises TypeError/ConfigError (a ValueError) naming the
     first bad field. Creates, opens and changes no file."""
@@ -244,6 +259,10 @@ def validate_config(cfg: TrainConfig) -> torch.device:
     check_int("steps", cfg.steps, 1)
     check_int("batch_size", cfg.batch_size, 1)
     check_float("lr", cfg.lr, 0.0)
+    check_choice("lr_schedule", cfg.lr_schedule, SCHEDULES)
+    if cfg.warmup_steps is not None:
+        check_int("warmup_steps", cfg.warmup_steps, 0)
+    check_float("min_lr_ratio", cfg.min_lr_ratio, 0.0, hi=1.0)
     check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
     check_float("grad_clip", cfg.grad_clip, 0.0)
     check_int("eval_every", cfg.eval_every, 0)

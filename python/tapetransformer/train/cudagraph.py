@@ -74,6 +74,15 @@ class GraphedStepper(Stepper):
         self.static_y: torch.Tensor | None = None
         self.static_loss: torch.Tensor | None = None
         self.capture_ms: float | None = None
+        # The learning rate as a device tensor: a float would be baked into the captured optimizer
+        # step, and the schedule (set_lr) would silently stop changing it.
+        for g in self.opt.param_groups:
+            g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device)
+
+    def set_lr(self, lr: float) -> None:
+        """Written in place into the device tensor the captured step reads (no host synchronisation)."""
+        for g in self.opt.param_groups:
+            g["lr"].fill_(lr)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, Any]:
         if aux:  # the visualization's full forward has other outputs: run it eagerly

@@ -32,6 +32,7 @@ from tapetransformer.train.config import (
     COMPILE_AUTO_WARM_COST_S,
     ConfigError,
     TrainConfig,
+    make_schedule,
     validate_config,
 )
 from tapetransformer.train.cudagraph import GraphedStepper, graph_unsupported
@@ -47,6 +48,7 @@ from tapetransformer.train.memory import (
     plan_memory,
     set_memory_budget,
 )
+from tapetransformer.train.schedule import LRSchedule
 from tapetransformer.train.step import Stepper, build_model, enable_recompute, make_optimizer, pick_amp
 
 __all__ = ["Run", "TrainingInterrupted", "train"]
@@ -77,6 +79,7 @@ class Run:
     eval_gen: torch.Generator
     start_step: int
     n_params: int
+    schedule: LRSchedule
     memory_fraction: float | None = None
     val_loss: float = math.nan
     loss: float = math.nan
@@ -192,6 +195,7 @@ def _setup(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> Run:
     sync_every = cfg.sync_every or (10 if stepper.deferred else 1)
     return Run(cfg=cfg, device=device, rank=rank, world=world, mcfg=mcfg, vocab=start.vocab, ds=ds, model=model,
                stepper=stepper, gen=gen, eval_gen=eval_gen, start_step=start.step, n_params=n_params,
+               schedule=make_schedule(cfg),
                memory_fraction=frac, val_loss=val_loss, sync_every=sync_every, graph_note=why_not)
 
 
@@ -324,6 +328,7 @@ def _launch(run: Run, done: int) -> _Launched:
     x, y = x[lo:hi].to(dev, non_blocking=True), y[lo:hi].to(dev, non_blocking=True)
     # every rank runs the same (aux) graph on frame steps; rank 0 draws
     want_frame = bool(cfg.viz) and (done % cfg.viz_every == 0 or done == cfg.steps)
+    run.stepper.set_lr(run.schedule.rate(done))
     t0 = time.perf_counter()
     while True:
         try:

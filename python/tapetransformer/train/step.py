@@ -248,6 +248,11 @@ class Stepper:
             if y.shape != x.shape:
                 raise ValueError(f"targets shape {tuple(y.shape)} != tokens shape {tuple(x.shape)}")
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next step (the schedule's)."""
+        for g in self.opt.param_groups:
+            g["lr"] = float(lr)
+
     def apply_gradients(self) -> None:
         """Unscale (GradScaler), clip, and step the optimizer: no host synchronisation with a fused or
         capturable optimizer, so a CUDA graph can hold it."""
