@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ BACKENDS = ("auto", "triton", "eager")
 CORPORA = ("embedded", "shakespeare")
 # The repaired (causal) semantics by default: the reference's cached generation cannot produce text.
 DEFAULT_MODEL = ModelConfig(vocab_size=0, seq_len=64, embed_dim=64, num_heads=2, dropout=0.0, causal=True)
-# TapeHeadBlock's attention has 4 heads and RoPE rotates pairs: embed_dim must be a multiple of 4.
+# TapeHeadBlock's attention has 4 heads and RoPE rotates pairs within each head: embed_dim must be a
+# multiple of 4 x 2 = 8 (the model's own check, reference.ReferenceTapeTransformer).
 ATTENTION_HEADS = 4
+EMBED_DIM_MULTIPLE = 2 * ATTENTION_HEADS
 
 
 @dataclass
@@ -53,6 +55,9 @@ class TrainConfig:
     eval_batches: int = 4
     out: str = "runs/tapetransformer.ckpt"
     resume: bool = False  # continue from ``out``, which must exist
+    # A new run refuses an ``out`` (or a log_dir log.csv) that already exists: pass ``resume`` to continue
+    # that run or ``overwrite`` to replace it.
+    overwrite: bool = False
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"  # kernels: "auto" (Triton on CUDA), "triton", "eager"
@@ -82,6 +87,31 @@ class TrainConfig:
     sync_every: int | None = None  # read losses back every N steps (None: 10 with a CUDA graph, else 1)
     # CPU: keep freed memory in the process (glibc malloc thresholds, see train.heap); process-wide.
     keep_heap: bool = True
+    # ``resume``: the fields given on purpose, which override the run's stored settings (the CLI passes the
+    # flags on its command line). None (the API's default): the fields whose value differs from this
+    # class's default count as given; every other stored setting is taken from the checkpoint.
+    explicit: frozenset[str] | None = None
+
+
+# Fields that say where and how a run is executed, not what it computes: not stored with the checkpoint.
+# Every other field (data, batch_size, lr, optimizer, grad_clip, eval_every, eval_batches, seed, amp and any
+# field added later, a schedule's among them) is stored in the checkpoint and restored by ``resume``
+# (see run_settings and checkpointing.resume_config). ``steps`` is the target of each invocation and the
+# model is restored through its own ModelConfig.
+LOCAL_FIELDS = frozenset({
+    "steps", "out", "resume", "overwrite", "init_from", "model", "progress", "device", "backend", "log_csv",
+    "log_dir", "viz", "viz_every", "viz_rows", "catch_sigint", "cuda_graph", "compile", "sync_every", "keep_heap",
+    "memory_budget_gb", "micro_batch", "recompute", "explicit", "threads", "progress_every_s",
+})
+
+
+def run_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The training settings that define ``cfg``'s run (every field not in LOCAL_FIELDS); a corpus file
+    as an absolute path, so a resume from another directory finds it."""
+    out = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in LOCAL_FIELDS}
+    if out.get("data") is not None and str(out["data"]) not in CORPORA:
+        out["data"] = str(Path(out["data"]).resolve())
+    return out
 
 
 class ConfigError(ValueError):
@@ -220,10 +250,10 @@ def check_model_config(m: Any, prefix: str = "model.") -> None:
         raise TypeError(f"{prefix.rstrip('.')} must be a ModelConfig, got {type(m).__name__}")
     check_int(prefix + "vocab_size", m.vocab_size, 0)
     check_int(prefix + "seq_len", m.seq_len, 1)
-    check_int(prefix + "embed_dim", m.embed_dim, ATTENTION_HEADS)
-    if m.embed_dim % ATTENTION_HEADS:
-        raise ConfigError(prefix + "embed_dim", f"{{name}} must be a multiple of {ATTENTION_HEADS} (the attention "
-                                                f"heads of a TapeHead block), got {m.embed_dim}")
+    check_int(prefix + "embed_dim", m.embed_dim, EMBED_DIM_MULTIPLE)
+    if m.embed_dim % EMBED_DIM_MULTIPLE:
+        raise ConfigError(prefix + "embed_dim", f"{{name}} must be a multiple of {EMBED_DIM_MULTIPLE} "
+                                                f"({ATTENTION_HEADS} attention heads, RoPE pairs), got {m.embed_dim}")
     check_int(prefix + "num_heads", m.num_heads, 1)
     check_float(prefix + "dropout", m.dropout, 0.0, hi=1.0, hi_open=True)
     check_bool(prefix + "causal", m.causal)
@@ -258,6 +288,18 @@ def validate_config(cfg: TrainConfig) -> torch.device:
     if cfg.resume and not Path(cfg.out).is_file():
         raise ConfigError("resume", f"{{name}}: there is no checkpoint at {cfg.out} to continue (leave out resume "
                                     "to start a new run there)")
+    check_bool("overwrite", cfg.overwrite)
+    if cfg.explicit is not None and not (isinstance(cfg.explicit, (set, frozenset))
+                                         and all(isinstance(f, str) for f in cfg.explicit)):
+        raise TypeError(f"explicit must be a frozenset of field names or None, got {cfg.explicit!r}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("overwrite", "{name} cannot be combined with resume: a resumed run continues its checkpoint")
+    if not (cfg.resume or cfg.overwrite):
+        earlier = [p for p in (Path(cfg.out), Path(cfg.log_dir) / "log.csv" if cfg.log_dir is not None else None)
+                   if p is not None and p.exists()]
+        if earlier:
+            raise ConfigError("out", f"{{name}}: {earlier[0]} holds an earlier run; continue it (--resume, "
+                                     "resume=True), replace it (--overwrite, overwrite=True) or choose another path")
     check_int("seed", cfg.seed, 0, 2**63 - 1)
     device = check_device("device", cfg.device)
     check_backend("backend", cfg.backend, device)
