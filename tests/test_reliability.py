@@ -359,3 +359,89 @@ def test_full_disk_gets_one_line_naming_the_path(tmp_path: Path, corpus: Path, m
     lines = [ln for ln in err.splitlines() if ln.startswith("tapetransformer")]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert f"cannot write {tmp_path / 'b-logs' / 'log.csv'}: No space left on device" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. progress when stderr is not a terminal
+
+
+def test_progress_to_a_file_is_a_few_plain_lines(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(_args(corpus, tmp_path / "a.ckpt", steps=6)) == 0  # capsys: stderr is not a TTY
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err
+    steps = [ln for ln in err.splitlines() if ln.startswith("train: step")]
+    assert steps == [s for s in steps if "loss=" in s] and len(steps) == 1 and steps[0].startswith("train: step 6/6")
+    assert cli.main(_args(corpus, tmp_path / "b.ckpt", "--progress-every", "0", steps=6)) == 0
+    assert len([ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("train: step")]) == 6
+    assert cli.main(_args(corpus, tmp_path / "c.ckpt", "--quiet", steps=6)) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith("step 6:")
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. --threads, a noise-robust --compile auto
+
+
+def test_threads_flag_sets_torch_threads(tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    real = torch.set_num_threads
+
+    def record(n: int) -> None:
+        seen.append(n)
+        real(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    before = torch.get_num_threads()
+    out = tmp_path / "a.ckpt"
+    assert cli.main(_args(corpus, out, "--threads", "1", "--quiet", steps=2)) == 0
+    assert seen == [1, before] and torch.get_num_threads() == before  # restored after the run
+    seen.clear()
+    try:
+        assert cli.main(["generate", str(out), "--backend", "eager", "--prompt", "to", "--max-new-tokens", "2",
+                         "--threads", "1", "--quiet"]) == 0
+        assert seen == [1]
+    finally:
+        real(before)
+
+
+def test_compile_auto_decides_from_the_median_of_several_steps(tmp_path: Path, corpus: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from tapetransformer.train import config, loop
+
+    # one step slowed by another process (5 s among 10 ms steps) must not buy a 55 s compile
+    assert not config.compile_pays([0.01, 0.01, 5.0, 0.01, 0.01], 100, warm=False)
+    assert config.compile_pays([2.0, 2.1, 1.9, 2.0, 2.0], 200, warm=False)
+    assert config.compile_pays([0.5] * 5, 100, warm=True) and not config.compile_pays([0.5] * 5, 100, warm=False)
+    seen: list[tuple[list[float], int]] = []
+
+    def record(times: list[float], remaining: int, warm: bool) -> bool:
+        seen.append((list(times), remaining))
+        return False
+
+    monkeypatch.setattr(loop, "compile_pays", record)
+    train(_cfg(corpus, tmp_path / "a.ckpt", steps=10, eval_every=10, compile="auto"))
+    assert len(seen) == 1 and len(seen[0][0]) == config.COMPILE_AUTO_PROBE_STEPS == 5 and seen[0][1] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. an eval-mode forward uses the int8 weights with or without autograd
+
+
+def test_eval_forward_uses_int8_weights_with_and_without_no_grad() -> None:
+    from tapetransformer import quantize_int8
+
+    torch.manual_seed(0)
+    m = TapeTransformer(11, seq_len=8, embed_dim=16, num_heads=1, dropout=0.0, backend="eager").eval()
+    q = quantize_int8(m, act_quant=False)
+    x = torch.randint(0, 11, (2, 8))
+    with torch.no_grad():
+        ref_q, _ = q(x)
+        ref_f, _ = m(x)
+    got, _ = q(x)  # autograd on
+    assert torch.equal(got.detach(), ref_q)
+    assert not torch.equal(ref_q, ref_f)  # the int8 weights do change the output
+    # training mode with autograd trains the float weights
+    q.train()
+    logp, _, _ = q(x)
+    with torch.no_grad():
+        assert torch.allclose(logp, m.train()(x)[0])

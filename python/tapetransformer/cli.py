@@ -37,6 +37,7 @@ from tapetransformer.train import (
 )
 from tapetransformer.train.config import (
     COMPILE_AUTO_COST_S,
+    COMPILE_AUTO_PROBE_STEPS,
     COMPILE_AUTO_SPEEDUP,
     COMPILE_AUTO_WARM_COST_S,
     COMPILE_MODES,
@@ -142,6 +143,11 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
                    help="where log.csv (every step), log.json and loss.png (every checkpoint) go; 'auto': "
                         "<out without suffix>-logs next to the checkpoint; 'none': no logs")
     p.add_argument("--log-csv", default=None, metavar="FILE", help="also append the per-step rows to this CSV")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output (errors, warnings and the final line still print)")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="S",
+                   help="when stderr is not a terminal (a file, a pipe, CI): one progress line every S seconds and "
+                        "at the end, instead of tqdm's bar")
     g = p.add_argument_group("precision and memory")
     g.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="auto: bf16 autocast on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
@@ -153,10 +159,12 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
                    help="force activation recomputation per TapeHead block on or off (default: the planner's)")
     g = p.add_argument_group("speed")
+    _add_threads_arg(g)
     g.add_argument("--compile", choices=COMPILE_MODES, default="auto",
-                   help="torch.compile of the training step. auto: on a CPU, after the second step, when the "
-                        f"remaining steps x the measured step time x {1 - 1 / COMPILE_AUTO_SPEEDUP:.2f} (the "
-                        f"compiled step's saving) exceed {COMPILE_AUTO_COST_S:.0f} s (a cold compile), or "
+                   help="torch.compile of the training step. auto: on a CPU, after steps 2 to "
+                        f"{COMPILE_AUTO_PROBE_STEPS + 1}, when the remaining steps x the median of their times x "
+                        f"{1 - 1 / COMPILE_AUTO_SPEEDUP:.2f} (the compiled step's saving) exceed "
+                        f"{COMPILE_AUTO_COST_S:.0f} s (a cold compile), or "
                         f"{COMPILE_AUTO_WARM_COST_S:.0f} s when Inductor's cache already holds this step (a compiled "
                         "run of the same model, batch and torch finished before; the cache is kept across runs). "
                         "Measured on 2 CPU cores at the notebook's size: compiled steps 1.31x faster, break-even "
@@ -178,6 +186,16 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
     g.add_argument("--viz-every", type=int, default=50, metavar="N", help="draw a frame every N steps")
     g.add_argument("--viz-rows", type=int, default=4, metavar="R", help="batch rows drawn per frame")
     _add_model_args(p, model)
+
+
+THREADS_HELP = ("CPU threads for torch's kernels (torch.set_num_threads). On a machine where other processes keep "
+                "cores busy, OpenMP threads spin-wait for a preempted peer and small steps and decode tokens can "
+                "become an order of magnitude slower; fewer threads than cores (e.g. 1 on a shared 2-core machine) "
+                "avoid that. On an idle machine the default is fastest (default: torch's, one per core)")
+
+
+def _add_threads_arg(g: Any) -> None:
+    g.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
 
 
 def _add_sample_args(p: argparse.ArgumentParser, prompt: str, *, graph_flag: bool = True) -> None:
@@ -217,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corpus whose characters are a bare notebook state_dict's vocabulary: a UTF-8 file, "
                         "'embedded' or 'shakespeare' (downloaded once) (default: embedded, as for train)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="kernels: auto, triton or eager")
+    p.add_argument("--quiet", action="store_true", help="no statistics line on stderr after the text")
+    _add_threads_arg(p)
     _add_sample_args(p, prompt="")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("demo", help="train briefly on the embedded corpus, then generate", formatter_class=_Help,
@@ -301,7 +321,8 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
         log_dir=_log_dir(a), model=given or None, amp=a.amp, memory_budget_gb=a.memory_budget_gb,
         micro_batch=a.micro_batch, recompute=a.recompute, init_from=a.init_from, viz=a.viz, viz_every=a.viz_every,
         viz_rows=a.viz_rows, compile=a.compile, cuda_graph=a.cuda_graph, sync_every=a.sync_every,
-        keep_heap=a.keep_heap, explicit=explicit,
+        keep_heap=a.keep_heap, explicit=explicit, progress=not a.quiet, progress_every_s=a.progress_every,
+        threads=a.threads,
     )
 
 
@@ -328,6 +349,8 @@ def _generate(model: torch.nn.Module, vocab: CharVocab, a: argparse.Namespace, d
     tokens = generate(model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, greedy=a.greedy,
                       int8=a.int8, seed=a.sample_seed, cuda_graph=a.cuda_graph, on_token=stream, stats=stats)
     sys.stdout.write("\n")
+    if a.quiet:
+        return vocab.decode(tokens[0])
     mode = "int8" if a.int8 else str(model.unembedding.dtype).replace("torch.", "")
     graph = f", CUDA graph (capture {stats['capture_ms']:.1f} ms)" if stats.get("cuda_graph") else ""
     print(f"[{a.max_new_tokens} tokens, {stats.get('ms_per_token', 0.0):.2f} ms/token, prefill "
@@ -368,9 +391,17 @@ def load_model(
     return model.to(device).eval(), vocab
 
 
+def _set_threads(a: argparse.Namespace) -> None:
+    if a.threads is not None:
+        if a.threads < 1:
+            raise UsageError("--threads", f"must be >= 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     _check_sampling(a)
     device = _check_runtime(a)
+    _set_threads(a)
     check_input_file("checkpoint", a.checkpoint, "checkpoint")
     if a.data is not None and a.data not in CORPORA:
         check_input_file("data", a.data, "corpus file")
@@ -386,6 +417,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     _check_sampling(a)
     device = _check_runtime(a)
+    _set_threads(a)
     cfg = _train_config(a)
     validate_config(cfg)  # the flags first, then the prompt against the corpus, then the work
     if a.prompt and not (a.resume or a.init_from):  # the vocabulary will be the corpus's: check before training

@@ -28,11 +28,23 @@ COMPILE_MODES = ("auto", "on", "off")
 # compiled steps 1.31x (notebook size) and 1.61x (small) faster; first compiled step 47 s / 43 s cold,
 # 8.0 s / 5.8 s warm, from a fresh process. The smaller speed-up and rounded-up costs are used, so `auto`
 # compiles only runs that pay back with margin (notebook size, cold: ~99 steps break even, auto needs
-# ~116 remaining steps of 2.0 s). The decision is taken after the second step (the first pays one-time
-# costs).
+# ~116 remaining steps of 2.0 s).
 COMPILE_AUTO_SPEEDUP = 1.31
 COMPILE_AUTO_COST_S = 55.0
 COMPILE_AUTO_WARM_COST_S = 10.0
+# The eager step time is the median of steps 2 to 1 + COMPILE_AUTO_PROBE_STEPS (the first pays one-time
+# costs): one step slowed by another process on a busy machine must not decide the compile.
+COMPILE_AUTO_PROBE_STEPS = 5
+
+
+def compile_pays(step_times_s: list[float], remaining_steps: int, warm: bool) -> bool:
+    """``compile="auto"``: whether ``remaining_steps`` compiled steps save more than the compile costs,
+    from the median of the measured eager step times (see COMPILE_AUTO_*)."""
+    times = sorted(step_times_s)
+    n = len(times)
+    median = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
+    saving = median * (1.0 - 1.0 / COMPILE_AUTO_SPEEDUP)
+    return remaining_steps * saving > (COMPILE_AUTO_WARM_COST_S if warm else COMPILE_AUTO_COST_S)
 BACKENDS = ("auto", "triton", "eager")
 CORPORA = ("embedded", "shakespeare")
 # The repaired (causal) semantics by default: the reference's cached generation cannot produce text.
@@ -67,7 +79,11 @@ class TrainConfig:
     # match the checkpoint (a ModelConfig's vocab_size 0 matches any); with ``init_from`` the
     # architecture must (dropout and causal may change for fine-tuning).
     model: ModelConfig | dict[str, Any] | None = None
-    progress: bool = True
+    progress: bool = True  # a tqdm bar on a terminal, else a line every progress_every_s seconds
+    progress_every_s: float = 30.0
+    # CPU threads of torch's intra-op pool for this run (None: torch's default, one per core); restored
+    # after. Fewer threads than cores avoid OpenMP's spin-waiting against other busy processes.
+    threads: int | None = None
     amp: str = "auto"  # "auto": bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU
     memory_budget_gb: float | None = None
     micro_batch: int | None = None  # overrides the planner
@@ -324,6 +340,9 @@ def validate_config(cfg: TrainConfig) -> torch.device:
     check_int("viz_every", cfg.viz_every, 1)
     check_int("viz_rows", cfg.viz_rows, 1)
     check_bool("progress", cfg.progress)
+    check_float("progress_every_s", cfg.progress_every_s, 0.0)
+    if cfg.threads is not None:
+        check_int("threads", cfg.threads, 1)
     check_bool("catch_sigint", cfg.catch_sigint)
     check_bool("cuda_graph", cfg.cuda_graph, optional=True)
     check_bool("keep_heap", cfg.keep_heap)

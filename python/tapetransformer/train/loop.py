@@ -27,11 +27,10 @@ from tapetransformer.fileio import remove_stale_temp
 from tapetransformer.train import checkpointing as ckpt
 from tapetransformer.train.compilecache import is_warm
 from tapetransformer.train.config import (
-    COMPILE_AUTO_COST_S,
-    COMPILE_AUTO_SPEEDUP,
-    COMPILE_AUTO_WARM_COST_S,
+    COMPILE_AUTO_PROBE_STEPS,
     ConfigError,
     TrainConfig,
+    compile_pays,
     validate_config,
 )
 from tapetransformer.train.cudagraph import GraphedStepper, graph_unsupported
@@ -105,6 +104,7 @@ class Run:
     sync_every: int = 1  # steps whose losses are read back together (see _loop)
     graph_note: str | None = None  # why the step is not a CUDA graph (None: it is)
     first_step_s: float | None = None  # the run's first step, compile or graph capture included
+    probe_s: list[float] = field(default_factory=list)  # eager step times --compile auto decides from
     rows: list[dict[str, Any]] = field(default_factory=list)  # ranks > 0 keep theirs here
 
     @property
@@ -134,6 +134,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         device = validate_config(cfg)  # the run's corpus may have moved since
     rank, world, own_group = _dist_setup(device)
     cleanup: list[Any] = []
+    if cfg.threads is not None:  # the pool is process-wide: restored when training ends
+        before = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        cleanup.append(lambda: torch.set_num_threads(before))
     try:
         return _train(cfg, rank, world, cleanup, overrides)
     finally:
@@ -328,14 +332,14 @@ def _loop(run: Run, log: RunLog | None, viz: Any, stop: _SigintDeferral) -> None
     ``run.sync_every`` steps, and at every evaluation, checkpoint, frame and stop. Each read-back
     synchronises with the device, so a CUDA-graph run reads every few steps, not every step."""
     cfg = run.cfg
-    bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps,
-               disable=not (cfg.progress and run.main), desc="train", dynamic_ncols=True, file=sys.stderr)
+    bar = _Progress(run)
     run.model.train()
     saved_at = run.start_step
     pending: list[_Launched] = []
     try:
-        for step in bar:
+        for step in range(run.start_step, cfg.steps):
             done = step + 1
+            bar.tick()
             pending.append(_launch(run, done))
             # eval_every 0: validate (and checkpoint) only at the end
             evaluate_now = done == cfg.steps or (cfg.eval_every > 0 and done % cfg.eval_every == 0)
@@ -363,8 +367,8 @@ def _loop(run: Run, log: RunLog | None, viz: Any, stop: _SigintDeferral) -> None
             post = {"loss": f"{run.loss:.4f}"}
             if math.isfinite(run.val_loss):
                 post["val"] = f"{run.val_loss:.4f}"
-            bar.set_postfix(**post, tok_s=f"{tok_s:,.0f}", step=f"{rows[-1]['step_s']:.3g}s",
-                            mem=f"{run.peak_mb:,.0f}MB" + ("" if mem_kind == "cuda" else " rss"))
+            bar.show(done, **post, tok_s=f"{tok_s:,.0f}", step=f"{rows[-1]['step_s']:.3g}s",
+                     mem=f"{run.peak_mb:,.0f}MB" + ("" if mem_kind == "cuda" else " rss"))
             if stop_now:
                 if saved_at != done:
                     _checkpoint(run, log, done, "interrupted")
@@ -373,6 +377,45 @@ def _loop(run: Run, log: RunLog | None, viz: Any, stop: _SigintDeferral) -> None
                 raise TrainingInterrupted(done, cfg.steps, cfg.out, signum=stop.signum)
     finally:
         bar.close()
+
+
+class _Progress:
+    """tqdm's bar when stderr is a terminal; otherwise (a file, a pipe, CI) one plain line every
+    ``cfg.progress_every_s`` seconds and at the last step, so a log file gets a few lines, not a
+    redrawn bar (~200 bytes a step) with other output (Dynamo's warnings) torn into it. Nothing with
+    ``cfg.progress`` off (``--quiet``) or on ranks other than 0."""
+
+    def __init__(self, run: Run) -> None:
+        cfg = run.cfg
+        self.on = cfg.progress and run.main
+        self.tty = self.on and _stderr_is_tty()
+        self.steps, self.every = cfg.steps, cfg.progress_every_s
+        self.last = time.perf_counter()
+        self.bar = tqdm(initial=run.start_step, total=cfg.steps, disable=not self.tty, desc="train",
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def tick(self) -> None:
+        self.bar.update(1)
+
+    def show(self, done: int, **post: str) -> None:
+        if self.tty:
+            self.bar.set_postfix(**post)
+            return
+        now = time.perf_counter()
+        if self.on and (done == self.steps or now - self.last >= self.every):
+            self.last = now
+            fields = " ".join(f"{k}={v}" for k, v in sorted(post.items()))
+            print(f"train: step {done}/{self.steps} {fields}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
 
 
 @dataclass
@@ -411,23 +454,28 @@ def _launch(run: Run, done: int) -> _Launched:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         run.first_step_s = time.perf_counter() - t0
-    elif done == run.start_step + 2 and _compile_pays(run, time.perf_counter() - t0):
+    else:
+        _consider_compile(run, done, time.perf_counter() - t0)
+    return _Launched(done, loss, t0, want_frame, x, attn)
+
+
+def _consider_compile(run: Run, done: int, eager_step_s: float) -> None:
+    """``compile="auto"`` on CPU: once COMPILE_AUTO_PROBE_STEPS steps after the first are timed, compile
+    when the remaining steps save more than a compile costs (config.compile_pays, from their median; a
+    warm start when Inductor's cache holds this step, else a cold compile)."""
+    cfg = run.cfg
+    if cfg.compile != "auto" or run.device.type != "cpu" or run.stepper.compiled:
+        return
+    if len(run.probe_s) >= COMPILE_AUTO_PROBE_STEPS:  # decided already
+        return
+    run.probe_s.append(eager_step_s)
+    if len(run.probe_s) < COMPILE_AUTO_PROBE_STEPS:
+        return
+    if compile_pays(run.probe_s, cfg.steps - done, is_warm(run.stepper.compile_signature())):
         run.stepper.compile()
         if run.main and cfg.progress:
             tqdm.write(f"compiling the training step (torch.compile, --compile auto: {cfg.steps - done} steps left)",
                        file=sys.stderr)
-    return _Launched(done, loss, t0, want_frame, x, attn)
-
-
-def _compile_pays(run: Run, eager_step_s: float) -> bool:
-    """``compile="auto"`` on CPU: whether the remaining steps save more than a compile costs (a warm
-    start when Inductor's cache holds this step, else a cold compile)."""
-    cfg = run.cfg
-    if cfg.compile != "auto" or run.device.type != "cpu" or run.stepper.compiled:
-        return False
-    saving = eager_step_s * (1.0 - 1.0 / COMPILE_AUTO_SPEEDUP)
-    cost = COMPILE_AUTO_WARM_COST_S if is_warm(run.stepper.compile_signature()) else COMPILE_AUTO_COST_S
-    return (cfg.steps - run.start_step - 2) * saving > cost
 
 
 def _settle(run: Run, pending: list[_Launched], viz: Any) -> tuple[list[dict[str, Any]], float, str]:
