@@ -77,7 +77,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
         with contextlib.suppress(OSError):
             tmp.unlink()
         # torch.save reports a failed write as a RuntimeError ("... failed writing file ...")
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "writ" in str(e)):
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and ("failed writing" in str(e)
+                                                                       or "write failed" in str(e))):
             raise write_error(path, e) from None
         raise
     try:  # make the rename itself durable
