@@ -157,9 +157,10 @@ def test_a_run_failing_at_start_up_keeps_the_earlier_logs(tmp_path: Path, corpus
         raise RuntimeError("the first step failed")
 
     monkeypatch.setattr(Stepper, "step", crash)
-    with pytest.raises(RuntimeError, match="first step failed"):
-        train(_cfg(corpus, out, steps=6, resume=True, model=None, log_dir=str(log.parent)))
-    assert log.read_bytes() == before  # not cut to its header
+    for kw in ({"overwrite": True}, {"resume": True, "model": None}):  # a new run replacing it, a resume
+        with pytest.raises(RuntimeError, match="first step failed"):
+            train(_cfg(corpus, out, steps=6, log_dir=str(log.parent), **kw))
+        assert log.read_bytes() == before  # not cut to its header
     monkeypatch.undo()
     train(_cfg(corpus, out, steps=6, resume=True, model=None, log_dir=str(log.parent)))
     assert [int(r["step"]) for r in _csv_rows(log)] == [1, 2, 3, 4, 5, 6]
