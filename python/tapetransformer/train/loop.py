@@ -70,8 +70,8 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or Inf at ``step``: the run stopped there, its rows up to that step
     are logged, and no checkpoint of the diverged weights was written (the last good one is kept)."""
 
-    def __init__(self, step: int, loss: float, saved_at: int, checkpoint: str, resumed_from: int) -> None:
-        if saved_at > 0 and (saved_at > resumed_from or resumed_from > 0):
+    def __init__(self, step: int, loss: float, saved_at: int, checkpoint: str) -> None:
+        if saved_at > 0:  # written by this run, or the one a resume started from
             kept = f"the last good checkpoint, step {saved_at}, is kept at {checkpoint}"
         else:
             kept = "no checkpoint was written (none came before it)"
@@ -357,7 +357,7 @@ def _loop(run: Run, log: RunLog | None, viz: Any, stop: _SigintDeferral) -> None
                 if log is not None:
                     log.snapshot("diverged")
                 last = bad if bad is not None else rows[-1]
-                raise TrainingDiverged(last["step"], last["loss"], saved_at, cfg.out, run.start_step)
+                raise TrainingDiverged(last["step"], last["loss"], saved_at, cfg.out)
             if evaluate_now:
                 _evaluate(run, rows[-1])
             for row in rows:
