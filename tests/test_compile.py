@@ -82,31 +82,33 @@ def test_compiled_steps_equal_eager_steps_and_resume_and_accumulate(tmp_path: Pa
 
 def test_auto_compiles_only_a_run_long_enough_to_pay_it_back(tmp_path: Path, corpus: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from tapetransformer.train import loop
+    from tapetransformer.train import config
 
-    short = train(cfg_for(tmp_path / "s.ckpt", corpus, 3, compile="auto"))
+    short = train(cfg_for(tmp_path / "s.ckpt", corpus, 8, compile="auto"))
     assert not short["compiled"]
-    # any saving pays back a free compile (warm or cold: earlier tests may have left this step cached)
-    monkeypatch.setattr(loop, "COMPILE_AUTO_COST_S", 0.0)
-    monkeypatch.setattr(loop, "COMPILE_AUTO_WARM_COST_S", 0.0)
-    long = train(cfg_for(tmp_path / "l.ckpt", corpus, 4, compile="auto"))
+    # any saving pays back a free compile (warm or cold: earlier tests may have left this step cached);
+    # auto decides after steps 2 to 6, so a run needs a 7th step
+    monkeypatch.setattr(config, "COMPILE_AUTO_COST_S", 0.0)
+    monkeypatch.setattr(config, "COMPILE_AUTO_WARM_COST_S", 0.0)
+    assert not train(cfg_for(tmp_path / "t.ckpt", corpus, 6, compile="auto"))["compiled"]
+    long = train(cfg_for(tmp_path / "l.ckpt", corpus, 7, compile="auto"))
     assert long["compiled"]
 
 
 def test_auto_counts_a_warm_inductor_cache(tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A compiled step leaves a marker beside Inductor's cache; ``auto`` then weighs the warm start."""
-    from tapetransformer.train import compilecache, loop
+    from tapetransformer.train import compilecache, config
 
     monkeypatch.setattr(compilecache, "inductor_cache_dir", lambda: tmp_path / "inductor")
-    monkeypatch.setattr(loop, "COMPILE_AUTO_COST_S", 1e9)  # a cold compile never pays back
-    monkeypatch.setattr(loop, "COMPILE_AUTO_WARM_COST_S", 0.0)
-    cold = train(cfg_for(tmp_path / "a.ckpt", corpus, 4, compile="auto"))
+    monkeypatch.setattr(config, "COMPILE_AUTO_COST_S", 1e9)  # a cold compile never pays back
+    monkeypatch.setattr(config, "COMPILE_AUTO_WARM_COST_S", 0.0)
+    cold = train(cfg_for(tmp_path / "a.ckpt", corpus, 7, compile="auto"))
     assert not cold["compiled"]
     assert train(cfg_for(tmp_path / "b.ckpt", corpus, 3, compile="on"))["compiled"]  # leaves the marker
     assert list((tmp_path / "inductor").rglob("*.json"))
-    warm = train(cfg_for(tmp_path / "c.ckpt", corpus, 4, compile="auto"))
+    warm = train(cfg_for(tmp_path / "c.ckpt", corpus, 7, compile="auto"))
     assert warm["compiled"]
-    other = train(cfg_for(tmp_path / "d.ckpt", corpus, 4, compile="auto", batch_size=2))  # another shape
+    other = train(cfg_for(tmp_path / "d.ckpt", corpus, 7, compile="auto", batch_size=2))  # another shape
     assert not other["compiled"]
 
 

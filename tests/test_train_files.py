@@ -230,16 +230,14 @@ def test_generate_warns_once_about_reference_semantics(tmp_path: Path, corpus: P
     assert "warning" not in capsys.readouterr().err
 
 
-def test_progress_bar_shows_val_only_after_an_evaluation(tmp_path: Path, corpus: Path,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_progress_shows_val_only_after_an_evaluation(tmp_path: Path, corpus: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
     base = dict(data=str(corpus), batch_size=2, eval_batches=1, backend="eager", progress=True,
-                model={"seq_len": 8, "embed_dim": 16, "num_heads": 1})
-    train(TrainConfig(steps=2, eval_every=0, out=str(tmp_path / "a.ckpt"), **base))
-    err = capsys.readouterr().err
-    assert "loss=" in err and "val=" not in err
-    train(TrainConfig(steps=2, eval_every=1, out=str(tmp_path / "b.ckpt"), **base))
-    err = capsys.readouterr().err
-    assert "val=" in err and "val=nan" not in err
+                progress_every_s=0.0, model={"seq_len": 8, "embed_dim": 16, "num_heads": 1})
+    train(TrainConfig(steps=3, eval_every=2, out=str(tmp_path / "a.ckpt"), **base))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("train: step")]
+    assert len(lines) == 3 and "loss=" in lines[0] and "val=" not in lines[0]
+    assert "val=" in lines[1] and "val=nan" not in lines[1]
 
 
 @pytest.mark.parametrize("cmd", ["train", "generate", "demo"])

@@ -91,6 +91,9 @@ def _write_bad(kind: str, work: dict[str, Path]) -> None:
     elif kind == "no_config":
         del ck["config"]
         torch.save(ck, bad)
+    elif kind in ("nan_weights", "inf_weights"):
+        ck["model"]["unembedding"].view(-1)[5] = float("nan" if kind == "nan_weights" else "inf")
+        torch.save(ck, bad)
     elif kind == "latin1":
         bad.write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
     elif kind == "short":
@@ -134,10 +137,14 @@ CLI_CASES: list[tuple[str, list[str], list[str], str | None]] = [
     ("eval-batches-zero", _train("--eval-batches", "0"), ["--eval-batches", ">= 1"], None),
     ("seed-negative", _train("--seed", "-1"), ["--seed"], None),
     ("seq-len-zero", _train("--seq-len", "0"), ["--seq-len", ">= 1"], None),
-    ("embed-dim-not-multiple-of-4", _train("--embed-dim", "30"), ["--embed-dim", "multiple of 4"], None),
+    ("embed-dim-not-multiple-of-8", _train("--embed-dim", "30"), ["--embed-dim", "multiple of 8"], None),
+    ("embed-dim-4", _train("--embed-dim", "4"), ["--embed-dim", ">= 8", "got 4"], None),
+    ("embed-dim-12", _train("--embed-dim", "12"), ["--embed-dim", "multiple of 8", "got 12"], None),
     ("num-heads-zero", _train("--num-heads", "0"), ["--num-heads", ">= 1"], None),
     ("dropout-above-one", _train("--dropout", "1.5"), ["--dropout", "< 1"], None),
     ("viz-every-zero", _train("--viz-every", "0"), ["--viz-every", ">= 1"], None),
+    ("threads-zero", _train("--threads", "0"), ["--threads", ">= 1"], None),
+    ("progress-every-negative", _train("--progress-every", "-1"), ["--progress-every", ">= 0"], None),
     ("viz-rows-zero", _train("--viz-rows", "0"), ["--viz-rows", ">= 1"], None),
     ("micro-batch-zero", _train("--micro-batch", "0"), ["--micro-batch", ">= 1"], None),
     ("memory-budget-zero", _train("--memory-budget-gb", "0"), ["--memory-budget-gb", "> 0"], None),
@@ -162,12 +169,21 @@ CLI_CASES: list[tuple[str, list[str], list[str], str | None]] = [
     ("log-dir-is-file", _train("--log-dir", "{file}"), ["--log-dir", "is a file"], None),
     ("log-csv-below-a-file", _train("--log-csv", "{file}/log.csv"), ["--log-csv", "is a file"], None),
     ("viz-is-file", _train("--viz", "{file}"), ["--viz", "is a file"], None),
+    # train: an earlier run is never replaced by accident; sizes that cannot fit are refused before allocating
+    ("out-holds-earlier-run", _train("--out", "{ck}"), ["--out", "holds an earlier run", "--resume", "--overwrite"],
+     None),
+    ("embed-dim-cannot-fit", _train("--embed-dim", "100000"), ["--embed-dim", "needs about", "available"], None),
+    ("batch-size-cannot-fit", _train("--batch-size", "100000000"), ["--batch-size", "needs about", "available"],
+     None),
     # train: --resume and --init-from are strict
     ("resume-missing-checkpoint", _train("--resume"), ["--resume", "no checkpoint", "new.ckpt"], None),
     ("resume-conflicting-seq-len", _resume("--seq-len", "16"), ["--seq-len 16", "conflicts", "seq_len=8"], None),
     ("resume-conflicting-semantics", _resume("--reference-semantics"), ["--reference-semantics", "causal"], None),
     ("resume-steps-not-beyond", _resume("--steps", "2"), ["--steps 2", "not above step 2"], None),
     ("resume-other-optimizer", _resume("--optimizer", "sgd"), ["--optimizer sgd", "adam"], None),
+    ("resume-nan-weights", _resume("--out", "{bad}"), ["bad.ckpt", "'unembedding'", "non-finite"], "nan_weights"),
+    ("init-from-inf-weights", _train("--init-from", "{bad}", model=False), ["bad.ckpt", "'unembedding'", "non-finite"],
+     "inf_weights"),
     ("resume-with-init-from", _resume("--init-from", "{ck}"), ["--init-from", "cannot be combined"], None),
     ("resume-foreign-characters", _resume("--data", "{bad}"), ["--data", "not in the vocabulary"], "foreign_chars"),
     ("resume-truncated-checkpoint", _resume("--out", "{bad}"), ["bad.ckpt", "not a loadable checkpoint"],
@@ -190,8 +206,12 @@ CLI_CASES: list[tuple[str, list[str], list[str], str | None]] = [
     ("generate-missing-weights", _generate(ck="{bad}"), ["bad.ckpt", "missing"], "missing_keys"),
     ("generate-config-not-matching-weights", _generate(ck="{bad}"), ["bad.ckpt", "do not match"],
      "config_mismatch"),
-    ("generate-invalid-config", _generate(ck="{bad}"), ["bad.ckpt", "embed_dim", "multiple of 4"], "bad_config"),
+    ("generate-invalid-config", _generate(ck="{bad}"), ["bad.ckpt", "embed_dim", "multiple of 8"], "bad_config"),
     ("generate-no-config", _generate(ck="{bad}"), ["bad.ckpt", "'config' is missing"], "no_config"),
+    ("generate-nan-weights", _generate(ck="{bad}"), ["bad.ckpt", "'unembedding'", "1 NaN"], "nan_weights"),
+    ("generate-inf-weights-int8", _generate("--int8", ck="{bad}"), ["bad.ckpt", "'unembedding'", "1 Inf"],
+     "inf_weights"),
+    ("generate-threads-zero", _generate("--threads", "0"), ["--threads", ">= 1"], None),
     ("generate-temperature-zero", _generate("--temperature", "0"), ["--temperature", "> 0"], None),
     ("generate-temperature-inf", _generate("--temperature", "inf"), ["--temperature", "finite"], None),
     ("generate-top-k-zero", _generate("--top-k", "0"), ["--top-k", ">= 1"], None),
@@ -205,7 +225,7 @@ CLI_CASES: list[tuple[str, list[str], list[str], str | None]] = [
     # demo: checked before its training starts
     ("demo-steps-zero", _demo("--steps", "0"), ["--steps", ">= 1"], None),
     ("demo-temperature-zero", _demo("--temperature", "0"), ["--temperature", "> 0"], None),
-    ("demo-embed-dim", _demo("--embed-dim", "6"), ["--embed-dim", "multiple of 4"], None),
+    ("demo-embed-dim", _demo("--embed-dim", "12"), ["--embed-dim", "multiple of 8"], None),
     ("demo-out-is-directory", _demo("--out", "{dir}"), ["--out", "is a directory"], None),
 ]
 
@@ -296,7 +316,7 @@ def _api_cases() -> list[tuple[str, Callable[[dict[str, Path]], Any], type, str]
         ("train-optimizer", lambda w: train(_cfg(w, optimizer="adamw")), ValueError, r"optimizer must be one of"),
         ("train-out-dir", lambda w: train(_cfg(w, out=str(w["dir"]))), ValueError, r"out .*is a directory"),
         ("train-embed-dim", lambda w: train(_cfg(w, model=ModelConfig(vocab_size=0, embed_dim=30))), ValueError,
-         r"model\.embed_dim must be a multiple of 4"),
+         r"model\.embed_dim must be a multiple of 8"),
         ("train-model-field", lambda w: train(_cfg(w, model={"layers": 3})), ValueError,
          r"model has unknown field\(s\) 'layers'"),
         ("train-dropout", lambda w: train(_cfg(w, model={"dropout": 1.0})), ValueError, r"model\.dropout"),

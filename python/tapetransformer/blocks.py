@@ -96,7 +96,7 @@ class FusedTapeHeadBlock(TapeHeadBlock):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.opts = FusedOptions()  # replaced by the owning model's shared options
-        self.int8: BlockInt8 | None = None  # inference weights, used only when autograd is off
+        self.int8: BlockInt8 | None = None  # inference weights, used by eval paths (see int8_active)
         self.int8_act_quant: bool | None = None
 
     @property
@@ -150,9 +150,15 @@ class FusedTapeHeadBlock(TapeHeadBlock):
             raise ValueError(f"sequence too long: positions up to {start + s} > seq_len {self.pos_emb.shape[1]}")
         return apply_rope(tok + self.pos_emb[:, start : start + s, :], self.rope_freqs, offset=start)
 
+    def int8_active(self) -> bool:
+        """Whether this forward uses the int8 weights: every eval-mode forward, with autograd or without
+        (so ``model.eval()(x)`` gives the same output under ``torch.no_grad()`` or not), and any forward
+        without autograd; a training-mode forward with autograd trains the float weights."""
+        return self.int8 is not None and not (self.training and torch.is_grad_enabled())
+
     def _linear(self, x: torch.Tensor, which: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``F.linear``, or the int8 copy of ``which``'s weight when one is set and autograd is off."""
-        q = getattr(self.int8, which) if self.int8 is not None and not torch.is_grad_enabled() else None
+        """``F.linear``, or the int8 copy of ``which``'s weight when it is in use (:meth:`int8_active`)."""
+        q = getattr(self.int8, which) if self.int8_active() else None
         if q is not None and q[0].device == x.device:
             from tape_kernels.int8 import int8_linear
 
@@ -236,7 +242,7 @@ class FusedTapeHeadBlock(TapeHeadBlock):
         )  # fmt: skip
         if any(t is None for t in w.values()):
             return None
-        if self.int8 is not None and not torch.is_grad_enabled():
+        if self.int8_active():
             if self.int8_act_quant:
                 return None
             q = self.int8
@@ -312,7 +318,7 @@ class FusedTapeHead(TapeHead):
         for blk in (left, right):
             if self.training and (blk.attention.dropout > 0 or blk.mlp.dropout.p > 0):
                 return False
-            if blk.int8 is not None and not torch.is_grad_enabled():
+            if blk.int8_active():
                 return False
         return (la.num_heads == ra.num_heads and kernel_supports(d, la.num_heads) and supports_ln_width(d)
                 and left.ln_attn.eps == right.ln_attn.eps and left.ln_mlp.eps == right.ln_mlp.eps

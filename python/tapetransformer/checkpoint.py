@@ -24,7 +24,7 @@ from tapetransformer.fileio import atomic_write, remove_stale_temp, temp_path
 from tapetransformer.model import ModelConfig
 
 FORMAT = "tapetransformer-v1"
-__all__ = ["FORMAT", "ModelConfig", "atomic_save", "atomic_write", "load_checkpoint", "load_weights",
+__all__ = ["FORMAT", "ModelConfig", "atomic_save", "atomic_write", "check_finite", "load_checkpoint", "load_weights",
            "remove_stale_temp", "save_checkpoint", "temp_path"]
 
 
@@ -168,3 +168,13 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, Any], source: str
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"{source}: its weights cannot be loaded: {' '.join(str(e).split())[:300]}") from None
+
+
+def check_finite(state_dict: dict[str, Any], source: str | os.PathLike) -> None:
+    """A one-line ValueError naming ``source`` and the first floating tensor holding NaN or Inf: such
+    weights give NaN log-probs, which would otherwise pass silently as token 0 or a NaN loss."""
+    for name, t in state_dict.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise ValueError(f"{source}: tensor {name!r} holds non-finite values ({n_nan} NaN, {n_inf} Inf of "
+                             f"{t.numel()}); the checkpoint is damaged or its training diverged")

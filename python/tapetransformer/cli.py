@@ -2,15 +2,17 @@
 
 Every flag is checked before any work starts. A user error prints one line,
 ``tapetransformer <command>: error: <flag or file>: <problem>``, and exits with status 2: no
-traceback, no file written. Ctrl-C during training finishes the step, writes a checkpoint and the
-logs, prints one line and exits with status 130.
+traceback, no file written. Ctrl-C (or SIGTERM) during training finishes the step, writes a checkpoint
+and the logs, prints one line and exits with status 130 (143 after SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from tapetransformer.checkpoint import load_checkpoint, load_weights
+from tapetransformer.checkpoint import check_finite, load_checkpoint, load_weights
 from tapetransformer.data import CharVocab, load_text
 from tapetransformer.model import DESIGNS, ModelConfig
 from tapetransformer.train import (
@@ -28,12 +30,14 @@ from tapetransformer.train import (
     OPTIMIZERS,
     ConfigError,
     TrainConfig,
+    TrainingDiverged,
     TrainingInterrupted,
     build_model,
     train,
 )
 from tapetransformer.train.config import (
     COMPILE_AUTO_COST_S,
+    COMPILE_AUTO_PROBE_STEPS,
     COMPILE_AUTO_SPEEDUP,
     COMPILE_AUTO_WARM_COST_S,
     COMPILE_MODES,
@@ -91,7 +95,8 @@ def _add_model_args(p: argparse.ArgumentParser, d: ModelConfig) -> None:
     g = p.add_argument_group("model (with --resume or --init-from, taken from the checkpoint)")
     g.add_argument("--seq-len", type=int, metavar="N", help=f"context length (default: {d.seq_len}; {from_ckpt})")
     g.add_argument("--embed-dim", type=int, metavar="D",
-                   help=f"embedding width, a multiple of 4 (default: {d.embed_dim}; {from_ckpt})")
+                   help="embedding width, a multiple of 8 (4 attention heads x RoPE pairs) "
+                        f"(default: {d.embed_dim}; {from_ckpt})")
     g.add_argument("--num-heads", type=int, metavar="H",
                    help=f"residual TapeHeads ('critics') (default: {d.num_heads}; {from_ckpt})")
     g.add_argument("--dropout", type=float, metavar="P", help=f"dropout in [0, 1) (default: {d.dropout}; {from_ckpt})")
@@ -109,10 +114,10 @@ def _add_model_args(p: argparse.ArgumentParser, d: ModelConfig) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_every: int, batch_size: int,
-                    model: ModelConfig) -> None:
-    p.add_argument("--data", default="embedded", metavar="FILE",
+                    model: ModelConfig, overwrite: bool = False) -> None:
+    p.add_argument("--data", default=None, metavar="FILE",
                    help="UTF-8 text file, 'shakespeare' (downloaded once, cached) or 'embedded' (CPython's pydoc "
-                        "topics, no network)")
+                        "topics, no network) (default: embedded; with --resume: the run's own corpus)")
     p.add_argument("--steps", type=int, default=steps, metavar="N",
                    help="train up to this step (with --resume: the target beyond the checkpoint's step)")
     p.add_argument("--batch-size", type=int, default=batch_size, metavar="B",
@@ -138,6 +143,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
     p.add_argument("--out", default=out, metavar="FILE", help="checkpoint path (written atomically)")
     p.add_argument("--resume", action="store_true",
                    help="continue the checkpoint at --out (it must exist) up to --steps, appending to its logs")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=overwrite,
+                   help="replace an earlier run at --out (its checkpoint and logs); without it or --resume a new run "
+                        "there is refused")
     p.add_argument("--init-from", default=None, metavar="FILE",
                    help="fine-tune from a checkpoint or a bare notebook state_dict (its architecture is kept)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data sampler")
@@ -148,6 +156,11 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
                    help="where log.csv (every step), log.json and loss.png (every checkpoint) go; 'auto': "
                         "<out without suffix>-logs next to the checkpoint; 'none': no logs")
     p.add_argument("--log-csv", default=None, metavar="FILE", help="also append the per-step rows to this CSV")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output (errors, warnings and the final line still print)")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="S",
+                   help="when stderr is not a terminal (a file, a pipe, CI): one progress line every S seconds and "
+                        "at the end, instead of tqdm's bar")
     g = p.add_argument_group("precision and memory")
     g.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="auto: bf16 autocast on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
@@ -159,10 +172,12 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
                    help="force activation recomputation per TapeHead block on or off (default: the planner's)")
     g = p.add_argument_group("speed")
+    _add_threads_arg(g)
     g.add_argument("--compile", choices=COMPILE_MODES, default="auto",
-                   help="torch.compile of the training step. auto: on a CPU, after the second step, when the "
-                        f"remaining steps x the measured step time x {1 - 1 / COMPILE_AUTO_SPEEDUP:.2f} (the "
-                        f"compiled step's saving) exceed {COMPILE_AUTO_COST_S:.0f} s (a cold compile), or "
+                   help="torch.compile of the training step. auto: on a CPU, after steps 2 to "
+                        f"{COMPILE_AUTO_PROBE_STEPS + 1}, when the remaining steps x the median of their times x "
+                        f"{1 - 1 / COMPILE_AUTO_SPEEDUP:.2f} (the compiled step's saving) exceed "
+                        f"{COMPILE_AUTO_COST_S:.0f} s (a cold compile), or "
                         f"{COMPILE_AUTO_WARM_COST_S:.0f} s when Inductor's cache already holds this step (a compiled "
                         "run of the same model, batch and torch finished before; the cache is kept across runs). "
                         "Measured on 2 CPU cores at the notebook's size: compiled steps 1.31x faster, break-even "
@@ -184,6 +199,16 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, eval_ev
     g.add_argument("--viz-every", type=int, default=50, metavar="N", help="draw a frame every N steps")
     g.add_argument("--viz-rows", type=int, default=4, metavar="R", help="batch rows drawn per frame")
     _add_model_args(p, model)
+
+
+THREADS_HELP = ("CPU threads for torch's kernels (torch.set_num_threads). On a machine where other processes keep "
+                "cores busy, OpenMP threads spin-wait for a preempted peer and small steps and decode tokens can "
+                "become an order of magnitude slower; fewer threads than cores (e.g. 1 on a shared 2-core machine) "
+                "avoid that. On an idle machine the default is fastest (default: torch's, one per core)")
+
+
+def _add_threads_arg(g: Any) -> None:
+    g.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
 
 
 def _add_sample_args(p: argparse.ArgumentParser, prompt: str, *, graph_flag: bool = True) -> None:
@@ -208,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog=PROG, description=__doc__, formatter_class=_Help)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="{train,generate,demo}")
     p = sub.add_parser("train", help="train a model and write checkpoints", formatter_class=_Help,
-                       description="Train a TapeTransformer; checkpoints and logs are written as it goes.")
+                       description="Train a TapeTransformer; checkpoints and logs are written as it goes. A new run "
+                                   "refuses an --out that holds an earlier run (use --resume or --overwrite). With "
+                                   "--resume, the run's stored training settings (--data, --batch-size, --lr, "
+                                   "--optimizer, --grad-clip, --eval-every, --eval-batches, --seed, --amp and the "
+                                   "like) are used unless the flag is given; each override is printed.")
     _add_train_args(p, steps=200, out="runs/tapetransformer.ckpt", eval_every=50, batch_size=8, model=DEFAULT_MODEL)
     p.set_defaults(func=cmd_train, model_defaults=DEFAULT_MODEL)
     p = sub.add_parser("generate", help="sample text from a checkpoint", formatter_class=_Help,
@@ -216,13 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint written by train, or a notebook state_dict")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--data", default=None, metavar="FILE",
-                   help="corpus whose characters are a bare notebook state_dict's vocabulary (default: shakespeare)")
+                   help="corpus whose characters are a bare notebook state_dict's vocabulary: a UTF-8 file, "
+                        "'embedded' or 'shakespeare' (downloaded once) (default: embedded, as for train)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="kernels: auto, triton or eager")
+    p.add_argument("--quiet", action="store_true", help="no statistics line on stderr after the text")
+    _add_threads_arg(p)
     _add_sample_args(p, prompt="")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("demo", help="train briefly on the embedded corpus, then generate", formatter_class=_Help,
                        description="Train a small model for about a minute on CPU, then sample from it.")
-    _add_train_args(p, steps=600, out="runs/demo.ckpt", eval_every=200, batch_size=16, model=DEMO_MODEL)
+    # the demo's run is a scratch run: a second demo replaces the first
+    _add_train_args(p, steps=600, out="runs/demo.ckpt", eval_every=200, batch_size=16, model=DEMO_MODEL, overwrite=True)
     _add_sample_args(p, prompt="The ", graph_flag=False)
     p.set_defaults(func=cmd_demo, model_defaults=DEMO_MODEL)
     return ap
@@ -270,28 +303,40 @@ def _log_dir(a: argparse.Namespace) -> str | None:
     return a.log_dir
 
 
-def _optimizer(a: argparse.Namespace) -> str:
-    if a.optimizer is not None:
-        return a.optimizer
-    if a.resume and Path(a.out).is_file():  # continue with the optimizer whose state the checkpoint holds
-        saved = load_checkpoint(a.out)["extra"].get("optimizer_name")
-        if saved in OPTIMIZERS:
-            return saved
-    return "adam"
+_UNSET = object()
+
+
+def _explicit_flags(parser: argparse.ArgumentParser, cmd: str, argv: list[str] | None) -> frozenset[str]:
+    """The dests of the flags given on the command line (whatever their value, a default's included):
+    parsed again with every default replaced by a marker."""
+    sub = next(x for x in parser._actions if isinstance(x, argparse._SubParsersAction)).choices[cmd]
+    saved = [(x, x.default) for x in sub._actions if x.option_strings and x.dest != "help"]
+    for x, _ in saved:
+        x.default = _UNSET
+    try:
+        ns = parser.parse_args(argv)
+    finally:
+        for x, d in saved:
+            x.default = d
+    return frozenset(k for k, v in vars(ns).items() if v is not _UNSET)
 
 
 def _train_config(a: argparse.Namespace) -> TrainConfig:
     given: dict[str, Any] = {f: getattr(a, f) for f in (*MODEL_FLAGS, "causal") if getattr(a, f) is not None}
     if not (a.resume or a.init_from):  # a new run: this command's defaults, then the flags given
         given = {**a.model_defaults.to_dict(), **given}
+    # with --resume the flags left out take the run's stored settings (TrainConfig.explicit)
+    explicit = getattr(a, "explicit", frozenset()) & {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(
         data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_schedule=a.lr_schedule,
-        warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, optimizer=_optimizer(a), grad_clip=a.grad_clip,
-        eval_every=a.eval_every, eval_batches=a.eval_batches, out=a.out, resume=a.resume, seed=a.seed,
-        device=a.device, backend=a.backend, log_csv=a.log_csv, log_dir=_log_dir(a), model=given or None, amp=a.amp,
-        memory_budget_gb=a.memory_budget_gb, micro_batch=a.micro_batch, recompute=a.recompute,
-        init_from=a.init_from, viz=a.viz, viz_every=a.viz_every, viz_rows=a.viz_rows,
-        compile=a.compile, cuda_graph=a.cuda_graph, sync_every=a.sync_every, keep_heap=a.keep_heap,
+        warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, optimizer=a.optimizer or "adam",
+        grad_clip=a.grad_clip, eval_every=a.eval_every, eval_batches=a.eval_batches, out=a.out, resume=a.resume,
+        overwrite=a.overwrite and not a.resume, seed=a.seed, device=a.device, backend=a.backend, log_csv=a.log_csv,
+        log_dir=_log_dir(a), model=given or None, amp=a.amp, memory_budget_gb=a.memory_budget_gb,
+        micro_batch=a.micro_batch, recompute=a.recompute, init_from=a.init_from, viz=a.viz, viz_every=a.viz_every,
+        viz_rows=a.viz_rows, compile=a.compile, cuda_graph=a.cuda_graph, sync_every=a.sync_every,
+        keep_heap=a.keep_heap, explicit=explicit, progress=not a.quiet, progress_every_s=a.progress_every,
+        threads=a.threads,
     )
 
 
@@ -318,6 +363,8 @@ def _generate(model: torch.nn.Module, vocab: CharVocab, a: argparse.Namespace, d
     tokens = generate(model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, greedy=a.greedy,
                       int8=a.int8, seed=a.sample_seed, cuda_graph=a.cuda_graph, on_token=stream, stats=stats)
     sys.stdout.write("\n")
+    if a.quiet:
+        return vocab.decode(tokens[0])
     mode = "int8" if a.int8 else str(model.unembedding.dtype).replace("torch.", "")
     graph = f", CUDA graph (capture {stats['capture_ms']:.1f} ms)" if stats.get("cuda_graph") else ""
     print(f"[{a.max_new_tokens} tokens, {stats.get('ms_per_token', 0.0):.2f} ms/token, prefill "
@@ -331,8 +378,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         peak = res["peak_mem_mb"]
         mem = f"; peak memory of the last step {peak:,.0f} MiB" if a.device.startswith("cuda") else ""
-        val = "n/a" if res["val_loss"] != res["val_loss"] else f"{res['val_loss']:.4f}"
-        print(f"step {res['step']}: train loss {res['train_loss']:.4f}, val loss {val}; "
+        print(f"step {res['step']}: train loss {res['train_loss']:.4f}, val loss {res['val_loss']:.4f}; "
               f"checkpoint {res['checkpoint']}{mem}")
     return 0
 
@@ -346,7 +392,7 @@ def load_model(
     if ckpt["vocab"]:
         vocab = CharVocab(ckpt["vocab"])
     else:  # a bare notebook state_dict: the vocabulary comes from the corpus it was trained on
-        vocab = CharVocab.from_text(load_text(data if data else "shakespeare"))
+        vocab = CharVocab.from_text(load_text(data if data else "embedded"))  # train's default corpus
     if vocab.size != cfg.vocab_size:
         raise ValueError(f"{path}: the vocabulary has {vocab.size} characters but the model expects {cfg.vocab_size}"
                          + ("" if ckpt["vocab"] else " (pass the corpus it was trained on with --data)"))
@@ -355,12 +401,21 @@ def load_model(
     except ValueError as e:
         raise ValueError(f"{path}: its config cannot build a model ({e})") from None
     load_weights(model, ckpt["model"], path)
+    check_finite(ckpt["model"], path)
     return model.to(device).eval(), vocab
+
+
+def _set_threads(a: argparse.Namespace) -> None:
+    if a.threads is not None:
+        if a.threads < 1:
+            raise UsageError("--threads", f"must be >= 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
     _check_sampling(a)
     device = _check_runtime(a)
+    _set_threads(a)
     check_input_file("checkpoint", a.checkpoint, "checkpoint")
     if a.data is not None and a.data not in CORPORA:
         check_input_file("data", a.data, "corpus file")
@@ -376,6 +431,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     _check_sampling(a)
     device = _check_runtime(a)
+    _set_threads(a)
     cfg = _train_config(a)
     validate_config(cfg)  # the flags first, then the prompt against the corpus, then the work
     if a.prompt and not (a.resume or a.init_from):  # the vocabulary will be the corpus's: check before training
@@ -411,16 +467,24 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a flag argparse rejected (one line, status 2)
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_ERROR
     where = f"{PROG} {a.cmd}"
+    a.explicit = _explicit_flags(parser, a.cmd, argv)
     try:
         return a.func(a)
     except TrainingInterrupted as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank stops; rank 0 reports
-            print(f"{where}: interrupted at step {e.step} of {e.steps}; checkpoint {e.checkpoint} and the logs are "
-                  "written (continue with --resume)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+            by = "" if e.signum == signal.SIGINT else f" by {signal.Signals(e.signum).name}"
+            print(f"{where}: interrupted{by} at step {e.step} of {e.steps}; checkpoint {e.checkpoint} and the logs "
+                  "are written (continue with --resume)", file=sys.stderr)
+        return 128 + int(e.signum)  # 130 after Ctrl-C, 143 after SIGTERM, as the shell reports them
     except KeyboardInterrupt:
-        print(f"{where}: interrupted; the last checkpoint written, if any, is intact", file=sys.stderr)
+        if a.cmd == "generate":  # generation writes no file: nothing to keep or lose
+            print(f"{where}: interrupted", file=sys.stderr)
+        else:
+            print(f"{where}: interrupted; the last checkpoint written, if any, is intact", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TrainingDiverged as e:
+        print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except ConfigError as e:
         print(f"{where}: error: {_one_line(ValueError(e.render(_flag(a, e.field))))}", file=sys.stderr)
         return EXIT_ERROR

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "remove_stale_temp", "temp_path"]
+__all__ = ["atomic_write", "remove_stale_temp", "temp_path", "write_error"]
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -41,6 +41,20 @@ def remove_stale_temp(path: str | os.PathLike) -> list[Path]:
     return gone
 
 
+def write_error(path: str | os.PathLike, e: BaseException) -> OSError:
+    """One line naming ``path`` for a failed write (a full disk, a quota, an I/O error): a flush's or
+    torch.save's own error does not name the file."""
+    errno = getattr(e, "errno", None)
+    why = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+    if errno == 28:  # ENOSPC
+        why = "No space left on device (the disk is full)"
+    elif not isinstance(e, OSError):  # torch.save's RuntimeError does not say why
+        why = f"the write failed; is the disk full? ({why[:160]})"
+    err = OSError(f"cannot write {path}: {why}")
+    err.errno = errno
+    return err
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     """Write ``path`` through :func:`temp_path`: ``write(f)``, flush, fsync, then rename over ``path``.
 
@@ -59,9 +73,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        # torch.save reports a failed write as a RuntimeError ("... failed writing file ...")
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and ("failed writing" in str(e)
+                                                                       or "write failed" in str(e))):
+            raise write_error(path, e) from None
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)

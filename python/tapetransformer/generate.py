@@ -123,6 +123,12 @@ def generate(
         model.train(was_training)
 
 
+def _nonfinite_error(token: int | None) -> ValueError:
+    where = f" at new token {token}" if token is not None else ""
+    return ValueError(f"generate: the model's log-probabilities are not finite (NaN or Inf){where}; its weights hold "
+                      "non-finite values or the logits overflow, so no token can be drawn")
+
+
 def _generate(
     model: TapeTransformer, prompt: torch.Tensor, max_new_tokens: int, window: int, use_graph: bool,
     use_native: bool | None, seed: int | None, temperature: float, top_k: int | None, greedy: bool,
@@ -173,8 +179,18 @@ def _generate(
     _sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
 
+    # A non-finite log-prob (NaN weights, an overflow) is an error, never a token: checked per token on
+    # CPU; on CUDA gathered into a device flag read once at the end (no sync per token).
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device) if device.type != "cpu" else None
+
     def pick(lp: torch.Tensor) -> torch.Tensor:
-        return pick_next(lp[:, -1], temperature=temperature, top_k=top_k, greedy=greedy, generator=rng,
+        last = lp[:, -1]
+        if nonfinite is None:
+            if not bool(torch.isfinite(last).all()):
+                raise _nonfinite_error(len(out) - 1)
+        else:
+            nonfinite.logical_or_(~torch.isfinite(last).all())
+        return pick_next(last, temperature=temperature, top_k=top_k, greedy=greedy, generator=rng,
                          backend=model.backend)  # fmt: skip
 
     out = [prompt]
@@ -223,6 +239,8 @@ def _generate(
             logp, cache = model.prefill(nxt[:, None], cache, check=False)
             nxt = pick(logp)
     _sync(device)
+    if nonfinite is not None and bool(nonfinite):
+        raise _nonfinite_error(None)
     n = max(max_new_tokens, 1)
     if stats is not None:
         stats.update(prefill_ms=prefill_ms, ms_per_token=(time.perf_counter() - t1 - capture_ms / 1e3) * 1e3 / n,

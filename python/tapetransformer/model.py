@@ -236,8 +236,9 @@ class TapeTransformer(ReferenceTapeTransformer):
     # ------------------------------------------------------------------ int8 inference weights
 
     def quantize_int8_(self, act_quant: bool | None = None) -> TapeTransformer:
-        """Give every block int8 copies (per-channel symmetric) of its four Linear weights, used by eval
-        paths while autograd is off (training keeps the float weights; the state_dict is unaffected).
+        """Give every block int8 copies (per-channel symmetric) of its four Linear weights, used by every
+        eval-mode forward, with or without autograd, and by any forward without autograd (a training-mode
+        forward with autograd trains the float weights; the state_dict is unaffected).
 
         Cached per block: calling again (as every ``generate(int8=True)`` does) re-quantizes only a
         block whose weights changed, were replaced or moved since. ``act_quant``: False weight-only,

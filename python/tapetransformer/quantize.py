@@ -36,9 +36,10 @@ def quantize_int8(model: nn.Module, act_quant: bool | None = None, inplace: bool
     """Return ``model`` with int8 weights for inference; works on the fused and the reference model.
 
     * the fused ``tapetransformer.TapeTransformer``: a copy (or ``model`` itself with ``inplace``) whose
-      blocks carry int8 copies of their four Linear weights (``quantize_int8_``). Eval paths without
-      autograd (``forward`` in eval mode, ``generate``) use them; the float weights stay, so training,
-      ``loss`` and backward work as before (on the float weights) and the state_dict is unchanged;
+      blocks carry int8 copies of their four Linear weights (``quantize_int8_``). Every eval-mode
+      ``forward`` (under ``torch.no_grad()`` or not: the same output) and ``generate`` use them; the float
+      weights stay, so training-mode ``forward``, ``loss`` and backward work as before (on the float
+      weights) and the state_dict is unchanged;
     * the reference (or any module with TapeHeadBlock-shaped children): the attention projections and
       MLP Linears of every TapeHeadBlock and the Char-RNN cells are replaced by int8 modules
       (``tape_kernels.int8``); forward runs int8, and gradients flow to the inputs (not to the frozen

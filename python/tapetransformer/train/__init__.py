@@ -35,7 +35,7 @@ from tapetransformer.train.config import (
 )
 from tapetransformer.train.cudagraph import GraphedStepper, graph_unsupported
 from tapetransformer.train.logs import RunLog, read_history
-from tapetransformer.train.loop import Run, TrainingInterrupted, train
+from tapetransformer.train.loop import Run, TrainingDiverged, TrainingInterrupted, train
 from tapetransformer.train.memory import (
     GIB,
     MIB,
@@ -67,6 +67,7 @@ __all__ = [
     "StartPoint",
     "Stepper",
     "TrainConfig",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "build_model",
     "calibrate_memory",

@@ -8,18 +8,19 @@ validation sampler's), the step, vocabulary and config, so a resumed CPU run con
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tapetransformer.checkpoint import ModelConfig, load_checkpoint, load_weights, save_checkpoint
+from tapetransformer.checkpoint import ModelConfig, check_finite, load_checkpoint, load_weights, save_checkpoint
 from tapetransformer.data import CharDataset, CharVocab
 from tapetransformer.reference import nll_loss
-from tapetransformer.train.config import DEFAULT_MODEL, ConfigError, TrainConfig
+from tapetransformer.train.config import DEFAULT_MODEL, LOCAL_FIELDS, ConfigError, TrainConfig, run_settings
 
-__all__ = ["StartPoint", "evaluate", "given_model_fields", "open_start", "restore", "rng_state", "save",
+__all__ = ["StartPoint", "evaluate", "given_model_fields", "open_start", "restore", "resume_config", "rng_state",
+           "save",
            "set_rng_state", "start_point"]
 
 ARCHITECTURE = ("seq_len", "embed_dim", "num_heads")  # fixed by the weights
@@ -127,6 +128,33 @@ def _conflict_error(f: str, given: Any, saved: ModelConfig, source: Path, hint: 
                                      f"{getattr(saved, f)!r}; {hint}")
 
 
+def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """For ``resume``: ``cfg`` with the run's stored training settings (config.run_settings) in place of
+    those not given (``cfg.explicit``, see TrainConfig), and one note per given setting that differs from
+    the run's. A checkpoint from before settings were stored restores its optimizer only. Other configs
+    come back unchanged."""
+    if not cfg.resume:
+        return cfg, []
+    extra = load_checkpoint(cfg.out)["extra"]
+    stored = dict(extra.get("train_config") or {})
+    if not stored and extra.get("optimizer_name") is not None:
+        stored = {"optimizer": extra["optimizer_name"]}
+    default = TrainConfig()
+    names = {f.name for f in fields(TrainConfig)}
+    given = cfg.explicit if cfg.explicit is not None else {n for n in names if getattr(cfg, n) != getattr(default, n)}
+    current = run_settings(cfg)  # a corpus path as stored (absolute)
+    updates: dict[str, Any] = {}
+    notes = []
+    for name, saved in stored.items():
+        if name not in names or name in LOCAL_FIELDS:  # a setting this version does not have
+            continue
+        if name not in given:
+            updates[name] = saved
+        elif current[name] != saved:
+            notes.append(f"{name} {getattr(cfg, name)!r} instead of the run's {saved!r}")
+    return replace(cfg, **updates), notes
+
+
 def open_start(cfg: TrainConfig) -> dict[str, Any] | None:
     """Load the checkpoint a run starts from (``resume``: ``cfg.out``; ``init_from``) and run the
     checks that need no corpus: the model fields ``cfg.model`` gives against it, the optimizer and,
@@ -205,6 +233,7 @@ def restore(ck: dict[str, Any], source: str | Path, model: torch.nn.Module, opt:
             scaler: torch.amp.GradScaler | None, gen: torch.Generator, eval_gen: torch.Generator) -> None:
     """Load a resumed checkpoint's model, optimizer, scaler and RNG states."""
     load_weights(model, ck["model"], source)
+    check_finite(ck["model"], source)
     if ck["optimizer"] is not None:
         try:
             opt.load_state_dict(ck["optimizer"])
@@ -222,7 +251,8 @@ def save(cfg: TrainConfig, *, model: torch.nn.Module, mcfg: ModelConfig, vocab: 
          opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, step: int, gen: torch.Generator,
          eval_gen: torch.Generator, val_loss: float, plan: Any, world: int) -> Path:
     """Write the run's checkpoint to ``cfg.out`` (atomically)."""
-    extra = {"optimizer_name": cfg.optimizer, "val_loss": val_loss, "plan": asdict(plan),
+    extra = {"optimizer_name": cfg.optimizer, "train_config": run_settings(cfg), "val_loss": val_loss,
+             "plan": asdict(plan),
              "scaler": scaler.state_dict() if scaler is not None else None, "world_size": world, "amp": cfg.amp}
     return save_checkpoint(cfg.out, model=model, config=mcfg, vocab=vocab.chars, optimizer=opt, step=step,
                            rng=rng_state(gen, eval_gen), extra=extra)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,23 @@ COMPILE_MODES = ("auto", "on", "off")
 # compiled steps 1.31x (notebook size) and 1.61x (small) faster; first compiled step 47 s / 43 s cold,
 # 8.0 s / 5.8 s warm, from a fresh process. The smaller speed-up and rounded-up costs are used, so `auto`
 # compiles only runs that pay back with margin (notebook size, cold: ~99 steps break even, auto needs
-# ~116 remaining steps of 2.0 s). The decision is taken after the second step (the first pays one-time
-# costs).
+# ~116 remaining steps of 2.0 s).
 COMPILE_AUTO_SPEEDUP = 1.31
 COMPILE_AUTO_COST_S = 55.0
 COMPILE_AUTO_WARM_COST_S = 10.0
+# The eager step time is the median of steps 2 to 1 + COMPILE_AUTO_PROBE_STEPS (the first pays one-time
+# costs): one step slowed by another process on a busy machine must not decide the compile.
+COMPILE_AUTO_PROBE_STEPS = 5
+
+
+def compile_pays(step_times_s: list[float], remaining_steps: int, warm: bool) -> bool:
+    """``compile="auto"``: whether ``remaining_steps`` compiled steps save more than the compile costs,
+    from the median of the measured eager step times (see COMPILE_AUTO_*)."""
+    times = sorted(step_times_s)
+    n = len(times)
+    median = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
+    saving = median * (1.0 - 1.0 / COMPILE_AUTO_SPEEDUP)
+    return remaining_steps * saving > (COMPILE_AUTO_WARM_COST_S if warm else COMPILE_AUTO_COST_S)
 BACKENDS = ("auto", "triton", "eager")
 CORPORA = ("embedded", "shakespeare")
 # The repaired (causal) semantics by default: the reference's cached generation cannot produce text.
@@ -42,8 +54,10 @@ DEFAULT_MODEL = ModelConfig(vocab_size=0, seq_len=64, embed_dim=64, num_heads=2,
 DEFAULT_LR = 3e-3
 LR_CHOICE_NOTE = ("chosen by a sweep of both designs on tiny-shakespeare with the default schedule, "
                   "benchmarks/results/lr-sweep.json")
-# TapeHeadBlock's attention has 4 heads and RoPE rotates pairs: embed_dim must be a multiple of 4.
+# TapeHeadBlock's attention has 4 heads and RoPE rotates pairs within each head: embed_dim must be a
+# multiple of 4 x 2 = 8 (the model's own check, reference.ReferenceTapeTransformer).
 ATTENTION_HEADS = 4
+EMBED_DIM_MULTIPLE = 2 * ATTENTION_HEADS
 
 
 @dataclass
@@ -62,6 +76,9 @@ class TrainConfig:
     eval_batches: int = 4
     out: str = "runs/tapetransformer.ckpt"
     resume: bool = False  # continue from ``out``, which must exist
+    # A new run refuses an ``out`` (or a log_dir log.csv) that already exists: pass ``resume`` to continue
+    # that run or ``overwrite`` to replace it.
+    overwrite: bool = False
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"  # kernels: "auto" (Triton on CUDA), "triton", "eager"
@@ -71,7 +88,11 @@ class TrainConfig:
     # match the checkpoint (a ModelConfig's vocab_size 0 matches any); with ``init_from`` the
     # architecture must (dropout and causal may change for fine-tuning).
     model: ModelConfig | dict[str, Any] | None = None
-    progress: bool = True
+    progress: bool = True  # a tqdm bar on a terminal, else a line every progress_every_s seconds
+    progress_every_s: float = 30.0
+    # CPU threads of torch's intra-op pool for this run (None: torch's default, one per core); restored
+    # after. Fewer threads than cores avoid OpenMP's spin-waiting against other busy processes.
+    threads: int | None = None
     amp: str = "auto"  # "auto": bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU
     memory_budget_gb: float | None = None
     micro_batch: int | None = None  # overrides the planner
@@ -91,6 +112,31 @@ class TrainConfig:
     sync_every: int | None = None  # read losses back every N steps (None: 10 with a CUDA graph, else 1)
     # CPU: keep freed memory in the process (glibc malloc thresholds, see train.heap); process-wide.
     keep_heap: bool = True
+    # ``resume``: the fields given on purpose, which override the run's stored settings (the CLI passes the
+    # flags on its command line). None (the API's default): the fields whose value differs from this
+    # class's default count as given; every other stored setting is taken from the checkpoint.
+    explicit: frozenset[str] | None = None
+
+
+# Fields that say where and how a run is executed, not what it computes: not stored with the checkpoint.
+# Every other field (data, batch_size, lr, optimizer, grad_clip, eval_every, eval_batches, seed, amp and any
+# field added later, a schedule's among them) is stored in the checkpoint and restored by ``resume``
+# (see run_settings and checkpointing.resume_config). ``steps`` is the target of each invocation and the
+# model is restored through its own ModelConfig.
+LOCAL_FIELDS = frozenset({
+    "steps", "out", "resume", "overwrite", "init_from", "model", "progress", "device", "backend", "log_csv",
+    "log_dir", "viz", "viz_every", "viz_rows", "catch_sigint", "cuda_graph", "compile", "sync_every", "keep_heap",
+    "memory_budget_gb", "micro_batch", "recompute", "explicit", "threads", "progress_every_s",
+})
+
+
+def run_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The training settings that define ``cfg``'s run (every field not in LOCAL_FIELDS); a corpus file
+    as an absolute path, so a resume from another directory finds it."""
+    out = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in LOCAL_FIELDS}
+    if out.get("data") is not None and str(out["data"]) not in CORPORA:
+        out["data"] = str(Path(out["data"]).resolve())
+    return out
 
 
 class ConfigError(ValueError):
@@ -229,10 +275,10 @@ def check_model_config(m: Any, prefix: str = "model.") -> None:
         raise TypeError(f"{prefix.rstrip('.')} must be a ModelConfig, got {type(m).__name__}")
     check_int(prefix + "vocab_size", m.vocab_size, 0)
     check_int(prefix + "seq_len", m.seq_len, 1)
-    check_int(prefix + "embed_dim", m.embed_dim, ATTENTION_HEADS)
-    if m.embed_dim % ATTENTION_HEADS:
-        raise ConfigError(prefix + "embed_dim", f"{{name}} must be a multiple of {ATTENTION_HEADS} (the attention "
-                                                f"heads of a TapeHead block), got {m.embed_dim}")
+    check_int(prefix + "embed_dim", m.embed_dim, EMBED_DIM_MULTIPLE)
+    if m.embed_dim % EMBED_DIM_MULTIPLE:
+        raise ConfigError(prefix + "embed_dim", f"{{name}} must be a multiple of {EMBED_DIM_MULTIPLE} "
+                                                f"({ATTENTION_HEADS} attention heads, RoPE pairs), got {m.embed_dim}")
     check_int(prefix + "num_heads", m.num_heads, 1)
     check_float(prefix + "dropout", m.dropout, 0.0, hi=1.0, hi_open=True)
     check_bool(prefix + "causal", m.causal)
@@ -277,6 +323,18 @@ def validate_config(cfg: TrainConfig) -> torch.device:
     if cfg.resume and not Path(cfg.out).is_file():
         raise ConfigError("resume", f"{{name}}: there is no checkpoint at {cfg.out} to continue (leave out resume "
                                     "to start a new run there)")
+    check_bool("overwrite", cfg.overwrite)
+    if cfg.explicit is not None and not (isinstance(cfg.explicit, (set, frozenset))
+                                         and all(isinstance(f, str) for f in cfg.explicit)):
+        raise TypeError(f"explicit must be a frozenset of field names or None, got {cfg.explicit!r}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("overwrite", "{name} cannot be combined with resume: a resumed run continues its checkpoint")
+    if not (cfg.resume or cfg.overwrite):
+        earlier = [p for p in (Path(cfg.out), Path(cfg.log_dir) / "log.csv" if cfg.log_dir is not None else None)
+                   if p is not None and p.exists()]
+        if earlier:
+            raise ConfigError("out", f"{{name}}: {earlier[0]} holds an earlier run; continue it (--resume, "
+                                     "resume=True), replace it (--overwrite, overwrite=True) or choose another path")
     check_int("seed", cfg.seed, 0, 2**63 - 1)
     device = check_device("device", cfg.device)
     check_backend("backend", cfg.backend, device)
@@ -301,6 +359,9 @@ def validate_config(cfg: TrainConfig) -> torch.device:
     check_int("viz_every", cfg.viz_every, 1)
     check_int("viz_rows", cfg.viz_rows, 1)
     check_bool("progress", cfg.progress)
+    check_float("progress_every_s", cfg.progress_every_s, 0.0)
+    if cfg.threads is not None:
+        check_int("threads", cfg.threads, 1)
     check_bool("catch_sigint", cfg.catch_sigint)
     check_bool("cuda_graph", cfg.cuda_graph, optional=True)
     check_bool("keep_heap", cfg.keep_heap)

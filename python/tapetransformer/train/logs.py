@@ -1,7 +1,10 @@
 """Training logs written as training goes, so a killed run keeps its history:
 
-* ``log.csv`` (and ``TrainConfig.log_csv``): one row per step, appended and flushed as the step ends;
-* ``log.json``: the run's summary and every row so far, rewritten atomically at every checkpoint;
+* ``log.csv`` (and ``TrainConfig.log_csv``): one row per step, appended and flushed as the step ends
+  (a non-finite value is written ``nan``/``inf``; a cell is blank only where the step has no value,
+  e.g. ``val_loss`` between validations);
+* ``log.json``: the run's summary and every row so far, rewritten atomically at every checkpoint
+  (JSON has no NaN: a non-finite value is the string ``"nan"``/``"inf"``/``"-inf"``);
 * ``loss.png``: the loss curve of the whole run, redrawn with ``log.json``.
 
 A resumed run reads the rows up to its checkpoint's step back from the CSV, drops later ones (steps
@@ -22,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tapetransformer.fileio import atomic_write, remove_stale_temp
+from tapetransformer.fileio import atomic_write, remove_stale_temp, write_error
 
 __all__ = ["FIELDS", "RunLog", "read_history"]
 
@@ -30,7 +33,8 @@ FIELDS = ("step", "loss", "tokens_per_s", "step_s", "peak_mem_mb", "val_loss")
 
 
 def _cell(v: Any) -> Any:
-    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+    """A CSV cell: NaN and Inf are written as nan / inf (a diverged loss must show, not vanish)."""
+    return "" if v is None else v
 
 
 def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
@@ -77,6 +81,14 @@ class RunLog:
         if resume_step is not None:
             existing = [p for p in self.csv_paths if p.is_file()]
             self.rows = read_history(existing[0], resume_step) if existing else []
+        self._files: list[Any] = []
+        self._writers: list[csv.DictWriter] = []
+        self._opened = False
+        self._plot_skipped = False
+
+    def _open(self) -> None:
+        """Rewrite the CSVs to the rows kept so far and open them for appending: done at the first step's
+        row, so a run that fails before its first step leaves an earlier run's logs as they were."""
         text = _csv_text(self.rows)
         for p in self.csv_paths:
             remove_stale_temp(p)
@@ -87,23 +99,28 @@ class RunLog:
         self._files = [open(p, "a", newline="", encoding="utf-8") for p in self.csv_paths]  # noqa: SIM115
         self._writers = [csv.DictWriter(f, fieldnames=FIELDS, restval="", extrasaction="ignore", lineterminator="\n")
                          for f in self._files]
-        self._plot_skipped = False
+        self._opened = True
 
     def append(self, row: dict[str, Any]) -> None:
         """Record a step's row and append it to every CSV (flushed: a SIGKILL after this keeps it)."""
+        if not self._opened:
+            self._open()
         self.rows.append(row)
         cells = {k: _cell(v) for k, v in row.items()}
-        for w, f in zip(self._writers, self._files):
-            w.writerow(cells)
-            f.flush()
+        for p, w, f in zip(self.csv_paths, self._writers, self._files):
+            try:
+                w.writerow(cells)
+                f.flush()
+            except OSError as e:  # a full disk: name the file (a flush's error carries no name)
+                raise write_error(p, e) from None
 
     def snapshot(self, status: str) -> None:
         """Rewrite ``log.json`` and ``loss.png`` (atomically) from every row so far."""
-        if self.dir is None:
+        if self.dir is None or not self._opened:
             return
         step = self.rows[-1]["step"] if self.rows else 0
         doc = {"status": status, "step": step, **self.summary,
-               "log": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+               "log": [{k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
                        for r in self.rows]}
         text = json.dumps(doc, indent=1)
         atomic_write(self.dir / "log.json", lambda f: f.write(text.encode("utf-8")))

@@ -21,17 +21,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from tapetransformer.checkpoint import ModelConfig, load_weights
+from tapetransformer.checkpoint import ModelConfig, check_finite, load_weights
 from tapetransformer.data import CharDataset, CharVocab, load_text
 from tapetransformer.fileio import remove_stale_temp
 from tapetransformer.train import checkpointing as ckpt
 from tapetransformer.train.compilecache import is_warm
 from tapetransformer.train.config import (
-    COMPILE_AUTO_COST_S,
-    COMPILE_AUTO_SPEEDUP,
-    COMPILE_AUTO_WARM_COST_S,
+    COMPILE_AUTO_PROBE_STEPS,
     ConfigError,
     TrainConfig,
+    compile_pays,
     make_schedule,
     validate_config,
 )
@@ -39,11 +38,16 @@ from tapetransformer.train.cudagraph import GraphedStepper, graph_unsupported
 from tapetransformer.train.heap import keep_freed_memory
 from tapetransformer.train.logs import RunLog
 from tapetransformer.train.memory import (
+    FIT_MARGIN,
     GIB,
     MIB,
     MemoryEstimate,
     MemoryPlan,
+    available_bytes,
     calibrate_memory,
+    check_fits,
+    count_parameters,
+    describe_bytes,
     estimate_memory,
     plan_memory,
     set_memory_budget,
@@ -51,15 +55,31 @@ from tapetransformer.train.memory import (
 from tapetransformer.train.schedule import LRSchedule
 from tapetransformer.train.step import Stepper, build_model, enable_recompute, make_optimizer, pick_amp
 
-__all__ = ["Run", "TrainingInterrupted", "train"]
+__all__ = ["Run", "TrainingDiverged", "TrainingInterrupted", "train"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during :func:`train`: the run stopped after ``step``; its checkpoint and logs are written."""
+    """Ctrl-C or SIGTERM during :func:`train`: the run stopped after ``step``; its checkpoint and logs
+    are written."""
 
-    def __init__(self, step: int, steps: int, checkpoint: str) -> None:
+    def __init__(self, step: int, steps: int, checkpoint: str, signum: int | None = None) -> None:
         super().__init__(f"interrupted at step {step} of {steps}; checkpoint {checkpoint}")
         self.step, self.steps, self.checkpoint = step, steps, checkpoint
+        self.signum = signum if signum is not None else signal.SIGINT  # SIGINT or SIGTERM
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or Inf at ``step``: the run stopped there, its rows up to that step
+    are logged, and no checkpoint of the diverged weights was written (the last good one is kept)."""
+
+    def __init__(self, step: int, loss: float, saved_at: int, checkpoint: str) -> None:
+        if saved_at > 0:  # written by this run, or the one a resume started from
+            kept = f"the last good checkpoint, step {saved_at}, is kept at {checkpoint}"
+        else:
+            kept = "no checkpoint was written (none came before it)"
+        super().__init__(f"the training loss became {loss} at step {step}; stopped there, {kept}; try a lower lr or "
+                         "grad_clip (--lr, --grad-clip)")
+        self.step, self.loss, self.saved_at, self.checkpoint = step, loss, saved_at, checkpoint
 
 
 @dataclass
@@ -87,6 +107,7 @@ class Run:
     sync_every: int = 1  # steps whose losses are read back together (see _loop)
     graph_note: str | None = None  # why the step is not a CUDA graph (None: it is)
     first_step_s: float | None = None  # the run's first step, compile or graph capture included
+    probe_s: list[float] = field(default_factory=list)  # eager step times --compile auto decides from
     rows: list[dict[str, Any]] = field(default_factory=list)  # ranks > 0 keep theirs here
 
     @property
@@ -104,13 +125,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     included; "first_step_s": the run's first step, a compile or graph capture included). Under ``torchrun``
     (WORLD_SIZE > 1) every rank calls this; rank 0 writes files.
 
+    ``resume``: the run's stored training settings (``config.run_settings``: every field outside
+    ``config.LOCAL_FIELDS``) replace those not given on purpose (``cfg.explicit``; by default the fields
+    left at TrainConfig's default), and each given one that differs from the run's is printed.
+
     Raises TypeError/ValueError naming the field for a bad config before any work, and
     :class:`TrainingInterrupted` (a KeyboardInterrupt) after Ctrl-C has been handled."""
     device = validate_config(cfg)
+    cfg, overrides = ckpt.resume_config(cfg)  # a resumed run keeps its own settings unless given
+    if cfg.resume:
+        device = validate_config(cfg)  # the run's corpus may have moved since
     rank, world, own_group = _dist_setup(device)
     cleanup: list[Any] = []
+    if cfg.threads is not None:  # the pool is process-wide: restored when training ends
+        before = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        cleanup.append(lambda: torch.set_num_threads(before))
     try:
-        return _train(cfg, rank, world, cleanup)
+        return _train(cfg, rank, world, cleanup, overrides)
     finally:
         for fn in reversed(cleanup):
             fn()
@@ -118,8 +150,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> dict[str, Any]:
+def _train(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any], overrides: list[str]) -> dict[str, Any]:
     run = _setup(cfg, rank, world, cleanup)
+    if run.main:  # once the run is known to start (a refused one prints its one error line only)
+        for note in overrides:
+            print(f"resume: {note}", file=sys.stderr)
     log = _open_log(run) if run.main else None
     viz = _open_viz(run) if run.main and cfg.viz else None
     _announce(run)
@@ -164,9 +199,11 @@ def _setup(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> Run:
     eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
     start, ds = _start(cfg)
     mcfg = start.model
+    _check_fits(cfg, mcfg, device, world)  # before the model and the first batch are allocated
     model = build_model(mcfg, cfg.backend)
     if start.init is not None:  # casts a float64 notebook state_dict to fp32
         load_weights(model, start.init["model"], cfg.init_from)
+        check_finite(start.init["model"], cfg.init_from)
     model.to(device)
     amp_dtype, need_scaler = pick_amp(cfg.amp, device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -197,6 +234,34 @@ def _setup(cfg: TrainConfig, rank: int, world: int, cleanup: list[Any]) -> Run:
                stepper=stepper, gen=gen, eval_gen=eval_gen, start_step=start.step, n_params=n_params,
                schedule=make_schedule(cfg),
                memory_fraction=frac, val_loss=val_loss, sync_every=sync_every, graph_note=why_not)
+
+
+def _check_fits(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device, world: int) -> None:
+    """Refuse, naming the sizes and the estimate, a configuration whose training step cannot fit the
+    memory available (memory.check_fits: parameters, gradients and optimizer state + activations per
+    sample x batch + the batch's ids; with a budget or a micro-batch, the smallest step the planner can
+    choose)."""
+    amp_dtype, _ = pick_amp(cfg.amp, device)
+    n_params = count_parameters(mcfg, cfg.backend)
+    triton = cfg.backend == "triton" or (cfg.backend == "auto" and device.type == "cuda")
+    est = estimate_memory(mcfg, n_params, optimizer=cfg.optimizer, amp=amp_dtype is not None,
+                          need_aux=cfg.viz is not None, fused=triton, ddp=world > 1)
+    planned = cfg.memory_budget_gb is not None and cfg.micro_batch is None  # the planner may go down to 1
+    micro = cfg.micro_batch if cfg.micro_batch is not None else (1 if planned else None)
+    recompute = bool(cfg.recompute) or (planned and cfg.recompute is None)
+    avail = available_bytes(device)
+    parts = check_fits(est, cfg.batch_size // world, mcfg.seq_len, device, micro_batch=micro, recompute=recompute,
+                       available=avail)
+    if parts is None or avail is None:
+        return
+    fixed, act, data = parts
+    field = "batch_size" if act + data > fixed else "model.embed_dim"
+    raise ConfigError(field, f"{{name}}: a training step of this configuration (batch_size {cfg.batch_size}, seq_len "
+                             f"{mcfg.seq_len}, embed_dim {mcfg.embed_dim}, num_heads {mcfg.num_heads}: {n_params:,} "
+                             f"parameters) needs about {describe_bytes(sum(parts))} (weights, gradients and optimizer "
+                             f"state {describe_bytes(fixed)}, activations {describe_bytes(act)}, batch "
+                             f"{describe_bytes(data)}), more than {FIT_MARGIN:g}x the {describe_bytes(avail)} "
+                             f"available on {device.type}; use a smaller batch or model")
 
 
 def _plan(cfg: TrainConfig, model: torch.nn.Module, mcfg: ModelConfig, ds: CharDataset, device: torch.device,
@@ -235,7 +300,8 @@ def _apply_budget(plan: MemoryPlan, device: torch.device, cleanup: list[Any]) ->
 def _open_log(run: Run) -> RunLog:
     cfg = run.cfg
     paths = ([cfg.log_csv] if cfg.log_csv else []) + ([os.path.join(cfg.log_dir, "log.csv")] if cfg.log_dir else [])
-    summary = {"config": {k: v for k, v in asdict(cfg).items() if k != "model"}, "model": run.mcfg.to_dict(),
+    summary = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("model", "explicit")},
+               "model": run.mcfg.to_dict(),
                "parameters": run.n_params, "world_size": run.world, "plan": asdict(run.stepper.plan)}
     remove_stale_temp(cfg.out)
     return RunLog(paths, cfg.log_dir, summary=summary, resume_step=run.start_step if cfg.resume else None)
@@ -270,22 +336,32 @@ def _loop(run: Run, log: RunLog | None, viz: Any, stop: _SigintDeferral) -> None
     ``run.sync_every`` steps, and at every evaluation, checkpoint, frame and stop. Each read-back
     synchronises with the device, so a CUDA-graph run reads every few steps, not every step."""
     cfg = run.cfg
-    bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps,
-               disable=not (cfg.progress and run.main), desc="train", dynamic_ncols=True, file=sys.stderr)
+    bar = _Progress(run)
     run.model.train()
     saved_at = run.start_step
     pending: list[_Launched] = []
     try:
-        for step in bar:
+        for step in range(run.start_step, cfg.steps):
             done = step + 1
+            bar.tick()
             pending.append(_launch(run, done))
-            evaluate_now = cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.steps)
+            # eval_every 0: validate (and checkpoint) only at the end
+            evaluate_now = done == cfg.steps or (cfg.eval_every > 0 and done % cfg.eval_every == 0)
             stop_now = done < cfg.steps and _stop_agreed(stop, run)
             settle = evaluate_now or stop_now or done == cfg.steps or pending[-1].frame
             if not (settle or len(pending) >= run.sync_every):
                 continue
             rows, tok_s, mem_kind = _settle(run, pending, viz)
             pending = []
+            bad = next((r for r in rows if not math.isfinite(r["loss"])), None)
+            if _agreed(bad is not None, run):  # never evaluate or checkpoint diverged weights
+                rows = rows[: rows.index(bad) + 1] if bad is not None else rows
+                for row in rows:
+                    _record(run, log, row)
+                if log is not None:
+                    log.snapshot("diverged")
+                last = bad if bad is not None else rows[-1]
+                raise TrainingDiverged(last["step"], last["loss"], saved_at, cfg.out)
             if evaluate_now:
                 _evaluate(run, rows[-1])
             for row in rows:
@@ -295,16 +371,55 @@ def _loop(run: Run, log: RunLog | None, viz: Any, stop: _SigintDeferral) -> None
             post = {"loss": f"{run.loss:.4f}"}
             if math.isfinite(run.val_loss):
                 post["val"] = f"{run.val_loss:.4f}"
-            bar.set_postfix(**post, tok_s=f"{tok_s:,.0f}", step=f"{rows[-1]['step_s']:.3g}s",
-                            mem=f"{run.peak_mb:,.0f}MB" + ("" if mem_kind == "cuda" else " rss"))
+            bar.show(done, **post, tok_s=f"{tok_s:,.0f}", step=f"{rows[-1]['step_s']:.3g}s",
+                     mem=f"{run.peak_mb:,.0f}MB" + ("" if mem_kind == "cuda" else " rss"))
             if stop_now:
                 if saved_at != done:
                     _checkpoint(run, log, done, "interrupted")
                 elif log is not None:
                     log.snapshot("interrupted")
-                raise TrainingInterrupted(done, cfg.steps, cfg.out)
+                raise TrainingInterrupted(done, cfg.steps, cfg.out, signum=stop.signum)
     finally:
         bar.close()
+
+
+class _Progress:
+    """tqdm's bar when stderr is a terminal; otherwise (a file, a pipe, CI) one plain line every
+    ``cfg.progress_every_s`` seconds and at the last step, so a log file gets a few lines, not a
+    redrawn bar (~200 bytes a step) with other output (Dynamo's warnings) torn into it. Nothing with
+    ``cfg.progress`` off (``--quiet``) or on ranks other than 0."""
+
+    def __init__(self, run: Run) -> None:
+        cfg = run.cfg
+        self.on = cfg.progress and run.main
+        self.tty = self.on and _stderr_is_tty()
+        self.steps, self.every = cfg.steps, cfg.progress_every_s
+        self.last = time.perf_counter()
+        self.bar = tqdm(initial=run.start_step, total=cfg.steps, disable=not self.tty, desc="train",
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def tick(self) -> None:
+        self.bar.update(1)
+
+    def show(self, done: int, **post: str) -> None:
+        if self.tty:
+            self.bar.set_postfix(**post)
+            return
+        now = time.perf_counter()
+        if self.on and (done == self.steps or now - self.last >= self.every):
+            self.last = now
+            fields = " ".join(f"{k}={v}" for k, v in sorted(post.items()))
+            print(f"train: step {done}/{self.steps} {fields}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
 
 
 @dataclass
@@ -344,23 +459,28 @@ def _launch(run: Run, done: int) -> _Launched:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         run.first_step_s = time.perf_counter() - t0
-    elif done == run.start_step + 2 and _compile_pays(run, time.perf_counter() - t0):
+    else:
+        _consider_compile(run, done, time.perf_counter() - t0)
+    return _Launched(done, loss, t0, want_frame, x, attn)
+
+
+def _consider_compile(run: Run, done: int, eager_step_s: float) -> None:
+    """``compile="auto"`` on CPU: once COMPILE_AUTO_PROBE_STEPS steps after the first are timed, compile
+    when the remaining steps save more than a compile costs (config.compile_pays, from their median; a
+    warm start when Inductor's cache holds this step, else a cold compile)."""
+    cfg = run.cfg
+    if cfg.compile != "auto" or run.device.type != "cpu" or run.stepper.compiled:
+        return
+    if len(run.probe_s) >= COMPILE_AUTO_PROBE_STEPS:  # decided already
+        return
+    run.probe_s.append(eager_step_s)
+    if len(run.probe_s) < COMPILE_AUTO_PROBE_STEPS:
+        return
+    if compile_pays(run.probe_s, cfg.steps - done, is_warm(run.stepper.compile_signature())):
         run.stepper.compile()
         if run.main and cfg.progress:
             tqdm.write(f"compiling the training step (torch.compile, --compile auto: {cfg.steps - done} steps left)",
                        file=sys.stderr)
-    return _Launched(done, loss, t0, want_frame, x, attn)
-
-
-def _compile_pays(run: Run, eager_step_s: float) -> bool:
-    """``compile="auto"`` on CPU: whether the remaining steps save more than a compile costs (a warm
-    start when Inductor's cache holds this step, else a cold compile)."""
-    cfg = run.cfg
-    if cfg.compile != "auto" or run.device.type != "cpu" or run.stepper.compiled:
-        return False
-    saving = eager_step_s * (1.0 - 1.0 / COMPILE_AUTO_SPEEDUP)
-    cost = COMPILE_AUTO_WARM_COST_S if is_warm(run.stepper.compile_signature()) else COMPILE_AUTO_COST_S
-    return (cfg.steps - run.start_step - 2) * saving > cost
 
 
 def _settle(run: Run, pending: list[_Launched], viz: Any) -> tuple[list[dict[str, Any]], float, str]:
@@ -428,39 +548,52 @@ def _checkpoint(run: Run, log: RunLog | None, done: int, status: str) -> int:
 
 
 class _SigintDeferral:
-    """While active (main thread only), a first Ctrl-C only asks the loop to stop after the current
-    step, so the checkpoint it then writes is never of a half-applied optimizer step; a second one
-    raises KeyboardInterrupt at once (the last checkpoint stays as it was)."""
+    """While active (main thread only), a first Ctrl-C or SIGTERM (what ``kill``, job schedulers and
+    container stops send) only asks the loop to stop after the current step, so the checkpoint it then
+    writes is never of a half-applied optimizer step; a second one raises KeyboardInterrupt at once
+    (the last checkpoint stays as it was)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.requested = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _SigintDeferral:
         if self.enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("Ctrl-C: stopping after this step to write a checkpoint and the logs (again: abort at once)",
+        self.signum = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        tqdm.write(f"{name}: stopping after this step to write a checkpoint and the logs (again: abort at once)",
                    file=sys.stderr)
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 def _stop_agreed(stop: _SigintDeferral, run: Run) -> bool:
     """Whether to stop now; under DDP every rank must stop at the same step, so the ranks agree."""
+    return _agreed(stop.requested, run)
+
+
+def _agreed(flag: bool, run: Run) -> bool:
+    """``flag`` on any rank (under DDP every rank must stop at the same step)."""
     if run.world == 1:
-        return stop.requested
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=run.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _dist_setup(device: torch.device) -> tuple[int, int, bool]:

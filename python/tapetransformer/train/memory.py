@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +175,68 @@ def plan_memory(
 
 def _size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= 0.1 * GIB else f"{n / MIB:.2f} MiB"
+
+
+# check_fits refuses a configuration only when half its estimate exceeds the memory available: the
+# estimate errs high (BACKWARD_SAFETY, the eager constants), so runs that would fit are never refused;
+# what it catches are sizes that cannot fit by far (e.g. --embed-dim 100000, --batch-size 100000000),
+# which would otherwise fail inside the allocator with a traceback, or thrash the machine.
+FIT_MARGIN = 2.0
+
+
+def count_parameters(mcfg: ModelConfig, backend: str = "auto") -> int:
+    """Parameters of the model ``mcfg`` describes, counted on the meta device (nothing is allocated)."""
+    from tapetransformer.train.step import build_model
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(mcfg, backend).parameters())
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a run can still take: free CUDA memory, or the host's MemAvailable (Linux; else the free
+    physical pages). None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def step_bytes(est: MemoryEstimate, batch: int, seq_len: int, *, micro_batch: int | None = None,
+               recompute: bool = False) -> tuple[int, int, int]:
+    """(fixed, activations, batch data) of one training step: weights, gradients and optimizer state;
+    activations of ``micro_batch`` (default: the whole ``batch``) samples; and the batch's int64 ids
+    and targets, which are drawn whole (16 bytes per token)."""
+    mb = batch if micro_batch is None else min(micro_batch, batch)
+    act = mb * (est.per_sample_recompute if recompute else est.per_sample)
+    return est.fixed, act, 16 * batch * seq_len
+
+
+def check_fits(est: MemoryEstimate, batch: int, seq_len: int, device: torch.device, *,
+               micro_batch: int | None = None, recompute: bool = False,
+               available: int | None = None) -> tuple[int, int, int] | None:
+    """None when the step fits (or the memory available is unknown), else its (fixed, activations,
+    data) bytes: when ``estimate / FIT_MARGIN`` exceeds ``available`` (default :func:`available_bytes`)."""
+    parts = step_bytes(est, batch, seq_len, micro_batch=micro_batch, recompute=recompute)
+    avail = available_bytes(device) if available is None else available
+    if avail is None or sum(parts) / FIT_MARGIN <= avail:
+        return None
+    return parts
+
+
+def describe_bytes(n: float) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", MIB)):
+        if n >= 0.1 * size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 def set_memory_budget(budget_bytes: int, device: torch.device) -> float:
