@@ -29,8 +29,8 @@ large reductions in two passes, cuBLAS split-K): the figures are a floor for tho
 
 Counted, not run: by default the Triton kernels are counted but not executed (``LaunchCounter(
 execute=False)``). Nothing the model launches depends on values (``host_syncs`` is 0 everywhere), so the
-counts are those of a run; ``--execute-check`` counts every key of the test config both ways and fails
-unless they agree op by op (recorded as ``execute_check``). That makes the notebook's size and batch
+counts are those of a run; ``--execute-check`` counts every key of the ``tiny`` config both ways and
+fails unless they agree op by op (recorded as ``execute_check``). That makes the notebook's size and batch
 (16) cost seconds instead of the interpreter's ~15 minutes per training step, and it lets the layouts
 CUDA picks from the device be counted although the interpreter cannot run them: with ``--sms N``
 (default 132, an H100) the Char-RNN runs its persistent grid-synchronised kernels (one launch per layer
@@ -96,6 +96,8 @@ CONFIGS: dict[str, dict[str, int]] = {
     "notebook": {"vocab_size": 65, "seq_len": 128, "embed_dim": 256, "num_heads": 4},
     # what tests/test_launches.py recomputes: the same module tree (4 critics), smaller tensors
     "test": {"vocab_size": 65, "seq_len": 32, "embed_dim": 64, "num_heads": 4},
+    # --execute-check: every key counted with the kernels run by the interpreter, and skipped
+    "tiny": {"vocab_size": 13, "seq_len": 16, "embed_dim": 32, "num_heads": 2},
 }
 NOTEBOOK_BATCH = 16
 DECODE_PROMPT = 8  # tokens prefilled before the counted decode step (the step reads the length on the device)
@@ -638,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-test-config", action="store_true",
                     help="also count the 'test' config into the JSON (its counts must equal the notebook's)")
     ap.add_argument("--execute-check", action="store_true",
-                    help="on the 'test' config, count with the kernels run and skipped; fail unless equal")
+                    help="on the 'tiny' config, count with the kernels run and skipped; fail unless equal")
     ap.add_argument("--execute", action="store_true",
                     help="run the Triton kernels (slow; with the interpreter's layouts, --sms is ignored)")
     ap.add_argument("--sms", type=int, default=DEFAULT_SMS, help=f"SMs of the GPU counted for (default {DEFAULT_SMS})")
@@ -657,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         t = count_all(CONFIGS["test"], args.batch, execute=args.execute, sms=sms)
         res["test_config"] = {**{k: t[k] for k in COUNT_KEYS}, "config": t["config"], "batch": t["batch"]}
     if args.execute_check:
-        res["execute_check"] = {**execute_check(CONFIGS["test"]), "config": "test"}
+        res["execute_check"] = {**execute_check(CONFIGS["tiny"]), "config": "tiny"}
     res.update(_versions())
     res["method"] = METHOD
     res["method_notes"] = METHOD_NOTES

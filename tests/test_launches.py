@@ -9,8 +9,8 @@ grew or dropped fails until the file is regenerated on purpose with
         --with-test-config --execute-check
 
 The script counts Triton launches without running them (seconds instead of the interpreter's ~15
-minutes per notebook-size training step); that this changes no count is checked here on a small model,
-and for every key of the test config by the committed ``execute_check``.
+minutes per notebook-size training step); that this changes no count is checked here on a small model
+for the seed design, and for every key on that model by the committed ``execute_check``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ REGENERATE = ("python benchmarks/launches.py --json benchmarks/results/launches.
 SEED_TRAIN_GOAL = 300
 SEED_DECODE_GOAL = 40
 # A small model for the run-vs-skip check (the counts' independence of values does not depend on the size).
-TINY = {"vocab_size": 13, "seq_len": 16, "embed_dim": 32, "num_heads": 2}
+TINY = L.CONFIGS["tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_committed_file_is_the_notebook_size_and_consistent(committed: dict) -> 
                 det[f"train_{design}_optimizer_step"]["total"], (check, design)
     # counting without running the kernels gave every count of the test config that running them gave
     ex = committed["execute_check"]
-    assert ex["identical_by_op"] and ex["config"] == "test" and set(ex["counts"]) == set(L.count_keys(committed))
+    assert ex["identical_by_op"] and ex["config"] == "tiny" and set(ex["counts"]) == set(L.count_keys(committed))
     # the small test config has the notebook's counts
     assert L.count_keys(committed["test_config"]) == L.count_keys(committed)
 
