@@ -1,9 +1,10 @@
-"""Count the kernels a training step and a decode step launch on the CUDA code path, on a CPU.
+"""Count the kernels a training step and a decode token launch on the CUDA code path, on a CPU.
 
-    python benchmarks/launches.py --json benchmarks/results/launches.json [--batch 1] [--batch-check 2]
-    python benchmarks/launches.py --config test --json /tmp/l.json     # the small config tests/ recomputes
+    python benchmarks/launches.py --json benchmarks/results/launches.json --batch-check 2 --steady-check \\
+        --with-test-config --execute-check
+    python benchmarks/launches.py --config test --json /tmp/l.json     # the small config
 
-The fused model runs with ``backend="triton"`` through the Triton interpreter (``TRITON_INTERPRET=1``,
+The fused model runs with ``backend="triton"`` under the Triton interpreter (``TRITON_INTERPRET=1``,
 set here before triton is imported), i.e. the code path CUDA tensors take, and every launch is
 counted:
 
@@ -26,30 +27,45 @@ counted:
 One ATen op is counted as one launch; on CUDA a few take more (``slice_backward`` = zeros + copy,
 large reductions in two passes, cuBLAS split-K): the figures are a floor for those.
 
-What is counted (at the notebook's size: vocab 65, seq_len 128, embed_dim 256, 4 critics):
+Counted, not run: by default the Triton kernels are counted but not executed (``LaunchCounter(
+execute=False)``). Nothing the model launches depends on values (``host_syncs`` is 0 everywhere), so the
+counts are those of a run; ``--execute-check`` counts every key of the ``tiny`` config both ways and
+fails unless they agree op by op (recorded as ``execute_check``). That makes the notebook's size and batch
+(16) cost seconds instead of the interpreter's ~15 minutes per training step, and it lets the layouts
+CUDA picks from the device be counted although the interpreter cannot run them: with ``--sms N``
+(default 132, an H100) the Char-RNN runs its persistent grid-synchronised kernels (one launch per layer
+per sequence, one per decode token) where the grid fits on N SMs (:func:`cuda_layouts`).
 
-* ``train_step``: the training tool's CUDA step: ``model.loss(x, y, check=False)`` forward +
-  backward (the token checks run outside the CUDA graph), then gradient clipping and the fused,
-  capturable ``torch.optim.Adam`` the graph holds (its state is built beforehand by a step on zero
-  gradients, which leaves the weights alone), ``backend="triton"``. ``train_forward_backward`` and
-  ``train_optimizer_step`` (clipping + optimizer) are its two parts; ``details`` breaks each down by
-  kernel and op name.
-* ``decode_token``: one call of the static decode step (the step ``generate`` captures in a CUDA
-  graph; :func:`static_decode_step`) after an 8-token prefill into a cache of capacity seq_len,
-  batch 1, with fp32 weights and with int8 weights (``quantize_int8_(act_quant=False)``: the
-  weight-only GEMV that CUDA picks for decode), after one uncounted call.
+What is counted (at the notebook's size: vocab 65, seq_len 128, embed_dim 256, 4 critics; training at
+the notebook's batch 16):
 
-A kernel count does not depend on the batch (the grids grow, not their number), but the
-interpreter's time does (~30–70 s for one notebook-size forward + backward at batch 1 on one CPU
-core), so the training step is counted once at ``--batch`` (default 1; the notebook trains at 16).
-``--batch-check N`` counts it again at batch N, ``--steady-check`` again after an untimed step
-(nothing built lazily by a first call is in the figure); either fails unless the counts agree op
-by op, and the JSON records them. ``--with-test-config`` adds the counts of the small ``test``
-config that ``tests/test_launches.py`` recomputes.
+* ``train_step``: the training tool's step as ``GraphedStepper`` captures it: ``Stepper.accumulate``
+  (``model.loss(x, y, check=False)`` forward + backward, the batch checks outside the graph, the loss
+  summed on the device) and ``apply_gradients`` (clipping at 1.0, the fused capturable Adam; its state
+  is built beforehand by a step on zero gradients); fp32, reference design. ``train_forward_backward``
+  and ``train_optimizer_step`` are its two parts.
+* ``train_step_bf16``: the same under bf16 autocast (CUDA's default), its casts included; counted under
+  CPU autocast (see ``METHOD_NOTES``).
+* ``train_step_wolf``: the same with ``FusedWolf``.
+* ``decode_token``: one call of the static decode step (what ``generate`` captures in a CUDA graph;
+  :func:`static_decode_step`) after an 8-token prefill into a cache of capacity seq_len, batch 1, fp32
+  weights and int8 weights (``quantize_int8_(act_quant=False)``: the weight-only GEMV that CUDA picks
+  for decode), after one uncounted call.
+* ``graph_token``: everything one replay of ``generate``'s decode graph runs
+  (``_GraphedDecodeStep._step``: the decode step, the greedy or sampled draw into the static token
+  buffer, ``pos.add_``), fp32; ``graph_extras`` = ``graph_token`` − ``decode_token.fp32``.
+* ``seed``: ``train_step``, ``train_step_bf16`` and ``decode_token`` (fp32, int8) of ``design="seed"``
+  (prophet = Char-RNN, merges, moderator), counted the same way.
 
-Caveat: grids chosen from the device (the decode kernel's split count reads the SM count) are
-taken at the interpreter's values; at capacity 128 the decode kernel runs unsplit on any GPU, so no
-combine kernel is missing.
+A kernel count does not depend on the batch from batch 2 on (the grids grow, not their number; at
+batch 1 some views are contiguous by accident and skip a copy). ``--batch-check N`` counts the
+training steps again at batch N, ``--steady-check`` again after an untimed step (nothing built lazily
+by a first call is in the figure); either fails unless the counts agree op by op. ``--with-test-config``
+adds the counts of the small ``test`` config, which equal the notebook's.
+
+Caveat: grids chosen from the device (the decode kernel's split count reads the SM count) are taken at
+the interpreter's values; at capacity 128 the decode kernel runs unsplit on any GPU, so no combine
+kernel is missing.
 """
 
 from __future__ import annotations
@@ -80,6 +96,8 @@ CONFIGS: dict[str, dict[str, int]] = {
     "notebook": {"vocab_size": 65, "seq_len": 128, "embed_dim": 256, "num_heads": 4},
     # what tests/test_launches.py recomputes: the same module tree (4 critics), smaller tensors
     "test": {"vocab_size": 65, "seq_len": 32, "embed_dim": 64, "num_heads": 4},
+    # --execute-check: every key counted with the kernels run by the interpreter, and skipped
+    "tiny": {"vocab_size": 13, "seq_len": 16, "embed_dim": 32, "num_heads": 2},
 }
 NOTEBOOK_BATCH = 16
 DECODE_PROMPT = 8  # tokens prefilled before the counted decode step (the step reads the length on the device)
@@ -223,11 +241,18 @@ class LaunchCounter:
     ``host`` holds ids of tensors that stay on the host on CUDA as well (ops touching only those
     launch nothing on the device)."""
 
-    def __init__(self) -> None:
+    def __init__(self, execute: bool = True) -> None:
         self.counts = Counts()
         self.active = False
         self.depth = 0  # > 0 inside a Triton launch: the interpreter's own ATen calls are not kernels
         self.host: set[int] = set()
+        # False: Triton launches are counted but not run (their outputs keep whatever torch.empty
+        # left there). The ops that run and their order do not depend on values (no host reads: the
+        # counter checks host_syncs == 0), so the counts are the same; tests/test_launches.py checks
+        # that on the test config. It makes notebook-size counts take seconds instead of the
+        # interpreter's ~15 minutes per training step, and lets the persistent (grid-synchronised)
+        # kernels CUDA picks be counted without running them (see cuda_layouts).
+        self.execute = execute
         self._restore: list[tuple[Any, str, Any]] = []
 
     def _wrap_run(self, cls: Any) -> None:
@@ -240,6 +265,8 @@ class LaunchCounter:
             if counter.active and counter.depth == 0:
                 fn = getattr(kernel, "fn", kernel)
                 counter.counts.triton[getattr(fn, "__name__", type(kernel).__name__)] += 1
+            if not counter.execute:
+                return None
             counter.depth += 1
             try:
                 return orig(kernel, *args, **kwargs)
@@ -295,60 +322,106 @@ def check_interpreter() -> None:
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cache_length, new_cache, quantize_int8_weights, static_decode_step  # noqa: E402
 
+GRAD_CLIP = 1.0  # TrainConfig.grad_clip's default
+DEFAULT_SMS = 132  # an H100's SMs: where a launcher picks its layout from the device (see cuda_layouts)
 
-def build_model(cfg: dict[str, int], seed: int = 0) -> torch.nn.Module:
+
+def build_model(cfg: dict[str, int], seed: int = 0, design: str = "reference") -> torch.nn.Module:
     from tapetransformer.model import TapeTransformer
 
     torch.manual_seed(seed)
-    return TapeTransformer(**cfg, dropout=0.0, backend="triton")
+    return TapeTransformer(**cfg, dropout=0.0, backend="triton", design=design)
+
+
+@contextlib.contextmanager
+def cuda_layouts(sms: int | None) -> Iterator[None]:
+    """Launchers that pick a kernel layout from the device pick as on a CUDA device with ``sms`` SMs
+    (None: leave them alone). Today that is the Char-RNN: its persistent, grid-synchronised kernels
+    (one launch per layer for the whole sequence, one per decode token) where the grid fits on the
+    SMs, instead of the per-step launches the interpreter runs. The interpreter cannot run those
+    kernels (its programs run one after another, so a grid barrier waits forever): count with
+    ``LaunchCounter(execute=False)``."""
+    if sms is None:
+        yield
+        return
+    from tape_kernels import charrnn as cr
+
+    orig = cr._layout
+
+    def layout(hd: int, device: torch.device, persistent: bool | None) -> tuple[int, int, bool]:
+        if persistent is not False and os.environ.get("TAPE_KERNELS_CHARRNN_PERSISTENT", "1") != "0":
+            for bh, bk in cr._PERSISTENT_CONFIGS:
+                if -(-hd // bh) <= sms:
+                    return bh, bk, True
+        return orig(hd, device, False)
+
+    cr._layout = layout
+    try:
+        yield
+    finally:
+        cr._layout = orig
 
 
 # ---------------------------------------------------------------------------------------------
 # The measurements
 
 
-def _init_adam_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-    """One Adam step on zero gradients: builds its state (exp_avg, exp_avg_sq, step) without a
-    forward/backward and leaves the parameters unchanged (a zero gradient gives a zero update)."""
+def _init_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """One optimizer step on zero gradients: builds its state (Adam's exp_avg, exp_avg_sq, step;
+    Wolf's) without a forward/backward, so that nothing created lazily by a first step is counted.
+    (The parameters' values do not change any count.)"""
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
 
-def count_train_step(cfg: dict[str, int], batch: int, steady: bool = False) -> dict[str, Any]:
-    """Launches of the training tool's CUDA step: ``model.loss`` forward + backward (token checks
-    outside, as the captured step runs it), then gradient clipping and the optimizer (the fused,
-    capturable Adam the CUDA-graph step uses).
-
-    The forward + backward counted is the first of the process (the interpreter's time is the
-    cost here); ``steady=True`` runs one more untimed first and counts the second, to show the
-    two agree (nothing built lazily on a first call is counted)."""
+def _stepper(model: torch.nn.Module, optimizer: str, amp: torch.dtype | None, batch: int) -> Any:
+    """The training tool's step (what ``GraphedStepper`` captures: ``accumulate`` + ``apply_gradients``),
+    with the batch checks outside and the capturable optimizer."""
     from tapetransformer.train import make_optimizer
+    from tapetransformer.train.memory import MemoryPlan
+    from tapetransformer.train.step import Stepper
 
-    model = build_model(cfg).train()
+    opt = make_optimizer(optimizer, model.parameters(), 1e-3, capturable=True)
+    plan = MemoryPlan(micro_batch=batch, accum_steps=1, recompute=False, budget_bytes=None, estimated_peak_bytes=0)
+    st = Stepper(model, opt, plan, device="cpu", amp_dtype=amp, scaler=None, grad_clip=GRAD_CLIP)
+    st.loss_net.check = False
+    return st
+
+
+def count_train_step(cfg: dict[str, int], batch: int, steady: bool = False, *, design: str = "reference",
+                     optimizer: str = "adam", amp: torch.dtype | None = None, execute: bool = True,
+                     sms: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Launches of the training tool's step as the CUDA graph holds it (``Stepper.accumulate``: forward +
+    backward of the loss under autocast when ``amp``, the loss accumulated on the device; then
+    ``apply_gradients``: clipping and the optimizer).
+
+    ``amp`` (bf16, the default on CUDA): counted under CPU autocast, whose casts for the ops here equal
+    CUDA's (GEMMs cast fp32 operands to the low dtype; the fp32-list ops take fp32 inputs, no cast),
+    see ``method_notes`` in the JSON. ``steady=True`` runs one more untimed step first and counts the
+    second (nothing built lazily on a first call is counted)."""
+    model = build_model(cfg, design=design).train()
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg["vocab_size"], (batch, cfg["seq_len"]), generator=g)
     y = torch.randint(0, cfg["vocab_size"], (batch, cfg["seq_len"]), generator=g)
-    opt = make_optimizer("adam", model.parameters(), 1e-3, capturable=True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    st = _stepper(model, optimizer, amp, batch)
     t0 = time.perf_counter()
-    with LaunchCounter() as lc:
-        _init_adam_state(model, opt)
+    with cuda_layouts(sms), LaunchCounter(execute) as lc:
+        _init_optimizer_state(model, st.opt)
         if steady:
-            model.loss(x, y, check=False).backward()
-            opt.zero_grad(set_to_none=True)
+            st.accumulate(x, y)
+            st.opt.zero_grad(set_to_none=True)
         with lc.counting() as fb:
-            model.loss(x, y, check=False).backward()
-        with lc.counting() as st:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-    return {"forward_backward": fb.as_dict(), "optimizer_step": st.as_dict(),
+            st.accumulate(x, y)
+        with lc.counting() as opt:
+            st.apply_gradients()
+    return {"forward_backward": fb.as_dict(), "optimizer_step": opt.as_dict(),
             "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
 
-def count_decode_token(cfg: dict[str, int], int8: bool) -> dict[str, Any]:
-    model = build_model(cfg).eval()
+def _decode_setup(cfg: dict[str, int], int8: bool, design: str) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    model = build_model(cfg, design=design).eval()
     if int8:
         # The weight-only GEMV: what CUDA's resolve_act_quant picks for decode (M <= 16 rows); on CPU
         # act_quant=None would pick W8A8, a different op.
@@ -356,12 +429,21 @@ def count_decode_token(cfg: dict[str, int], int8: bool) -> dict[str, Any]:
     prompt_len = min(DECODE_PROMPT, cfg["seq_len"] // 2)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg["vocab_size"], (1, prompt_len), generator=g)
+    model.prepare_decode()  # what generate() does before the graph: the prophet's packed weights
+    cache = new_cache(model, 1, cfg["seq_len"], "cpu")
+    logp, cache = model(prompt, past_kv=cache)
+    tok = logp[:, -1:].argmax(-1)
+    pos = torch.full((1,), cache_length(cache), dtype=torch.long)
+    return model, cache, tok, pos
+
+
+def count_decode_token(cfg: dict[str, int], int8: bool, *, design: str = "reference", execute: bool = True,
+                       sms: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """One call of the static decode step (what ``generate`` captures) after an 8-token prefill into a
+    cache of capacity seq_len, batch 1, after one uncounted call."""
     t0 = time.perf_counter()
-    with torch.no_grad(), LaunchCounter() as lc:
-        cache = new_cache(model, 1, cfg["seq_len"], "cpu")
-        logp, cache = model(prompt, past_kv=cache)
-        tok = logp[:, -1:].argmax(-1)
-        pos = torch.full((1,), cache_length(cache), dtype=torch.long)
+    with torch.no_grad(), cuda_layouts(sms), LaunchCounter(execute) as lc:
+        model, cache, tok, pos = _decode_setup(cfg, int8, design)
         static_decode_step(model, tok, pos, cache)  # not counted: first call (int8 caches and checks)
         with lc.counting() as c:
             static_decode_step(model, tok, pos, cache)
@@ -373,60 +455,154 @@ def count_decode_token(cfg: dict[str, int], int8: bool) -> dict[str, Any]:
     return out
 
 
+GRAPH_SAMPLING = {"greedy": ("greedy",), "sample": ("sample", None), "sample_top_k": ("sample", 5)}
+
+
+def count_graph_token(cfg: dict[str, int], sampling: str, *, execute: bool = True,
+                      sms: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Everything one replay of ``generate``'s CUDA graph runs (``_GraphedDecodeStep._step``: the decode
+    step, the draw into the static token buffer, ``pos.add_``), fp32 weights, reference design."""
+    from types import SimpleNamespace
+
+    from tape_kernels import sampling as ks
+    from tapetransformer.generate import _GraphedDecodeStep
+
+    with torch.no_grad(), cuda_layouts(sms), LaunchCounter(execute) as lc:
+        model, cache, tok, pos = _decode_setup(cfg, False, "reference")
+        # the graph's static buffers, as _GraphedDecodeStep.__init__ makes them
+        bufs = SimpleNamespace(tok=tok.clone(), pos=pos.clone(), cache=cache, sampling=GRAPH_SAMPLING[sampling],
+                               inv_temp=torch.ones(1), rng_state=ks.new_state(0, torch.device("cpu")))  # fmt: skip
+        _GraphedDecodeStep._step(bufs, model, model.backend)  # not counted: first call
+        bufs.pos.copy_(pos)  # the inputs again (a skipped draw kernel leaves no valid id in tok)
+        bufs.tok.copy_(tok)
+        with lc.counting() as c:
+            _GraphedDecodeStep._step(bufs, model, model.backend)
+    return c.as_dict()
+
+
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a[k]["by_op"] == b[k]["by_op"] and a[k]["host_syncs"] == b[k]["host_syncs"]
                for k in ("forward_backward", "optimizer_step"))  # fmt: skip
 
 
+def _total(train: dict[str, Any]) -> int:
+    return train["forward_backward"]["total"] + train["optimizer_step"]["total"]
+
+
 def count_all(cfg: dict[str, int], batch: int, batch_check: int | None = None, steady_check: bool = False,
+              execute: bool = False, sms: int | None = DEFAULT_SMS,
               log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """Every count for one model config; the optional checks recount the training step (at another
-    batch; or a second step after an untimed one) and raise unless the counts agree op by op."""
+    batch; or a second step after an untimed one) and raise unless the counts agree op by op.
+
+    ``execute=False`` (the default): Triton launches counted, not run (see ``LaunchCounter``);
+    ``sms``: layouts picked as on a GPU with that many SMs (needs ``execute=False``; None: the
+    interpreter's layouts)."""
     check_interpreter()
+    if execute and sms is not None:
+        raise ValueError("the persistent layouts cannot run under the interpreter: count them with execute=False")
     torch.set_num_threads(1)  # the interpreter's numpy work gains nothing from threads; the counts do not depend on it
-    log(f"train step at batch {batch} ...")
-    train = count_train_step(cfg, batch)
-    log(f"  {train['forward_backward']['total']} + {train['optimizer_step']['total']} launches ({train['seconds']} s)")
-    dec = {}
-    for mode in ("fp32", "int8"):
-        log(f"decode step, {mode} ...")
-        dec[mode] = count_decode_token(cfg, mode == "int8")
-        log(f"  {dec[mode]['total']} launches ({dec[mode]['seconds']} s)")
+    kw = {"execute": execute, "sms": sms}
+    seconds: dict[str, float] = {}
+    train: dict[str, dict[str, Any]] = {}
+    for key, design, optimizer, amp in (("fp32", "reference", "adam", None),
+                                        ("bf16", "reference", "adam", torch.bfloat16),
+                                        ("wolf", "reference", "wolf", None),
+                                        ("seed", "seed", "adam", None),
+                                        ("seed_bf16", "seed", "adam", torch.bfloat16)):  # fmt: skip
+        log(f"train step {key} at batch {batch} ...")
+        train[key] = count_train_step(cfg, batch, design=design, optimizer=optimizer, amp=amp, **kw)
+        seconds[f"train_{key}"] = train[key].pop("seconds")
+        log(f"  {train[key]['forward_backward']['total']} + {train[key]['optimizer_step']['total']} launches")
+    dec: dict[str, dict[str, Any]] = {}
+    for design in ("reference", "seed"):
+        for mode in ("fp32", "int8"):
+            log(f"decode step, {design} {mode} ...")
+            d = dec[f"{design}_{mode}"] = count_decode_token(cfg, mode == "int8", design=design, **kw)
+            seconds[f"decode_{design}_{mode}"] = d.pop("seconds")
+            log(f"  {d['total']} launches")
+    graph = {}
+    for sampling in GRAPH_SAMPLING:
+        graph[sampling] = count_graph_token(cfg, sampling, **kw)
+    t = train["fp32"]
     res: dict[str, Any] = {
-        "train_step": train["forward_backward"]["total"] + train["optimizer_step"]["total"],
-        "decode_token": {m: d["total"] for m, d in dec.items()},
-        "train_forward_backward": train["forward_backward"]["total"],
-        "train_optimizer_step": train["optimizer_step"]["total"],
+        "train_step": _total(t),
+        "decode_token": {m: dec[f"reference_{m}"]["total"] for m in ("fp32", "int8")},
+        "train_forward_backward": t["forward_backward"]["total"],
+        "train_optimizer_step": t["optimizer_step"]["total"],
+        "train_step_bf16": _total(train["bf16"]),
+        "train_step_wolf": _total(train["wolf"]),
+        "graph_token": {s: g["total"] for s, g in graph.items()},
+        "graph_extras": {s: g["total"] - dec["reference_fp32"]["total"] for s, g in graph.items()},
+        "seed": {"train_step": _total(train["seed"]), "train_step_bf16": _total(train["seed_bf16"]),
+                 "decode_token": {m: dec[f"seed_{m}"]["total"] for m in ("fp32", "int8")}},
         "config": dict(cfg),
         "batch": batch,
-    }
-    seconds = {"train": train["seconds"], "decode_fp32": dec["fp32"].pop("seconds"),
-               "decode_int8": dec["int8"].pop("seconds")}  # fmt: skip
+    }  # fmt: skip
     checks = []
     if batch_check is not None and batch_check != batch:
-        checks.append(("batch_check", f"train step at batch {batch_check}", batch_check, False))
+        checks.append(("batch_check", f"train steps at batch {batch_check}", batch_check, False))
     if steady_check:
-        checks.append(("steady_check", f"train step at batch {batch}, counted after an untimed one", batch, True))
+        checks.append(("steady_check", f"train steps at batch {batch}, counted after an untimed one", batch, True))
     for key, what, b, steady in checks:
         log(f"{what} ...")
-        other = count_train_step(cfg, b, steady=steady)
-        seconds[key] = other["seconds"]
-        res[key] = {
-            "what": what,
-            "train_step": other["forward_backward"]["total"] + other["optimizer_step"]["total"],
-            "identical_by_op": _same(train, other),
-        }
-        log(f"  {res[key]['train_step']} launches, identical by op: {res[key]['identical_by_op']}")
-        if not res[key]["identical_by_op"]:
-            raise RuntimeError(f"{key}: the training step's launches differ: {res[key]}")
+        res[key] = {"what": what}
+        for tk, design, optimizer, amp in (("fp32", "reference", "adam", None), ("seed", "seed", "adam", None)):
+            other = count_train_step(cfg, b, steady=steady, design=design, optimizer=optimizer, amp=amp, **kw)
+            seconds[f"{key}_{tk}"] = other.pop("seconds")
+            res[key][tk] = {"train_step": _total(other), "identical_by_op": _same(train[tk], other)}
+            log(f"  {tk}: {_total(other)} launches, identical by op: {res[key][tk]['identical_by_op']}")
+            if not res[key][tk]["identical_by_op"]:
+                raise RuntimeError(f"{key}: the {tk} training step's launches differ: {res[key]}")
     res["details"] = {
-        "train_forward_backward": train["forward_backward"],
-        "train_optimizer_step": train["optimizer_step"],
-        "decode_token_fp32": dec["fp32"],
-        "decode_token_int8": dec["int8"],
+        **{f"train_{k}_{part}": v[part] for k, v in train.items() for part in ("forward_backward", "optimizer_step")},
+        **{f"decode_token_{k}": v for k, v in dec.items()},
+        **{f"graph_token_{k}": v for k, v in graph.items()},
     }
+    res["execute"] = execute
+    res["sms"] = sms
     res["seconds"] = seconds
     return res
+
+
+def count_keys(res: dict[str, Any]) -> dict[str, int]:
+    """Every count of a result, flat: what tests/test_launches.py compares."""
+    out: dict[str, int] = {}
+
+    def walk(prefix: str, d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk("", {k: res[k] for k in COUNT_KEYS})
+    return out
+
+
+COUNT_KEYS = ("train_step", "decode_token", "train_forward_backward", "train_optimizer_step", "train_step_bf16",
+              "train_step_wolf", "graph_token", "graph_extras", "seed")  # fmt: skip
+
+
+EXECUTE_CHECK_BATCH = 2  # the smallest batch whose counts do not depend on it (see count_all)
+
+
+def execute_check(cfg: dict[str, int], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Count-only equals executed: every count of ``cfg`` with the Triton kernels run by the interpreter
+    and with them skipped, both with the interpreter's layouts (per-step Char-RNN launches)."""
+    t0 = time.perf_counter()
+    b = EXECUTE_CHECK_BATCH
+    log("execute check: counting with the kernels run ...")
+    ran = count_all(cfg, b, execute=True, sms=None, log=log)
+    log("execute check: counting with the kernels skipped ...")
+    skipped = count_all(cfg, b, execute=False, sms=None, log=log)
+    same = ran["details"] == skipped["details"]
+    if not same:
+        diff = {k: (ran["details"][k]["by_op"], skipped["details"][k]["by_op"])
+                for k in ran["details"] if ran["details"][k] != skipped["details"][k]}  # fmt: skip
+        raise RuntimeError(f"counting without running the kernels changed the counts: {diff}")
+    return {"what": "every count with the Triton kernels run vs skipped (interpreter layouts)", "batch": b,
+            "counts": count_keys(ran), "identical_by_op": same, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _versions() -> dict[str, Any]:
@@ -435,57 +611,63 @@ def _versions() -> dict[str, Any]:
     return {"torch": torch.__version__, "triton": triton.__version__}
 
 
+METHOD = ("CUDA code path (backend='triton') counted on CPU under TRITON_INTERPRET=1: Triton launches, ATen ops "
+          "that launch a device kernel (no views/allocations), tape_kernels extension ops; Triton kernels counted "
+          "but not run (execute=False; execute_check shows the counts equal those with the kernels run), layouts "
+          "picked as on a GPU with `sms` SMs (the Char-RNN's persistent kernels); see benchmarks/launches.py")
+METHOD_NOTES = [
+    "train_step*: Stepper.accumulate + apply_gradients as GraphedStepper captures them (grad_clip 1.0, "
+    "Adam(capturable, fused) or FusedWolf), batch checks outside the graph",
+    "train_step_bf16: torch.autocast on the CPU (bf16) stands for CUDA's: both cast the GEMMs' fp32 operands to "
+    "bf16 and leave fp32 inputs of fp32-list ops alone; branches on device.type == 'cuda' (LayerNorm outputs "
+    "fp32 under CUDA autocast) take their CPU side",
+    "graph_token: one replay of generate()'s decode graph (decode step + draw + token copy + pos.add_), fp32, "
+    "reference design; graph_extras = graph_token - decode_token.fp32",
+    "seed: design='seed' (prophet = Char-RNN, merges, moderator), same methods",
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True, help="output path")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="notebook")
-    ap.add_argument("--batch", type=int, default=1, help="batch of the counted training step (default 1)")
+    ap.add_argument("--batch", type=int, default=NOTEBOOK_BATCH,
+                    help=f"batch of the counted training steps (default {NOTEBOOK_BATCH}, the notebook's)")
     ap.add_argument("--batch-check", type=int, default=None,
-                    help="count the training step again at this batch and fail unless both agree")
+                    help="count the training steps again at this batch and fail unless both agree")
     ap.add_argument("--steady-check", action="store_true",
-                    help="count the training step again after an untimed one and fail unless both agree")
+                    help="count the training steps again after an untimed one and fail unless both agree")
     ap.add_argument("--with-test-config", action="store_true",
-                    help="also count the 'test' config (what tests/test_launches.py recomputes) into the JSON")
-    ap.add_argument("--checks-on", choices=("config", "test"), default="config",
-                    help="run --batch-check/--steady-check on --config, or on the 'test' config (with "
-                         "--with-test-config: its counts equal the notebook's, and the interpreter "
-                         "needs ~15 minutes per notebook-size training step on 2 cores)")
+                    help="also count the 'test' config into the JSON (its counts must equal the notebook's)")
+    ap.add_argument("--execute-check", action="store_true",
+                    help="on the 'tiny' config, count with the kernels run and skipped; fail unless equal")
+    ap.add_argument("--execute", action="store_true",
+                    help="run the Triton kernels (slow; with the interpreter's layouts, --sms is ignored)")
+    ap.add_argument("--sms", type=int, default=DEFAULT_SMS, help=f"SMs of the GPU counted for (default {DEFAULT_SMS})")
     args = ap.parse_args(argv)
-    if args.batch < 1 or (args.batch_check is not None and args.batch_check < 1):
-        ap.error("batch sizes must be >= 1")
+    if args.batch < 1 or (args.batch_check is not None and args.batch_check < 1) or args.sms < 1:
+        ap.error("batch sizes and --sms must be >= 1")
     cfg = CONFIGS[args.config]
     t0 = time.perf_counter()
-    on_test = args.checks_on == "test" and args.with_test_config and args.config != "test"
-    if on_test:
-        res = count_all(cfg, args.batch)
-    else:
-        res = count_all(cfg, args.batch, args.batch_check, args.steady_check)
-        for key in ("batch_check", "steady_check"):
-            if key in res:
-                res[key]["config"] = args.config
+    sms = None if args.execute else args.sms
+    res = count_all(cfg, args.batch, args.batch_check, args.steady_check, execute=args.execute, sms=sms)
     res["config_name"] = args.config
     if args.config == "notebook":
         res["notebook_batch"] = NOTEBOOK_BATCH
     if args.with_test_config and args.config != "test":
         print("test config ...")
-        t = count_all(CONFIGS["test"], 1, args.batch_check if on_test else None, args.steady_check and on_test)
-        res["test_config"] = {k: t[k] for k in ("train_step", "decode_token", "train_forward_backward",
-                                                "train_optimizer_step", "config", "batch")}  # fmt: skip
-        for key in ("batch_check", "steady_check"):
-            if on_test and key in t:
-                res[key] = {**t[key], "config": "test"}
-                res["seconds"][f"test_{key}"] = t["seconds"][key]
+        t = count_all(CONFIGS["test"], args.batch, execute=args.execute, sms=sms)
+        res["test_config"] = {**{k: t[k] for k in COUNT_KEYS}, "config": t["config"], "batch": t["batch"]}
+    if args.execute_check:
+        res["execute_check"] = {**execute_check(CONFIGS["tiny"]), "config": "tiny"}
     res.update(_versions())
-    res["method"] = ("CUDA code path (backend='triton') counted on CPU under TRITON_INTERPRET=1: Triton launches, "
-                     "ATen ops that launch a device kernel (no views/allocations), tape_kernels extension ops; "
-                     "see benchmarks/launches.py")  # fmt: skip
+    res["method"] = METHOD
+    res["method_notes"] = METHOD_NOTES
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
         f.write("\n")
-    print(f"train_step {res['train_step']} (forward+backward {res['train_forward_backward']}, "
-          f"Adam {res['train_optimizer_step']}), decode_token {res['decode_token']}; "
-          f"{time.perf_counter() - t0:.0f} s; wrote {args.json}")  # fmt: skip
+    print(f"{json.dumps(count_keys(res))}; {time.perf_counter() - t0:.0f} s; wrote {args.json}")
     return 0
 
 

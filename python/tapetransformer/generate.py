@@ -348,8 +348,10 @@ class _GraphedDecodeStep:
         backend = model.backend
         # Warm-up outside the capture: Triton compiles/autotunes and the allocator settles. It writes
         # K/V of token 0 into row cache.length, which the first replay overwrites before any read,
-        # and advances the sampler state, which the caller re-seeds or continues.
-        saved = (self.pos.clone(), self.rng_state.clone())  # queued before the side stream's wait
+        # and advances the sampler state and the prophet's state (where it runs), which are put back:
+        # the first replay must advance the prefill's prophet state, not one two tokens further.
+        rnn = cache.rnn or []
+        saved = (self.pos.clone(), self.rng_state.clone(), [h.clone() for h in rnn])  # before the side stream's wait
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -359,6 +361,8 @@ class _GraphedDecodeStep:
                 self.tok.zero_()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.rng_state.copy_(saved[1])
+        for h, h0 in zip(rnn, saved[2]):
+            h.copy_(h0)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logp = self._step(model, backend)
