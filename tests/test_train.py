@@ -27,6 +27,7 @@ from tapetransformer.train import (
     MemoryPlan,
     Stepper,
     TrainConfig,
+    TrainingInterrupted,
     calibrate_memory,
     enable_recompute,
     estimate_memory,
@@ -316,6 +317,28 @@ def test_resume_bit_for_bit_with_wolf_and_accumulation(tmp_path: Path, corpus: P
     for (k, a), b in zip(full["model"].state_dict().items(), resumed["model"].state_dict().values()):
         assert torch.equal(a, b), k
     assert full["train_loss"] == resumed["train_loss"]
+
+
+def test_resume_continues_the_schedule(tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped at step 3 of 6 and resumed to 6 gets the same rates, and ends bit for bit where the
+    uninterrupted run does (warm-up + cosine: the rate depends on the step and the run's target)."""
+    from tapetransformer.train import loop
+
+    rates: list[float] = []
+    set_lr = Stepper.set_lr
+    monkeypatch.setattr(Stepper, "set_lr", lambda self, lr: (rates.append(lr), set_lr(self, lr))[1])
+    kw = dict(warmup_steps=2, lr=0.02)
+    full = train(cfg_for(tmp_path / "a.ckpt", corpus, 6, **kw))
+    full_rates, rates[:] = list(rates), []
+    monkeypatch.setattr(loop, "_stop_agreed", lambda stop, run: len(rates) == 3)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg_for(tmp_path / "b.ckpt", corpus, 6, **kw))
+    monkeypatch.setattr(loop, "_stop_agreed", lambda stop, run: False)
+    resumed = train(cfg_for(tmp_path / "b.ckpt", corpus, 6, resume=True, **kw))
+    assert rates == full_rates and full_rates[1] == pytest.approx(0.02) and full_rates[-1] == pytest.approx(0.002)
+    assert full_rates[0] == pytest.approx(0.01)
+    for (k, a), b in zip(full["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_init_from_notebook_state_dict(tmp_path: Path, golden: dict) -> None:
