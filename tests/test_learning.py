@@ -61,7 +61,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, float
 
 def test_corpus_entropies_are_far_apart(corpus: tuple[Path, float, float]) -> None:
     _, h_rate, h_uni = corpus
-    assert 0.5 < h_rate < h_uni - 1.0  # the test can tell context learning from frequency learning
+    assert 0.5 < h_rate < h_uni - 0.8  # the test can tell transition learning from frequency learning
 
 
 def _run(tmp_path: Path, corpus: Path, design: str, **kw) -> float:
