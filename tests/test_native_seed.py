@@ -14,11 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tape_kernels.charrnn import charrnn_ref
-from tapetransformer import native_decode as nd
-from tapetransformer.generate import generate
-from tapetransformer.model import TapeTransformer
 from test_native_decode import (
     CONFIGS,
     W8A8_MAX_RATIO,
@@ -27,6 +22,11 @@ from test_native_decode import (
     _float64_twin,
     _tokens,
 )
+
+from tape_kernels.charrnn import charrnn_ref
+from tapetransformer import native_decode as nd
+from tapetransformer.generate import generate
+from tapetransformer.model import TapeTransformer
 
 pytestmark = pytest.mark.skipif(
     not (nd.native_available() and hasattr(torch.ops.tape_kernels, "decode_step_seed")),
@@ -39,7 +39,8 @@ def _seed_model(cfg: str, seed: int = 0) -> TapeTransformer:
     return TapeTransformer(**CONFIGS[cfg], dropout=0.0, design="seed", backend="eager").eval()
 
 
-def _native_run(m: TapeTransformer, x: torch.Tensor, k: int, weights: str | None = None) -> tuple[torch.Tensor, nd.NativeDecoder]:
+def _native_run(m: TapeTransformer, x: torch.Tensor, k: int,
+                weights: str | None = None) -> tuple[torch.Tensor, nd.NativeDecoder]:
     """Native prefill of x[:, :k], then native steps over the rest -> (log-probs (B, S, V), decoder)."""
     with torch.no_grad():
         logp, dec = nd.prefill(m, x[:, :k], x.shape[1], weights=weights, native=True)
