@@ -5,6 +5,9 @@
 // positions (+ RoPE when causal), every TapeHeadBlock of the evaluated heads (QKV projection, K/V
 // write at row t0, attention over rows 0..t0, out projection, LayerNorm, MLP with the bounded
 // activation, LayerNorm), the left/right combine after every layer and the Student-t unembedding.
+// For the seed design (Plan::seed_design) also the prophet's Char-RNN over the new tokens (its state
+// in the caller's rnn buffer, advanced in place), rnn_projection, merge_projection (the critics' shared
+// input), the moderator (final_norm + merge_projection_final) and merger.proj.
 //
 // Weights are fp32 (a vectorised GEMV, AVX-512 / AVX2 / portable chosen at run time), W8A8 (per-row
 // activation quantization and the packed int8 kernels of int8_cpu.h) or weight-only int8 (W8A32,

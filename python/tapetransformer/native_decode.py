@@ -21,6 +21,16 @@ The same op takes S > 1 tokens (:meth:`NativeDecoder.extend`, :func:`prefill`): 
 that streams each weight once for all B·S rows (faster than the fused model's prefill, see
 :func:`prefill`).
 
+The seed design (``design="seed"``) runs through ``torch.ops.tape_kernels.decode_step_seed``: the
+coda, every critic on the mixture of the coda and the prophet, the moderator and the merger; the
+prophet's Char-RNN state is the KVCache's ``rnn_state`` ((layers, B, 1, Hd), made by
+``model.new_cache``), advanced in place by each step and rebuilt by a native prefill, so the model's
+prefill and the native step continue each other there too. The prophet, the projections, the
+moderator and the merger stay fp32 in the int8 modes, as in the model's int8 path.
+
+Sampling: :func:`native_pick` draws in one native call (``torch.ops.tape_kernels.sample_next``) with the
+Philox stream of ``tape_kernels.sampling`` (the same ids for a seed) and raises on NaN log-probs.
+
 Semantics are the model's (``_forward_eval`` for one token): reference semantics (``causal=False``)
 put the token at position 0 and do not rotate it; ``causal=True`` uses the absolute position and RoPE.
 Results equal ``_forward_eval``'s to fp32 rounding (the summation order of the products differs),
