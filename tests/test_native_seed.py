@@ -255,3 +255,34 @@ def test_bad_input_errors() -> None:
     with pytest.raises(ValueError, match="tensors"):  # a plan missing the seed design's tensors
         torch.classes.tape_kernels.DecodePlan(dec.plan.__obj_flatten__()[0][1][:-1], dec.plan.__obj_flatten__()[1][1],
                                               dec.plan.__obj_flatten__()[2][1])
+
+
+def test_opcheck_and_what_the_ops_write() -> None:
+    """decode_step_seed: opcheck's fake-tensor and autograd-registration checks (its schema checks cannot
+    run on a torchbind argument, see tests/test_native_decode.py::test_opcheck), and by hand: only kv's
+    rows t0.. and rnn are written. sample_next: opcheck, and only the state's step advances."""
+    import copy
+
+    m = _seed_model("odd24", seed=4)
+    x = _tokens("odd24", 2, 4, seed=3)
+    with torch.no_grad():
+        _, dec = nd.prefill(m, x, 8, native=True)
+    kv, rnn = dec.cache.kv, dec.cache.rnn_state
+    op = torch.ops.tape_kernels.decode_step_seed
+    for t in (torch.tensor([3, 4]), torch.tensor([[3, 4, 5], [6, 7, 8]])):
+        torch.library.opcheck(op, (dec.plan, t, kv.clone(), rnn.clone(), 4),
+                              test_utils=("test_faketensor", "test_autograd_registration"))  # fmt: skip
+    kv2, rnn2 = kv.clone(), rnn.clone()
+    kv2[..., 4:, :] = float("nan")  # rows past t0 are never read
+    before_kv, before_rnn = kv2.clone(), rnn2.clone()
+    out = op(dec.plan, torch.tensor([3, 4]), kv2, rnn2, 4)
+    assert torch.isfinite(out).all() and not torch.equal(rnn2, before_rnn)
+    changed = (kv2 != before_kv) & ~(torch.isnan(kv2) & torch.isnan(before_kv))
+    assert changed[..., 4, :].any() and not changed[..., :4, :].any() and not changed[..., 5:, :].any()
+    assert copy.deepcopy(dec.plan).n_blocks() == dec.plan.n_blocks() == kv.shape[0]  # the seed config round-trips
+    logp = torch.log_softmax(torch.randn(2, 9), -1)
+    for state in (None, torch.tensor([5, 0])):
+        torch.library.opcheck(torch.ops.tape_kernels.sample_next, (logp, state, 1.25, 3))
+    state = torch.tensor([5, 7])
+    torch.ops.tape_kernels.sample_next(logp, state, 1.0, 0)
+    assert state.tolist() == [5, 8]
