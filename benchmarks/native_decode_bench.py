@@ -145,7 +145,8 @@ def dispatches_per_step(step: Any, reset: Any, p: int) -> int:
 # ------------------------------------------------------------------------------------------ prefill
 
 
-def time_prefill(model: TapeTransformer, ctx: torch.Tensor, reps: int, weights: str) -> list[dict[str, Any]]:
+def time_prefill(model: TapeTransformer, ctx: torch.Tensor, reps: int, weights: str,
+                 native_only: bool = False) -> list[dict[str, Any]]:
     """ms for one prefill of ctx: the fused model (with the share of its op time spent in the linear
     layers, torch.profiler) and the native one (NativeDecoder.extend, one call)."""
     dec = nd.NativeDecoder(model, nd.new_kv(model, ctx.shape[0], ctx.shape[1]), weights=weights)
@@ -158,7 +159,7 @@ def time_prefill(model: TapeTransformer, ctx: torch.Tensor, reps: int, weights: 
         dec.extend(ctx)
 
     rows = []
-    for impl, fn in (("fused", fused), ("native", native)):
+    for impl, fn in (("native", native),) if native_only else (("fused", fused), ("native", native)):
         fn()
         runs = []
         for _ in range(reps):
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="smoke-run on a tiny model")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--native-only", action="store_true",
+                    help="only the native rows (no reference loop, no op-by-op decode, no fused prefill): on a busy "
+                         "machine the op-by-op rows at 2 threads take minutes per row")
     ap.add_argument("--designs", nargs="+", default=["reference", "seed"], choices=["reference", "seed"])
     ap.add_argument("--gen-new", type=int, default=None, help="new tokens of the generate rows (default 64)")
     ap.add_argument("--note", default=None, help="a remark stored with the results (e.g. the machine was shared)")
@@ -244,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ctx = torch.randint(0, cfg["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(2))
     gen_prompt = torch.randint(0, cfg["vocab_size"], (1, min(32, seq // 2)), generator=torch.Generator().manual_seed(3))
     result: dict[str, Any] = {"config": cfg, "batch": 1, "prompt": p, "new": n, "reps": reps, "env": env(),
-                              "note": args.note, "generate_prompt": gen_prompt.shape[1], "generate_new": gen_new,
+                              "note": args.note, "native_only": args.native_only,
+                              "generate_prompt": gen_prompt.shape[1], "generate_new": gen_new,
                               "decode": [], "prefill": [], "generate": []}  # fmt: skip
     prev = torch.get_num_threads()
     try:
@@ -253,20 +258,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 torch.set_num_threads(threads)
                 for design, (fused, plain) in models.items():
                     rows = []
-                    if not args.skip_reference and design == "reference":
+                    if not (args.skip_reference or args.native_only) and design == "reference":
                         step, reset = reference_runner(plain, x, p)
                         rows.append({"impl": "reference", "weights": "fp32", **time_decode(step, reset, p, n, reps),
                                      "dispatches": dispatches_per_step(step, reset, p)})  # fmt: skip
                     for weights in WEIGHTS:
                         set_weights(fused, weights)
-                        for impl in ("model", "native"):
+                        for impl in ("native",) if args.native_only else ("model", "native"):
                             if impl == "model":
                                 step, reset = model_runner(fused, x, p)
                             else:
                                 step, reset = native_runner(fused, x, p, weights)
                             rows.append({"impl": impl, "weights": weights, **time_decode(step, reset, p, n, reps),
                                          "dispatches": dispatches_per_step(step, reset, p)})  # fmt: skip
-                        for row in time_prefill(fused, ctx, reps, weights):
+                        for row in time_prefill(fused, ctx, reps, weights, native_only=args.native_only):
                             result["prefill"].append({"design": design, "threads": threads, "weights": weights,
                                                       "tokens": seq, **row})  # fmt: skip
                     set_weights(fused, "fp32")
