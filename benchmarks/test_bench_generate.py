@@ -22,7 +22,7 @@ Variants, ``<how>_<precision>[_nograph]``:
   ``generate()`` does by default on the device.
 
 The seed design (``design="seed"``: the coda, every critic, the prophet and the merges) is its own row,
-case ``<case>-seed-generate-engine`` (``test_generate_engine_seed``), CPU only: ``seed_fused_eager_*`` (b,
+case ``<case>-seed-generate-engine`` (``test_seed_design_generate``), CPU only: ``seed_fused_eager_*`` (b,
 ``native=False``: the model's own decode, op by op) and ``seed_native_<precision>_<mode>_t<threads>``
 (c, ``generate()``'s CPU default), greedy and sampled (temperature 0.8, top-k 20), at 1 and 2 threads
 (``torch.set_num_threads`` for the call). There is no (a): the reference model has no seed-design loop.
@@ -155,7 +155,7 @@ SEED_VARIANTS: dict[str, tuple[str, str, bool, bool, int | None, str]] = {
 
 
 @pytest.mark.parametrize("variant", list(SEED_VARIANTS))
-def test_generate_engine_seed(benchmark, device: torch.device, variant: str) -> None:  # noqa: ANN001
+def test_seed_design_generate(benchmark, device: torch.device, variant: str) -> None:  # noqa: ANN001
     from tapetransformer.generate import generate
 
     impl, precision, int8, sampled, threads, letter = SEED_VARIANTS[variant]
