@@ -309,10 +309,12 @@ MODEL_IMPLS = {"reference": "a", "eager": "a", "fused_eager": "b", "fused_triton
 COMPILE_MODES = ("default", "max-autotune")
 
 
-def build_model(case: str, impl: str, device: torch.device | str, seed: int = 0) -> torch.nn.Module:
+def build_model(case: str, impl: str, device: torch.device | str, seed: int = 0, design: str | None = None
+                ) -> torch.nn.Module:
     """The model of ``case`` for ``impl`` (``reference``/``eager``, ``fused_eager``, ``fused_triton``/
     ``fused``, or ``compile``: the reference, for cold_warm_start.py), in training mode on ``device``.
-    Every impl gets the same initial weights (the fused model subclasses the reference)."""
+    Every impl gets the same initial weights (the fused model subclasses the reference). ``design``: the fused
+    model's design (None: its default, the reference design)."""
     # dropout 0, as the notebook trained (and the fused attention has no dropout kernel)
     cfg = {k: v for k, v in MODEL_CASES[case].items() if k != "batch"} | {"dropout": 0.0}
     torch.manual_seed(seed)
@@ -320,7 +322,8 @@ def build_model(case: str, impl: str, device: torch.device | str, seed: int = 0)
         cls = fused_model_class()
         if cls is None:
             raise RuntimeError("tapetransformer.TapeTransformer (the fused model) does not exist")
-        model = cls(**cfg, backend="eager" if impl == "fused_eager" else "triton")
+        model = cls(**cfg, backend="eager" if impl == "fused_eager" else "triton",
+                    **({"design": design} if design is not None else {}))
     elif impl in ("reference", "eager", "compile"):
         from tapetransformer.reference import ReferenceTapeTransformer as TapeTransformer
 

@@ -21,6 +21,12 @@ Variants, ``<how>_<precision>[_nograph]``:
   same step launch by launch (``cuda_graph=False``). Variants without the suffix are what
   ``generate()`` does by default on the device.
 
+The seed design (``design="seed"``: the coda, every critic, the prophet and the merges) is its own row,
+case ``<case>-seed-generate-engine`` (``test_seed_design_generate``), CPU only: ``seed_fused_eager_*`` (b,
+``native=False``: the model's own decode, op by op) and ``seed_native_<precision>_<mode>_t<threads>``
+(c, ``generate()``'s CPU default), greedy and sampled (temperature 0.8, top-k 20), at 1 and 2 threads
+(``torch.set_num_threads`` for the call). There is no (a): the reference model has no seed-design loop.
+
 Precisions: ``fp32``; ``int8`` (int8 weights, ``act_quant=None``: W8A8 on CPU, the W8A16 GEMV on
 CUDA); ``fp16``/``bf16`` (CUDA, model cast). The extra key ``<variant>_ms_per_token`` of the results
 row holds each variant's latency (``collect_results.py``).
@@ -137,3 +143,47 @@ def test_generate_engine(benchmark, device: torch.device, variant: str) -> None:
         benchmark.extra_info["capture_ms"] = round(first_capture_ms, 3)
     if "cuda_graph" in stats:
         assert stats["cuda_graph"] == (graph and is_cuda(device)), f"{variant}: generate() graph use differs"
+
+
+# name -> (model impl, precision, int8, sampled, threads (None: the session's), attribution letter)
+SEED_VARIANTS: dict[str, tuple[str, str, bool, bool, int | None, str]] = {
+    "seed_fused_eager_fp32": ("fused_eager", "fp32", False, False, None, "b"),
+    "seed_fused_eager_int8": ("fused_eager", "int8", True, False, None, "b"),
+    **{f"seed_native_{p}_{m}_t{t}": ("fused_eager", p, p == "int8", m == "sampled", t, "c")
+       for p in ("fp32", "int8") for m in ("greedy", "sampled") for t in (1, 2)},
+}
+
+
+@pytest.mark.parametrize("variant", list(SEED_VARIANTS))
+def test_seed_design_generate(benchmark, device: torch.device, variant: str) -> None:  # noqa: ANN001
+    from tapetransformer.generate import generate
+
+    impl, precision, int8, sampled, threads, letter = SEED_VARIANTS[variant]
+    if device.type != "cpu":
+        pytest.skip("the seed design's native decode is a CPU path")
+    case = _case()
+    prompt_len, new = _lengths(case)
+    model = build_model(case, impl, device, design="seed").eval()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, MODEL_CASES[case]["vocab_size"], (1, prompt_len), generator=g)
+    kw = {"temperature": 0.8, "top_k": 20, "seed": 0} if sampled else {"greedy": True}
+    stats: dict = {}
+    per_token: list[float] = []
+
+    def run() -> None:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads or prev)
+        try:
+            generate(model, prompt, new, int8=int8, native=letter == "c", stats=stats, **kw)
+        finally:
+            torch.set_num_threads(prev)
+        per_token.append(stats["ms_per_token"])
+
+    run()  # warm-up: int8 packing
+    per_token.clear()
+    record(benchmark, group=GROUP, case=f"{case}-seed-generate-engine", impl=variant, peak_mem_mb=None, role="fused",
+           attribution=letter, precision=precision, cuda_graph=False, batch=1, prompt_len=prompt_len, new_tokens=new,
+           design="seed", sampled=sampled, threads=threads or torch.get_num_threads())  # fmt: skip
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.extra_info["ms_per_token"] = round(statistics.median(per_token), 4)
+    benchmark.extra_info["prefill_ms"] = round(stats["prefill_ms"], 3)

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
 
 #include "decode_cpu.h"
@@ -183,6 +184,11 @@ Tensor w8_linear_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scale
 //              then 3 slots for each of in_proj, out_proj, expand, linear:
 //              fp32 (weight (N, K), -, -); W8A8 (packed, wsum, scale); int8 (qweight (N, K), scale, -)
 //              where "-" is any (e.g. empty) tensor, ignored.
+// The seed design (decode_step_seed) appends [1, rnn_layers, hidden] to config, the final_norm eps to
+// floats, and to tensors, all fp32: per prophet layer W_i (2Hd, in) = [left; right], b_i (2Hd), W_h
+// (2Hd, Hd), b_h (2Hd) (in = D for layer 0, Hd above); then rnn_projection weight (D, Hd) and bias
+// (D), merge_projection (D, 2D), final_norm weight (n_critics·D), merge_projection_final (D,
+// n_critics·D), merger.proj (D, 2D).
 struct DecodePlan : torch::CustomClassHolder {
   static constexpr int64_t kGlobal = 6, kPerBlock = 19;
   std::vector<Tensor> tensors;
@@ -249,8 +255,12 @@ struct DecodePlan : torch::CustomClassHolder {
     plan.causal = config[4] != 0;
     plan.kind = static_cast<tk::decode::Weights>(config[5]);
     const int64_t nh = config[6];
-    TORCH_CHECK_VALUE(nh >= 1 && static_cast<int64_t>(config.size()) == 7 + 2 * nh,
-                      "decode plan: config must list (layers, mode) for each of its ", nh, " heads");
+    const int64_t base = 7 + 2 * nh;
+    TORCH_CHECK_VALUE(nh >= 1 && (static_cast<int64_t>(config.size()) == base ||
+                                  static_cast<int64_t>(config.size()) == base + 3),
+                      "decode plan: config must list (layers, mode) for each of its ", nh,
+                      " heads (then, for the seed design, [1, rnn_layers, hidden])");
+    plan.seed_design = static_cast<int64_t>(config.size()) == base + 3;
     for (int64_t i = 0; i < nh; ++i) {
       tk::decode::Head hd;
       hd.layers = config[7 + 2 * i];
@@ -259,9 +269,18 @@ struct DecodePlan : torch::CustomClassHolder {
       plan.eval_heads.push_back(hd);
     }
     const int64_t nb = plan.n_blocks();
-    TORCH_CHECK_VALUE(static_cast<int64_t>(tensors.size()) == kGlobal + kPerBlock * nb,
-                      "decode plan: expected ", kGlobal + kPerBlock * nb, " tensors, got ", tensors.size());
-    TORCH_CHECK_VALUE(static_cast<int64_t>(floats.size()) == 1 + 2 * nb, "decode plan: expected ", 1 + 2 * nb,
+    int64_t rl = 0, hd = 0;
+    if (plan.seed_design) {
+      rl = config[static_cast<size_t>(base + 1)];
+      hd = config[static_cast<size_t>(base + 2)];
+      TORCH_CHECK_VALUE(config[static_cast<size_t>(base)] == 1 && rl >= 1 && hd >= 1 && nh >= 2,
+                        "decode plan: bad seed-design config (need [1, rnn_layers >= 1, hidden >= 1] and a critic)");
+    }
+    const int64_t n_tensors = kGlobal + kPerBlock * nb + (plan.seed_design ? 4 * rl + 6 : 0);
+    const int64_t n_floats = 1 + 2 * nb + (plan.seed_design ? 1 : 0);
+    TORCH_CHECK_VALUE(static_cast<int64_t>(tensors.size()) == n_tensors, "decode plan: expected ", n_tensors,
+                      " tensors, got ", tensors.size());
+    TORCH_CHECK_VALUE(static_cast<int64_t>(floats.size()) == n_floats, "decode plan: expected ", n_floats,
                       " floats, got ", floats.size());
     plan.df = static_cast<float>(floats[0]);
     plan.embedding = f32(0, "embedding", {v, d});
@@ -295,6 +314,34 @@ struct DecodePlan : torch::CustomClassHolder {
       linear(bk.expand, o + 13, "expand weight", e, d, nullptr);
       linear(bk.linear, o + 16, "linear weight", d, e, nullptr);
     }
+    if (plan.seed_design) build_seed(kGlobal + kPerBlock * nb, nh - 1, rl, hd);
+  }
+
+  // An fp32 linear of the seed design: weight (n, k) at tensor i, bias at bi (or none: -1).
+  tk::decode::Linear f32_linear(int64_t i, int64_t bi, const char* what, int64_t n, int64_t k) const {
+    tk::decode::Linear l;
+    l.n = n;
+    l.k = k;
+    l.w = f32(i, what, {n, k});
+    l.bias = bi >= 0 ? f32(bi, what, {n}) : nullptr;
+    return l;
+  }
+
+  void build_seed(int64_t o, int64_t critics, int64_t layers, int64_t hd) {
+    const int64_t d = plan.d;
+    tk::decode::Seed& sd = plan.seed;
+    sd.layers = layers;
+    sd.hidden = hd;
+    for (int64_t l = 0; l < layers; ++l, o += 4) {
+      sd.wi.push_back(f32_linear(o, o + 1, "prophet W_i / b_i", 2 * hd, l == 0 ? d : hd));
+      sd.wh.push_back(f32_linear(o + 2, o + 3, "prophet W_h / b_h", 2 * hd, hd));
+    }
+    sd.rnn_projection = f32_linear(o, o + 1, "rnn_projection", d, hd);
+    sd.merge_projection = f32_linear(o + 2, -1, "merge_projection", d, 2 * d);
+    sd.final_norm_w = f32(o + 3, "final_norm weight", {critics * d});
+    sd.merge_final = f32_linear(o + 4, -1, "merge_projection_final", d, critics * d);
+    sd.merger = f32_linear(o + 5, -1, "merger.proj", d, 2 * d);
+    sd.final_norm_eps = static_cast<float>(floats.back());
   }
 };
 
@@ -333,8 +380,12 @@ Tensor decode_activation_cpu(const Tensor& x, const c10::optional<Tensor>& bias)
 
 // logp (B, S, V) for tokens tok (B, S) — or (B,), S = 1: a decode step — at cache rows t0..t0+S-1 of
 // kv (n_blocks, 2, B, H, capacity, D/H), which it writes (those rows of every block's K and V).
-Tensor decode_step_cpu(const c10::intrusive_ptr<DecodePlan>& plan, const Tensor& tok, const Tensor& kv, int64_t t0) {
+Tensor decode_step_impl(const c10::intrusive_ptr<DecodePlan>& plan, const Tensor& tok, const Tensor& kv, int64_t t0,
+                        const Tensor* rnn) {
   const tk::decode::Plan& p = plan->plan;
+  TORCH_CHECK_VALUE(p.seed_design == (rnn != nullptr),
+                    p.seed_design ? "this plan is of the seed design: call decode_step_seed with the prophet's state"
+                                  : "decode_step_seed needs a plan of the seed design");
   TORCH_CHECK_VALUE((tok.dim() == 1 || tok.dim() == 2) && tok.size(0) >= 1 && (tok.dim() == 1 || tok.size(1) >= 1),
                     "tok must be (B,) or (B, S) with B, S >= 1, got shape ", tok.sizes());
   TORCH_CHECK_VALUE(tok.scalar_type() == at::kLong, "tok must have dtype int64, got ", tok.scalar_type());
@@ -358,9 +409,62 @@ Tensor decode_step_cpu(const c10::intrusive_ptr<DecodePlan>& plan, const Tensor&
   for (int64_t i = 0; i < b * s; ++i)
     TORCH_CHECK_VALUE(ids[i] >= 0 && ids[i] < p.vocab, "tok holds token id ", ids[i], " out of range [0, ", p.vocab,
                       ")");
+  float* rp = nullptr;
+  if (rnn != nullptr) {
+    const int64_t rl = p.seed.layers, hd = p.seed.hidden;
+    TORCH_CHECK_VALUE(rnn->scalar_type() == at::kFloat && rnn->device().is_cpu() && rnn->is_contiguous() &&
+                          rnn->dim() >= 3 && rnn->size(0) == rl && rnn->size(1) == b && rnn->size(-1) == hd &&
+                          rnn->numel() == rl * b * hd,
+                      "rnn (the prophet's state) must be a contiguous float32 CPU tensor of shape (", rl, ", ", b,
+                      ", ", hd, ") or (", rl, ", ", b, ", 1, ", hd, "), got ", rnn->scalar_type(), " ", rnn->sizes(),
+                      " on ", rnn->device());
+    rp = rnn->data_ptr<float>();
+  }
   auto logp = at::empty({b, s, p.vocab}, kv.options());
-  tk::decode::decode_step(p, ids, b, s, kv.data_ptr<float>(), cap, t0, logp.data_ptr<float>(), at::get_num_threads());
+  tk::decode::decode_step(p, ids, b, s, kv.data_ptr<float>(), cap, t0, logp.data_ptr<float>(), at::get_num_threads(),
+                          rp);
   return logp;
+}
+
+Tensor decode_step_cpu(const c10::intrusive_ptr<DecodePlan>& plan, const Tensor& tok, const Tensor& kv, int64_t t0) {
+  return decode_step_impl(plan, tok, kv, t0, nullptr);
+}
+
+// The seed design's step: as decode_step, and the prophet's state rnn (layers, B[, 1], Hd) advanced
+// over the new tokens in place.
+Tensor decode_step_seed_cpu(const c10::intrusive_ptr<DecodePlan>& plan, const Tensor& tok, const Tensor& kv,
+                            const Tensor& rnn, int64_t t0) {
+  return decode_step_impl(plan, tok, kv, t0, &rnn);
+}
+
+// Next ids (B,) from logp (B, V) or (B, 1, V), the last row: greedy when state is None, else
+// tape_kernels.sampling's exponential race at fp32(inv_temp) restricted to the top_k largest
+// (top_k <= 0: all), state ([seed, step] int64) advanced by one. A row holding NaN or +inf gets -1.
+Tensor sample_next_cpu(const Tensor& logp, const c10::optional<Tensor>& state, double inv_temp, int64_t top_k) {
+  TORCH_CHECK_VALUE(logp.scalar_type() == at::kFloat && logp.device().is_cpu(),
+                    "logp must be a float32 CPU tensor, got ", logp.scalar_type(), " on ", logp.device());
+  TORCH_CHECK_VALUE((logp.dim() == 2 || logp.dim() == 3) && logp.numel() > 0, "logp must be (B, V) or (B, S, V), got ",
+                    logp.sizes());
+  auto rows = (logp.dim() == 3 ? logp.select(1, logp.size(1) - 1) : logp).contiguous();
+  const int64_t b = rows.size(0), v = rows.size(1);
+  auto out = at::empty({b}, logp.options().dtype(at::kLong));
+  uint64_t seed = 0, step = 0;
+  float it = 0.f;
+  if (state.has_value()) {
+    TORCH_CHECK_VALUE(state->scalar_type() == at::kLong && state->device().is_cpu() && state->dim() == 1 &&
+                          state->size(0) == 2 && state->is_contiguous(),
+                      "state must be the contiguous (2,) int64 CPU tensor [seed, step], got ", state->scalar_type(),
+                      " ", state->sizes());
+    TORCH_CHECK_VALUE(inv_temp > 0 && std::isfinite(inv_temp), "inv_temp must be finite and > 0, got ", inv_temp);
+    int64_t* st = state->data_ptr<int64_t>();
+    seed = static_cast<uint64_t>(st[0]);
+    step = static_cast<uint64_t>(st[1]);
+    it = static_cast<float>(inv_temp);
+    st[1] += 1;
+  }
+  tk::decode::sample_rows(rows.data_ptr<float>(), b, v, v, it, state.has_value() ? top_k : 0, seed, step,
+                          out.data_ptr<int64_t>());
+  return out;
 }
 
 // -------------------------------------------------------------------------------------------- CUDA
@@ -498,6 +602,9 @@ TORCH_LIBRARY(tape_kernels, m) {
   m.def("decode_activation(Tensor x, Tensor? bias) -> Tensor");
   m.def("decode_step(__torch__.torch.classes.tape_kernels.DecodePlan plan, Tensor tok, Tensor(a!) kv, int t0) "
         "-> Tensor");
+  m.def("decode_step_seed(__torch__.torch.classes.tape_kernels.DecodePlan plan, Tensor tok, Tensor(a!) kv, "
+        "Tensor(b!) rnn, int t0) -> Tensor");
+  m.def("sample_next(Tensor logp, Tensor(a!)? state, float inv_temp, int top_k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tape_kernels, CPU, m) {
@@ -509,6 +616,8 @@ TORCH_LIBRARY_IMPL(tape_kernels, CPU, m) {
   m.impl("w8a8_linear", &w8a8_linear_cpu);
   m.impl("w8a8_linear_packed", &w8a8_linear_packed_cpu);
   m.impl("decode_step", &decode_step_cpu);
+  m.impl("decode_step_seed", &decode_step_seed_cpu);
+  m.impl("sample_next", &sample_next_cpu);
   m.impl("decode_linear_f32", &decode_linear_f32_cpu);
   m.impl("decode_activation", &decode_activation_cpu);
 }

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -214,6 +215,32 @@ TK_INLINE void combine_impl(const float* hl, const float* hr, int mode, int64_t 
   }
 }
 TK_CLONES(combine, (const float* hl, const float* hr, int mode, int64_t d, float* h), (hl, hr, mode, d, h))
+
+// One Char-RNN layer on n units, as tape_kernels.charrnn.charrnn_ref computes it: the left / right
+// pre-activations z = (x·W_iᵀ + b_i) + (h·W_hᵀ + b_h) arrive as their two halves (pl + ql, pr + qr);
+// a = act(act(z_L)), b = act(act(z_R)) (CharRNNModel applies the activation after the cell's own),
+// h = ½((a + b) − (2a)·b). The only Char-RNN cell in C++ (decode step and prefill alike).
+TK_INLINE void charrnn_cell_impl(const float* pl, const float* pr, const float* ql, const float* qr, int64_t n,
+                                 float* h) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = act_one(act_one(pl[i] + ql[i])), b = act_one(act_one(pr[i] + qr[i]));
+    h[i] = 0.5f * ((a + b) - (2.0f * a) * b);
+  }
+}
+TK_CLONES(charrnn_cell, (const float* pl, const float* pr, const float* ql, const float* qr, int64_t n, float* h),
+          (pl, pr, ql, qr, n, h))
+
+// The reference's RMSNorm (final_norm): y = x / (‖x‖₂ + eps) · w.
+TK_INLINE void rms_norm_impl(const float* x, const float* w, float eps, int64_t n, float* y) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i] * x[i];
+  const float den = std::sqrt(s) + eps;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] / den * w[i];
+}
+TK_CLONES(rms_norm, (const float* x, const float* w, float eps, int64_t n, float* y), (x, w, eps, n, y))
 
 // o = softmax((q·scale)·Kᵀ)·V over t cached rows (K, V: (t, dh) row-major); sc: t floats of scratch,
 // qs: dh floats of scratch.
@@ -531,21 +558,35 @@ constexpr int64_t kRowGrain = 16;
 class Step {
  public:
   Step(const Plan& plan, const int64_t* tok, int64_t b, int64_t s, float* kv, int64_t capacity, int64_t t0,
-       float* logp)
-      : P_(plan), tok_(tok), b_(b), s_(s), m_(b * s), kv_(kv), cap_(capacity), t0_(t0), logp_(logp),
+       float* logp, float* rnn)
+      : P_(plan), tok_(tok), b_(b), s_(s), m_(b * s), kv_(kv), cap_(capacity), t0_(t0), logp_(logp), rnn_(rnn),
         isa_(cpu_isa()) {
     d_ = plan.d;
     hn_ = plan.heads;
     dh_ = d_ / hn_;
     d8_ = plan.expand_n();
+    hd_ = plan.seed_design ? plan.seed.hidden : 0;
     const int64_t side = m_ * (3 * d_ + d_ + d_ + d8_ + d_);
-    shared_.resize(static_cast<size_t>(2 * side));
+    // seed design: prophet input projections (M, 2Hd), its outputs of two layers (M, Hd) each, the
+    // recurrent products of one step (B, 2Hd); p, mix, mod and the final hidden rows (M, D) each
+    const int64_t seed = plan.seed_design ? m_ * 2 * hd_ + 2 * m_ * hd_ + b_ * 2 * hd_ + 4 * m_ * d_ : 0;
+    shared_.resize(static_cast<size_t>(2 * side + seed));
     float* p = shared_.data();
     qkv_ = p, p += 2 * m_ * 3 * d_;
     o_ = p, p += 2 * m_ * d_;
     y_ = p, p += 2 * m_ * d_;
     act_ = p, p += 2 * m_ * d8_;
-    ylin_ = p;
+    ylin_ = p, p += 2 * m_ * d_;
+    if (plan.seed_design) {
+      rp_ = p, p += m_ * 2 * hd_;
+      rout_[0] = p, p += m_ * hd_;
+      rout_[1] = p, p += m_ * hd_;
+      rq_ = p, p += b_ * 2 * hd_;
+      proph_ = p, p += m_ * d_;
+      mix_ = p, p += m_ * d_;
+      mod_ = p, p += m_ * d_;
+      hseed_ = p;
+    }
     // torch multiplies q by the Python float 1/sqrt(dh), rounded to fp32.
     scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh_)));
   }
@@ -557,14 +598,22 @@ class Step {
   struct Local {
     std::vector<float> f;
     float *x0, *x1, *h1, *hbuf[2], *coda, *z, *hl, *hr, *qs, *sc, *xw;
+    float *cat, *cs, *csn, *xe;  // seed design: [coda | ·] (M, 2D), critics (M, nD) and normed, e (M, D)
   };
   void init_local(Local& L) const;
 
+  void linear_rows(Weights kind, const Linear& l, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                   int64_t ldy, int64_t m) const;
   template <class Epi>
   void linear_phase(int tid, int team, const Linear& l0, const Linear& l1, const float* x0, const float* x1,
                     float* y, Epi&& epi) const;
+  void linear_split(int tid, int team, const Linear& l, const float* x, float* y) const;
   void attention_phase(Local& L, int tid, int team, int64_t blk0) const;
   void embed(Local& L) const;
+  const float* head_pass(Local& L, int tid, int team, size_t hi, int64_t& blk, int& cur, const float* xin0,
+                         const float* xin1) const;
+  void prophet(Local& L, int tid, int team) const;
+  const float* seed_tail(Local& L, int tid, int team, int64_t blk, int cur) const;
 
   const Plan& P_;
   const int64_t* tok_;
@@ -572,17 +621,28 @@ class Step {
   float* kv_;
   int64_t cap_, t0_;
   float* logp_;
+  float* rnn_;
   CpuIsa isa_;
-  int64_t d_, hn_, dh_, d8_;
+  int64_t d_, hn_, dh_, d8_, hd_;
   float scale_;
   std::vector<float> shared_;
   float *qkv_, *o_, *y_, *act_, *ylin_;  // (2, M, ·): the left block's rows first
+  float *rp_ = nullptr, *rout_[2] = {nullptr, nullptr}, *rq_ = nullptr;  // seed: the prophet's
+  float *proph_ = nullptr, *mix_ = nullptr, *mod_ = nullptr, *hseed_ = nullptr;
 };
 
 void Step::init_local(Local& L) const {
   const int64_t md = m_ * d_;
-  L.f.resize(static_cast<size_t>(2 * md + 2 * md + 2 * md + md + 3 * d_ + dh_ + (t0_ + s_) + P_.vocab));
+  const int64_t nc = static_cast<int64_t>(P_.eval_heads.size()) - 1;
+  const int64_t seed = P_.seed_design ? 2 * md + 2 * nc * md + md : 0;
+  L.f.resize(static_cast<size_t>(2 * md + 2 * md + 2 * md + md + 3 * d_ + dh_ + (t0_ + s_) + P_.vocab + seed));
   float* p = L.f.data();
+  if (P_.seed_design) {
+    L.cat = p, p += 2 * md;
+    L.cs = p, p += nc * md;
+    L.csn = p, p += nc * md;
+    L.xe = p, p += md;
+  }
   L.x0 = p, p += md;
   L.x1 = p, p += md;
   L.h1 = p, p += 2 * md;
@@ -642,24 +702,42 @@ void Step::linear_phase(int tid, int team, const Linear& l0, const Linear& l1, c
     const int64_t a = std::max(u0, side * units), e = std::min(u1, (side + 1) * units);
     if (a >= e) continue;
     const int64_t r0 = (a - side * units) * grain, r1 = std::min((e - side * units) * grain, n), rows = r1 - r0;
-    const Linear& l = side ? l1 : l0;
-    const float* x = side ? x1 : x0;
-    float* ys = y + side * m_ * n;
-    const float* bias = l.bias != nullptr ? l.bias + r0 : nullptr;
-    if (P_.kind == Weights::kF32) {
-      linear_f32_isa(isa_, x, m_, k, k, l.w + r0 * k, bias, rows, ys + r0, n, /*gemm=*/s_ > 1);
-    } else if (P_.kind == Weights::kW8) {
-      w8a32_linear_f32(x, m_, k, k, l.q + r0 * k, k, l.scale + r0, bias, rows, ys + r0, n);
-    } else {
-      // The single op's function on this thread's tiles: per-row activation quantization, exact int32
-      // products, its epilogue and its float path for non-finite rows and scales, so every product
-      // equals w8a8_linear_packed's bitwise (each thread quantizes the rows it needs itself: K
-      // values per row, against N·K weight bytes).
-      w8a8_linear_f32(x, m_, k, k, l.packed + (r0 / kTileN) * groups * kTileN * kGroupK, l.wsum + r0, l.scale + r0,
-                      bias, rows, ys + r0, n);
-    }
+    (void)rows;
+    (void)groups;
+    linear_rows(P_.kind, side ? l1 : l0, side ? x1 : x0, k, r0, r1, y + side * m_ * n, n, m_);
     epi(side, r0, r1);
   }
+}
+
+// Output channels [r0, r1) of y (m, l.n) = x (m rows, stride ldx)·Wᵀ + bias, with `kind`'s weights
+// (W8A8: r0 a multiple of kTileN).
+void Step::linear_rows(Weights kind, const Linear& l, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                       int64_t ldy, int64_t m) const {
+  const int64_t k = l.k, rows = r1 - r0;
+  if (rows <= 0) return;
+  const float* bias = l.bias != nullptr ? l.bias + r0 : nullptr;
+  if (kind == Weights::kF32) {
+    linear_f32_isa(isa_, x, m, k, ldx, l.w + r0 * k, bias, rows, y + r0, ldy, /*gemm=*/m > b_);
+  } else if (kind == Weights::kW8) {
+    w8a32_linear_f32(x, m, k, ldx, l.q + r0 * k, k, l.scale + r0, bias, rows, y + r0, ldy);
+  } else {
+    // The single op's function on this thread's tiles: per-row activation quantization, exact int32
+    // products, its epilogue and its float path for non-finite rows and scales, so every product
+    // equals w8a8_linear_packed's bitwise (each thread quantizes the rows it needs itself: K
+    // values per row, against N·K weight bytes).
+    const int64_t groups = packed_k(k) / kGroupK;
+    w8a8_linear_f32(x, m, k, ldx, l.packed + (r0 / kTileN) * groups * kTileN * kGroupK, l.wsum + r0, l.scale + r0,
+                    bias, rows, y + r0, ldy);
+  }
+}
+
+// y (M, l.n) = x (M, l.k)·Wᵀ + bias of one fp32 linear (the seed design's projections), its output
+// rows split across the team; the caller puts a barrier before y is read.
+void Step::linear_split(int tid, int team, const Linear& l, const float* x, float* y) const {
+  const int64_t units = (l.n + kRowGrain - 1) / kRowGrain;
+  const int64_t r0 = std::min(units * tid / team * kRowGrain, l.n);
+  const int64_t r1 = std::min(units * (tid + 1) / team * kRowGrain, l.n);
+  linear_rows(Weights::kF32, l, x, l.k, r0, r1, y, l.n, m_);
 }
 
 // Tasks (side, batch row, head): write the S new K/V rows at t0.., then attend each new row over
@@ -686,68 +764,150 @@ void Step::attention_phase(Local& L, int tid, int team, int64_t blk0) const {
   }
 }
 
+// One TapeHead (eval_heads[hi]) on this thread's inputs xin0 / xin1 (M, D) -> its output rows (this
+// thread's copy, valid until the next head's pass); blk and cur advance.
+const float* Step::head_pass(Local& L, int tid, int team, size_t hi, int64_t& blk, int& cur, const float* xin0,
+                             const float* xin1) const {
+  const Head& head = P_.eval_heads[hi];
+  const float* h = nullptr;
+  for (int64_t layer = 0; layer < head.layers; ++layer, blk += 2) {
+    const Block& bl = P_.blocks[static_cast<size_t>(blk)];
+    const Block& br = P_.blocks[static_cast<size_t>(blk + 1)];
+    // 1. qkv = x·in_projᵀ + b
+    linear_phase(tid, team, bl.in_proj, br.in_proj, xin0, xin1, qkv_, [](int, int64_t, int64_t) {});
+#pragma omp barrier
+    // 2. K/V rows t0.., attention
+    attention_phase(L, tid, team, blk);
+#pragma omp barrier
+    // 3. y = x + o·out_projᵀ + b
+    linear_phase(tid, team, bl.out_proj, br.out_proj, o_, o_ + m_ * d_, y_,
+                 [&](int side, int64_t r0, int64_t r1) {
+                   const float* x = side ? xin1 : xin0;
+                   for (int64_t r = 0; r < m_; ++r) {
+                     float* yr = y_ + (side * m_ + r) * d_;
+                     const float* xr = x + r * d_;
+                     for (int64_t c = r0; c < r1; ++c) yr[c] = xr[c] + yr[c];
+                   }
+                 });
+#pragma omp barrier
+    // 4. h1 = LN_attn(y) (every thread, its own copy); act = activation(h1·expandᵀ + expand_b)
+    for (int side = 0; side < 2; ++side) {
+      const Block& bk = side ? br : bl;
+      for (int64_t r = 0; r < m_; ++r)
+        TK_CALL(isa_, add_layer_norm, y_ + (side * m_ + r) * d_, nullptr, bk.ln_attn_w, bk.ln_attn_b, bk.ln_attn_eps,
+                d_, L.z, L.h1 + (side * m_ + r) * d_);
+    }
+    linear_phase(tid, team, bl.expand, br.expand, L.h1, L.h1 + m_ * d_, act_,
+                 [&](int side, int64_t r0, int64_t r1) {
+                   const float* eb = (side ? br : bl).expand_bias + r0;
+                   for (int64_t r = 0; r < m_; ++r)
+                     TK_CALL(isa_, activation, act_ + (side * m_ + r) * d8_ + r0, eb, r1 - r0);
+                 });
+#pragma omp barrier
+    // 5. ylin = act·linearᵀ
+    linear_phase(tid, team, bl.linear, br.linear, act_, act_ + m_ * d8_, ylin_, [](int, int64_t, int64_t) {});
+#pragma omp barrier
+    // 6. h = combine(LN_mlp(h1 + ylin) left, right) (every thread, its own copy)
+    float* hn = L.hbuf[cur];
+    cur ^= 1;
+    for (int64_t r = 0; r < m_; ++r) {
+      TK_CALL(isa_, add_layer_norm, L.h1 + r * d_, ylin_ + r * d_, bl.ln_mlp_w, bl.ln_mlp_b, bl.ln_mlp_eps, d_, L.z,
+              L.hl);
+      TK_CALL(isa_, add_layer_norm, L.h1 + (m_ + r) * d_, ylin_ + (m_ + r) * d_, br.ln_mlp_w, br.ln_mlp_b,
+              br.ln_mlp_eps, d_, L.z, L.hr);
+      TK_CALL(isa_, combine, L.hl, L.hr, head.mode, d_, hn + r * d_);
+    }
+    xin0 = xin1 = h = hn;
+  }
+  return h;
+}
+
+// The prophet over the S new tokens of every batch row, from the state in rnn_ (advanced in place),
+// layer by layer as charrnn does: each layer projects its M input rows once (x·W_iᵀ + b_i, both
+// cells), then steps through s = 0..S-1 (h·W_hᵀ + b_h, the cell), a barrier after each step since
+// every unit of step s+1 reads every unit of step s. A thread owns the same hidden units j (left row
+// j and right row Hd + j of every weight) throughout, so it reads only its own projections. The top
+// layer's outputs end in rout_[(layers − 1) & 1] (M, Hd).
+void Step::prophet(Local& L, int tid, int team) const {
+  const Seed& sd = P_.seed;
+  const int64_t hd = hd_;
+  for (int64_t r = 0; r < m_; ++r)  // e: the token embeddings, without positions
+    std::memcpy(L.xe + r * d_, P_.embedding + tok_[r] * d_, static_cast<size_t>(d_) * sizeof(float));
+  const int64_t units = (hd + kRowGrain - 1) / kRowGrain;
+  const int64_t j0 = std::min(units * tid / team * kRowGrain, hd);
+  const int64_t j1 = std::min(units * (tid + 1) / team * kRowGrain, hd);
+  const float* x = L.xe;
+  int64_t ldx = d_;
+  for (int64_t l = 0; l < sd.layers; ++l) {
+    const Linear& wi = sd.wi[static_cast<size_t>(l)];
+    const Linear& wh = sd.wh[static_cast<size_t>(l)];
+    float* out = rout_[l & 1];
+    float* state = rnn_ + l * b_ * hd;
+    linear_rows(Weights::kF32, wi, x, ldx, j0, j1, rp_, 2 * hd, m_);
+    linear_rows(Weights::kF32, wi, x, ldx, hd + j0, hd + j1, rp_, 2 * hd, m_);
+    for (int64_t s = 0; s < s_; ++s) {
+      const float* hprev = s == 0 ? state : out + (s - 1) * hd;  // batch row bb at + bb·ldh
+      const int64_t ldh = s == 0 ? hd : s_ * hd;
+      linear_rows(Weights::kF32, wh, hprev, ldh, j0, j1, rq_, 2 * hd, b_);
+      linear_rows(Weights::kF32, wh, hprev, ldh, hd + j0, hd + j1, rq_, 2 * hd, b_);
+      for (int64_t bb = 0; bb < b_; ++bb) {
+        const float* pr = rp_ + (bb * s_ + s) * 2 * hd;
+        const float* q = rq_ + bb * 2 * hd;
+        TK_CALL(isa_, charrnn_cell, pr + j0, pr + hd + j0, q + j0, q + hd + j0, j1 - j0, out + (bb * s_ + s) * hd + j0);
+      }
+#pragma omp barrier
+    }
+    for (int64_t bb = 0; bb < b_; ++bb)
+      std::memcpy(state + bb * hd + j0, out + (bb * s_ + s_ - 1) * hd + j0, static_cast<size_t>(j1 - j0) * sizeof(float));
+    x = out;
+    ldx = hd;
+  }
+}
+
+// The seed design after the coda (in L.coda): prophet, rnn_projection, merge_projection, the critics
+// on the mixture, the moderator and the merger -> the final hidden rows (shared, complete on return).
+const float* Step::seed_tail(Local& L, int tid, int team, int64_t blk, int cur) const {
+  const Seed& sd = P_.seed;
+  const int64_t d = d_, nc = static_cast<int64_t>(P_.eval_heads.size()) - 1;
+  const auto cat = [&](const float* right) {  // L.cat = [coda | right] (M, 2D)
+    for (int64_t r = 0; r < m_; ++r) {
+      std::memcpy(L.cat + r * 2 * d, L.coda + r * d, static_cast<size_t>(d) * sizeof(float));
+      std::memcpy(L.cat + r * 2 * d + d, right + r * d, static_cast<size_t>(d) * sizeof(float));
+    }
+  };
+  prophet(L, tid, team);
+  linear_split(tid, team, sd.rnn_projection, rout_[(sd.layers - 1) & 1], proph_);
+#pragma omp barrier
+  cat(proph_);
+  linear_split(tid, team, sd.merge_projection, L.cat, mix_);
+#pragma omp barrier
+  for (int64_t i = 0; i < nc; ++i) {
+    const float* c = head_pass(L, tid, team, static_cast<size_t>(1 + i), blk, cur, mix_, mix_);
+    for (int64_t r = 0; r < m_; ++r)
+      std::memcpy(L.cs + r * nc * d + i * d, c + r * d, static_cast<size_t>(d) * sizeof(float));
+  }
+  for (int64_t r = 0; r < m_; ++r)
+    TK_CALL(isa_, rms_norm, L.cs + r * nc * d, sd.final_norm_w, sd.final_norm_eps, nc * d, L.csn + r * nc * d);
+  linear_split(tid, team, sd.merge_final, L.csn, mod_);
+#pragma omp barrier
+  cat(mod_);
+  linear_split(tid, team, sd.merger, L.cat, hseed_);
+#pragma omp barrier
+  return hseed_;
+}
+
 void Step::run(int tid, int team) {
   Local L;
   init_local(L);
   embed(L);
-  const float* xin0 = L.x0;
-  const float* xin1 = L.x1;
   int64_t blk = 0;
   int cur = 0;
-  const float* h = nullptr;
-  for (size_t hi = 0; hi < P_.eval_heads.size(); ++hi) {
-    const Head& head = P_.eval_heads[hi];
-    if (hi > 0) xin0 = xin1 = L.coda;
-    for (int64_t layer = 0; layer < head.layers; ++layer, blk += 2) {
-      const Block& bl = P_.blocks[static_cast<size_t>(blk)];
-      const Block& br = P_.blocks[static_cast<size_t>(blk + 1)];
-      // 1. qkv = x·in_projᵀ + b
-      linear_phase(tid, team, bl.in_proj, br.in_proj, xin0, xin1, qkv_, [](int, int64_t, int64_t) {});
-#pragma omp barrier
-      // 2. K/V rows t0.., attention
-      attention_phase(L, tid, team, blk);
-#pragma omp barrier
-      // 3. y = x + o·out_projᵀ + b
-      linear_phase(tid, team, bl.out_proj, br.out_proj, o_, o_ + m_ * d_, y_,
-                   [&](int side, int64_t r0, int64_t r1) {
-                     const float* x = side ? xin1 : xin0;
-                     for (int64_t r = 0; r < m_; ++r) {
-                       float* yr = y_ + (side * m_ + r) * d_;
-                       const float* xr = x + r * d_;
-                       for (int64_t c = r0; c < r1; ++c) yr[c] = xr[c] + yr[c];
-                     }
-                   });
-#pragma omp barrier
-      // 4. h1 = LN_attn(y) (every thread, its own copy); act = activation(h1·expandᵀ + expand_b)
-      for (int side = 0; side < 2; ++side) {
-        const Block& bk = side ? br : bl;
-        for (int64_t r = 0; r < m_; ++r)
-          TK_CALL(isa_, add_layer_norm, y_ + (side * m_ + r) * d_, nullptr, bk.ln_attn_w, bk.ln_attn_b,
-                  bk.ln_attn_eps, d_, L.z, L.h1 + (side * m_ + r) * d_);
-      }
-      linear_phase(tid, team, bl.expand, br.expand, L.h1, L.h1 + m_ * d_, act_,
-                   [&](int side, int64_t r0, int64_t r1) {
-                     const float* eb = (side ? br : bl).expand_bias + r0;
-                     for (int64_t r = 0; r < m_; ++r)
-                       TK_CALL(isa_, activation, act_ + (side * m_ + r) * d8_ + r0, eb, r1 - r0);
-                   });
-#pragma omp barrier
-      // 5. ylin = act·linearᵀ
-      linear_phase(tid, team, bl.linear, br.linear, act_, act_ + m_ * d8_, ylin_, [](int, int64_t, int64_t) {});
-#pragma omp barrier
-      // 6. h = combine(LN_mlp(h1 + ylin) left, right) (every thread, its own copy)
-      float* hn = L.hbuf[cur];
-      cur ^= 1;
-      for (int64_t r = 0; r < m_; ++r) {
-        TK_CALL(isa_, add_layer_norm, L.h1 + r * d_, ylin_ + r * d_, bl.ln_mlp_w, bl.ln_mlp_b, bl.ln_mlp_eps, d_, L.z,
-                L.hl);
-        TK_CALL(isa_, add_layer_norm, L.h1 + (m_ + r) * d_, ylin_ + (m_ + r) * d_, br.ln_mlp_w, br.ln_mlp_b,
-                br.ln_mlp_eps, d_, L.z, L.hr);
-        TK_CALL(isa_, combine, L.hl, L.hr, head.mode, d_, hn + r * d_);
-      }
-      xin0 = xin1 = h = hn;
-    }
-    if (hi == 0) std::memcpy(L.coda, h, static_cast<size_t>(m_ * d_) * sizeof(float));
+  const float* h = head_pass(L, tid, team, 0, blk, cur, L.x0, L.x1);
+  std::memcpy(L.coda, h, static_cast<size_t>(m_ * d_) * sizeof(float));
+  if (P_.seed_design) {
+    h = seed_tail(L, tid, team, blk, cur);
+  } else {
+    for (size_t hi = 1; hi < P_.eval_heads.size(); ++hi) h = head_pass(L, tid, team, hi, blk, cur, L.coda, L.coda);
   }
   const float df = P_.df;
   const float c = static_cast<float>(-0.5 * (static_cast<double>(P_.df) + static_cast<double>(d_)));
@@ -759,8 +919,8 @@ void Step::run(int tid, int team) {
 }  // namespace
 
 void decode_step(const Plan& plan, const int64_t* tok, int64_t b, int64_t s, float* kv, int64_t capacity, int64_t t0,
-                 float* logp, int nthreads) {
-  Step step(plan, tok, b, s, kv, capacity, t0, logp);
+                 float* logp, int nthreads, float* rnn) {
+  Step step(plan, tok, b, s, kv, capacity, t0, logp, rnn);
   nthreads = std::max(nthreads, 1);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
@@ -776,5 +936,74 @@ void linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const float* 
 }
 
 void activation_f32(float* x, const float* bias, int64_t n) { TK_CALL(cpu_isa(), activation, x, bias, n); }
+
+}  // namespace tk::decode
+
+namespace tk::decode {
+
+uint32_t philox_r0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  // tape_kernels/sampling.py's philox_ref (Triton's tl.philox): 10 rounds, then the key bump.
+  for (int i = 0; i < 10; ++i) {
+    const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+void sample_rows(const float* logp, int64_t b, int64_t v, int64_t ldl, float inv_temp, int64_t top_k, uint64_t seed,
+                 uint64_t step, int64_t* out) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t c2 = static_cast<uint32_t>(step), c3 = static_cast<uint32_t>(step >> 32);
+  std::vector<float> sc(static_cast<size_t>(v));
+  for (int64_t r = 0; r < b; ++r) {
+    const float* lp = logp + r * ldl;
+    bool bad = false;
+    for (int64_t i = 0; i < v; ++i) bad = bad || lp[i] != lp[i] || lp[i] == std::numeric_limits<float>::infinity();
+    if (bad) {
+      out[r] = -1;
+      continue;
+    }
+    if (inv_temp <= 0.f) {  // greedy: the first maximum, as torch.argmax
+      int64_t best = 0;
+      for (int64_t i = 1; i < v; ++i) best = lp[i] > lp[best] ? i : best;
+      out[r] = best;
+      continue;
+    }
+    // pick_next's fp32 scores logp·fp32(1/T); top-k keeps scores >= the k-th largest (torch.topk's
+    // values[..., -1]: duplicates count), the others never win.
+    for (int64_t i = 0; i < v; ++i) sc[static_cast<size_t>(i)] = lp[i] * inv_temp;
+    float thr = -std::numeric_limits<float>::infinity();
+    const bool has_thr = top_k > 0;
+    if (has_thr) {
+      std::vector<float> tmp(sc);
+      const int64_t k = std::min(top_k, v);
+      std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
+      thr = tmp[static_cast<size_t>(k - 1)];
+    }
+    // The race in float64: z = score + g, g = −log(−log u), u = ((r >> 9) + ½)·2⁻²³; the first maximum.
+    double best = -std::numeric_limits<double>::infinity();
+    int64_t best_i = 0;
+    for (int64_t i = 0; i < v; ++i) {
+      const float s = sc[static_cast<size_t>(i)];
+      if (has_thr && s < thr) continue;
+      const uint32_t rr = philox_r0(static_cast<uint32_t>(i), static_cast<uint32_t>(r), c2, c3, k0, k1);
+      const double u = (static_cast<double>(rr >> 9) + 0.5) * 1.1920928955078125e-07;
+      const double z = static_cast<double>(s) + -std::log(-std::log(u));
+      if (z > best) {
+        best = z;
+        best_i = i;
+      }
+    }
+    out[r] = best_i;
+  }
+}
 
 }  // namespace tk::decode

@@ -5,6 +5,9 @@
 // positions (+ RoPE when causal), every TapeHeadBlock of the evaluated heads (QKV projection, K/V
 // write at row t0, attention over rows 0..t0, out projection, LayerNorm, MLP with the bounded
 // activation, LayerNorm), the left/right combine after every layer and the Student-t unembedding.
+// For the seed design (Plan::seed_design) also the prophet's Char-RNN over the new tokens (its state
+// in the caller's rnn buffer, advanced in place), rnn_projection, merge_projection (the critics' shared
+// input), the moderator (final_norm + merge_projection_final) and merger.proj.
 //
 // Weights are fp32 (a vectorised GEMV, AVX-512 / AVX2 / portable chosen at run time), W8A8 (per-row
 // activation quantization and the packed int8 kernels of int8_cpu.h) or weight-only int8 (W8A32,
@@ -57,8 +60,27 @@ struct Head {
   int mode = 0;
 };
 
+// The seed design's extra pieces (design="seed"; tapetransformer.model's _seed_hidden): the prophet
+// (a Char-RNN of `layers` layers of `hidden` units, each a left and a right cell), rnn_projection,
+// merge_projection, the moderator (final_norm, an RMSNorm, then merge_projection_final) and
+// merger.proj. All fp32 whatever the plan's Weights (the model's int8 path quantizes only the
+// TapeHeadBlocks' linears), ~5 % of the weights read per token at the notebook size.
+//   coda = heads[0](e);  p = rnn_projection(prophet(e));  mix = merge_projection([coda, p])
+//   c_i = heads[1 + i](mix);  mod = merge_final(final_norm([c_0 .. c_n-1]));  h = merger([coda, mod])
+struct Seed {
+  int64_t layers = 0, hidden = 0;
+  // Per layer: wi (2·hidden, in) with bias b_i, wh (2·hidden, hidden) with bias b_h; rows [0, hidden)
+  // the left cell's, [hidden, 2·hidden) the right's; `in` is D for layer 0, hidden above.
+  std::vector<Linear> wi, wh;
+  Linear rnn_projection, merge_projection, merge_final, merger;
+  const float* final_norm_w = nullptr;  // (n_critics·D)
+  float final_norm_eps = 1e-12f;
+};
+
 struct Plan {
   int64_t d = 0, heads = 4, vocab = 0, seq_len = 0;
+  bool seed_design = false;  // heads[1..] are the critics of the seed design; `seed` is set
+  Seed seed;
   bool causal = false;
   Weights kind = Weights::kF32;
   float df = 0.f;                          // Student-t degrees of freedom
@@ -86,8 +108,21 @@ struct Plan {
 // Positions (the model's): causal, t0 + s (< seq_len) with RoPE; reference semantics, s (each call
 // restarts at 0; S <= seq_len), rotated only when S > 1. Attention: causal, new row s sees rows
 // <= t0 + s; reference semantics, every new row sees all t0 + S rows. nthreads >= 1.
+// Seed design: rnn (layers, b, hidden) contiguous, the prophet's state after rows 0..t0-1 (zeros at
+// t0 = 0), advanced here over the S new tokens in place; null for the reference design.
 void decode_step(const Plan& plan, const int64_t* tok, int64_t b, int64_t s, float* kv, int64_t capacity, int64_t t0,
-                 float* logp, int nthreads);
+                 float* logp, int nthreads, float* rnn = nullptr);
+
+// One draw per row of logp (b, v): greedy (inv_temp <= 0: the first maximum) or the exponential race
+// of tape_kernels/sampling.py on the fp32 scores logp·inv_temp restricted to the top_k largest
+// (top_k <= 0: all; ties at the k-th kept), with Philox-4x32-10 keyed by `seed`, counter (column,
+// row, step low 32 bits, step high 32 bits) — sample_ref's stream, so a seed draws the same ids.
+// A row holding NaN or +inf gets -1 (the caller raises: never a silent token).
+void sample_rows(const float* logp, int64_t b, int64_t v, int64_t ldl, float inv_temp, int64_t top_k, uint64_t seed,
+                 uint64_t step, int64_t* out);
+
+// Philox-4x32-10 (Triton's tl.philox): the first output word for counter (c0, c1, c2, c3), key (k0, k1).
+uint32_t philox_r0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1);
 
 // The fp32 GEMV/GEMM of the kF32 path on its own (tests and the benchmark compare it with torch):
 // y[m, n] = Σ_k x[m, k]·w[n, k] + bias[n] (bias may be null); single-threaded.

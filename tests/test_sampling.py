@@ -2,8 +2,9 @@
 
 The draws must follow softmax(logp / T) (restricted to the top k): a chi-square goodness-of-fit test
 at significance α = 0.001 on fixed seeds (so the outcome is fixed: it cannot flake), with a power
-check (the same draws reject a wrong distribution). The Triton kernel (interpreted) and the eager
-replica draw the same ids, and Philox matches Triton's ``tl.philox`` bit for bit.
+check (the same draws reject a wrong distribution). The Triton kernel (interpreted), the eager
+replica and the C++ draw of the native CPU decode (``torch.ops.tape_kernels.sample_next``) draw the
+same ids, and Philox matches Triton's ``tl.philox`` bit for bit.
 """
 
 from __future__ import annotations
@@ -32,13 +33,27 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
 
 
+def _native_available() -> bool:
+    from tape_kernels.int8 import extension_available
+
+    return extension_available() and hasattr(torch.ops.tape_kernels, "sample_next")
+
+
+IMPLS = ["eager", pytest.param("native", marks=pytest.mark.skipif(not _native_available(),
+                                                                  reason="tape_kernels._C without sample_next"))]
+
+
 def draws(scores: torch.Tensor, seed: int, steps: int, threshold: torch.Tensor | None = None,
-          kernel: bool = False) -> torch.Tensor:
+          kernel: bool = False, top_k: int | None = None, impl: str = "eager") -> torch.Tensor:
+    """``impl="native"``: the C++ draw (torch.ops.tape_kernels.sample_next at temperature 1, its own
+    top-k threshold from ``top_k``)."""
     state = ks.new_state(seed)
     out = []
     for _ in range(steps):
         if kernel:
             out.append(ks.sample(scores, state, threshold, backend="triton"))
+        elif impl == "native":
+            out.append(torch.ops.tape_kernels.sample_next(scores, state, 1.0, top_k or 0))
         else:
             out.append(ks.sample_ref(scores, state, threshold))
     return torch.cat(out)
@@ -47,11 +62,12 @@ def draws(scores: torch.Tensor, seed: int, steps: int, threshold: torch.Tensor |
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, -3.0, -5.0])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 2.5])
-def test_frequencies_match_the_softmax(temperature: float) -> None:
+def test_frequencies_match_the_softmax(temperature: float, impl: str) -> None:
     logp = torch.log_softmax(LOGITS, -1)
     scores = (logp / temperature).expand(4000, -1).contiguous()  # 4000 rows a draw: independent counters
-    got = draws(scores, seed=11, steps=25)  # 100k draws
+    got = draws(scores, seed=11, steps=25, impl=impl)  # 100k draws
     counts = torch.bincount(got, minlength=10)
     p = torch.softmax(logp / temperature, -1)
     assert chi2_pvalue(counts, p) > ALPHA
@@ -60,11 +76,12 @@ def test_frequencies_match_the_softmax(temperature: float) -> None:
     assert chi2_pvalue(counts, wrong) < 1e-6
 
 
-def test_top_k_frequencies_and_support() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_top_k_frequencies_and_support(impl: str) -> None:
     logp = torch.log_softmax(LOGITS, -1)
     scores = (logp / 0.8).expand(4000, -1).contiguous()
     thr = torch.topk(scores, 4, dim=-1).values[:, -1:]
-    got = draws(scores, seed=5, steps=20, threshold=thr)
+    got = draws(scores, seed=5, steps=20, threshold=thr, top_k=4, impl=impl)
     counts = torch.bincount(got, minlength=10)
     assert counts[4:].sum() == 0  # never outside the top 4
     p = torch.softmax(scores[0, :4], -1)
@@ -171,3 +188,47 @@ def test_cuda_draws_equal_the_cpu_replica_and_the_graph_draws_the_same() -> None
         g = generate(m, prompt, 40, seed=11, cuda_graph=True, **kw)  # slides the window twice
         e = generate(m, prompt, 40, seed=11, cuda_graph=False, **kw)
         assert torch.equal(g, e)
+
+
+@pytest.mark.skipif(not _native_available(), reason="tape_kernels._C without sample_next")
+@pytest.mark.parametrize("top_k", [None, 1, 3, 500])
+def test_native_draws_equal_the_eager_replica_token_for_token(top_k: int | None) -> None:
+    """The C++ Philox stream and race: the same ids as sample_ref for the same state, step after step,
+    at a step past 2^32 (the counter's high word) and from log-probs scaled by fp32(1/T) as pick_next
+    scales them; ties at the k-th score are kept by both."""
+    gen = torch.Generator().manual_seed(4)
+    logp = torch.log_softmax(torch.randn(5, 300, generator=gen) * 3, -1)
+    logp[2, 10:20] = logp[2, 5]  # a tie across the k-th largest
+    for temperature in (1.0, 0.7):
+        scores = logp.float() * (1.0 / temperature)
+        thr = None if top_k is None else torch.topk(scores, min(top_k, 300), dim=-1).values[:, -1:]
+        for seed, step in ((0, 0), (2**62 + 5, 2**32 - 3)):
+            s_eager, s_native = torch.tensor([seed, step]), torch.tensor([seed, step])
+            a = torch.stack([ks.sample_ref(scores, s_eager, thr) for _ in range(40)])
+            b = torch.stack([torch.ops.tape_kernels.sample_next(logp, s_native, 1.0 / temperature, top_k or 0)
+                             for _ in range(40)])  # fmt: skip
+            assert torch.equal(a, b)
+            assert torch.equal(s_eager, s_native) and s_native[1] == step + 40
+    assert torch.equal(torch.ops.tape_kernels.sample_next(logp, None, 0.0, 0), logp.argmax(-1))  # greedy
+
+
+@pytest.mark.skipif(not _native_available(), reason="tape_kernels._C without sample_next")
+def test_native_pick_raises_on_non_finite_log_probs_and_bad_input() -> None:
+    from tapetransformer.native_decode import native_pick
+
+    logp = torch.log_softmax(torch.randn(3, 65, generator=torch.Generator().manual_seed(2)), -1)
+    logp[1, 7] = float("nan")
+    ids = torch.ops.tape_kernels.sample_next(logp, None, 0.0, 0)
+    assert ids.tolist()[1] == -1 and min(ids.tolist()[0], ids.tolist()[2]) >= 0  # flagged, never a token
+    for kw in ({"greedy": True}, {"state": ks.new_state(1), "top_k": 5}):
+        with pytest.raises(ValueError, match=r"non-finite log-probs .*\[1\]"):
+            native_pick(logp, **kw)
+    logp[1, 7] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        native_pick(logp, greedy=True)
+    with pytest.raises(ValueError, match="state"):
+        torch.ops.tape_kernels.sample_next(logp, torch.zeros(3, dtype=torch.int64), 1.0, 0)
+    with pytest.raises(ValueError, match="inv_temp"):
+        torch.ops.tape_kernels.sample_next(logp, ks.new_state(0), float("nan"), 0)
+    with pytest.raises(ValueError, match="float32"):
+        torch.ops.tape_kernels.sample_next(logp.double(), None, 0.0, 0)

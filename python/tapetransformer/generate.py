@@ -13,9 +13,11 @@ Semantics follow the model:
   generation never runs past the positional table and never raises an index error.
 
 On CPU every decode token is one call into the extension (``tapetransformer.native_decode``: the
-whole step in C++ with fp32 or int8 weights over the same cache), and so is the prefill where that
-measured faster; without the extension (or for what it does not cover: the seed design, the prophet's
-state, autocast) the model's own decode runs.
+whole step in C++ with fp32 or int8 weights over the same cache, the seed design's prophet state
+included), and so is the prefill where that measured faster, and so is the draw (argmax or the
+exponential race with the same Philox stream, ``native_pick``; a NaN log-prob raises); without the
+extension (or for what it does not cover: the reference design with ``skip_dead=False``, autocast)
+the model's own decode runs.
 
 The one-token decode step (``TapeTransformer.decode_step``) runs the fused decode kernels on the
 Triton path (``tape_kernels.decode_block``: three launches per TapeHead layer, 24 per token at the
@@ -51,7 +53,7 @@ import torch
 
 from tape_kernels import sampling as _ks
 from tapetransformer.model import KVCache, TapeTransformer
-from tapetransformer.native_decode import native_decoder, native_prefill_faster
+from tapetransformer.native_decode import native_decoder, native_pick, native_prefill_faster
 from tapetransformer.sampling import DeviceRNG, pick_next, topk_threshold
 
 __all__ = ["clear_decode_graphs", "generate"]
@@ -166,8 +168,9 @@ def _generate(
     want_native = device.type == "cpu" and (use_native or (use_native is None and not fused_static))
     native = native_decoder(model, cache) if want_native else None
     if use_native and native is None:
-        raise ValueError("native=True needs an eval-mode fp32 CPU model of the reference design with skip_dead and "
-                         "the extension tape_kernels._C (see tapetransformer.native_decode.native_supported)")
+        raise ValueError("native=True needs an eval-mode fp32 CPU model (the seed design, or the reference design "
+                         "with skip_dead) and the extension tape_kernels._C (see "
+                         "tapetransformer.native_decode.native_supported)")
     native_prefill = native is not None and native_prefill_faster(native.weights)
     static = native is None and fused_static
     pos = torch.zeros(1, dtype=torch.long, device=device) if static else None
@@ -184,6 +187,12 @@ def _generate(
     nonfinite = torch.zeros((), dtype=torch.bool, device=device) if device.type != "cpu" else None
 
     def pick(lp: torch.Tensor) -> torch.Tensor:
+        if native is not None:  # one native call, the same draws as pick_next's; -1 marks a non-finite row
+            ids = native_pick(lp, temperature=temperature, top_k=top_k, greedy=greedy,
+                              state=rng.state if rng is not None else None, check=False)  # fmt: skip
+            if bool((ids < 0).any()):
+                raise _nonfinite_error(len(out) - 1)
+            return ids
         last = lp[:, -1]
         if nonfinite is None:
             if not bool(torch.isfinite(last).all()):

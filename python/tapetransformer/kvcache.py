@@ -8,7 +8,8 @@ Layout (documented because the CUDA-graph step and the native CPU step address i
 ``heads`` are the evaluated TapeHeads in model order: the coda (head 0), then the critics that run at
 eval (all of them with ``skip_dead=False``, only the last otherwise). A layer's left and right blocks
 are adjacent, so ``kv[i : i + 2]`` is one layer's pair. Rows ``0 .. length-1`` of every block are
-filled. ``rnn`` holds the prophet's per-layer state (B, 1, Hd) where the prophet runs at eval.
+filled. ``rnn`` holds the prophet's per-layer state (B, 1, Hd) where the prophet runs at eval (views
+of one (L, B, 1, Hd) tensor, ``rnn_state``, when the model made the cache).
 
 The reference caches *unprojected* inputs and re-projects the whole history every token; projecting
 is linear, so caching projected K/V gives the same results to rounding.
@@ -36,7 +37,7 @@ class KVCache:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-        rnn: list[torch.Tensor] | None = None,
+        rnn: list[torch.Tensor] | torch.Tensor | None = None,
     ) -> None:
         if capacity < 1 or batch_size < 1:
             raise ValueError(f"a cache needs batch_size >= 1 and capacity >= 1, got {batch_size}, {capacity}")
@@ -48,7 +49,10 @@ class KVCache:
         self.offsets = tuple(offsets)
         self.kv = torch.empty(n, 2, batch_size, num_heads, capacity, head_dim, device=device, dtype=dtype)
         self.length = 0
-        self.rnn = rnn
+        # rnn given as one (L, B, 1, Hd) tensor: ``rnn`` is its per-layer views and ``rnn_state`` the
+        # tensor itself, which the native CPU step advances in place (one pointer for every layer).
+        self.rnn_state = rnn if isinstance(rnn, torch.Tensor) else None
+        self.rnn = list(rnn.unbind(0)) if isinstance(rnn, torch.Tensor) else rnn
 
     # ------------------------------------------------------------------ layout
 

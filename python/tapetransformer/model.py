@@ -400,9 +400,9 @@ class TapeTransformer(ReferenceTapeTransformer):
         device = device or self.unembedding.device
         dtype = dtype or self.unembedding.dtype
         rnn = None
-        if self.runs_prophet:
-            rnn = [torch.zeros(batch_size, 1, self.prophet.hidden_size, device=device, dtype=dtype)
-                   for _ in range(self.prophet.num_layers)]  # fmt: skip
+        if self.runs_prophet:  # one tensor, so that the native CPU step reads every layer's state at once
+            rnn = torch.zeros(self.prophet.num_layers, batch_size, 1, self.prophet.hidden_size, device=device,
+                              dtype=dtype)
         return KVCache([h.num_layers for h in self.eval_heads()], batch_size, ATTENTION_HEADS,
                        self.embed_dim // ATTENTION_HEADS, capacity, device=device, dtype=dtype, rnn=rnn)
 

@@ -21,6 +21,16 @@ The same op takes S > 1 tokens (:meth:`NativeDecoder.extend`, :func:`prefill`): 
 that streams each weight once for all B·S rows (faster than the fused model's prefill, see
 :func:`prefill`).
 
+The seed design (``design="seed"``) runs through ``torch.ops.tape_kernels.decode_step_seed``: the
+coda, every critic on the mixture of the coda and the prophet, the moderator and the merger; the
+prophet's Char-RNN state is the KVCache's ``rnn_state`` ((layers, B, 1, Hd), made by
+``model.new_cache``), advanced in place by each step and rebuilt by a native prefill, so the model's
+prefill and the native step continue each other there too. The prophet, the projections, the
+moderator and the merger stay fp32 in the int8 modes, as in the model's int8 path.
+
+Sampling: :func:`native_pick` draws in one native call (``torch.ops.tape_kernels.sample_next``) with the
+Philox stream of ``tape_kernels.sampling`` (the same ids for a seed) and raises on NaN log-probs.
+
 Semantics are the model's (``_forward_eval`` for one token): reference semantics (``causal=False``)
 put the token at position 0 and do not rotate it; ``causal=True`` uses the absolute position and RoPE.
 Results equal ``_forward_eval``'s to fp32 rounding (the summation order of the products differs),
@@ -45,6 +55,7 @@ __all__ = [
     "kv_shape",
     "native_available",
     "native_decoder",
+    "native_pick",
     "native_prefill_faster",
     "native_supported",
     "new_kv",
@@ -85,12 +96,21 @@ def _register_fakes() -> None:
             return self.config[2]
 
         def n_blocks(self) -> int:
-            return sum(2 * n for n in self.config[7::2])
+            return sum(2 * n for n in self.config[7 : 7 + 2 * self.config[6] : 2])
 
     @torch.library.register_fake("tape_kernels::decode_step")
     def _(plan: Any, tok: torch.Tensor, kv: torch.Tensor, t0: int) -> torch.Tensor:
         s = tok.shape[1] if tok.dim() == 2 else 1
         return kv.new_empty((tok.shape[0], s, plan.vocab()))
+
+    @torch.library.register_fake("tape_kernels::decode_step_seed")
+    def _(plan: Any, tok: torch.Tensor, kv: torch.Tensor, rnn: torch.Tensor, t0: int) -> torch.Tensor:
+        s = tok.shape[1] if tok.dim() == 2 else 1
+        return kv.new_empty((tok.shape[0], s, plan.vocab()))
+
+    @torch.library.register_fake("tape_kernels::sample_next")
+    def _(logp: torch.Tensor, state: Any, inv_temp: float, top_k: int) -> torch.Tensor:
+        return logp.new_empty((logp.shape[0],), dtype=torch.int64)
 
     @torch.library.register_fake("tape_kernels::decode_linear_f32")
     def _(x: torch.Tensor, w: torch.Tensor, bias: Any) -> torch.Tensor:
@@ -103,8 +123,11 @@ def _register_fakes() -> None:
 
 def native_supported(model: TapeTransformer) -> bool:
     """Whether :class:`NativeDecoder` computes what ``model.prefill`` computes: an eval-mode fp32 CPU model
-    of the reference design whose eval path runs no prophet (``skip_dead=True``), outside autocast."""
-    if not isinstance(model, TapeTransformer) or model.training or model.design != "reference" or model.runs_prophet:
+    of the seed design, or of the reference design whose eval path runs no prophet (``skip_dead=True``),
+    outside autocast."""
+    if not isinstance(model, TapeTransformer) or model.training:
+        return False
+    if model.design == "reference" and model.runs_prophet:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
@@ -112,7 +135,9 @@ def native_supported(model: TapeTransformer) -> bool:
         return False
     if any(t.device.type != "cpu" for t in model.int8_tensors()):
         return False
-    return native_available()
+    if not native_available():
+        return False
+    return model.design != "seed" or hasattr(torch.ops.tape_kernels, "decode_step_seed")  # an older build lacks it
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -215,7 +240,28 @@ def build_plan(model: TapeTransformer, weights: str | None = None) -> Any:
                 tensors += [packed, wsum, sc]
             else:
                 tensors += [q, sc, empty]
+    if model.design == "seed":
+        _seed_plan(model, config, tensors, floats)
     return torch.classes.tape_kernels.DecodePlan(tensors, config, floats)
+
+
+def _seed_plan(model: TapeTransformer, config: list[int], tensors: list[torch.Tensor], floats: list[float]) -> None:
+    """The seed design's part of a plan (csrc/bindings.cpp): prophet, projections, moderator, merger;
+    fp32 whatever the blocks' weights (the model's int8 path quantizes only the blocks)."""
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().float().contiguous()
+
+    w = model._prophet_weights()  # per layer: left W_i, b_i, W_h, b_h, then right's
+    layers = model.prophet.num_layers
+    config += [1, layers, model.prophet.hidden_size]
+    for l in range(layers):
+        wil, bil, whl, bhl, wir, bir, whr, bhr = w[8 * l : 8 * (l + 1)]
+        tensors += [f32(torch.cat([wil, wir])), f32(torch.cat([bil, bir])), f32(torch.cat([whl, whr])),
+                    f32(torch.cat([bhl, bhr]))]  # fmt: skip
+    tensors += [f32(model.rnn_projection.weight), f32(model.rnn_projection.bias), f32(model.merge_projection.weight),
+                f32(model.final_norm.weight), f32(model.merge_projection_final.weight),
+                f32(model.merger.proj.weight)]  # fmt: skip
+    floats.append(float(model.final_norm.eps))
 
 
 # ----------------------------------------------------------------------------------------------- decoder
@@ -240,9 +286,13 @@ class NativeDecoder:
     def __init__(self, model: TapeTransformer, kv: KVCache | torch.Tensor, length: int | None = None, *,
                  weights: str | None = None) -> None:
         if not native_supported(model):
-            raise ValueError("NativeDecoder needs an eval-mode fp32 CPU TapeTransformer of the reference design "
-                             "with skip_dead=True and tape_kernels._C with decode_step (see native_supported)")
+            raise ValueError("NativeDecoder needs an eval-mode fp32 CPU TapeTransformer (seed design, or reference "
+                             "design with skip_dead=True) and tape_kernels._C with decode_step (see native_supported)")
         self.cache = kv if isinstance(kv, KVCache) else None
+        self.seed = model.design == "seed"
+        if self.seed and (self.cache is None or self.cache.rnn_state is None):
+            raise ValueError("the seed design decodes into a KVCache made by model.new_cache (it holds the "
+                             "prophet's state), not a bare kv tensor")
         tensor = kv.kv if isinstance(kv, KVCache) else kv
         self._check_kv(model, tensor)
         self.model = model
@@ -254,7 +304,13 @@ class NativeDecoder:
         self.weights = _weight_kind(model, weights)
         self.plan = build_plan(model, self.weights)
         self._op = torch.ops.tape_kernels.decode_step.default
+        self._seed_op = torch.ops.tape_kernels.decode_step_seed.default if self.seed else None
         self._tok_shape = torch.Size([self.batch])
+
+    def _run(self, tok: torch.Tensor, t0: int) -> torch.Tensor:
+        if self._seed_op is not None:  # the prophet's state advances in place
+            return self._seed_op(self.plan, tok, self.kv, self.cache.rnn_state, t0)
+        return self._op(self.plan, tok, self.kv, t0)
 
     @staticmethod
     def _check_kv(model: TapeTransformer, kv: Any) -> None:
@@ -310,7 +366,7 @@ class NativeDecoder:
         t0 = self._length
         if t0 >= self.kv.shape[4]:
             raise ValueError(f"kv is full: it holds {t0} tokens (capacity {self.kv.shape[4]})")
-        logp = self._op(self.plan, tok, self.kv, t0)  # range checks (ids, causal positions) in C++
+        logp = self._run(tok, t0)  # range checks (ids, causal positions) in C++
         self._length = t0 + 1
         if self.cache is not None:
             self.cache.length = t0 + 1
@@ -331,7 +387,7 @@ class NativeDecoder:
         t0, s = self._length, tokens.shape[1]
         if t0 + s > self.kv.shape[4]:
             raise ValueError(f"kv holds {t0} tokens: {s} more exceed its capacity {self.kv.shape[4]}")
-        logp = self._op(self.plan, tokens, self.kv, t0)
+        logp = self._run(tokens, t0)
         self.length = t0 + s
         return logp
 
@@ -354,7 +410,30 @@ def native_decoder(model: TapeTransformer, kv: KVCache | torch.Tensor, length: i
     t = kv.kv if isinstance(kv, KVCache) else kv
     if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
         return None
+    if model.design == "seed" and not (isinstance(kv, KVCache) and kv.rnn_state is not None):
+        return None
     return NativeDecoder(model, kv, length, weights=weights)
+
+
+def native_pick(logp: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
+                state: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+    """``sampling.pick_next`` for CPU log-probs in one native call (``torch.ops.tape_kernels.sample_next``):
+    argmax, or the exponential race with the same Philox stream as ``tape_kernels.sampling.sample_ref``
+    (a seed draws the same ids), ``state`` (a CPU ``DeviceRNG.state``) advanced in place. logp (B, V) or
+    (B, S, V) (its last row) -> ids (B,). Raises ValueError where a row holds NaN or +inf (a NaN weight
+    or input), instead of returning some token; ``check=False`` returns -1 for such a row instead (for a
+    caller that raises its own error)."""
+    if greedy:
+        ids = torch.ops.tape_kernels.sample_next(logp, None, 0.0, 0)
+    else:
+        if state is None:
+            raise ValueError("sampling needs the generator's state (a CPU DeviceRNG.state)")
+        ids = torch.ops.tape_kernels.sample_next(logp, state, 1.0 / temperature, top_k or 0)
+    if check and bool((ids < 0).any()):
+        rows = (ids < 0).nonzero().flatten().tolist()
+        raise ValueError(f"the model produced non-finite log-probs (NaN or inf) for batch row(s) {rows}: "
+                         "its weights or inputs hold NaN/inf")
+    return ids
 
 
 def native_prefill_faster(weights: str) -> bool:
