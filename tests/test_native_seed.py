@@ -221,9 +221,9 @@ def test_nan_in_a_weight_stays_nan_and_generate_raises(where: str) -> None:
     x = _tokens("tiny", 1, 6, seed=1)
     got, _ = _native_run(m, x, 3)
     assert torch.isnan(got).all()
-    with pytest.raises(ValueError, match="non-finite log-probs"):
+    with pytest.raises(ValueError, match="log-probabilities are not finite"):
         generate(m, x, 3, greedy=True)
-    with pytest.raises(ValueError, match="non-finite log-probs"):
+    with pytest.raises(ValueError, match="log-probabilities are not finite"):
         generate(m, x, 3, top_k=3, seed=0)
 
 
