@@ -2,11 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch
+# Empty: the Triton pip picks with torch (the release the torch wheel pins, else the newest). CI pins it
+# for the torch==2.13.0 pass to the one the newest torch pins, so both passes run the same Triton.
+TRITON_SPEC ?=
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 NVCC ?= nvcc
 PYTEST_ARGS ?=
+# Test workers: both cores of the CI machine (pytest-xdist); TEST_JOBS=0 runs in one process.
+TEST_JOBS ?= 2
+# make test's budget on the 2-core CI machine (seconds); .ci/run fails a run over TEST_BUDGET_S * 1.2.
+TEST_BUDGET_S ?= 600
 
 .PHONY: setup test demo bench bench-cpu lint aot cuda-check gpu-check kernel-report clean
 
@@ -15,13 +22,15 @@ setup: $(STAMP)
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "$(TORCH_SPEC)" $(if $(TRITON_SPEC),"$(TRITON_SPEC)")
 	$(PIP) install -q -e '.[test]' --no-build-isolation
 	$(PY) -c "import torch, tape_kernels.int8 as q; print('torch', torch.__version__); print(q.extension_info())"
 	touch $(STAMP)
 
+# --dist loadfile keeps a file's tests in one worker, so module fixtures (trained models, compiles) are
+# built once; the slowest 25 tests are printed so that the budget is kept on purpose.
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/tapetransformer demo

@@ -54,6 +54,45 @@ def assert_within_torch_error(
     assert err <= bound, f"{name}: kernel err {err:.3e} > bound {bound:.3e} (PyTorch's own err {torch_err:.3e})"
 
 
+# ------------------------------------------------------------------------------ dot products, on any BLAS
+#
+# PyTorch's own fp32 GEMM error depends on the vendor's BLAS (MKL on Intel blocks its sums more finely
+# than OpenBLAS on AMD), so a bound on a matmul-based op is never "factor × PyTorch's error" alone: it is
+# the a-priori bound below, or PyTorch's error floored at the blocked-sum level (``blocked_dot_floor``).
+
+U32 = 2.0**-24  # fp32 unit roundoff
+
+
+def blocked_depth(k: int, lanes: int = 16) -> int:
+    """Additions a product passes through in a sum blocked into ``lanes`` partial sums added pairwise,
+    plus one for a bias: what the project's CPU dot products do (16 lanes on the portable path, more on
+    AVX2 / AVX-512, which only makes the depth smaller)."""
+    return -(-k // lanes) + max(lanes - 1, 1).bit_length() + 1
+
+
+def gamma(n: int, u: float = U32) -> float:
+    """Higham's γ_n = n·u / (1 − n·u): the worst-case relative error of n roundings."""
+    return n * u / (1 - n * u)
+
+
+def dot_apriori_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, depth: int) -> torch.Tensor:
+    """Element-wise worst case of fp32 ``x @ w.T + b`` summed ``depth`` deep: γ_depth·(|x|·|w|ᵀ + |b|),
+    in float64. Holds whatever the summation order within that depth, so on any BLAS and any ISA."""
+    absdot = x.double().abs() @ w.double().abs().T
+    if b is not None:
+        absdot = absdot + b.double().abs()
+    return gamma(depth) * absdot
+
+
+def blocked_dot_floor(x: torch.Tensor, w: torch.Tensor, lanes: int = 16) -> torch.Tensor:
+    """The typical (random-walk) rounding error of fp32 ``x @ w.T`` summed in ``lanes`` blocked partial
+    sums, element-wise: u·√(k/lanes)·‖x_i ⊙ w_j‖₂ (the partial sums grow like √j·rms(x·w), each addition
+    rounds them). A floor for PyTorch's own error: a BLAS that blocks more finely (MKL) does better, and a
+    bound on its error alone would demand more than this project's blocked sums promise."""
+    k = x.shape[-1]
+    return U32 * (k / lanes) ** 0.5 * ((x.double() ** 2) @ (w.double() ** 2).T).sqrt()
+
+
 # ------------------------------------------------------------------------------------------ non-finite values
 
 NONFINITE = (float("nan"), float("inf"), float("-inf"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import warnings
 
+import _accuracy as acc
 import numpy as np
 import pytest
 import torch
@@ -171,9 +172,12 @@ def test_weight_only_within_rounding_of_dequantized_fp64(isa: str, m: int, n: in
     y = i8.int8_linear(x, q, s, b)
     ref, bound = _weight_only_bound(x, q, s, b)
     assert torch.all((y.double() - ref).abs() <= bound)
-    # And no worse on average than PyTorch's own fp32 GEMM on the dequantized weight, give or take 3×.
-    torch_err = (torch.nn.functional.linear(x, q.float() * s[:, None], b).double() - ref).abs().mean()
-    assert (y.double() - ref).abs().mean() <= 3 * torch_err + 1e-7
+    # And no worse on average than PyTorch's own fp32 GEMM on the dequantized weight, give or take 3×;
+    # PyTorch's error floored at a 16-lane blocked sum's (acc.blocked_dot_floor), as it depends on the BLAS.
+    wq = q.float() * s[:, None]
+    torch_err = (torch.nn.functional.linear(x, wq, b).double() - ref).abs().mean()
+    floor = acc.blocked_dot_floor(x, wq).mean()
+    assert (y.double() - ref).abs().mean() <= 3 * max(torch_err, floor) + 1e-7
 
 
 @pytest.mark.parametrize("act_quant", [False, True])
