@@ -25,6 +25,9 @@ TORCH_DEPENDENT_FILES = frozenset({
     "test_int8_gemv_gpu.py", "test_int8_nonfinite.py", "test_launches.py", "test_model.py", "test_model_gpu.py",
     "test_native_decode.py", "test_quantize.py", "test_reference_golden.py", "test_seed.py", "test_train.py",
     "test_train_cudagraph.py", "test_train_files.py", "test_user_errors.py",
+    # the seed design's native decode and the native sampler (extension ops); training runs (the optimizer,
+    # the schedule, checkpoint I/O, signals); the seed design's CUDA graphs
+    "test_native_seed.py", "test_sampling.py", "test_reliability.py", "test_learning.py", "test_seed_graphs_gpu.py",
 })  # fmt: skip
 
 
