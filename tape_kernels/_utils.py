@@ -21,6 +21,7 @@ TRITON_TYPE: dict[torch.dtype, str] = {
     torch.float32: "fp32",
     torch.float16: "fp16",
     torch.bfloat16: "bf16",
+    torch.int8: "i8",
     torch.int32: "i32",
     torch.int64: "i64",
 }

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from tape_kernels._dispatch import check_backend, triton_available, use_triton
-from tape_kernels._utils import rtne_bf16
+from tape_kernels._utils import TRITON_TYPE, rtne_bf16
 from tape_kernels._validate import check_same_device, check_tensor
 
 __all__ = ["rope_embed", "rope_embed_ref"]
@@ -231,19 +231,18 @@ def rope_embed(
 def aot_specs() -> list:
     """Forward and backward: fp32 for G = 1, 2, rotated or not, at D = 256 (the notebook's width) and
     BLOCK_D 16, 1024, 4096; fp16 and bf16 for the model's variant (G = 2, rotated, D = 256)."""
-    from tape_kernels._aot import AotSpec
-    from tape_kernels.fused_linear import kernel_signature
+    from tape_kernels._aot import AotSpec, signature
 
     specs = []
     combos = [(torch.float32, 256, g, rot) for g in (1, 2) for rot in (True, False)]
     combos += [(dt, 256, 2, True) for dt in (torch.float16, torch.bfloat16)]
     combos += [(torch.float32, bd, 2, True) for bd in (16, 1024, 4096)]
     for dt, bd, g, rot in combos:
-        ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
+        ty = TRITON_TYPE[dt]
         c = {"G": g, "ROTATE": rot, "RTNE_BF16": False, "BLOCK_R": _block_r(bd), "BLOCK_D": bd}
         tag = f"G{g}_{'rot' if rot else 'norot'}_D{bd}_{ty}"
-        specs.append(AotSpec(f"rope_fwd_{tag}", _rope_fwd_kernel, kernel_signature(_rope_fwd_kernel, {}, dt),
+        specs.append(AotSpec(f"rope_fwd_{tag}", _rope_fwd_kernel, signature(_rope_fwd_kernel, dt),
                              dict(c), num_warps=_warps(bd)))  # fmt: skip
-        specs.append(AotSpec(f"rope_bwd_{tag}", _rope_bwd_kernel, kernel_signature(_rope_bwd_kernel, {}, dt),
+        specs.append(AotSpec(f"rope_bwd_{tag}", _rope_bwd_kernel, signature(_rope_bwd_kernel, dt),
                              dict(c), num_warps=_warps(bd)))  # fmt: skip
     return specs
