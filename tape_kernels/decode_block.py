@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from tape_kernels._dispatch import interpreting, triton_available
-from tape_kernels._utils import KERNEL_DTYPES, TRITON_TYPE, dot_precision, next_pow2, rtne_bf16
+from tape_kernels._utils import KERNEL_DTYPES, LOG2E, TRITON_TYPE, dot_precision, next_pow2, rtne_bf16
 from tape_kernels.activation import reference_activation_ref
 
 __all__ = [
@@ -69,7 +69,6 @@ __all__ = [
     "mlp_out_ref",
 ]
 
-LOG2E = 1.4426950408889634
 # Largest embedding dim the register tiles serve (the row of a LayerNorm lives in one program).
 MAX_D = 1024
 # Elements of one broadcast-product tile [BB, BN, BK]: 32 fp32 registers a thread at 8 warps.

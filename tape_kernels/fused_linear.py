@@ -51,9 +51,10 @@ import torch
 import torch.nn.functional as F
 
 from tape_kernels._dispatch import check_backend, triton_available, use_triton
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, dot_precision, next_pow2, rtne_bf16
 from tape_kernels._validate import check_same_device, check_tensor
 from tape_kernels.activation import reference_activation_ref
-from tape_kernels.combine import MODES, rtne_bf16, tapehead_combine_ref
+from tape_kernels.combine import MODES, tapehead_combine_ref
 
 __all__ = [
     "grouped_linear",
@@ -66,9 +67,8 @@ __all__ = [
 ]
 
 MAX_GROUPS = 2
-# The LayerNorm epilogue holds a whole row per tile: next_pow2(N) fp32 accumulators per row.
+# The LayerNorm epilogue holds a whole row per tile: nextnext_pow2(N) fp32 accumulators per row.
 MAX_LN_N = 1024
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CDT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 # The Triton kernels live in tape_kernels._fused_linear_kernels.
@@ -148,21 +148,12 @@ def _ln_dtype(cdt: torch.dtype, residual: torch.Tensor) -> torch.dtype:
     return dt
 
 
-def _prec(cdt: torch.dtype) -> str:
-    """tl.dot input precision: IEEE fp32 products unless torch allows TF32 for matmuls (as cuBLAS)."""
-    return "tf32" if cdt == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 # Tiles (rows × columns × reduction step, warps), by the dot's operand class, chosen with
 # benchmarks/kernel_report.py so that no variant the model uses spills on sm_86. fp32 products are FMA
 # loops whose operands sit in registers (no tensor cores in IEEE mode): 32 × 32 tiles, 16-deep steps.
 # 16-bit operands take the MMA path: 64 × 64 tiles, 16-deep steps, 8 warps. Where the activation runs
 # in a prologue or epilogue (≈ 10 live fp32 temporaries per element) the tiles it touches shrink.
-# LayerNorm tiles hold whole rows: 16 rows × next_pow2(N) columns, 8 warps at N = 256 (16 fp32
+# LayerNorm tiles hold whole rows: 16 rows × nextnext_pow2(N) columns, 8 warps at N = 256 (16 fp32
 # accumulators a thread; the combine keeps the first group's rows live while the second is computed).
 NUM_STAGES = 2  # what the AOT specs compile (Triton's launch default would be 3)
 
@@ -184,7 +175,7 @@ def _ln_tile(n: int, fp32: bool, act: bool = False) -> tuple[int, int, int, int]
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps) of a whole-row LayerNorm tile of width n: 16 rows, 16-deep steps.
     Spill-free on sm_86 up to n = 256 with the combine (the model's D = 256) and n = 512 without;
     wider rows are correct but spill (kernel_report)."""
-    bn = max(16, _pow2(n))
+    bn = max(16, next_pow2(n))
     return 16, bn, 16, (4 if bn <= 64 else 8 if bn <= 256 else 16)
 
 
@@ -239,7 +230,7 @@ def _fwd(
             lnws[0], lnws[-1], lnbs[0], lnbs[-1], out if out is not None else dummy,
             m, n, k, (m * k if x.dim() == 3 else 0), (m * n if res is not None and res.dim() == 3 else 0), float(eps),
             HAS_BIAS=has_bias, ACT_IN=act_in, HAS_RES=res is not None, LN=ln is not None, STORE_Y=store_y,
-            COMBINE=-1 if combine is None else combine, CDT=_CDT[cdt], PREC=_prec(cdt),
+            COMBINE=-1 if combine is None else combine, CDT=_CDT[cdt], PREC=dot_precision(cdt),
             RTNE_BF16=rtne_bf16(y_dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=NUM_STAGES,
         )  # fmt: skip
     return y, xhat, rstd, out
@@ -283,7 +274,7 @@ def _bwd(
             m, n, k, p, (0 if shared else m * k),
             (m * k if res_grad is not None and res_grad.dim() == 3 else 0), (0 if shared else m * k), n_dx, n_dw,
             G=g, SUM_G=shared, ACT_IN=act_in, HAS_RES=res_grad is not None, HAS_DB=dbs is not None,
-            LN_RED=ln_partials is not None, CDT=_CDT[cdt], PREC=_prec(cdt), RTNE_BF16=rtne_bf16(dx_dtype),
+            LN_RED=ln_partials is not None, CDT=_CDT[cdt], PREC=dot_precision(cdt), RTNE_BF16=rtne_bf16(dx_dtype),
             DX_M=dxm, DX_K=dxk, DX_R=dxr, DW_N=dwn, DW_K=dwk, DW_R=dwr, num_warps=warps, num_stages=NUM_STAGES,
         )  # fmt: skip
     else:
@@ -306,7 +297,7 @@ def _ln_bwd(
     drsum = torch.empty((m, n), device=dev, dtype=dr_dtype) if want_sum else None
     pw = torch.empty((g, p, n), device=dev, dtype=torch.float32)
     pb = torch.empty((g, p, n), device=dev, dtype=torch.float32)
-    bn = max(16, _pow2(n))
+    bn = max(16, next_pow2(n))
     if m:
         _ln_bwd_kernel[(p,)](
             dy, xhat, rstd, lnws[0], lnws[-1], lnbs[0], lnbs[-1], dr, drsum if drsum is not None else dr, pw, pb,
@@ -423,8 +414,6 @@ class _GroupedMLPLNFn(torch.autograd.Function):
 # Public API
 # --------------------------------------------------------------------------------------------------
 
-_FLOATS = (*KERNEL_DTYPES, torch.float64)
-
 
 def supports_ln_width(n: int) -> bool:
     """Whether the LayerNorm epilogue holds a row of width n (whole rows in one tile)."""
@@ -444,7 +433,7 @@ def _check_groups(name: str, ts: Sequence[torch.Tensor | None], g: int, optional
 
 
 def _check_x(name: str, x: torch.Tensor, g: int, k: int | None = None, grouped_only: bool = False) -> None:
-    check_tensor(name, x, ndim=(3,) if grouped_only else (2, 3), dtypes=_FLOATS)
+    check_tensor(name, x, ndim=(3,) if grouped_only else (2, 3), dtypes=INPUT_DTYPES)
     if x.dim() == 3 and x.shape[0] != g:
         raise ValueError(f"{name} has {x.shape[0]} groups (shape {tuple(x.shape)}); the weights give {g}")
     if k is not None and x.shape[-1] != k:
@@ -456,7 +445,7 @@ def _check_weights(
 ) -> tuple[int, int]:
     n, kk = None, None
     for i, w in enumerate(ws):
-        check_tensor(f"{wname}[{i}]", w, ndim=2, dtypes=_FLOATS)
+        check_tensor(f"{wname}[{i}]", w, ndim=2, dtypes=INPUT_DTYPES)
         if n is None:
             n, kk = w.shape
         if w.shape != (n, kk) or (k is not None and kk != k):
@@ -464,14 +453,14 @@ def _check_weights(
             raise ValueError(f"{wname}[{i}] has shape {tuple(w.shape)}; expected {want}")
     for i, b in enumerate(bs):
         if b is not None:
-            check_tensor(f"{bname}[{i}]", b, shape=(n,), dtypes=_FLOATS)
+            check_tensor(f"{bname}[{i}]", b, shape=(n,), dtypes=INPUT_DTYPES)
     return n, kk
 
 
 def _check_ln(lnws: list, lnbs: list, n: int) -> None:
     for i, (w, b) in enumerate(zip(lnws, lnbs)):
-        check_tensor(f"ln_weights[{i}]", w, shape=(n,), dtypes=_FLOATS)
-        check_tensor(f"ln_biases[{i}]", b, shape=(n,), dtypes=_FLOATS)
+        check_tensor(f"ln_weights[{i}]", w, shape=(n,), dtypes=INPUT_DTYPES)
+        check_tensor(f"ln_biases[{i}]", b, shape=(n,), dtypes=INPUT_DTYPES)
 
 
 def _kernel_path(backend: str, tensors: list[torch.Tensor | None], ln_n: int | None = None) -> bool:

@@ -9,7 +9,7 @@ import contextlib
 import math
 import threading
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,10 +18,7 @@ from tapetransformer.model import ModelConfig, TapeTransformer
 from tapetransformer.optim import FusedWolf
 from tapetransformer.reference import Wolf, check_tokens, nll_loss
 from tapetransformer.train.compilecache import mark_warm, step_signature
-from tapetransformer.train.config import AMP_MODES, OPTIMIZERS, check_model_config
-
-if TYPE_CHECKING:
-    from tapetransformer.train.memory import MemoryPlan
+from tapetransformer.train.config import AMP_MODES, OPTIMIZERS, MemoryPlan, check_model_config
 
 __all__ = ["LossNet", "Stepper", "build_model", "enable_recompute", "make_optimizer", "pick_amp"]
 
