@@ -13,6 +13,7 @@ from tape_kernels import _math
 from tape_kernels._utils import cast_out as _cast
 from tape_kernels._utils import pick as _pick
 from tape_kernels.activation import act_fwd as _act_fwd
+from tape_kernels.combine import combine_fwd
 
 
 @triton.jit
@@ -46,7 +47,7 @@ def _layer_norm(z, G, BETA, cols, cmask, D, eps):
 def _pair_input(R, G0, BE0, G1, BE1, eps0, eps1, offs_b, bmask, cols, cmask, B, D,
                 NS_PREV: tl.constexpr, COMBINE: tl.constexpr):  # fmt: skip
     """LN_mlp of the previous layer's pre-LN rows R (NS_PREV, B, D), combined when it is a pair:
-    0 sigmoid-XOR, 1 pair softmax (σ(hl − hr) form), 2 sum."""
+    0 sigmoid-XOR, 1 pair softmax, 2 sum (``combine.combine_fwd``)."""
     m2 = bmask[:, None] & cmask[None, :]
     rows = offs_b.to(tl.int64)[:, None] * D + cols[None, :]
     z0 = tl.load(R + rows, mask=m2, other=0.0)
@@ -56,15 +57,7 @@ def _pair_input(R, G0, BE0, G1, BE1, eps0, eps1, offs_b, bmask, cols, cmask, B, 
     else:
         z1 = tl.load(R + B * D + rows, mask=m2, other=0.0)
         y1 = _layer_norm(z1, G1, BE1, cols, cmask, D, eps1)
-        if COMBINE == 0:
-            a = tl.sigmoid(y0)
-            b = tl.sigmoid(y1)
-            return (a + b) * 0.5 - a * b
-        elif COMBINE == 1:
-            s = tl.sigmoid(y0 - y1)
-            return s * y0 + (1.0 - s) * y1
-        else:
-            return y0 + y1
+        return combine_fwd(y0, y1, COMBINE)
 
 @triton.jit
 def _embed_input(XIN, sxb, PE, s_pe, FREQ, pos, offs_b, bmask, cols, cmask, CAUSAL: tl.constexpr):

@@ -14,6 +14,8 @@ from tape_kernels import _math
 from tape_kernels._utils import cast_out
 from tape_kernels._utils import pick as _pick
 from tape_kernels.activation import act_fwd, act_fwd_bwd
+from tape_kernels.combine import combine_bwd as _combine_bwd
+from tape_kernels.combine import combine_fwd as _combine_fwd
 
 
 @triton.jit
@@ -25,38 +27,6 @@ def _to_cdt(x, CDT: tl.constexpr):
         return x.to(tl.bfloat16)
     else:
         return x.to(tl.float32)
-
-@triton.jit
-def _combine_fwd(hl, hr, MODE: tl.constexpr):
-    """The TapeHead combine of two fp32 tiles (tape_kernels.combine's formulas)."""
-    if MODE == 0:
-        a = tl.sigmoid(hl)
-        b = tl.sigmoid(hr)
-        return (a + b) * 0.5 - a * b
-    elif MODE == 1:
-        # pair softmax as s·hl + (1 − s)·hr; 0·hl + 0·hr is NaN where an input is not finite, as in
-        # the eager max-subtracted softmax
-        s = tl.sigmoid(hl - hr)
-        return s * hl + (1.0 - s) * hr + (0.0 * hl + 0.0 * hr)
-    else:
-        return hl + hr
-
-@triton.jit
-def _combine_bwd(g, hl, hr, MODE: tl.constexpr):
-    """(dL/dhl, dL/dhr) of the combine for the upstream gradient g."""
-    if MODE == 0:
-        a = tl.sigmoid(hl)
-        b = tl.sigmoid(hr)
-        return g * (0.5 - b) * a * (1.0 - a), g * (0.5 - a) * b * (1.0 - b)
-    elif MODE == 1:
-        # h = hr + δ·σ(δ): ∂h/∂hl = s + δ·s(1 − s) = k, ∂h/∂hr = 1 − k
-        delta = hl - hr
-        s = tl.sigmoid(delta)
-        t = s * (1.0 - s)
-        k = s + tl.where(t > 0.0, delta * t, 0.0) + (0.0 * hl + 0.0 * hr)
-        return g * k, g * (1.0 - k)
-    else:
-        return g, g
 
 @triton.jit
 def _mm_xwt(

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from tape_kernels._dispatch import interpreting, triton_available
 from tape_kernels._utils import KERNEL_DTYPES, LOG2E, TRITON_TYPE, dot_precision, next_pow2, rtne_bf16
 from tape_kernels.activation import reference_activation_ref
+from tape_kernels.combine import tapehead_combine_ref
 
 __all__ = [
     "BlockDecodeWeights",
@@ -151,16 +152,6 @@ def _w(w: torch.Tensor, s: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
     return w.to(dtype) if s is None else (w.float() * s.float()[:, None]).to(dtype)
 
 
-def _combine_ref(hl: torch.Tensor, hr: torch.Tensor, mode: int) -> torch.Tensor:
-    if mode == 0:
-        a, b = torch.sigmoid(hl), torch.sigmoid(hr)
-        return (a + b) * 0.5 - a * b
-    if mode == 1:
-        s = torch.sigmoid(hl - hr)
-        return s * hl + (1 - s) * hr
-    return hl + hr
-
-
 def input_ref(inp: DecodeInput, r: torch.Tensor | None, blk: BlockDecodeWeights, pos: int, causal: bool,
               dtype: torch.dtype) -> torch.Tensor:
     """The block input x (B, D) in ``dtype``; ``r`` the previous layer's pre-LN rows (PAIR)."""
@@ -178,7 +169,7 @@ def input_ref(inp: DecodeInput, r: torch.Tensor | None, blk: BlockDecodeWeights,
         return x
     ys = [F.layer_norm(r[i].to(dtype), r.shape[-1:], p.ln2_w.to(dtype), p.ln2_b.to(dtype), p.ln2_eps)
           for i, p in enumerate(inp.prev)]  # fmt: skip
-    return ys[0] if len(ys) == 1 else _combine_ref(ys[0], ys[1], inp.combine)
+    return ys[0] if len(ys) == 1 else tapehead_combine_ref(ys[0], ys[1], inp.combine)
 
 
 def attn_ref(inp: DecodeInput, r: torch.Tensor | None, sides: Sequence[BlockDecodeWeights], kv: torch.Tensor,
