@@ -578,3 +578,53 @@ def line_panels(panels: list[dict[str, Any]], path: str, panel_size: tuple[int, 
         draw.text((left + 30, y), lab, fill=(0, 0, 0), font=font)
     img.save(path, format="PNG")
     return path
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+class EagerCritic(torch.nn.Module):
+    """The reference's CachedMultiheadAttention training path."""
+
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(d, h, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, w = self.attn(x, x, x, need_weights=True)
+        entropy = -(w * torch.log(w + 1e-12)).sum(dim=-1)
+        aw = (w.sum(dim=-1) + w.sum(dim=-2)) / 2
+        return out, entropy, aw
+
+
+def attention_calls(impl: str, shape: tuple[int, int, int, int], device: torch.device | str, dtype: torch.dtype,
+                    dynamic: bool | None = None) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(forward, forward + backward) of one case: ``impl`` eager / compile (``torch.compile(eager,
+    dynamic=dynamic)``) / fused, shape (B, S, D, H), seeded weights and inputs. The backward is that of
+    out·g + Σ entropy + Σ aw·w into x and every parameter."""
+    from tape_kernels.attention import CriticAttention
+
+    b, s, d, h = shape
+    torch.manual_seed(0)
+    eager = EagerCritic(d, h).to(device=device, dtype=dtype).train()
+    if impl == "fused":
+        mod: torch.nn.Module = CriticAttention(d, h, backend="triton").to(device=device, dtype=dtype).train()
+        mod.load_state_dict(eager.attn.state_dict())
+    elif impl == "compile":
+        mod = torch.compile(eager, dynamic=dynamic)
+    else:
+        mod = eager
+    x = torch.randn(b, s, d, device=device, dtype=dtype, requires_grad=True)
+    g_out = torch.randn(b, s, d, device=device, dtype=dtype)
+    w_aw = torch.randn(b, s, device=device, dtype=torch.float32)
+    params = [x, *mod.parameters()]
+
+    def fwd() -> object:
+        return mod(x)
+
+    def fwdbwd() -> object:
+        out, ent, aw = mod(x)
+        loss = (out.float() * g_out.float()).sum() + ent.float().sum() + (aw.float() * w_aw).sum()
+        return torch.autograd.grad(loss, params)
+
+    return fwd, fwdbwd

@@ -42,7 +42,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MIB, MODEL_CASES, build_model, env_info, make_batch, median_ms, sync, write_results  # noqa: E402
+from common import (  # noqa: E402
+    MIB,
+    MODEL_CASES,
+    attention_calls,
+    build_model,
+    env_info,
+    make_batch,
+    median_ms,
+    sync,
+    write_results,
+)
 from gpu_decode_bench import Budget, count_launches  # noqa: E402
 
 ATTN_CASES = {"B16-S128-D256-H4": (16, 128, 256, 4), "B16-S512-D256-H4": (16, 512, 256, 4),
@@ -175,8 +185,6 @@ def train_row(args: argparse.Namespace, dev: torch.device, budget: Budget) -> di
 
 
 def attention_case(impl: str, shape: tuple[int, int, int, int], dev: torch.device, iters: int) -> dict[str, Any]:
-    from test_bench_attention import attention_calls
-
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     _, fwdbwd = attention_calls(impl, shape, dev, dtype, dynamic=False)
     t0 = time.perf_counter()

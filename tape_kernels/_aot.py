@@ -72,22 +72,31 @@ def _params(kernel: Any) -> list[tuple[str, str, Any]]:
     return out
 
 
-def signature(kernel: Any, dtype: torch.dtype, pointers: dict[str, torch.dtype] | None = None) -> dict[str, str]:
+def signature(
+    kernel: Any,
+    dtype: torch.dtype,
+    pointers: dict[str, torch.dtype] | None = None,
+    scalars: dict[str, str] | None = None,
+) -> dict[str, str]:
     """The Triton signature of ``kernel`` when its data tensors have ``dtype``, from its parameter list.
 
     The kernels of this package follow one naming convention, which is what makes this possible:
     ``tl.constexpr`` parameters are "constexpr"; UPPERCASE parameters are tensors (pointers), of
     element type ``dtype`` unless ``pointers`` names another one (fp32 statistics, int32 counters;
     names the kernel lacks are ignored, so one map serves all kernels of a module); lower-case parameters are scalars: the type they are annotated with (float scalars carry
-    ``tl.float32``), else i32.
+    ``tl.float32``), else i32. ``scalars`` gives the Triton type of parameters that are scalars
+    whatever their case or annotation (a kernel's UPPERCASE sizes B, D).
     """
     from tape_kernels._utils import TRITON_TYPE
 
     pointers = pointers or {}
+    scalars = scalars or {}
     sig = {}
     for name, ann, _ in _params(kernel):
         if ann == "constexpr":
             sig[name] = "constexpr"
+        elif name in scalars:
+            sig[name] = scalars[name]
         elif name in pointers or name.isupper():
             sig[name] = "*" + TRITON_TYPE[pointers.get(name, dtype)]
         else:

@@ -16,11 +16,14 @@ from tape_kernels._dispatch import interpreting, triton_available
 # accept: float64 runs their eager reference.
 KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 INPUT_DTYPES: tuple[torch.dtype, ...] = (*KERNEL_DTYPES, torch.float64)
+# log2(e): the kernels' softmaxes run in exp2, on scores scaled by LOG2E.
+LOG2E: float = 1.4426950408889634
 # torch dtype -> Triton's scalar type name (pointer types in a kernel signature are "*" + this).
 TRITON_TYPE: dict[torch.dtype, str] = {
     torch.float32: "fp32",
     torch.float16: "fp16",
     torch.bfloat16: "bf16",
+    torch.int8: "i8",
     torch.int32: "i32",
     torch.int64: "i64",
 }

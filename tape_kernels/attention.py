@@ -51,7 +51,7 @@ from torch import nn
 from tape_kernels._attention_configs import CONFIGS
 from tape_kernels._autotune import TileConfig, TunedKernel
 from tape_kernels._dispatch import check_backend, triton_available, use_triton
-from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, dot_precision, next_pow2
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, LOG2E, TRITON_TYPE, dot_precision, next_pow2
 from tape_kernels._validate import check_same_device, check_same_dtype, check_tensor
 
 # Decode lives in its own module; these names stay importable from here.
@@ -69,7 +69,6 @@ if triton_available():
     )
 
 ENTROPY_EPS = 1e-12
-LOG2E = 1.4426950408889634
 # max(16, next_pow2(dh)): the padded head dim of the per-head tiles.
 MAX_HEAD_DIM = 256
 

@@ -20,10 +20,8 @@ import math
 import torch
 
 from tape_kernels._dispatch import check_backend, interpreting, triton_available, use_triton
-from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, TRITON_TYPE, dot_precision, next_pow2
+from tape_kernels._utils import INPUT_DTYPES, KERNEL_DTYPES, LOG2E, TRITON_TYPE, dot_precision, next_pow2
 from tape_kernels._validate import check_same_device, check_same_dtype, check_tensor
-
-LOG2E = 1.4426950408889634
 
 
 def critic_attention_decode_ref(

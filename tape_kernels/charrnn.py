@@ -25,7 +25,7 @@ both cells for every batch row):
     resident: 32 KB at Hd = 512, BLOCK_H = 16, fp16) and the (B, Hd) state, so a step costs one
     barrier plus ~B·Hd·2 bytes of L2 traffic per program instead of a kernel launch. (The
     alternative, one program per batch row with no inter-program sync, streams the whole 1 MB
-    weight through one SM per step: ~10 µs/step, too slow for S = 128.)
+    weight through one SM every step, too slow for S = 128.)
 The state of step t lives in ``HS[:, t]`` (HS is (B, S+1, Hd), HS[:, 0] = h0); it is read with
 ``.cg`` loads (L2, bypassing the non-coherent L1) because other SMs wrote it.
 

@@ -35,22 +35,46 @@ if triton_available():
         return 0.0 * hl + 0.0 * hr
 
     @triton.jit
+    def combine_fwd(hl, hr, MODE: tl.constexpr):
+        """The combine of two fp32 tiles, for every kernel that runs it (this module's, and the ones
+        fused into ``fused_linear``'s LayerNorm epilogue and ``decode_block``'s pair input)."""
+        if MODE == 0:
+            a = tl.sigmoid(hl)
+            b = tl.sigmoid(hr)
+            return (a + b) * 0.5 - a * b
+        elif MODE == 1:
+            # s·hl + (1−s)·hr rather than hr + δ·s: δ may overflow to ±inf where s is exactly 0 or 1.
+            s = tl.sigmoid(hl - hr)
+            return s * hl + (1.0 - s) * hr + _inf_poison(hl, hr)
+        else:
+            return hl + hr
+
+    @triton.jit
+    def combine_bwd(g, hl, hr, MODE: tl.constexpr):
+        """(dL/dhl, dL/dhr) of ``combine_fwd`` for the upstream gradient g."""
+        if MODE == 0:
+            # ∂h/∂a = 1/2 − b, ∂a/∂hl = a(1 − a); symmetric in (hl, hr).
+            a = tl.sigmoid(hl)
+            b = tl.sigmoid(hr)
+            return g * (0.5 - b) * a * (1.0 - a), g * (0.5 - a) * b * (1.0 - b)
+        elif MODE == 1:
+            # h = hr + δ·σ(δ):  ∂h/∂δ = s + δ·s(1 − s);  ∂h/∂hl = ∂h/∂δ,  ∂h/∂hr = 1 − ∂h/∂δ.
+            delta = hl - hr
+            s = tl.sigmoid(delta)
+            t = s * (1.0 - s)
+            k = s + tl.where(t > 0.0, delta * t, 0.0) + _inf_poison(hl, hr)
+            return g * k, g * (1.0 - k)
+        else:
+            return g, g
+
+    @triton.jit
     def _combine_fwd_kernel(HL, HR, OUT, n, MODE: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         hl = tl.load(HL + offs, mask=mask, other=0.0).to(tl.float32)
         hr = tl.load(HR + offs, mask=mask, other=0.0).to(tl.float32)
-        if MODE == 0:
-            a = tl.sigmoid(hl)
-            b = tl.sigmoid(hr)
-            h = (a + b) * 0.5 - a * b
-        elif MODE == 1:
-            # s·hl + (1−s)·hr rather than hr + δ·s: δ may overflow to ±inf where s is exactly 0 or 1.
-            s = tl.sigmoid(hl - hr)
-            h = s * hl + (1.0 - s) * hr + _inf_poison(hl, hr)
-        else:
-            h = hl + hr
+        h = combine_fwd(hl, hr, MODE)
         tl.store(OUT + offs, cast_out(h, OUT.dtype.element_ty, RTNE_BF16), mask=mask)
 
     @triton.jit
@@ -63,20 +87,7 @@ if triton_available():
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         hl = tl.load(HL + offs, mask=mask, other=0.0).to(tl.float32)
         hr = tl.load(HR + offs, mask=mask, other=0.0).to(tl.float32)
-        if MODE == 0:
-            # ∂h/∂a = 1/2 − b, ∂a/∂hl = a(1 − a); symmetric in (hl, hr).
-            a = tl.sigmoid(hl)
-            b = tl.sigmoid(hr)
-            dl = g * (0.5 - b) * a * (1.0 - a)
-            dr = g * (0.5 - a) * b * (1.0 - b)
-        else:
-            # h = hr + δ·σ(δ):  ∂h/∂δ = s + δ·s(1 − s);  ∂h/∂hl = ∂h/∂δ,  ∂h/∂hr = 1 − ∂h/∂δ.
-            delta = hl - hr
-            s = tl.sigmoid(delta)
-            t = s * (1.0 - s)
-            k = s + tl.where(t > 0.0, delta * t, 0.0) + _inf_poison(hl, hr)
-            dl = g * k
-            dr = g * (1.0 - k)
+        dl, dr = combine_bwd(g, hl, hr, MODE)
         tl.store(DHL + offs, cast_out(dl, DHL.dtype.element_ty, RTNE_BF16), mask=mask)
         tl.store(DHR + offs, cast_out(dr, DHR.dtype.element_ty, RTNE_BF16), mask=mask)
 

@@ -303,7 +303,7 @@ def int8_linear(
     (needs qweight in [-127, 127], as ``quantize_weight`` makes it). ``act_quant=None``: the faster
     mode for the call (see ``resolve_act_quant``).
     """
-    # At decode size the kernel takes ~10 µs, so per-call Python work is kept to a few attribute
+    # At decode size the kernel is short next to Python overhead, so per-call work is kept to a few attribute
     # reads: the weights' checks are remembered per (qweight, scale, bias) objects and only x is
     # checked on every call (the C++ ops re-check every input, so a weight swapped in place
     # through ``.data`` still gets a ValueError, not a crash).

@@ -21,14 +21,13 @@ from collections.abc import Sequence
 import torch
 
 from tape_kernels._dispatch import check_backend, triton_available, use_triton
-from tape_kernels._utils import rtne_bf16
+from tape_kernels._utils import INPUT_DTYPES, TRITON_TYPE, rtne_bf16
 from tape_kernels._validate import check_same_device, check_tensor
 
 __all__ = ["rope_embed", "rope_embed_ref"]
 
 MAX_GROUPS = 2
 MAX_D = 4096  # one row per tile on the kernel path
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 if triton_available():
     import triton
@@ -201,7 +200,7 @@ def rope_embed(
     (D/2,) RoPE frequencies; ``rotate=False`` only adds the table (the reference does not rotate a
     single token). Differentiable in ``tok`` (the tables are buffers: no gradient)."""
     check_backend(backend)
-    check_tensor("tok", tok, ndim=3, dtypes=(*KERNEL_DTYPES, torch.float64))
+    check_tensor("tok", tok, ndim=3, dtypes=INPUT_DTYPES)
     if isinstance(pos_embs, torch.Tensor) or isinstance(freqs, torch.Tensor):
         raise ValueError("pos_embs and freqs must be lists or tuples of tensors (one per group)")
     g = len(pos_embs)
@@ -212,10 +211,10 @@ def rope_embed(
     if d % 2:
         raise ValueError(f"RoPE needs an even embedding dim, got {d}")
     for i, (pe, f) in enumerate(zip(pos_embs, freqs)):
-        check_tensor(f"pos_embs[{i}]", pe, ndim=3, dtypes=(*KERNEL_DTYPES, torch.float64))
+        check_tensor(f"pos_embs[{i}]", pe, ndim=3, dtypes=INPUT_DTYPES)
         if pe.shape[0] != 1 or pe.shape[2] != d or pe.shape[1] < s:
             raise ValueError(f"pos_embs[{i}] has shape {tuple(pe.shape)}; expected (1, >= {s}, {d})")
-        check_tensor(f"freqs[{i}]", f, shape=(d // 2,), dtypes=(*KERNEL_DTYPES, torch.float64))
+        check_tensor(f"freqs[{i}]", f, shape=(d // 2,), dtypes=INPUT_DTYPES)
     check_same_device(tok=tok, **{f"pos_embs[{i}]": t for i, t in enumerate(pos_embs)},
                       **{f"freqs[{i}]": t for i, t in enumerate(freqs)})  # fmt: skip
     fused = tok.dtype != torch.float64 and all(t.dtype != torch.float64 for t in (*pos_embs, *freqs)) and d <= MAX_D
@@ -231,19 +230,18 @@ def rope_embed(
 def aot_specs() -> list:
     """Forward and backward: fp32 for G = 1, 2, rotated or not, at D = 256 (the notebook's width) and
     BLOCK_D 16, 1024, 4096; fp16 and bf16 for the model's variant (G = 2, rotated, D = 256)."""
-    from tape_kernels._aot import AotSpec
-    from tape_kernels.fused_linear import kernel_signature
+    from tape_kernels._aot import AotSpec, signature
 
     specs = []
     combos = [(torch.float32, 256, g, rot) for g in (1, 2) for rot in (True, False)]
     combos += [(dt, 256, 2, True) for dt in (torch.float16, torch.bfloat16)]
     combos += [(torch.float32, bd, 2, True) for bd in (16, 1024, 4096)]
     for dt, bd, g, rot in combos:
-        ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
+        ty = TRITON_TYPE[dt]
         c = {"G": g, "ROTATE": rot, "RTNE_BF16": False, "BLOCK_R": _block_r(bd), "BLOCK_D": bd}
         tag = f"G{g}_{'rot' if rot else 'norot'}_D{bd}_{ty}"
-        specs.append(AotSpec(f"rope_fwd_{tag}", _rope_fwd_kernel, kernel_signature(_rope_fwd_kernel, {}, dt),
+        specs.append(AotSpec(f"rope_fwd_{tag}", _rope_fwd_kernel, signature(_rope_fwd_kernel, dt),
                              dict(c), num_warps=_warps(bd)))  # fmt: skip
-        specs.append(AotSpec(f"rope_bwd_{tag}", _rope_bwd_kernel, kernel_signature(_rope_bwd_kernel, {}, dt),
+        specs.append(AotSpec(f"rope_bwd_{tag}", _rope_bwd_kernel, signature(_rope_bwd_kernel, dt),
                              dict(c), num_warps=_warps(bd)))  # fmt: skip
     return specs

@@ -57,7 +57,8 @@ class FusedOptions:
     skip_dead: skip what provably cannot change an output (the reference's discarded concatenation);
     recompute: activation recomputation around every block in training (torch.utils.checkpoint);
     decode:    how the static one-token decode step runs on the Triton path: "block" (default) the
-               fused decode kernels, three launches per layer of a TapeHead (``tape_kernels.decode_block``);
+               fused decode kernels, three launches per layer of a TapeHead plus one per head for the last
+               layer's LayerNorm and combine (``tape_kernels.decode_block``);
                "ops" one kernel per op (attention, LayerNorm, activation, combine, cuBLAS GEMVs), kept
                for comparison.
     """
@@ -265,7 +266,8 @@ class FusedTapeHeadBlock(TapeHeadBlock):
     ) -> torch.Tensor:
         """One token (B, 1, D) at the device-side position ``pos`` ((1,) int64; ``lens`` = pos + 1 as
         int32): static shapes, no host read, so the step can be captured in a CUDA graph. On the
-        Triton path (``opts.decode == "block"``) four launches of ``tape_kernels.decode_block``."""
+        Triton path (``opts.decode == "block"``) four launches of ``tape_kernels.decode_block``: the
+        layer's three and one for its last LayerNorm."""
         src = prev_h if prev_h is not None else tok
         if self.fused_decode_ok(src):
             w = self.decode_weights()

@@ -122,7 +122,7 @@ def _link_dead(out: torch.Tensor, dead: list[torch.Tensor]) -> torch.Tensor:
     Under ``torch.compile`` the link is a sum over empty slices of the parameters instead: exactly 0
     in the forward (NaN or inf in a dead parameter cannot reach ``out``) and zero tensors in the
     backward. An autograd.Function in the graph would make AOTAutograd bypass its cache, so every
-    warm start would retrace the joint forward-backward graph (~6 s at the notebook size on CPU)."""
+    warm start would retrace the joint forward-backward graph."""
     if not (torch.is_grad_enabled() and dead):
         return out
     if torch.compiler.is_compiling():

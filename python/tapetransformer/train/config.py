@@ -18,6 +18,10 @@ import torch
 from tapetransformer.model import DESIGNS, ModelConfig
 from tapetransformer.train.schedule import SCHEDULES, LRSchedule, default_warmup
 
+GIB = 1 << 30
+MIB = 1 << 20
+
+
 OPTIMIZERS = ("adam", "wolf", "wolf-eager", "sgd")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 COMPILE_MODES = ("auto", "on", "off")
@@ -383,3 +387,21 @@ def validate_config(cfg: TrainConfig) -> torch.device:
     elif cfg.model is not None:
         check_model_config(cfg.model)
     return device
+
+
+@dataclass
+class MemoryPlan:
+    """The micro-batch × gradient-accumulation (× recomputation) plan a training step runs
+    (``train.memory.plan_memory`` makes it; ``train.step.Stepper`` runs it)."""
+
+    micro_batch: int
+    accum_steps: int
+    recompute: bool
+    budget_bytes: int | None
+    estimated_peak_bytes: int
+
+    def describe(self) -> str:
+        b = "no budget" if self.budget_bytes is None else f"budget {self.budget_bytes / GIB:.2f} GiB"
+        return (f"micro-batch {self.micro_batch} x {self.accum_steps} accumulation step(s), recompute "
+                f"{'on' if self.recompute else 'off'}, estimated peak {self.estimated_peak_bytes / MIB:.0f} MiB "
+                f"({b})")

@@ -4,8 +4,8 @@ A CPU training step frees and allocates the same few hundred MB every step: the 
 (``zero_grad(set_to_none=True)``), the activations and the temporaries. By default glibc serves a block
 above its mmap threshold (128 KiB, raised adaptively) with a fresh ``mmap`` and gives a freed heap top
 above 128 KiB back to the OS, so every step pays ``munmap`` and then one page fault per 4 KiB page when
-the memory is written again (profiled at the notebook's size: ``zero_grad`` alone, freeing ~200 MB of
-gradients, took ~50 ms of a ~1.9 s step, plus the faults spread over the next step's kernels).
+the memory is written again (``zero_grad`` alone frees every gradient, and the faults spread over the
+next step's kernels; the A/B measurement is benchmarks/results/2026-11-30-cpu-heap-ab.json).
 
 :func:`keep_freed_memory` raises the mmap threshold to glibc's maximum (32 MiB on 64-bit; larger
 blocks still get their own mapping) and the trim threshold to 1 GiB, so those pages stay in the

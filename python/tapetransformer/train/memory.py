@@ -18,10 +18,8 @@ import torch
 from torch import nn
 
 from tapetransformer.model import ModelConfig
+from tapetransformer.train.config import GIB, MIB, MemoryPlan
 from tapetransformer.train.step import LossNet
-
-GIB = 1 << 30
-MIB = 1 << 20
 
 
 @dataclass
@@ -32,21 +30,6 @@ class MemoryEstimate:
     fixed: int
     per_sample: int
     per_sample_recompute: int
-
-
-@dataclass
-class MemoryPlan:
-    micro_batch: int
-    accum_steps: int
-    recompute: bool
-    budget_bytes: int | None
-    estimated_peak_bytes: int
-
-    def describe(self) -> str:
-        b = "no budget" if self.budget_bytes is None else f"budget {self.budget_bytes / GIB:.2f} GiB"
-        return (f"micro-batch {self.micro_batch} x {self.accum_steps} accumulation step(s), recompute "
-                f"{'on' if self.recompute else 'off'}, estimated peak {self.estimated_peak_bytes / MIB:.0f} MiB "
-                f"({b})")
 
 
 # Values autograd keeps per token and TapeHead block, in units of D, measured with
