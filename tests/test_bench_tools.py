@@ -34,6 +34,13 @@ def _bench(group, name, impl, median_s, case=None, peak=None, **info):
     }
 
 
+def _child_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child process, without this xdist worker's variables: pytest-benchmark in a child
+    pytest that sees PYTEST_XDIST_WORKER disables itself ("Can't have both --benchmark-only and
+    --benchmark-disable")."""
+    return {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST")}
+
+
 def _write(tmp_path, benches, env=ENV, name="b.json"):
     p = tmp_path / name
     p.write_text(json.dumps({"benchmarks": benches, "tape_kernels_env": env}))
@@ -269,7 +276,7 @@ def test_attributed_benchmarks_on_tiny_models(tmp_path):
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(BENCH_DIR, "test_bench_model.py"),
          os.path.join(BENCH_DIR, "test_bench_generate.py"), "--benchmark-only", "-k", sel,
          f"--benchmark-json={out}"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env=_child_env(env),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = cr.build_results([str(out)])
@@ -323,7 +330,7 @@ def _run_tiny_bench(tmp_path, kill=None):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
          str(tmp_path / "test_tiny_bench.py"), f"--benchmark-json={out}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_child_env(env),
     )
     return proc, out, partial
 
@@ -396,7 +403,7 @@ def test_gpu_check_without_cuda_says_so_and_fails():
         pytest.skip("this machine has CUDA")
     proc = subprocess.run(
         ["bash", os.path.join(BENCH_DIR, "gpu_check.sh")],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True, text=True, timeout=120, env=_child_env({**os.environ, "PYTHON": sys.executable}),
     )
     assert proc.returncode != 0
     assert "no CUDA device" in proc.stdout
@@ -407,7 +414,7 @@ def test_gpu_session_without_cuda_says_so_and_fails(tmp_path):
         pytest.skip("this machine has CUDA")
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_session.sh")], capture_output=True, text=True,
-                          timeout=120, env=env)  # fmt: skip
+                          timeout=120, env=_child_env(env))  # fmt: skip
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stdout
     assert "no CUDA device" in (tmp_path / "session.log").read_text()
@@ -444,7 +451,7 @@ def test_gpu_check_fails_when_no_gpu_test_ran(tmp_path):
            "OUT": str(tmp_path / "out")}  # fmt: skip
     (tmp_path / "out").mkdir()
     proc = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_check.sh")], capture_output=True, text=True,
-                          timeout=600, env=env)  # fmt: skip
+                          timeout=600, env=_child_env(env))  # fmt: skip
     assert proc.returncode != 0
     out = proc.stdout
     assert "<<< tests-gpu ok" in out  # pytest itself is content: everything skipped
@@ -497,7 +504,7 @@ def test_kernel_report_on_sm86_without_gpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(BENCH_DIR, "kernel_report.py"), "--cc", "86", "activation", "-q",
          "--out", str(out), "--md", str(tmp_path / "r.md")],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=600, env=_child_env(env), cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -514,7 +521,7 @@ def test_cold_warm_start_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(BENCH_DIR, "cold_warm_start.py"), "--impl", "eager", "--case", "tiny",
          "--cache-root", str(tmp_path / "cache"), "--out", str(out), "--timeout", "300"],
-        capture_output=True, text=True, timeout=400, env=env,
+        capture_output=True, text=True, timeout=400, env=_child_env(env),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = json.loads(out.read_text())["runs"]
