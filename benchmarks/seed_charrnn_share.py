@@ -1,19 +1,23 @@
-"""The Char-RNN's share of the seed design's CPU training step (issue 27 item 4, the measurement).
+"""The Char-RNN's share of the seed design's CPU training step (issue 27 item 4), before and after
+the native sequence recurrence, in one run.
 
-    python benchmarks/seed_charrnn_share.py --json benchmarks/results/seed-charrnn-share-cpu.json
+    python benchmarks/seed_charrnn_share.py --threads 1 --json benchmarks/results/seed-charrnn-share-cpu.json
 
 At the notebook's size (vocab 65, seq_len 128, embed_dim 256, 4 critics; the prophet's hidden size is
-2·embed_dim = 512, 2 layers) and batch 16, fp32, on the CPU with the backend the training tool picks
-there (``backend="auto"``: eager, so the prophet is ``charrnn_ref``, the reference's per-step loop):
+2·embed_dim = 512, 2 layers) and batch 16, fp32, on the CPU without the Triton interpreter. Two paths,
+timed alternately in one process:
 
-* ``step_ms``: forward + backward of ``model.loss`` (design="seed"), the optimizer not included;
-* ``charrnn_ms``: forward + backward of the prophet alone on the same shapes (``charrnn`` over a
-  (B, S, D) input that requires grad, backward of its (B, S, Hd) output with a fixed gradient);
-* ``share`` = charrnn_ms / step_ms.
+* ``eager``: ``backend="eager"`` everywhere: the prophet is ``charrnn_ref``, the reference's per-step
+  loop (what the training tool ran before the native recurrence);
+* ``native``: ``backend="auto"``, what the training tool runs now: the same eager ops for the rest of the
+  model, and the prophet through ``CharRNNFunction`` with the extension's ``charrnn_forward`` /
+  ``charrnn_backward`` (one call per layer; the input projections and weight gradients as GEMMs).
 
-Both are medians of ``--rounds`` calls, timed alternately in one process after one untimed call each.
-The share is of the step's wall time: the two calls are timed separately, so the prophet's part of the
-step is estimated by its cost alone (it shares no work with the rest of the step).
+Per path: ``step_ms``, forward + backward of ``model.loss`` (design="seed"; the optimizer not included);
+``charrnn_ms``, forward + backward of the prophet alone on the same shapes (``charrnn`` over a (B, S, D)
+input that requires grad, backward of its (B, S, Hd) output with a fixed gradient); ``share`` =
+charrnn_ms / step_ms. Medians of ``--rounds`` calls after one untimed call each. The prophet shares no
+work with the rest of the step, so its part of the step is estimated by its cost alone.
 """
 
 from __future__ import annotations
@@ -38,11 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", required=True)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--note", default="", help="recorded in the JSON (e.g. that the machine was shared)")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.rounds < 1:
         ap.error("--batch and --rounds must be >= 1")
-    from tape_kernels.charrnn import charrnn
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        ap.error("unset TRITON_INTERPRET: this measures the CPU user's paths, not the interpreter")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from tape_kernels.charrnn import charrnn, native_runnable
     from tapetransformer.model import TapeTransformer
 
     torch.manual_seed(0)
@@ -53,44 +62,53 @@ def main(argv: list[str] | None = None) -> int:
     weights = model._prophet_weights()
     emb = torch.randn(args.batch, CFG["seq_len"], CFG["embed_dim"], generator=g).requires_grad_()
     gout = torch.randn(args.batch, CFG["seq_len"], model.prophet.hidden_size, generator=g)
+    if not native_runnable(emb, weights):
+        raise SystemExit("the native recurrence cannot run here (tape_kernels._C not built?)")
 
-    def step() -> None:
+    def step(backend: str) -> None:
+        model.backend = backend
         model.zero_grad(set_to_none=True)
         model.loss(x, y, check=False).backward()
 
-    def rnn() -> None:
-        model.zero_grad(set_to_none=True)
+    def rnn(backend: str) -> None:
         emb.grad = None
-        charrnn(emb, weights, None, backend=model.backend)[0].backward(gout)
+        charrnn(emb, weights, None, backend=backend)[0].backward(gout)
 
-    step(), rnn()  # untimed first calls
-    times: dict[str, list[float]] = {"step": [], "charrnn": []}
+    calls = {f"{what}_{path}": (fn, backend) for path, backend in (("eager", "eager"), ("native", "auto"))
+             for what, fn in (("step", step), ("charrnn", rnn))}
+    for fn, backend in calls.values():  # untimed first calls
+        fn(backend)
+    times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(args.rounds):
-        for name, fn in (("step", step), ("charrnn", rnn)):
+        for name, (fn, backend) in calls.items():
             t0 = time.perf_counter()
-            fn()
+            fn(backend)
             times[name].append((time.perf_counter() - t0) * 1e3)
-    step_ms, rnn_ms = statistics.median(times["step"]), statistics.median(times["charrnn"])
-    share = rnn_ms / step_ms
+    med = {k: statistics.median(v) for k, v in times.items()}
+    paths = {}
+    for path in ("eager", "native"):
+        share = med[f"charrnn_{path}"] / med[f"step_{path}"]
+        paths[path] = {"step_ms": round(med[f"step_{path}"], 1), "charrnn_ms": round(med[f"charrnn_{path}"], 1),
+                       "share": round(share, 3), "above_threshold": share > THRESHOLD}
     doc = {
         **env_info("cpu"),
-        "what": "the Char-RNN's (prophet's) share of the seed design's CPU training step (forward + backward)",
-        "config": {**CFG, "design": "seed", "batch": args.batch, "dtype": "float32", "backend": model.backend,
+        "what": "the Char-RNN's (prophet's) share of the seed design's CPU training step (forward + backward), "
+                "with the eager per-step loop and with the native sequence recurrence",
+        "config": {**CFG, "design": "seed", "batch": args.batch, "dtype": "float32",
                    "prophet_hidden": model.prophet.hidden_size, "prophet_layers": model.prophet.num_layers},
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
-        "step_ms": round(step_ms, 1),
-        "charrnn_ms": round(rnn_ms, 1),
-        "share": round(share, 3),
         "threshold": THRESHOLD,
-        "above_threshold": share > THRESHOLD,
+        "paths": paths,
+        "charrnn_speedup": round(med["charrnn_eager"] / med["charrnn_native"], 2),
+        "step_speedup": round(med["step_eager"] / med["step_native"], 2),
         "times_ms": {k: [round(t, 1) for t in v] for k, v in times.items()},
-        # per round (the two calls timed back to back): how far the noise moves the share
-        "round_shares": [round(r / s, 3) for s, r in zip(times["step"], times["charrnn"])],
         "note": args.note,
     }
     write_results(args.json, doc)
-    print(f"step {step_ms:.0f} ms, Char-RNN {rnn_ms:.0f} ms: share {share:.1%}")
+    for path, r in paths.items():
+        print(f"{path}: step {r['step_ms']:.0f} ms, Char-RNN {r['charrnn_ms']:.0f} ms: share {r['share']:.1%}")
+    print(f"Char-RNN {doc['charrnn_speedup']}x, step {doc['step_speedup']}x (native over eager)")
     return 0
 
 

@@ -364,6 +364,50 @@ Tensor decode_linear_f32_cpu(const Tensor& x, const Tensor& w, const c10::option
   return y;
 }
 
+// The Char-RNN's training recurrence, one layer (tape_kernels.charrnn: the CPU's CharRNNFunction).
+void check_f32_cpu(const Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, " must have dtype float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+// p (B, S, 2Hd), wh (2Hd, Hd), h0 (B, Hd) -> hs (B, S + 1, Hd) with hs[:, 0] = h0, z (B, S, 2Hd).
+std::tuple<Tensor, Tensor> charrnn_forward_cpu(const Tensor& p, const Tensor& wh, const Tensor& h0) {
+  check_f32_cpu(p, "p", 3);
+  check_f32_cpu(wh, "wh", 2);
+  check_f32_cpu(h0, "h0", 2);
+  const int64_t b = p.size(0), s = p.size(1), hd = wh.size(1);
+  TORCH_CHECK_VALUE(wh.size(0) == 2 * hd && p.size(2) == 2 * hd && h0.size(0) == b && h0.size(1) == hd,
+                    "charrnn_forward: p ", p.sizes(), ", wh ", wh.sizes(), " and h0 ", h0.sizes(),
+                    " do not fit (B, S, 2Hd), (2Hd, Hd), (B, Hd)");
+  auto hs = at::empty({b, s + 1, hd}, p.options());
+  auto z = at::empty({b, s, 2 * hd}, p.options());
+  hs.select(1, 0).copy_(h0);
+  if (b > 0 && s > 0 && hd > 0)
+    tk::decode::charrnn_layer_forward(p.data_ptr<float>(), wh.data_ptr<float>(), b, s, hd, hs.data_ptr<float>(),
+                                      z.data_ptr<float>(), at::get_num_threads());
+  return {hs, z};
+}
+
+// dout (B, S, Hd), dlast (B, Hd), z (B, S, 2Hd), wh (2Hd, Hd) -> dz (B, S, 2Hd).
+Tensor charrnn_backward_cpu(const Tensor& dout, const Tensor& dlast, const Tensor& z, const Tensor& wh) {
+  check_f32_cpu(dout, "dout", 3);
+  check_f32_cpu(dlast, "dlast", 2);
+  check_f32_cpu(z, "z", 3);
+  check_f32_cpu(wh, "wh", 2);
+  const int64_t b = z.size(0), s = z.size(1), hd = wh.size(1);
+  TORCH_CHECK_VALUE(wh.size(0) == 2 * hd && z.size(2) == 2 * hd && dout.size(0) == b && dout.size(1) == s &&
+                        dout.size(2) == hd && dlast.size(0) == b && dlast.size(1) == hd,
+                    "charrnn_backward: dout ", dout.sizes(), ", dlast ", dlast.sizes(), ", z ", z.sizes(), " and wh ",
+                    wh.sizes(), " do not fit (B, S, Hd), (B, Hd), (B, S, 2Hd), (2Hd, Hd)");
+  auto dz = at::empty_like(z);
+  if (dz.numel() > 0)
+    tk::decode::charrnn_layer_backward(dout.data_ptr<float>(), dlast.data_ptr<float>(), z.data_ptr<float>(),
+                                       wh.data_ptr<float>(), b, s, hd, dz.data_ptr<float>(), at::get_num_threads());
+  return dz;
+}
+
 Tensor decode_activation_cpu(const Tensor& x, const c10::optional<Tensor>& bias) {
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "x must have dtype float32, got ", x.scalar_type());
   auto y = x.contiguous().clone();
@@ -600,6 +644,8 @@ TORCH_LIBRARY(tape_kernels, m) {
           });
   m.def("decode_linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("decode_activation(Tensor x, Tensor? bias) -> Tensor");
+  m.def("charrnn_forward(Tensor p, Tensor wh, Tensor h0) -> (Tensor, Tensor)");
+  m.def("charrnn_backward(Tensor dout, Tensor dlast, Tensor z, Tensor wh) -> Tensor");
   m.def("decode_step(__torch__.torch.classes.tape_kernels.DecodePlan plan, Tensor tok, Tensor(a!) kv, int t0) "
         "-> Tensor");
   m.def("decode_step_seed(__torch__.torch.classes.tape_kernels.DecodePlan plan, Tensor tok, Tensor(a!) kv, "
@@ -620,6 +666,8 @@ TORCH_LIBRARY_IMPL(tape_kernels, CPU, m) {
   m.impl("sample_next", &sample_next_cpu);
   m.impl("decode_linear_f32", &decode_linear_f32_cpu);
   m.impl("decode_activation", &decode_activation_cpu);
+  m.impl("charrnn_forward", &charrnn_forward_cpu);
+  m.impl("charrnn_backward", &charrnn_backward_cpu);
 }
 
 #ifdef TK_WITH_CUDA

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <limits>
 #include <vector>
 
@@ -107,7 +108,13 @@ TK_INLINE float atanh_series(float w) {  // odd Taylor series through w^11: exac
 // cancellation near 0, where y ≈ x), and atanh(d/2) from its odd series through w^23 (truncation
 // < 1.2e-9 at w = 0.5): no log, no division, no branch — 1.7x faster than a log for w >= 0.25.
 // p/2 < 1/(2·sqrt(24)) ≈ 0.102, where the short series is exact to fp32.
-TK_INLINE float act_one(float x) {
+// The intermediates the activation's value and derivative share (x's sign not applied to y):
+// e = e^(−a), w = d/2, rs = 1/sqrt(1 + 24·l²), q = p/2.
+struct ActCore {
+  float y, e, w, rs, q;
+};
+
+TK_INLINE ActCore act_core(float x) {
   const float a = std::fabs(x);
   float v = -a;
   v = v < -87.3365447f ? -87.3365447f : v;  // e^v stays normal; d = 1 to fp32 long before
@@ -139,9 +146,21 @@ TK_INLINE float act_one(float x) {
   t = t * w2 + 1.0f;
   const float l = 2.0f * (w * t);
   const float rs = 1.0f / std::sqrt(1.0f + 24.0f * l * l);
-  float y = 2.0f * atanh_series(0.5f * l * rs);
-  y = x < 0.f ? -y : y;
-  return x != x ? x : y;  // NaN in, NaN out (the polynomial pieces would not keep it)
+  const float q = 0.5f * l * rs;
+  return {2.0f * atanh_series(q), two_n * (em1 + 1.0f), w, rs, q};  // e = 2^n·e^r: no 1 − d cancellation
+}
+
+TK_INLINE float act_one(float x) {
+  const float y = act_core(x).y;
+  return x != x ? x : (x < 0.f ? -y : y);  // NaN in, NaN out (the polynomial pieces would not keep it)
+}
+
+// dy/dx = ds/dx · dl/ds · dp/dl · dy/dp = 4e^(−a)/(4 − d²) · rs³ · 1/(1 − q²) (y is odd: dy/dx is even),
+// the form of activation.py's act_fwd_bwd.
+TK_INLINE float act_grad(float x) {
+  const ActCore c = act_core(x);
+  const float g = (c.e / (1.0f - c.w * c.w)) * (c.rs * c.rs * c.rs) / (1.0f - c.q * c.q);
+  return x != x ? x : g;
 }
 
 TK_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
@@ -216,20 +235,53 @@ TK_INLINE void combine_impl(const float* hl, const float* hr, int mode, int64_t 
 }
 TK_CLONES(combine, (const float* hl, const float* hr, int mode, int64_t d, float* h), (hl, hr, mode, d, h))
 
-// One Char-RNN layer on n units, as tape_kernels.charrnn.charrnn_ref computes it: the left / right
-// pre-activations z = (x·W_iᵀ + b_i) + (h·W_hᵀ + b_h) arrive as their two halves (pl + ql, pr + qr);
-// a = act(act(z_L)), b = act(act(z_R)) (CharRNNModel applies the activation after the cell's own),
-// h = ½((a + b) − (2a)·b). The only Char-RNN cell in C++ (decode step and prefill alike).
+// The Char-RNN cell, as tape_kernels.charrnn.charrnn_ref computes it: from the left / right
+// pre-activations z = (x·W_iᵀ + b_i) + (h·W_hᵀ + b_h), a = act(act(z_L)), b = act(act(z_R))
+// (CharRNNModel applies the activation after the cell's own), h = ½((a + b) − (2a)·b). The only
+// Char-RNN cell in C++ (decode step, prefill and the training recurrence alike).
+TK_INLINE float cell_h(float zl, float zr) {
+  const float a = act_one(act_one(zl)), b = act_one(act_one(zr));
+  return 0.5f * ((a + b) - (2.0f * a) * b);
+}
+
+// One layer on n units; z arrives as its two halves, pl + ql and pr + qr.
 TK_INLINE void charrnn_cell_impl(const float* pl, const float* pr, const float* ql, const float* qr, int64_t n,
                                  float* h) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float a = act_one(act_one(pl[i] + ql[i])), b = act_one(act_one(pr[i] + qr[i]));
-    h[i] = 0.5f * ((a + b) - (2.0f * a) * b);
-  }
+  for (int64_t i = 0; i < n; ++i) h[i] = cell_h(pl[i] + ql[i], pr[i] + qr[i]);
 }
 TK_CLONES(charrnn_cell, (const float* pl, const float* pr, const float* ql, const float* qr, int64_t n, float* h),
           (pl, pr, ql, qr, n, h))
+
+// The training forward's cell: as charrnn_cell, and z kept (zl, zr) for the backward.
+TK_INLINE void charrnn_cell_keep_impl(const float* pl, const float* pr, const float* ql, const float* qr, int64_t n,
+                                      float* zl, float* zr, float* h) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    zl[i] = pl[i] + ql[i];
+    zr[i] = pr[i] + qr[i];
+    h[i] = cell_h(zl[i], zr[i]);
+  }
+}
+TK_CLONES(charrnn_cell_keep,
+          (const float* pl, const float* pr, const float* ql, const float* qr, int64_t n, float* zl, float* zr,
+           float* h),
+          (pl, pr, ql, qr, n, zl, zr, h))
+
+// The cell's backward from dL/dh (g): through h = ½(a + b) − ab, a = act(c_L), c_L = act(z_L),
+// dz_L = g·(½ − b)·act'(c_L)·act'(z_L), symmetrically for R (the Triton rnn_bwd_kernel's formula).
+TK_INLINE void charrnn_cell_grad_impl(const float* zl, const float* zr, const float* g, int64_t n, float* dzl,
+                                      float* dzr) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float cl = act_one(zl[i]), cr = act_one(zr[i]);
+    const float a = act_one(cl), b = act_one(cr);
+    dzl[i] = g[i] * (0.5f - b) * act_grad(cl) * act_grad(zl[i]);
+    dzr[i] = g[i] * (0.5f - a) * act_grad(cr) * act_grad(zr[i]);
+  }
+}
+TK_CLONES(charrnn_cell_grad, (const float* zl, const float* zr, const float* g, int64_t n, float* dzl, float* dzr),
+          (zl, zr, g, n, dzl, dzr))
 
 // The reference's RMSNorm (final_norm): y = x / (‖x‖₂ + eps) · w.
 TK_INLINE void rms_norm_impl(const float* x, const float* w, float eps, int64_t n, float* y) {
@@ -948,6 +1000,74 @@ void linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const float* 
 }
 
 void activation_f32(float* x, const float* bias, int64_t n) { TK_CALL(cpu_isa(), activation, x, bias, n); }
+
+namespace {
+// This thread's hidden units [j0, j1) of hd, in kRowGrain units (both cells' rows j and hd + j).
+std::pair<int64_t, int64_t> unit_range(int64_t hd, int tid, int team) {
+  const int64_t units = (hd + kRowGrain - 1) / kRowGrain;
+  return {std::min(units * tid / team * kRowGrain, hd), std::min(units * (tid + 1) / team * kRowGrain, hd)};
+}
+}  // namespace
+
+// A team of threads over the hidden units, one barrier per step: every unit of step t+1 reads every
+// unit of step t. The recurrent product of a step is (B, Hd)·W_hᵀ, B rows sharing each weight row's
+// load (linear_f32_isa's register-blocked GEMM).
+void charrnn_layer_forward(const float* p, const float* wh, int64_t b, int64_t s, int64_t hd, float* hs, float* z,
+                           int nthreads) {
+  const CpuIsa isa = cpu_isa();
+  std::vector<float> q(static_cast<size_t>(b * 2 * hd));
+  const int64_t ldh = (s + 1) * hd, ldz = s * 2 * hd;
+#pragma omp parallel num_threads(std::max(nthreads, 1)) if (nthreads > 1)
+  {
+    const auto [j0, j1] = unit_range(hd, omp_get_thread_num(), omp_get_num_threads());
+    for (int64_t t = 0; t < s; ++t) {
+      const float* hprev = hs + t * hd;
+      if (j1 > j0) linear_f32_isa(isa, hprev, b, hd, ldh, wh + j0 * hd, nullptr, j1 - j0, q.data() + j0, 2 * hd, true);
+      if (j1 > j0) linear_f32_isa(isa, hprev, b, hd, ldh, wh + (hd + j0) * hd, nullptr, j1 - j0, q.data() + hd + j0, 2 * hd, true);
+      for (int64_t bb = 0; bb < b && j1 > j0; ++bb) {
+        const float* pr = p + bb * ldz + t * 2 * hd;
+        const float* qr = q.data() + bb * 2 * hd;
+        float* zr = z + bb * ldz + t * 2 * hd;
+        TK_CALL(isa, charrnn_cell_keep, pr + j0, pr + hd + j0, qr + j0, qr + hd + j0, j1 - j0, zr + j0, zr + hd + j0,
+                hs + bb * ldh + (t + 1) * hd + j0);
+      }
+#pragma omp barrier  // a thread without units still meets every barrier
+    }
+  }
+}
+
+// Reverse time: g = dout[:, t] + (t < S−1 ? dz[:, t+1]·W_h : dlast); dz[:, t] = the cell's backward of g.
+// W_h is transposed once so that the carried product is row dot products like the forward's.
+void charrnn_layer_backward(const float* dout, const float* dlast, const float* z, const float* wh, int64_t b,
+                            int64_t s, int64_t hd, float* dz, int nthreads) {
+  const CpuIsa isa = cpu_isa();
+  std::vector<float> wt(static_cast<size_t>(hd * 2 * hd)), g(static_cast<size_t>(b * hd));
+  const int64_t ldo = s * hd, ldz = s * 2 * hd;
+#pragma omp parallel num_threads(std::max(nthreads, 1)) if (nthreads > 1)
+  {
+    const auto [j0, j1] = unit_range(hd, omp_get_thread_num(), omp_get_num_threads());
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t k = 0; k < 2 * hd; ++k) wt[j * 2 * hd + k] = wh[k * hd + j];
+    for (int64_t bb = 0; bb < b; ++bb)
+      for (int64_t j = j0; j < j1; ++j) g[bb * hd + j] = dlast[bb * hd + j];
+#pragma omp barrier
+    for (int64_t t = s - 1; t >= 0; --t) {
+      for (int64_t bb = 0; bb < b && j1 > j0; ++bb) {
+        float* gr = g.data() + bb * hd;
+        const float* dr = dout + bb * ldo + t * hd;
+        for (int64_t j = j0; j < j1; ++j) gr[j] += dr[j];
+        const float* zr = z + bb * ldz + t * 2 * hd;
+        float* dzr = dz + bb * ldz + t * 2 * hd;
+        TK_CALL(isa, charrnn_cell_grad, zr + j0, zr + hd + j0, gr + j0, j1 - j0, dzr + j0, dzr + hd + j0);
+      }
+#pragma omp barrier
+      if (t > 0 && j1 > j0)
+        linear_f32_isa(isa, dz + t * 2 * hd, b, 2 * hd, ldz, wt.data() + j0 * 2 * hd, nullptr, j1 - j0, g.data() + j0, hd,
+                       true);
+#pragma omp barrier
+    }
+  }
+}
 
 }  // namespace tk::decode
 

@@ -133,4 +133,17 @@ void linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const float* 
 // in place on n values after adding bias (may be null); fp32, NaN stays NaN.
 void activation_f32(float* x, const float* bias, int64_t n);
 
+// The Char-RNN's recurrence over a sequence, one layer, for training (tape_kernels.charrnn's
+// CharRNNFunction on the CPU). p (B, S, 2Hd): the input projections with both biases, left cell
+// first; wh (2Hd, Hd) = [W_hL; W_hR]; hs (B, S + 1, Hd) with hs[:, 0] = h0 on entry, hs[:, 1..S]
+// written; z (B, S, 2Hd): the pre-activations, written.
+void charrnn_layer_forward(const float* p, const float* wh, int64_t b, int64_t s, int64_t hd, float* hs, float* z,
+                           int nthreads);
+
+// Its backward: dout (B, S, Hd) = dL/dhs[:, 1..S] from above, dlast (B, Hd) = dL/dhs[:, S] from the
+// returned state; writes dz (B, S, 2Hd) = dL/dz. dL/dh0 = dz[:, 0]·wh and the weight gradients are
+// whole-sequence GEMMs, left to the caller.
+void charrnn_layer_backward(const float* dout, const float* dlast, const float* z, const float* wh, int64_t b,
+                            int64_t s, int64_t hd, float* dz, int nthreads);
+
 }  // namespace tk::decode

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -174,9 +174,31 @@ def _stack_layer(weights: Sequence[torch.Tensor], l: int) -> tuple[torch.Tensor,
     return wi, bias, wh
 
 
+def _native_ops() -> Any:
+    """``torch.ops.tape_kernels`` when the C++ extension is loaded, else None."""
+    from tape_kernels.int8 import extension_available
+
+    return torch.ops.tape_kernels if extension_available() else None
+
+
+def native_runnable(emb: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether the C++ sequence recurrence (``charrnn_forward`` / ``charrnn_backward``) can run: fp32
+    CPU tensors and the extension loaded."""
+    tensors = (emb, *weights)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return _native_ops() is not None
+
+
 class CharRNNFunction(torch.autograd.Function):
+    """The layer-by-layer sequence: per layer one input-projection GEMM over all steps, the recurrence
+    (the Triton kernels, or on the CPU the extension's ``charrnn_forward``: one call per layer, its
+    threads meeting once per step), and in backward the reverse recurrence and the weight gradients as
+    whole-sequence GEMMs."""
+
     @staticmethod
-    def forward(ctx, emb: torch.Tensor, h0: torch.Tensor, persistent: bool | None, *weights: torch.Tensor):
+    def forward(ctx, emb: torch.Tensor, h0: torch.Tensor, persistent: bool | None, native: bool,
+                *weights: torch.Tensor):
         # emb (B, S, D); h0 (L, B, Hd). Returns out (B, S, Hd) and the last states (L, B, Hd).
         num_layers = len(weights) // _PER_LAYER
         bsz, seq, _ = emb.shape
@@ -187,15 +209,19 @@ class CharRNNFunction(torch.autograd.Function):
             wi, bias, wh = _stack_layer(weights, l)
             # One GEMM for both cells' input projections over all steps (both biases folded in).
             p = torch.addmm(bias, x.reshape(bsz * seq, -1), wi.t()).view(bsz, seq, 2 * hd)
-            hs = torch.empty(bsz, seq + 1, hd, device=emb.device, dtype=emb.dtype)
-            hs[:, 0] = h0[l]
-            z = torch.empty(bsz, seq, 2 * hd, device=emb.device, dtype=torch.float32)
-            _recurrent_forward(p, wh, hs, z, persistent)
+            if native:  # fp32 (under CPU autocast the projection may arrive in bf16)
+                hs, z = torch.ops.tape_kernels.charrnn_forward(p.float(), wh.float(), h0[l].float().contiguous())
+            else:
+                hs = torch.empty(bsz, seq + 1, hd, device=emb.device, dtype=emb.dtype)
+                hs[:, 0] = h0[l]
+                z = torch.empty(bsz, seq, 2 * hd, device=emb.device, dtype=torch.float32)
+                _recurrent_forward(p, wh, hs, z, persistent)
             saved_hs.append(hs)
             saved_z.append(z)
             x = hs[:, 1:]
         ctx.num_layers = num_layers
         ctx.persistent = persistent
+        ctx.native = native
         # The stacked weights are re-built in backward from the parameters (no saved copies).
         ctx.save_for_backward(emb, *saved_hs, *saved_z, *weights)
         out = x.contiguous()
@@ -220,8 +246,11 @@ class CharRNNFunction(torch.autograd.Function):
             z, hs = zs[l], hss[l]
             wi, _, wh = _stack_layer(weights, l)
             dhlast = grad_last[l].float().contiguous() if grad_last is not None else torch.zeros(bsz, hd, device=dev)
-            dz = torch.empty_like(z)
-            _recurrent_backward(dx, dhlast, z, wh, dz, ctx.persistent)
+            if ctx.native:
+                dz = torch.ops.tape_kernels.charrnn_backward(dx.contiguous(), dhlast, z, wh.float())
+            else:
+                dz = torch.empty_like(z)
+                _recurrent_backward(dx, dhlast, z, wh, dz, ctx.persistent)
             dz2 = dz.view(bsz * seq, 2 * hd)
             xin = emb if l == 0 else hss[l - 1][:, 1:]
             # Weight gradients after the loop: batched GEMMs over all B·S rows, fp32 accumulation.
@@ -236,7 +265,7 @@ class CharRNNFunction(torch.autograd.Function):
                 dwi[hd:].to(pdt), db[hd:].to(pdt), dwh[hd:].to(pdt), db[hd:].to(pdt),
             ]  # fmt: skip
         demb = dx.to(emb.dtype) if dx is not None else None
-        return demb, dh0.to(emb.dtype), None, *grads
+        return demb, dh0.to(emb.dtype), None, None, *grads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,19 +336,26 @@ def charrnn(
     h0 None (zeros) or a list of (B, k, Hd) per layer ([:, −1] is the state, the reference's cache
     form). Returns out (B, S, Hd) and hs, a list of (B, 1, Hd) per layer. ``persistent``: None picks
     the one-launch-per-layer kernel on CUDA when it fits, False forces per-step launches.
+
+    On a CPU without the Triton interpreter, ``backend="auto"`` runs fp32 through the extension's
+    sequence recurrence (:func:`native_runnable`) and anything else through :func:`charrnn_ref`;
+    ``backend="eager"`` always runs :func:`charrnn_ref`.
     """
     num_layers, _, hd = _check_emb(emb, weights)
     _check_state(h0, num_layers, emb.shape[0], hd, emb, "h0")
+    native = False
     if emb.dtype == torch.float64 or not use_triton(emb, weights[0], backend=backend):
         if backend == "triton":
             raise ValueError("backend='triton' supports fp16/bf16/fp32 only; float64 runs eager")
-        return charrnn_ref(emb, weights, h0)
+        if backend == "eager" or not native_runnable(emb, weights):
+            return charrnn_ref(emb, weights, h0)
+        native = True  # a CPU without the interpreter: the extension's recurrence
     bsz = emb.shape[0]
     if h0 is None:
         h0_t = emb.new_zeros(num_layers, bsz, hd)
     else:
         h0_t = torch.stack([h[:, -1] for h in h0], dim=0)
-    out, last = CharRNNFunction.apply(emb.contiguous(), h0_t, persistent, *weights)
+    out, last = CharRNNFunction.apply(emb.contiguous(), h0_t, persistent, native, *weights)
     return out, [last[l].unsqueeze(1) for l in range(num_layers)]
 
 

@@ -96,6 +96,16 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scale: torch.Tensor, bias: Any) -> torch.Tensor:
         return x.new_empty((x.shape[0], scale.shape[0]))
 
+    # The Char-RNN's CPU training recurrence (tape_kernels.charrnn), in the same extension.
+    @torch.library.register_fake(lib + "charrnn_forward")
+    def _(p: torch.Tensor, wh: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, _ = p.shape
+        return p.new_empty((b, s + 1, wh.shape[1])), p.new_empty((b, s, 2 * wh.shape[1]))
+
+    @torch.library.register_fake(lib + "charrnn_backward")
+    def _(dout: torch.Tensor, dlast: torch.Tensor, z: torch.Tensor, wh: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(z, memory_format=torch.contiguous_format)
+
 
 def _load_ext() -> Any:
     """The extension module, or None (warning once) when it is not built."""

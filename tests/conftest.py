@@ -27,7 +27,8 @@ TORCH_DEPENDENT_FILES = frozenset({
     "test_train_cudagraph.py", "test_train_files.py", "test_user_errors.py",
     # the seed design's native decode and the native sampler (extension ops); training runs (the optimizer,
     # the schedule, checkpoint I/O, signals); the seed design's CUDA graphs
-    "test_native_seed.py", "test_sampling.py", "test_reliability.py", "test_learning.py", "test_seed_graphs_gpu.py",
+    "test_native_seed.py", "test_charrnn_native.py",
+    "test_sampling.py", "test_reliability.py", "test_learning.py", "test_seed_graphs_gpu.py",
 })  # fmt: skip
 
 

@@ -66,7 +66,11 @@ def _run(fn, emb, weights, h0, go, gh):
     return [out] + hs, list(grads)
 
 
-def _check_against_fp64(model: CharRNN, emb, h0, dtype: torch.dtype) -> None:
+def _triton(e, w, h):  # noqa: ANN001, ANN202
+    return charrnn(e, w, h, backend="triton")
+
+
+def _check_against_fp64(model: CharRNN, emb, h0, dtype: torch.dtype, fused=_triton) -> None:  # noqa: ANN001
     weights = [w.detach().to(dtype) for w in model.flat_weights()]
     emb = emb.to(dtype)
     h0 = None if h0 is None else [h.to(dtype) for h in h0]
@@ -75,10 +79,6 @@ def _check_against_fp64(model: CharRNN, emb, h0, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(7)
     go = torch.randn(b, s, hd, generator=g)
     gh = [torch.randn(b, 1, hd, generator=g) for _ in range(layers)]
-
-    def fused(e, w, h):
-        return charrnn(e, w, h, backend="triton")
-
     outs64, grads64 = _run(
         charrnn_ref, emb.double(), [w.double() for w in weights], None if h0 is None else [h.double() for h in h0],
         go.double(), [x.double() for x in gh],
