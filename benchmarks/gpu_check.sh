@@ -167,8 +167,8 @@ step build 120 "$PY" setup.py build_ext --inplace
 # One config per attention kernel here (TAPE_KERNELS_ATTN_AUTOTUNE=0): correctness does not need the
 # autotuner, whose every config would be compiled first; the benchmarks below autotune.
 # pytest-xdist, where installed, spreads the tests (and their Triton compiles) over 4 processes.
-XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+XDIST=()  # GPU_CHECK_JOBS: pytest-xdist workers for the gpu tests (4; 1 runs in one process)
+(( ${GPU_CHECK_JOBS:-4} > 1 )) && "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_JOBS:-4}")
 step tests-gpu 150 env TAPE_KERNELS_ATTN_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs \
     --durations=8 --junitxml="$RAW/tests-gpu.xml" "${XDIST[@]}"
 # A run in which every gpu test skipped (CUDA unseen by pytest, a missing fixture) passes in pytest's

@@ -106,9 +106,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("b,s,d", CASES, ids=[f"B{b}-S{s}-D{d}" for b, s, d in CASES])
+# S = 300 runs in fp32 only: fp16 takes the same multi-block code path at S = 128 (and S = 300 is the
+# slowest case in the interpreter).
+MATCH_CASES = [
+    pytest.param(b, s, d, causal, dtype, id=f"B{b}-S{s}-D{d}-{'causal' if causal else 'full'}-{name}")
+    for b, s, d in CASES
+    for causal in (False, True)
+    for dtype, name in ((torch.float32, "fp32"), (torch.float16, "fp16"))
+    if not (s == 300 and dtype == torch.float16)
+]
+
+
+@pytest.mark.parametrize("b,s,d,causal,dtype", MATCH_CASES)
 def test_matches_reference(b: int, s: int, d: int, causal: bool, dtype: torch.dtype) -> None:
     _check_case(b, s, d, 4, causal, dtype)
 
@@ -127,7 +136,7 @@ def test_head_counts(h: int, d: int) -> None:
 
 
 # TK_ATTN_HYPOTHESIS_EXAMPLES raises the example count for a stress run (250 pass: fp32 and fp16 mixed).
-HYPOTHESIS_EXAMPLES = int(os.environ.get("TK_ATTN_HYPOTHESIS_EXAMPLES", "25"))
+HYPOTHESIS_EXAMPLES = int(os.environ.get("TK_ATTN_HYPOTHESIS_EXAMPLES", "12"))
 
 
 @settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -448,6 +448,7 @@ def test_gpu_check_fails_when_no_gpu_test_ran(tmp_path):
         pytest.skip("this machine has CUDA: its gpu tests would run")
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_ALLOW_CPU": "1",
            "GPU_CHECK_ONLY": "tests-gpu,tests-gpu-ran", "GPU_CHECK_RAW_DIR": str(tmp_path / "raw"),
+           "GPU_CHECK_JOBS": "1",  # no worker processes to start: every gpu test skips here
            "OUT": str(tmp_path / "out")}  # fmt: skip
     (tmp_path / "out").mkdir()
     proc = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_check.sh")], capture_output=True, text=True,

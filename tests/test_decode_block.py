@@ -201,18 +201,21 @@ def _tiny(causal: bool) -> tuple:
     return m, m64
 
 
-@pytest.mark.parametrize("b", [1, 4, 16])
-@pytest.mark.parametrize("causal", [False, True], ids=["reference", "causal"])
+@pytest.mark.parametrize(
+    ("b", "causal"),
+    [(1, False), (4, False), (1, True), (4, True), (16, True)],  # B = 16: the tl.dot batch tile, once
+    ids=["reference-1", "reference-4", "causal-1", "causal-4", "causal-16"],
+)
 def test_model_decode_step_in_batches(b: int, causal: bool) -> None:
     """The model's static step through the fused kernels at B = 1, 4, 16 against float64: within
     twice the error of the per-op static step (``opts.decode = "ops"``); the same K/V rows."""
     m, m64 = _tiny(causal)
     x = torch.randint(0, 13, (b, 8), generator=torch.Generator().manual_seed(b))
     with torch.no_grad():
-        _, c_fused = m.prefill(x[:, :5], m.new_cache(b, 12))
-        _, c_ops = m.prefill(x[:, :5], m.new_cache(b, 12))
-        _, c64 = m64.prefill(x[:, :5], m64.new_cache(b, 12))
-        for t in range(5, 7):
+        _, c_fused = m.prefill(x[:, :3], m.new_cache(b, 12))
+        _, c_ops = m.prefill(x[:, :3], m.new_cache(b, 12))
+        _, c64 = m64.prefill(x[:, :3], m64.new_cache(b, 12))
+        for t in range(3, 5):
             got = m.decode_step(x[:, t : t + 1], torch.tensor([t]), c_fused)
             m.opts.decode = "ops"
             try:
@@ -222,8 +225,8 @@ def test_model_decode_step_in_batches(b: int, causal: bool) -> None:
             want, c64 = m64.prefill(x[:, t : t + 1], c64)
             e_fused, e_ops = err(got, want), err(ops, want)
             assert got.shape == (b, 1, 13) and e_fused <= 2 * e_ops + 1e-6, (t, e_fused, e_ops)
-        kv64 = c64.kv[..., :7, :]
-        assert err(c_fused.kv[..., :7, :], kv64) <= 2 * err(c_ops.kv[..., :7, :], kv64) + 1e-7
+        kv64 = c64.kv[..., :5, :]
+        assert err(c_fused.kv[..., :5, :], kv64) <= 2 * err(c_ops.kv[..., :5, :], kv64) + 1e-7
 
 
 def test_model_int8_decode_step_matches_the_int8_ops_path() -> None:
