@@ -532,3 +532,18 @@ def test_cold_warm_start_smoke(tmp_path):
     # and the collector shows it
     res = cr.build_results([], str(out), env=ENV)
     assert "| eager | tiny |" in cr.to_markdown(res)
+
+
+def test_cpu_gemm_rate_products_and_bf16_flags() -> None:
+    """Every product of the step at the asked dtype, in the form named (x·Wᵀ, dYᵀ·X, dY·W), and the CPU's
+    bf16 flags read as a sorted subset of the three that matter."""
+    import cpu_gemm_rate as g
+
+    for name, (m, n, k, form) in g._cases().items():
+        if name == "square-2048":
+            continue
+        for dtype in (torch.float32, torch.bfloat16):
+            y = g._product(m, n, k, form, dtype)()
+            assert y.shape == (m, n) and y.dtype == dtype, name
+    flags = g.cpu_bf16_flags()
+    assert flags == sorted(flags) and set(flags) <= {"avx512_bf16", "amx_bf16", "amx_tile"}

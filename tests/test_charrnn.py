@@ -349,11 +349,9 @@ def test_gpu_against_fp64(dtype: torch.dtype) -> None:
         acc.assert_within_torch_error(gk.cpu(), g64, gt.cpu(), acc.GRAD_FACTOR, floor=f_grad * scale, name=f"grad #{i}")
 
 
-@pytest.mark.parametrize("value", acc.NONFINITE, ids=acc.NONFINITE_IDS)
-@pytest.mark.parametrize("where", ["emb", "h0", "W_iL", "W_hR", "b_hL"])
-def test_nonfinite_propagate_like_eager(where: str, value: float) -> None:
-    """NaN / ±inf in the input, the initial state or a weight: the output trajectory, the last states and
-    every gradient non-finite exactly where the eager loop's are (forward and BPTT)."""
+def check_nonfinite_like_eager(fused, where: str, value: float) -> None:  # noqa: ANN001
+    """A non-finite ``value`` at ``where`` (emb, h0 or a weight): ``fused`` (emb, weights, h0) -> (out, hs)
+    is non-finite exactly where the eager loop is, outputs, last states and every gradient."""
     b, s, d, hd, layers = 3, 4, 8, 16, 2
     model = _model(d, hd, layers, seed=2)
     emb, h0 = _inputs(b, s, d, hd, layers, True, seed=3)
@@ -376,5 +374,13 @@ def test_nonfinite_propagate_like_eager(where: str, value: float) -> None:
         return run
 
     names = ["emb"] + [f"weights[{i}]" for i in range(len(weights))] + [f"h0[{l}]" for l in range(layers)]
-    acc.assert_nonfinite_like_eager(flat(lambda e, w, h: charrnn(e, w, h, backend="triton")), flat(charrnn_ref),
-                                [emb, *weights, *h0], cot, names, exact=math.isnan(value))  # fmt: skip
+    acc.assert_nonfinite_like_eager(flat(fused), flat(charrnn_ref), [emb, *weights, *h0], cot, names,
+                                    exact=math.isnan(value))
+
+
+@pytest.mark.parametrize("value", acc.NONFINITE, ids=acc.NONFINITE_IDS)
+@pytest.mark.parametrize("where", ["emb", "h0", "W_iL", "W_hR", "b_hL"])
+def test_nonfinite_propagate_like_eager(where: str, value: float) -> None:
+    """NaN / ±inf in the input, the initial state or a weight: the output trajectory, the last states and
+    every gradient non-finite exactly where the eager loop's are (forward and BPTT)."""
+    check_nonfinite_like_eager(_triton, where, value)

@@ -12,7 +12,7 @@ import math
 import _accuracy as acc
 import pytest
 import torch
-from test_charrnn import CASES, _check_against_fp64, _inputs, _model
+from test_charrnn import CASES, _check_against_fp64, _inputs, _model, check_nonfinite_like_eager
 
 from tape_kernels.charrnn import charrnn, charrnn_ref, native_runnable
 from tape_kernels.int8 import extension_available
@@ -88,30 +88,10 @@ def test_dispatch(cpu_user: None) -> None:
 
 
 @pytest.mark.parametrize("value", acc.NONFINITE, ids=acc.NONFINITE_IDS)
-@pytest.mark.parametrize("where", ["emb", "W_hR"])
+@pytest.mark.parametrize("where", ["emb", "h0", "W_hR"])
 def test_nonfinite_propagate_like_eager(where: str, value: float, cpu_user: None) -> None:
-    """NaN / ±inf in the input or a recurrent weight: non-finite exactly where the eager loop's are."""
-    b, s, d, hd, layers = 3, 4, 8, 16, 2
-    model = _model(d, hd, layers, seed=2)
-    emb, h0 = _inputs(b, s, d, hd, layers, True, seed=3)
-    weights = [w.detach().clone() for w in model.flat_weights()]
-    if where == "emb":
-        emb[1, 2, 5] = value
-    else:
-        weights[6].view(-1)[5] = value
-    g = torch.Generator().manual_seed(4)
-    cot = [torch.randn(b, s, hd, generator=g)] + [torch.randn(b, 1, hd, generator=g) for _ in range(layers)]
-
-    def flat(fn):  # noqa: ANN001, ANN202 - (emb, *weights, *h0) -> (out, *hs)
-        def run(e, *rest):  # noqa: ANN001, ANN202
-            out, hs = fn(e, list(rest[: len(weights)]), list(rest[len(weights) :]))
-            return [out, *hs]
-
-        return run
-
-    names = ["emb"] + [f"weights[{i}]" for i in range(len(weights))] + [f"h0[{l}]" for l in range(layers)]
-    acc.assert_nonfinite_like_eager(flat(_native), flat(charrnn_ref), [emb, *weights, *h0], cot, names,
-                                    exact=math.isnan(value))
+    """NaN / ±inf in the input, the state or a recurrent weight: non-finite exactly where the eager loop's are."""
+    check_nonfinite_like_eager(_native, where, value)
 
 
 def test_opcheck() -> None:
