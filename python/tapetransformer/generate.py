@@ -131,6 +131,87 @@ def _nonfinite_error(token: int | None) -> ValueError:
                       "non-finite values or the logits overflow, so no token can be drawn")
 
 
+class _ModelDecode:
+    """A decode strategy: ``prefill(tokens)`` fills the cache and returns the log-probs of its last
+    position; ``step(tok)`` decodes one token (B,) and returns the next ids, drawn by ``pick``. This one
+    is the fallback, the model's own prefill one token at a time; the native, static and graph steps
+    below replace ``step`` (and the native one ``prefill``)."""
+
+    def __init__(self, model: TapeTransformer, cache: KVCache, pick: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.model, self.cache, self.pick = model, cache, pick
+
+    def prefill(self, tokens: torch.Tensor, first: bool = False) -> torch.Tensor:
+        if first:  # the prompt: the model's checked entry point
+            logp, self.cache = self.model(tokens, past_kv=self.cache)
+        else:
+            logp, self.cache = self.model.prefill(tokens, self.cache, check=False)
+        return logp
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        logp, self.cache = self.model.prefill(tok[:, None], self.cache, check=False)
+        return self.pick(logp)
+
+    def slid(self) -> None:
+        """The window slid (the cache was reset and re-prefilled)."""
+
+
+class _NativeDecode(_ModelDecode):
+    """CPU: one call into the extension per token, and per prefill where that measured faster."""
+
+    def __init__(self, model: TapeTransformer, cache: KVCache, pick: Callable[[torch.Tensor], torch.Tensor],
+                 native: Any) -> None:
+        super().__init__(model, cache, pick)
+        self.native, self.native_prefill = native, native_prefill_faster(native.weights)
+
+    def prefill(self, tokens: torch.Tensor, first: bool = False) -> torch.Tensor:
+        return self.native.extend(tokens) if self.native_prefill else super().prefill(tokens, first)
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.native.step(tok))
+
+
+class _StaticDecode(_ModelDecode):
+    """The static one-token step (the fused decode kernels): its position is a device tensor."""
+
+    def __init__(self, model: TapeTransformer, cache: KVCache, pick: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__(model, cache, pick)
+        self.pos = torch.zeros(1, dtype=torch.long, device=model.unembedding.device)
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        self.cache.ensure(1)
+        self.pos.fill_(self.cache.length)
+        logp = self.model.decode_step(tok[:, None], self.pos, self.cache)
+        self.cache.length += 1
+        return self.pick(logp)
+
+
+class _GraphDecode(_ModelDecode):
+    """CUDA: the static step and the draw in one captured graph (captured at the first step unless an
+    earlier call's graph is replayed); the next ids stay on the device."""
+
+    def __init__(self, model: TapeTransformer, cache: KVCache, pick: Callable[[torch.Tensor], torch.Tensor],
+                 graph: _GraphedDecodeStep | None, batch: int, sampling: tuple, rng: DeviceRNG | None,
+                 temperature: float) -> None:
+        super().__init__(model, cache, pick)
+        self.graph, self.batch, self.sampling, self.rng, self.temperature = graph, batch, sampling, rng, temperature
+        self.capture_ms = 0.0
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            tc = time.perf_counter()
+            self.graph = _GraphedDecodeStep(self.model, self.cache, self.batch, self.sampling,
+                                            self.rng.state if self.rng is not None else None)  # fmt: skip
+            _store_graph(self.model, self.graph)
+            self.capture_ms = (time.perf_counter() - tc) * 1e3
+        nxt = self.graph.advance(tok, self.cache.length, self.temperature)
+        self.cache.length += 1
+        return nxt
+
+    def slid(self) -> None:
+        if self.graph is not None:
+            self.graph.release()  # its token and position buffers no longer hold the next step's inputs
+
+
 def _generate(
     model: TapeTransformer, prompt: torch.Tensor, max_new_tokens: int, window: int, use_graph: bool,
     use_native: bool | None, seed: int | None, temperature: float, top_k: int | None, greedy: bool,
@@ -171,20 +252,10 @@ def _generate(
         raise ValueError("native=True needs an eval-mode fp32 CPU model (the seed design, or the reference design "
                          "with skip_dead) and the extension tape_kernels._C (see "
                          "tapetransformer.native_decode.native_supported)")
-    native_prefill = native is not None and native_prefill_faster(native.weights)
-    static = native is None and fused_static
-    pos = torch.zeros(1, dtype=torch.long, device=device) if static else None
-    t0 = time.perf_counter()
-    if native_prefill:
-        logp = native.extend(ctx)
-    else:
-        logp, cache = model(ctx, past_kv=cache)
-    _sync(device)
-    prefill_ms = (time.perf_counter() - t0) * 1e3
-
     # A non-finite log-prob (NaN weights, an overflow) is an error, never a token: checked per token on
     # CPU; on CUDA gathered into a device flag read once at the end (no sync per token).
     nonfinite = torch.zeros((), dtype=torch.bool, device=device) if device.type != "cpu" else None
+    out = [prompt]
 
     def pick(lp: torch.Tensor) -> torch.Tensor:
         if native is not None:  # one native call, the same draws as pick_next's; -1 marks a non-finite row
@@ -202,9 +273,21 @@ def _generate(
         return pick_next(last, temperature=temperature, top_k=top_k, greedy=greedy, generator=rng,
                          backend=model.backend)  # fmt: skip
 
-    out = [prompt]
-    capture_ms = 0.0
+    decode: _ModelDecode
+    if use_graph:
+        decode = _GraphDecode(model, cache, pick, graph, b, sampling, rng, temperature)
+    elif native is not None:
+        decode = _NativeDecode(model, cache, pick, native)
+    elif fused_static:
+        decode = _StaticDecode(model, cache, pick)
+    else:
+        decode = _ModelDecode(model, cache, pick)
     reused = graph is not None
+    t0 = time.perf_counter()
+    logp = decode.prefill(ctx, first=True)
+    _sync(device)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+
     t1 = time.perf_counter()
     nxt = pick(logp)
     for i in range(max_new_tokens):
@@ -215,46 +298,21 @@ def _generate(
             break
         # Sampled ids are in range by construction: no token check, whose min/max reads would cost
         # two device syncs per token on CUDA.
-        if model.causal and cache.length >= window:
-            keep = max(window // 2, 1)
-            cache.reset()
-            recent = torch.cat(out, dim=1)[:, -keep:]
-            if native_prefill:
-                logp = native.extend(recent)
-            else:
-                logp, cache = model.prefill(recent, cache, check=False)
-            nxt = pick(logp)
-            if graph is not None:
-                graph.release()  # its token and position buffers no longer hold the next step's inputs
-        elif use_graph:
-            if graph is None:
-                tc = time.perf_counter()
-                graph = _GraphedDecodeStep(model, cache, b, sampling, rng.state if rng is not None else None)
-                _store_graph(model, graph)
-                capture_ms = (time.perf_counter() - tc) * 1e3
-            # One replay: the decode step and the draw; the next token stays on the device.
-            nxt = graph.advance(nxt, cache.length, temperature)
-            cache.length += 1
-        elif native is not None:
-            logp = native.step(nxt)
-            nxt = pick(logp)
-        elif static:
-            cache.ensure(1)
-            pos.fill_(cache.length)
-            logp = model.decode_step(nxt[:, None], pos, cache)
-            cache.length += 1
-            nxt = pick(logp)
+        if model.causal and decode.cache.length >= window:  # the window slides: re-prefill its recent half
+            decode.cache.reset()
+            nxt = pick(decode.prefill(torch.cat(out, dim=1)[:, -max(window // 2, 1) :]))
+            decode.slid()
         else:
-            logp, cache = model.prefill(nxt[:, None], cache, check=False)
-            nxt = pick(logp)
+            nxt = decode.step(nxt)
     _sync(device)
     if nonfinite is not None and bool(nonfinite):
         raise _nonfinite_error(None)
     n = max(max_new_tokens, 1)
+    capture_ms = decode.capture_ms if isinstance(decode, _GraphDecode) else 0.0
     if stats is not None:
         stats.update(prefill_ms=prefill_ms, ms_per_token=(time.perf_counter() - t1 - capture_ms / 1e3) * 1e3 / n,
-                     tokens=max_new_tokens, cuda_graph=graph is not None)
-        if graph is not None:
+                     tokens=max_new_tokens, cuda_graph=isinstance(decode, _GraphDecode) and decode.graph is not None)
+        if isinstance(decode, _GraphDecode) and decode.graph is not None:
             stats["capture_ms"] = capture_ms  # 0.0 when an earlier call's graph was replayed
             stats["graph_reused"] = reused
     return torch.cat(out, dim=1)
