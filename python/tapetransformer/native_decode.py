@@ -454,10 +454,9 @@ def prefill(model: TapeTransformer, ctx: torch.Tensor, capacity: int, *, weights
     (B, S, V), a decoder on that cache at length S).
 
     ``native=True``: :meth:`NativeDecoder.extend` — one call, each weight read once for all B·S rows.
-    Measured for a 128-token prompt at the notebook size, 1 thread (rough: a loaded 2-core Zen 4):
-    W8A8 ~2-3x faster than the model's prefill (whose eager activation dominates), fp32 ~1.5x with
-    AVX-512 and no faster with AVX2, weight-only ~1.3x. ``native=False``: ``model.prefill`` (with int8
-    weights if ``quantize_int8_`` set them). ``native=None`` (default): :func:`native_prefill_faster`.
+    ``native=False``: ``model.prefill`` (with int8 weights if ``quantize_int8_`` set them).
+    ``native=None`` (default): :func:`native_prefill_faster`, which follows the measured prefill times
+    (the README's prefill row and its results file).
     """
     if ctx.dim() == 1:
         ctx = ctx.unsqueeze(0)
