@@ -769,7 +769,8 @@ def summarize(result: dict[str, Any], notes: str = "", stem: str = "experiment-v
 
     out += ["", "## Learning-rate sweep (seed 0, equal steps)", "",
             "Final val bpc of each peak learning rate; **bold**: the rate picked (lowest final val bpc; ties: the "
-            "lower rate).", "", "| model | " + " | ".join(["rate", "final val bpc"] * 3) + " |",
+            "lower rate); *edge*: the pick is the grid's highest or lowest rate, so a rate outside the grid might "
+            "do better.", "", "| model | " + " | ".join(["rate", "final val bpc"] * 3) + " |",
             "|---|" + "---:|" * 6]
     for m in models:
         best = best_lr(result, m)
@@ -778,13 +779,14 @@ def summarize(result: dict[str, Any], notes: str = "", stem: str = "experiment-v
             r = result["runs"].get(run_key(m, lr, cfg["seeds"][0], "equal-step"))
             v = "not run" if r is None else (f"diverged at step {r['diverged_at']}" if r["final_val_bpc"] is None
                                              else f"{r['final_val_bpc']:.3f}")
-            cells += [f"{lr:g}", f"**{v}**" if lr == best else v]
+            edge = " *edge*" if lr == best and lr in (min(_lrs(cfg, m)), max(_lrs(cfg, m))) else ""
+            cells += [f"{lr:g}", f"**{v}**{edge}" if lr == best else v]
         out.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
 
     out += ["", "## Seeds at the best rate: equal steps vs equal CPU time", ""]
     if et:
-        out += [f"Equal-time budget: {et['budget_cpu_s']:.1f} CPU s of training (1 thread), the mean of "
-                f"{et['budget_model']}'s equal-step runs. {et['method']}.", ""]
+        out += [f"Equal-time budget: {et['budget_cpu_s']:.1f} CPU s of training at 1 thread. How: {et['method']}. "
+                "The CPU seconds a run actually used differ from the budget by the machine's noise.", ""]
     out += ["| model | rate | equal steps: steps | final val bpc, mean ± sd | equal time: steps | CPU s used (mean) "
             "| final val bpc, mean ± sd |", "|---|---:|---:|---:|---:|---:|---:|"]
     for m in models:
