@@ -829,7 +829,8 @@ def summarize(result: dict[str, Any], notes: str = "", stem: str = "experiment-v
             out.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     out += ["", f"![val bpc vs step and vs CPU seconds]({stem}-{corpus}.png)", "",
             "Left: equal-step runs at the best rate (seed 0 thick, other seeds thin) against the step. Right: "
-            "equal-time runs at the best rate against training CPU seconds (1 thread).", "",
+            "equal-time runs at the best rate against training CPU seconds (1 thread). The axis stops at the highest "
+            "value after step 0: the untrained models' step-0 points (~log2 V bpc) are drawn at its top edge.", "",
             "## Samples", "",
             f"{cfg['sample_chars']} characters, temperature {cfg['sample_temperature']}, sampler seed "
             f"{cfg['sample_seed']}, prompt {result['sampler']['prompt_text']!r}; from each model's best run; "
