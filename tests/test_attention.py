@@ -136,7 +136,7 @@ def test_head_counts(h: int, d: int) -> None:
 
 
 # TK_ATTN_HYPOTHESIS_EXAMPLES raises the example count for a stress run (250 pass: fp32 and fp16 mixed).
-HYPOTHESIS_EXAMPLES = int(os.environ.get("TK_ATTN_HYPOTHESIS_EXAMPLES", "12"))
+HYPOTHESIS_EXAMPLES = int(os.environ.get("TK_ATTN_HYPOTHESIS_EXAMPLES", "8"))
 
 
 @settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
